@@ -1,0 +1,241 @@
+//! Throughput harness for the streaming path (issue #2).
+//!
+//! Pre-generates JSON `sales` receipts in memory, then replays them through
+//! decode (one thread) and the engine with three continuous views (another
+//! thread), like the real pipeline:
+//!
+//! 1. hourly tumbling sales per (store, SKU),
+//! 2. a 24-hour hopping window sliding hourly per (store, SKU),
+//! 3. an updating aggregate per member.
+//!
+//! It reports events/s, per-batch latency percentiles and peak memory, then
+//! runs plain DataFusion over the same events and SQL (batch) so the ratio
+//! is visible, and finally measures the state of 1,000,000 (store, SKU) keys.
+//!
+//! `cargo bench --bench throughput` (env: `BENCH_EVENTS`, default 2,000,000).
+
+use std::{
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use datafusion::{datasource::MemTable, prelude::SessionContext};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use storepulse_engine::{Engine, EngineConfig};
+use storepulse_ingest::{
+    source::Position, EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
+};
+
+const BATCH: usize = 8192;
+
+const VIEWS: &str = "
+CREATE MATERIALIZED VIEW hourly AS
+SELECT store_id, sku, date_bin(INTERVAL '1 hour', ts) AS window_start,
+       sum(qty) AS units, sum(qty * unit_price) AS revenue
+FROM sales GROUP BY store_id, sku, date_bin(INTERVAL '1 hour', ts);
+CREATE MATERIALIZED VIEW hopping AS
+SELECT store_id, sku, window_start, sum(qty) AS units, count(*) AS lines
+FROM (SELECT *, unnest(hop(ts, INTERVAL '1 hour', INTERVAL '24 hours')) AS window_start FROM sales)
+GROUP BY store_id, sku, window_start;
+CREATE MATERIALIZED VIEW members AS
+SELECT member_id, count(*) AS lines, sum(qty * unit_price) AS spend, max(ts) AS last_seen
+FROM sales WHERE member_id IS NOT NULL GROUP BY member_id;
+";
+
+/// `n` receipts over ~3 days, 1,000 stores × 1,000 SKUs, 200,000 members.
+fn generate(n: usize, seed: u64, all_keys: bool) -> Vec<String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let start = 1_767_571_200_000i64;
+    let step = (3 * 86_400_000) / n.max(1) as i64;
+    (0..n)
+        .map(|i| {
+            let (store, sku) = if all_keys {
+                (i % 1000, (i / 1000) % 1000)
+            } else {
+                // Long tail: low SKU numbers sell more.
+                let u: f64 = rng.random();
+                (rng.random_range(0..1000), ((u * u * u) * 1000.0) as usize)
+            };
+            let ts = start + i as i64 * step + rng.random_range(0..60_000);
+            let member = if rng.random_bool(0.4) {
+                format!(r#","member_id":"M{:06}""#, rng.random_range(0..200_000))
+            } else {
+                String::new()
+            };
+            let extra = if rng.random_bool(0.2) {
+                format!(r#",{{"sku":"P{:04}","qty":1,"unit_price":2.50}}"#, rng.random_range(0..1000))
+            } else {
+                String::new()
+            };
+            format!(
+                r#"{{"event_id":"e{i}","ts":{ts},"store_id":"S{store:04}","receipt_id":"r{i}"{member},"channel":"pos","lines":[{{"sku":"P{sku:04}","qty":{},"unit_price":{}.{:02}}}{extra}]}}"#,
+                rng.random_range(1..4),
+                rng.random_range(1..20),
+                rng.random_range(0..100)
+            )
+        })
+        .collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Decodes `lines` on a separate thread, in batches, into a channel.
+fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instant)> {
+    let (tx, rx) = mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
+        for (c, chunk) in lines.chunks(BATCH).enumerate() {
+            let t = Instant::now();
+            let recs: Vec<RawRecord<'_>> = chunk
+                .iter()
+                .map(|l| RawRecord { bytes: l.as_bytes(), position: 0 })
+                .collect();
+            let out = dec.decode(&recs).expect("decode");
+            assert!(out.dead_letters.is_empty());
+            let batch = SourceBatch {
+                stream: StreamKind::Sales,
+                batch: out.batch.expect("rows"),
+                events: out.events,
+                bytes: chunk.iter().map(|l| l.len()).sum(),
+                position: Position { partition: "bench".into(), next_offset: c as u64 },
+            };
+            if tx.send((batch, t)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn streaming(lines: Arc<Vec<String>>, views: &str) -> (f64, Vec<Duration>, Engine) {
+    let mut engine = Engine::new(EngineConfig {
+        allowed_lateness: Duration::from_secs(30 * 86_400),
+        ..Default::default()
+    })
+    .expect("engine");
+    engine.execute_sql(views).await.expect("views");
+    let started = Instant::now();
+    let rx = decode_thread(lines.clone());
+    let mut lat = Vec::new();
+    while let Ok((batch, t)) = rx.recv() {
+        engine.apply(SourceMessage::Batch(batch), 0).await.expect("apply");
+        lat.push(t.elapsed());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    (lines.len() as f64 / secs, lat, engine)
+}
+
+async fn batch(lines: &[String], views: &str) -> (f64, f64) {
+    let started = Instant::now();
+    let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
+    let mut batches = Vec::new();
+    for chunk in lines.chunks(BATCH) {
+        let recs: Vec<RawRecord<'_>> =
+            chunk.iter().map(|l| RawRecord { bytes: l.as_bytes(), position: 0 }).collect();
+        batches.push(dec.decode(&recs).expect("decode").batch.expect("rows"));
+    }
+    let decoded = started.elapsed().as_secs_f64();
+    let ctx = SessionContext::new();
+    for u in storepulse_sql::udf::all() {
+        ctx.register_udf(u);
+    }
+    let table = MemTable::try_new(StreamKind::Sales.schema(), vec![batches]).expect("table");
+    ctx.register_table("sales", Arc::new(table)).expect("register");
+    for stmt in storepulse_sql::parse_script(views).expect("parse") {
+        if let storepulse_sql::Statement::CreateMaterializedView { query, .. } = stmt {
+            let rows: usize = ctx
+                .sql(&query.to_string())
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run")
+                .iter()
+                .map(|b| b.num_rows())
+                .sum();
+            assert!(rows > 0);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    (lines.len() as f64 / secs, decoded)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes; nothing to list
+    }
+    let n: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    println!("generating {n} receipts (JSON, in memory)...");
+    let lines = Arc::new(generate(n, 7, false));
+    let bytes: usize = lines.iter().map(|l| l.len()).sum();
+    println!("{:.1} MB of JSON, {:.0} bytes/event", bytes as f64 / 1e6, bytes as f64 / n as f64);
+    let base_rss = rss_mb();
+
+    let (eps, lat, mut engine) = streaming(lines.clone(), VIEWS).await;
+    let t = Instant::now();
+    engine.snapshot().expect("snapshot");
+    let read_ms = t.elapsed().as_secs_f64() * 1000.0;
+    println!("\n## streaming: decode + 3 continuous views");
+    println!("events/s            {:>12.0}", eps);
+    println!("batch latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  ({} batches of {BATCH})",
+        percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99), percentile(&lat, 1.0), lat.len());
+    for v in engine.views() {
+        println!("view {:<10} groups {:>10}  state {:>8.1} MB", v.name, v.groups.unwrap_or(0), v.state_bytes.unwrap_or(0) as f64 / 1e6);
+    }
+    println!("snapshot (evaluate all views) {read_ms:.0} ms");
+    println!("peak RSS {:.0} MB (JSON input itself: {:.0} MB; RSS before: {:.0} MB)", peak_rss_mb(), bytes as f64 / 1e6, base_rss);
+    drop(engine);
+
+    let (batch_eps, decode_s) = batch(&lines, VIEWS).await;
+    println!("\n## batch: plain DataFusion, same events and SQL");
+    println!("events/s            {:>12.0}  (decode {:.2} s)", batch_eps, decode_s);
+    println!("streaming / batch   {:>12.2}", eps / batch_eps);
+
+    // State of 1,000,000 (store, SKU) keys.
+    drop(lines);
+    let keys = Arc::new(generate(1_000_000, 8, true));
+    let before = rss_mb();
+    let (_, _, mut engine) = streaming(
+        keys,
+        "CREATE MATERIALIZED VIEW by_key AS SELECT store_id, sku, sum(qty) AS units, count(*) AS lines, max(ts) AS last_ts FROM sales GROUP BY store_id, sku;",
+    )
+    .await;
+    engine.snapshot().expect("snapshot");
+    let v = &engine.views()[0];
+    println!("\n## state for 1,000,000 (store, SKU) keys (sum, count, max)");
+    println!("groups {}  view state {:.1} MB  dedup ids {:.1} MB  RSS growth {:.0} MB",
+        v.groups.unwrap_or(0), v.state_bytes.unwrap_or(0) as f64 / 1e6,
+        (engine.state_bytes() - v.state_bytes.unwrap_or(0)) as f64 / 1e6, rss_mb() - before);
+}

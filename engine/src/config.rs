@@ -1,0 +1,42 @@
+//! Engine configuration (the `[engine]` table of `storepulse.toml`).
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// Event-time and state settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// How far behind the stream watermark an event may be and still count.
+    /// Older events go to `late_events`. The watermark is the event time up
+    /// to which a source partition has delivered (its maximum `ts`).
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// A partition that delivered nothing for this long (wall clock) no
+    /// longer holds the stream watermark back (a store closed for the night).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Duplicate `event_id`s are dropped while the first copy is younger
+    /// than this (in event time, relative to the watermark).
+    #[serde(with = "humantime_serde")]
+    pub dedup_horizon: Duration,
+    /// Rows of `late_events` kept in memory for SQL; every late row is also
+    /// appended to `late_events.jsonl` under the data dir.
+    pub late_events_capacity: usize,
+    /// Directory for the late-events log (set by the binary from `data_dir`).
+    #[serde(skip)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            allowed_lateness: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(30),
+            dedup_horizon: Duration::from_secs(24 * 3600),
+            late_events_capacity: 100_000,
+            data_dir: None,
+        }
+    }
+}

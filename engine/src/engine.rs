@@ -1,0 +1,507 @@
+//! The engine: streams in, consistent view snapshots out.
+//!
+//! [`Engine`] owns all mutable state (gates, views, late events) and is
+//! driven by one task; [`EngineHandle`] shares it with the query side. A
+//! query locks the engine only long enough to take a [`Snapshot`] (views
+//! that changed since the last one are evaluated), then runs in DataFusion
+//! without holding the lock.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use datafusion::{
+    arrow::{array::RecordBatch, datatypes::SchemaRef},
+    catalog::{streaming::StreamingTable, TableProvider},
+    datasource::{view::ViewTable, MemTable},
+    execution::{context::SessionState, session_state::SessionStateBuilder},
+    logical_expr::LogicalPlan,
+    prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
+    sql::{
+        parser::Statement as DFStatement,
+        sqlparser::ast::{Statement as SqlStatement},
+    },
+};
+use serde::Serialize;
+use storepulse_ingest::{SourceMessage, StreamKind};
+use storepulse_sql::{parse_script, Statement};
+use tokio::sync::Mutex;
+
+use crate::{
+    config::EngineConfig,
+    error::{user_err, Result},
+    gate::StreamGate,
+    late::LateEvents,
+    snapshot::{
+        BatchSlot, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot, SnapshotCell, StreamStub,
+    },
+    view::{plan_view, ContinuousView},
+    watermark::Watermark,
+};
+
+/// What applying one source message did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Events accepted into views.
+    pub accepted: u64,
+    /// Duplicate events dropped.
+    pub duplicates: u64,
+    /// Events routed to `late_events`.
+    pub late: u64,
+}
+
+/// Description of a view for `GET /api/v1/views`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ViewInfo {
+    /// Name.
+    pub name: String,
+    /// `materialized` or `view`.
+    pub kind: &'static str,
+    /// Stream it reads (materialized views).
+    pub stream: Option<StreamKind>,
+    /// Columns: name and type.
+    pub columns: Vec<(String, String)>,
+    /// Current number of groups (materialized views).
+    pub groups: Option<usize>,
+    /// Approximate state size in bytes (materialized views).
+    pub state_bytes: Option<usize>,
+    /// The defining SQL.
+    pub sql: Option<String>,
+}
+
+/// Status of one stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    /// Stream.
+    pub stream: StreamKind,
+    /// Stream watermark.
+    pub watermark: Watermark,
+    /// Events accepted.
+    pub accepted_events: u64,
+    /// Duplicates dropped.
+    pub duplicate_events: u64,
+    /// Late events.
+    pub late_events: u64,
+    /// Partitions: name, watermark (ms), finished, idle.
+    pub partitions: Vec<(String, Option<i64>, bool, bool)>,
+}
+
+/// The result of one SQL statement.
+#[derive(Debug, Clone)]
+pub struct QueryOutput {
+    /// Result schema.
+    pub schema: SchemaRef,
+    /// Result rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// The engine. See the crate docs for the data flow.
+pub struct Engine {
+    cfg: EngineConfig,
+    planning: SessionContext,
+    serving: SessionContext,
+    stream_tables: HashMap<String, StreamKind>,
+    slots: BTreeMap<StreamKind, Arc<BatchSlot>>,
+    gates: BTreeMap<StreamKind, StreamGate>,
+    views: Vec<ContinuousView>,
+    late: LateEvents,
+    cell: SnapshotCell,
+    epoch: u64,
+    snapshot_epoch: Option<u64>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("views", &self.views.len())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn new_context(target_partitions: usize) -> SessionContext {
+    let mut config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(target_partitions);
+    // Plans are re-executed per micro-batch: no cross-execution filters.
+    config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+    let ctx = SessionContext::new_with_config(config);
+    for udf in storepulse_sql::udf::all() {
+        ctx.register_udf(udf);
+    }
+    ctx
+}
+
+impl Engine {
+    /// A new engine with no views.
+    pub fn new(cfg: EngineConfig) -> Result<Self> {
+        let planning = new_context(1);
+        let serving = new_context(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        );
+        let mut slots = BTreeMap::new();
+        let mut stream_tables = HashMap::new();
+        let mut gates = BTreeMap::new();
+        for k in StreamKind::ALL {
+            let slot = Arc::new(BatchSlot::default());
+            let table = StreamingTable::try_new(
+                k.schema(),
+                vec![Arc::new(SlotPartition {
+                    schema: k.schema(),
+                    slot: slot.clone(),
+                })],
+            )?;
+            planning.register_table(k.name(), Arc::new(table))?;
+            serving.register_table(k.name(), Arc::new(StreamStub { stream: k }))?;
+            slots.insert(k, slot);
+            stream_tables.insert(k.name().to_string(), k);
+            gates.insert(k, StreamGate::new(k, &cfg));
+        }
+        let cell = SnapshotCell::default();
+        serving.register_table(
+            "late_events",
+            Arc::new(LateEventsTable { cell: cell.clone() }),
+        )?;
+        let late = LateEvents::new(cfg.late_events_capacity, cfg.data_dir.as_deref())?;
+        Ok(Self {
+            cfg,
+            planning,
+            serving,
+            stream_tables,
+            slots,
+            gates,
+            views: Vec::new(),
+            late,
+            cell,
+            epoch: 0,
+            snapshot_epoch: None,
+        })
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The session analysts query (views, dimensions, `late_events`).
+    pub fn serving_context(&self) -> &SessionContext {
+        &self.serving
+    }
+
+    /// Registers a dimension table (queryable, and joinable in views).
+    pub fn register_dimension(&mut self, name: &str, batches: Vec<RecordBatch>, schema: SchemaRef) -> Result<()> {
+        if self.stream_tables.contains_key(name) {
+            return user_err(format!("dimension table '{name}' clashes with a stream name"));
+        }
+        let table: Arc<dyn TableProvider> = Arc::new(MemTable::try_new(schema, vec![batches])?);
+        self.planning.register_table(name, table.clone())?;
+        self.serving.register_table(name, table)?;
+        Ok(())
+    }
+
+    /// Runs a SQL script: `CREATE MATERIALIZED VIEW`, `CREATE VIEW`, queries.
+    /// Returns the output of every statement.
+    pub async fn execute_sql(&mut self, sql: &str) -> Result<Vec<QueryOutput>> {
+        let mut out = Vec::new();
+        for stmt in parse_script(sql)? {
+            out.push(self.execute_statement(stmt).await?);
+        }
+        Ok(out)
+    }
+
+    async fn execute_statement(&mut self, stmt: Statement) -> Result<QueryOutput> {
+        match stmt {
+            Statement::CreateMaterializedView {
+                name,
+                query,
+                or_replace,
+                if_not_exists,
+                sql,
+            } => {
+                let exists = self.views.iter().position(|v| v.name == name);
+                if exists.is_some() && if_not_exists {
+                    return Ok(empty_output());
+                }
+                if exists.is_some() && !or_replace {
+                    return user_err(format!("materialized view '{name}' already exists"));
+                }
+                if exists.is_none() && self.serving.table_exist(name.as_str())? {
+                    return user_err(format!("a table or view named '{name}' already exists"));
+                }
+                let state = self.planning.state();
+                let plan = state
+                    .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(query))))
+                    .await?;
+                let plan = analyze(&state, plan)?;
+                let view = plan_view(&name, &sql, plan, &state, &self.stream_tables, self.cell.clone()).await?;
+                let table = ViewTable::new(view.query_plan.clone(), Some(sql.clone()));
+                if let Some(i) = exists {
+                    self.serving.deregister_table(name.as_str())?;
+                    self.views.remove(i);
+                }
+                self.serving.register_table(name.as_str(), Arc::new(table))?;
+                tracing::info!(view = %name, stream = %view.stream, "materialized view created");
+                self.views.push(view);
+                self.snapshot_epoch = None;
+                Ok(empty_output())
+            }
+            Statement::DataFusion { statement, .. } => {
+                if is_view_ddl(&statement) {
+                    let plan = self.serving.state().statement_to_plan(*statement).await?;
+                    let df = self.serving.execute_logical_plan(plan).await?;
+                    let schema = Arc::new(df.schema().as_arrow().clone());
+                    return Ok(QueryOutput {
+                        schema,
+                        batches: df.collect().await?,
+                    });
+                }
+                let snap = self.snapshot()?;
+                run_query(&self.serving, *statement, snap).await
+            }
+        }
+    }
+
+    /// Applies one message from a source. `now_ms` is the wall clock, used
+    /// for idle detection.
+    pub async fn apply(&mut self, msg: SourceMessage, now_ms: i64) -> Result<IngestReport> {
+        match msg {
+            SourceMessage::EndOfPartition { stream, partition } => {
+                let gate = self.gates.get_mut(&stream).expect("gate per stream");
+                gate.watermark.finish(&partition);
+                gate.watermark.advance(now_ms);
+                self.epoch += 1;
+                Ok(IngestReport::default())
+            }
+            SourceMessage::Batch(b) => {
+                let started = Instant::now();
+                let gate = self.gates.get_mut(&b.stream).expect("gate per stream");
+                let gated = gate.gate(&b.position.partition, &b.batch, now_ms)?;
+                let labels = [("stream", b.stream.name())];
+                metrics::counter!("storepulse_engine_events_total", &labels).increment(gated.accepted_events);
+                metrics::counter!("storepulse_engine_duplicate_events_total", &labels).increment(gated.duplicates);
+                metrics::counter!("storepulse_engine_late_events_total", &labels).increment(gated.late_events);
+                metrics::counter!("storepulse_engine_bytes_total", &labels).increment(b.bytes as u64);
+                if let Some(w) = gate.watermark.current().as_ms() {
+                    metrics::gauge!("storepulse_engine_watermark_lag_seconds", &labels)
+                        .set((now_ms - w) as f64 / 1000.0);
+                }
+                if let Some((late, wm)) = &gated.late {
+                    self.late.record(b.stream, &b.position.partition, late, *wm, now_ms)?;
+                }
+                if let Some(accepted) = gated.accepted {
+                    let rows = accepted.num_rows();
+                    self.slots[&b.stream].set(vec![accepted]);
+                    let task_ctx = self.planning.task_ctx();
+                    for v in self.views.iter_mut().filter(|v| v.stream == b.stream) {
+                        v.apply(task_ctx.clone(), rows).await?;
+                    }
+                    self.slots[&b.stream].set(Vec::new());
+                }
+                self.epoch += 1;
+                metrics::histogram!("storepulse_engine_batch_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                Ok(IngestReport {
+                    accepted: gated.accepted_events,
+                    duplicates: gated.duplicates,
+                    late: gated.late_events,
+                })
+            }
+        }
+    }
+
+    /// Re-evaluates watermarks at wall clock `now_ms` (idle partitions stop
+    /// holding their stream back). Call periodically.
+    pub fn tick(&mut self, now_ms: i64) {
+        for g in self.gates.values_mut() {
+            g.watermark.advance(now_ms);
+        }
+    }
+
+    /// Takes (and publishes) a consistent snapshot of all views.
+    pub fn snapshot(&mut self) -> Result<Arc<Snapshot>> {
+        if self.snapshot_epoch == Some(self.epoch) {
+            return Ok(self.cell.load());
+        }
+        let mut views = HashMap::with_capacity(self.views.len());
+        for v in &mut self.views {
+            views.insert(v.name.clone(), v.evaluate()?);
+            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone()).set(v.groups() as f64);
+            metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
+                .set(v.state_bytes() as f64);
+        }
+        let snap = Arc::new(Snapshot {
+            epoch: self.epoch,
+            views,
+            late_events: Arc::new(self.late.batches()),
+        });
+        self.cell.store(snap.clone());
+        self.snapshot_epoch = Some(self.epoch);
+        Ok(snap)
+    }
+
+    /// Materialized and plain views with their schemas.
+    pub fn views(&self) -> Vec<ViewInfo> {
+        let columns = |s: &SchemaRef| {
+            s.fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().to_string()))
+                .collect()
+        };
+        self.views
+            .iter()
+            .map(|v| ViewInfo {
+                name: v.name.clone(),
+                kind: "materialized",
+                stream: Some(v.stream),
+                columns: columns(&v.output_schema),
+                groups: Some(v.groups()),
+                state_bytes: Some(v.state_bytes()),
+                sql: Some(v.sql.clone()),
+            })
+            .collect()
+    }
+
+    /// Total state held by all views, in bytes.
+    pub fn state_bytes(&self) -> usize {
+        self.views.iter().map(|v| v.state_bytes()).sum::<usize>()
+            + self.gates.values().map(|g| g.dedup.size()).sum::<usize>()
+    }
+
+    /// Per-stream watermark and counters.
+    pub fn streams(&self) -> Vec<StreamStatus> {
+        let now = now_ms();
+        self.gates
+            .iter()
+            .map(|(k, g)| StreamStatus {
+                stream: *k,
+                watermark: g.watermark.current(),
+                accepted_events: g.accepted_events,
+                duplicate_events: g.duplicate_events,
+                late_events: g.late_events,
+                partitions: g
+                    .watermark
+                    .partitions(now)
+                    .into_iter()
+                    .map(|(p, w, f, i)| (p.to_string(), w, f, i))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Number of batches and partition ends applied.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+fn empty_output() -> QueryOutput {
+    QueryOutput {
+        schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+        batches: Vec::new(),
+    }
+}
+
+fn is_view_ddl(s: &DFStatement) -> bool {
+    match s {
+        DFStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::CreateView(v) => !v.materialized,
+            SqlStatement::Drop { object_type, .. } => {
+                *object_type == datafusion::sql::sqlparser::ast::ObjectType::View
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan> {
+    Ok(state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?)
+}
+
+/// Runs a read-only statement against `ctx`, with `snap` pinned.
+async fn run_query(ctx: &SessionContext, stmt: DFStatement, snap: Arc<Snapshot>) -> Result<QueryOutput> {
+    let state = ctx.state();
+    let config = state
+        .config()
+        .clone()
+        .with_extension(Arc::new(PinnedSnapshot(Some(snap))));
+    let state = SessionStateBuilder::new_from_existing(state).with_config(config).build();
+    let plan = state.statement_to_plan(stmt).await?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| {
+            crate::EngineError::User(format!(
+                "{e}. Over SQL storepulse accepts queries, CREATE [MATERIALIZED] VIEW and DROP VIEW"
+            ))
+        })?;
+    let df = DataFrame::new(state, plan);
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(QueryOutput { schema, batches })
+}
+
+/// A cloneable handle: the engine behind a lock plus its serving context.
+#[derive(Clone)]
+pub struct EngineHandle {
+    engine: Arc<Mutex<Engine>>,
+    serving: SessionContext,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Wraps an engine.
+    pub fn new(engine: Engine) -> Self {
+        let serving = engine.serving.clone();
+        Self {
+            engine: Arc::new(Mutex::new(engine)),
+            serving,
+        }
+    }
+
+    /// Locks the engine (for applying batches or DDL).
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().await
+    }
+
+    /// Runs a SQL script. Read-only statements run on a pinned snapshot
+    /// without holding the engine lock; DDL goes through the engine.
+    pub async fn query(&self, sql: &str) -> Result<Vec<QueryOutput>> {
+        let mut out = Vec::new();
+        for stmt in parse_script(sql)? {
+            match stmt {
+                Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
+                    let snap = self.engine.lock().await.snapshot()?;
+                    out.push(run_query(&self.serving, *statement, snap).await?);
+                }
+                other => out.push(self.engine.lock().await.execute_statement(other).await?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The wall clock used for watermark idleness.
+    pub fn now_ms() -> i64 {
+        now_ms()
+    }
+}

@@ -1,0 +1,71 @@
+//! Typed engine errors, classified so callers can tell the user's mistakes
+//! from broken input and from bugs.
+
+use datafusion::error::DataFusionError;
+
+/// Result alias for the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The user's SQL cannot be accepted (syntax, planning, or a view that
+    /// cannot be maintained incrementally). Not retryable.
+    #[error("{0}")]
+    User(String),
+    /// SQL parse errors.
+    #[error(transparent)]
+    Sql(#[from] storepulse_sql::SqlError),
+    /// DataFusion errors (planning errors are user errors too).
+    #[error(transparent)]
+    DataFusion(#[from] DataFusionError),
+    /// Ingest-side errors (sources, dead letters).
+    #[error(transparent)]
+    Ingest(#[from] storepulse_ingest::IngestError),
+    /// Arrow errors while processing batches.
+    #[error(transparent)]
+    Arrow(#[from] datafusion::arrow::error::ArrowError),
+    /// File system errors (late-events log, data dir).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    /// True when the error is the caller's (bad SQL, unsupported view): an
+    /// HTTP API answers 400 for these and 500 otherwise.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            EngineError::User(_) | EngineError::Sql(_) => true,
+            EngineError::DataFusion(e) => matches!(
+                e.find_root(),
+                DataFusionError::Plan(_)
+                    | DataFusionError::SQL(..)
+                    | DataFusionError::SchemaError(..)
+                    | DataFusionError::NotImplemented(_)
+                    | DataFusionError::Configuration(_)
+            ) || matches!(e, DataFusionError::Diagnostic(..)),
+            _ => false,
+        }
+    }
+}
+
+impl From<EngineError> for DataFusionError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::DataFusion(e) => e,
+            EngineError::User(m) => DataFusionError::Plan(m),
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
+/// Shorthand for a user error.
+pub(crate) fn user_err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(EngineError::User(msg.into()))
+}

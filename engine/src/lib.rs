@@ -1,0 +1,34 @@
+//! storepulse engine: continuous SQL views maintained incrementally on event
+//! time.
+//!
+//! Data flow inside the engine, per [`storepulse_ingest::SourceBatch`]:
+//!
+//! 1. [`gate`]: drop duplicate `event_id`s within the horizon ([`dedup`]),
+//!    route rows older than the stream watermark minus the allowed lateness
+//!    to [`late`] (`late_events`), advance the per-partition [`watermark`].
+//! 2. [`view`]: for every materialized view over that stream, run the view's
+//!    stateless part (filters, projections, unnest, dimension joins) and a
+//!    *partial* aggregate over the accepted rows with DataFusion, then merge
+//!    the partial states into the view's keyed [`state`] with DataFusion's
+//!    `GroupsAccumulator::merge_batch`. Cost per batch is proportional to the
+//!    batch, not to history.
+//! 3. [`snapshot`]: on read, each dirty view's state is evaluated once into
+//!    Arrow batches; all views of one query read the same [`Snapshot`]
+//!    (one engine epoch), through table providers in a DataFusion
+//!    `SessionContext` that also holds plain views and dimension tables.
+
+pub mod config;
+pub mod dedup;
+pub mod engine;
+pub mod error;
+pub mod gate;
+pub mod late;
+pub mod snapshot;
+pub mod state;
+pub mod view;
+pub mod watermark;
+
+pub use config::EngineConfig;
+pub use engine::{Engine, EngineHandle, IngestReport, QueryOutput, StreamStatus, ViewInfo};
+pub use error::{EngineError, Result};
+pub use snapshot::Snapshot;

@@ -1,0 +1,208 @@
+//! Consistent read snapshots and the table providers that serve them.
+//!
+//! A [`Snapshot`] holds the evaluated contents of every materialized view
+//! and `late_events` at one engine epoch. A query pins one snapshot for its
+//! whole execution by putting it in the session config (see
+//! [`crate::EngineHandle::query`]); [`ViewStateTable`] and
+//! [`LateEventsTable`] read from the pinned snapshot, or from the latest
+//! published one when none is pinned.
+//!
+//! [`BatchSlot`] is the other direction: the engine places a micro-batch in
+//! a stream's slot and re-executes each view's partial-aggregate plan, whose
+//! scan ([`SlotPartition`], a DataFusion `PartitionStream`) yields the
+//! slot's batches as a `SendableRecordBatchStream`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use async_trait::async_trait;
+use datafusion::{
+    arrow::{array::RecordBatch, datatypes::SchemaRef},
+    catalog::{Session, TableProvider},
+    common::Result,
+    datasource::{memory::MemorySourceConfig, TableType},
+    execution::TaskContext,
+    logical_expr::Expr,
+    physical_plan::{
+        stream::RecordBatchStreamAdapter, streaming::PartitionStream, ExecutionPlan,
+        SendableRecordBatchStream,
+    },
+};
+
+/// Evaluated view contents at one engine epoch.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Engine epoch (number of batches applied) the snapshot reflects.
+    pub epoch: u64,
+    /// View name → its aggregate rows.
+    pub views: HashMap<String, Arc<Vec<RecordBatch>>>,
+    /// Rows of `late_events`.
+    pub late_events: Arc<Vec<RecordBatch>>,
+}
+
+/// The latest published snapshot, shared by the engine and the providers.
+#[derive(Debug, Default, Clone)]
+pub struct SnapshotCell(Arc<RwLock<Arc<Snapshot>>>);
+
+impl SnapshotCell {
+    /// The latest snapshot.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.0.read().expect("snapshot lock").clone()
+    }
+    /// Publishes a new snapshot.
+    pub fn store(&self, s: Arc<Snapshot>) {
+        *self.0.write().expect("snapshot lock") = s;
+    }
+}
+
+/// Pins a snapshot for one query (a DataFusion config extension).
+#[derive(Debug, Clone, Default)]
+pub struct PinnedSnapshot(pub Option<Arc<Snapshot>>);
+
+fn pinned_or_latest(state: &dyn Session, cell: &SnapshotCell) -> Arc<Snapshot> {
+    state
+        .config()
+        .get_extension::<PinnedSnapshot>()
+        .and_then(|p| p.0.clone())
+        .unwrap_or_else(|| cell.load())
+}
+
+fn memory_exec(
+    batches: &[RecordBatch],
+    schema: SchemaRef,
+    projection: Option<&Vec<usize>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let exec = MemorySourceConfig::try_new_exec(&[batches.to_vec()], schema, projection.cloned())?;
+    Ok(exec)
+}
+
+/// The aggregate rows of one materialized view (an internal table the
+/// view's query-time plan reads from).
+#[derive(Debug)]
+pub struct ViewStateTable {
+    /// View name (key in [`Snapshot::views`]).
+    pub view: String,
+    /// Aggregate schema.
+    pub schema: SchemaRef,
+    /// Latest snapshot, used when the query did not pin one.
+    pub cell: SnapshotCell,
+}
+
+#[async_trait]
+impl TableProvider for ViewStateTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snap = pinned_or_latest(state, &self.cell);
+        let batches = snap.views.get(&self.view).cloned().unwrap_or_default();
+        memory_exec(&batches, self.schema.clone(), projection)
+    }
+}
+
+/// The `late_events` table.
+#[derive(Debug)]
+pub struct LateEventsTable {
+    /// Latest snapshot, used when the query did not pin one.
+    pub cell: SnapshotCell,
+}
+
+#[async_trait]
+impl TableProvider for LateEventsTable {
+    fn schema(&self) -> SchemaRef {
+        crate::late::late_events_schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snap = pinned_or_latest(state, &self.cell);
+        memory_exec(&snap.late_events, self.schema(), projection)
+    }
+}
+
+/// Where the engine places the micro-batch a stream's views apply next.
+#[derive(Debug, Default)]
+pub struct BatchSlot(Mutex<Vec<RecordBatch>>);
+
+impl BatchSlot {
+    /// Replaces the slot's contents.
+    pub fn set(&self, batches: Vec<RecordBatch>) {
+        *self.0.lock().expect("slot lock") = batches;
+    }
+    fn get(&self) -> Vec<RecordBatch> {
+        self.0.lock().expect("slot lock").clone()
+    }
+}
+
+/// A `PartitionStream` over a [`BatchSlot`]: each execution yields the
+/// slot's current batches.
+#[derive(Debug)]
+pub struct SlotPartition {
+    /// The stream's schema.
+    pub schema: SchemaRef,
+    /// The slot.
+    pub slot: Arc<BatchSlot>,
+}
+
+impl PartitionStream for SlotPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self.slot.get();
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        ))
+    }
+}
+
+/// A stream's name in the serving context: it has the stream's schema (so
+/// `DESCRIBE sales` works) but scanning it explains what to do instead.
+#[derive(Debug)]
+pub struct StreamStub {
+    /// The stream.
+    pub stream: storepulse_ingest::StreamKind,
+}
+
+#[async_trait]
+impl TableProvider for StreamStub {
+    fn schema(&self) -> SchemaRef {
+        self.stream.schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        datafusion::common::plan_err!(
+            "'{}' is a stream, not a table: streams are not kept; query a materialized view \
+             over it (CREATE MATERIALIZED VIEW ... FROM {} GROUP BY ...), or late_events",
+            self.stream,
+            self.stream
+        )
+    }
+}

@@ -1,0 +1,294 @@
+//! Keyed aggregate state of one continuous view.
+//!
+//! Group keys are encoded with arrow's row format and interned in a
+//! `hashbrown::HashTable` (key bytes live in one contiguous buffer); each
+//! aggregate keeps all groups in one DataFusion `GroupsAccumulator`. A
+//! micro-batch's *partial* aggregate (group columns followed by each
+//! aggregate's state columns) is merged with `merge_batch`, so the cost is
+//! proportional to the batch.
+//!
+//! Reading is non-destructive: `state(EmitTo::All)` drains an accumulator,
+//! the drained state is merged straight back, and a scratch accumulator
+//! merged from the same state produces the final values.
+
+use std::{ops::Range, sync::Arc};
+
+use datafusion::{
+    arrow::{
+        array::{ArrayRef, RecordBatch},
+        datatypes::SchemaRef,
+        row::{RowConverter, SortField},
+    },
+    common::Result,
+    logical_expr::{EmitTo, GroupsAccumulator},
+    physical_expr::{aggregate::AggregateFunctionExpr, GroupsAccumulatorAdapter},
+};
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Creates the accumulator that holds every group of one aggregate.
+pub fn new_groups_accumulator(
+    expr: &Arc<AggregateFunctionExpr>,
+) -> Result<Box<dyn GroupsAccumulator>> {
+    if expr.groups_accumulator_supported() {
+        expr.create_groups_accumulator()
+    } else {
+        let expr = Arc::clone(expr);
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+            expr.create_accumulator()
+        })))
+    }
+}
+
+/// The state of one view: group keys and one accumulator per aggregate.
+pub struct GroupState {
+    converter: Option<RowConverter>,
+    keys: Vec<u8>,
+    key_offsets: Vec<usize>,
+    table: HashTable<(u64, u32)>,
+    aggs: Vec<Arc<AggregateFunctionExpr>>,
+    accs: Vec<Box<dyn GroupsAccumulator>>,
+    /// Column range of each aggregate's state in a partial batch.
+    layout: Vec<Range<usize>>,
+    num_group_cols: usize,
+    scratch: Vec<usize>,
+    hop: Option<HopPanes>,
+}
+
+/// Hopping windows kept as panes: group column `col` holds the start of a
+/// `slide_ms` pane; a window of `windows` panes is assembled on read.
+#[derive(Debug, Clone, Copy)]
+pub struct HopPanes {
+    /// Index of the window-start group column.
+    pub col: usize,
+    /// Pane length (the hop's slide).
+    pub slide_ms: i64,
+    /// Panes per window (size / slide).
+    pub windows: i64,
+}
+
+impl std::fmt::Debug for GroupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupState")
+            .field("groups", &self.num_groups())
+            .field("bytes", &self.size())
+            .finish()
+    }
+}
+
+impl GroupState {
+    /// State for a partial-aggregate schema whose first `num_group_cols`
+    /// columns are the group key, followed by the aggregates' states.
+    pub fn try_new(
+        partial_schema: &SchemaRef,
+        num_group_cols: usize,
+        aggs: Vec<Arc<AggregateFunctionExpr>>,
+    ) -> Result<Self> {
+        let converter = if num_group_cols == 0 {
+            None
+        } else {
+            Some(RowConverter::new(
+                partial_schema.fields()[..num_group_cols]
+                    .iter()
+                    .map(|f| SortField::new(f.data_type().clone()))
+                    .collect(),
+            )?)
+        };
+        let mut layout = Vec::with_capacity(aggs.len());
+        let mut at = num_group_cols;
+        for a in &aggs {
+            let n = a.state_fields()?.len();
+            layout.push(at..at + n);
+            at += n;
+        }
+        let accs = aggs.iter().map(new_groups_accumulator).collect::<Result<_>>()?;
+        Ok(Self {
+            converter,
+            keys: Vec::new(),
+            key_offsets: vec![0],
+            table: HashTable::new(),
+            aggs,
+            accs,
+            layout,
+            num_group_cols,
+            scratch: Vec::new(),
+            hop: None,
+        })
+    }
+
+    /// Keeps hopping windows as panes (see [`HopPanes`]).
+    pub fn set_hop(&mut self, hop: HopPanes) {
+        self.hop = Some(hop);
+    }
+
+    /// Number of groups held.
+    pub fn num_groups(&self) -> usize {
+        if self.converter.is_none() {
+            return usize::from(self.key_offsets.len() > 1);
+        }
+        self.key_offsets.len() - 1
+    }
+
+    /// Approximate memory held, in bytes.
+    pub fn size(&self) -> usize {
+        self.keys.capacity()
+            + self.key_offsets.capacity() * 8
+            + self.table.capacity() * 16
+            + self.accs.iter().map(|a| a.size()).sum::<usize>()
+    }
+
+    fn key(&self, g: usize) -> &[u8] {
+        &self.keys[self.key_offsets[g]..self.key_offsets[g + 1]]
+    }
+
+    /// Merges one partial-aggregate batch into the state.
+    pub fn merge(&mut self, partial: &RecordBatch) -> Result<()> {
+        let n = partial.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut indices = std::mem::take(&mut self.scratch);
+        indices.clear();
+        match &self.converter {
+            None => {
+                if self.key_offsets.len() == 1 {
+                    self.key_offsets.push(0);
+                }
+                indices.resize(n, 0);
+            }
+            Some(conv) => {
+                let rows = conv.convert_columns(&partial.columns()[..self.num_group_cols])?;
+                for row in rows.iter() {
+                    let bytes = row.as_ref();
+                    let h = xxh3_64(bytes);
+                    let keys = &self.keys;
+                    let offs = &self.key_offsets;
+                    let found = self.table.find(h, |(eh, g)| {
+                        *eh == h && &keys[offs[*g as usize]..offs[*g as usize + 1]] == bytes
+                    });
+                    let g = match found {
+                        Some((_, g)) => *g as usize,
+                        None => {
+                            let g = self.key_offsets.len() - 1;
+                            self.keys.extend_from_slice(bytes);
+                            self.key_offsets.push(self.keys.len());
+                            self.table.insert_unique(h, (h, g as u32), |(eh, _)| *eh);
+                            g
+                        }
+                    };
+                    indices.push(g);
+                }
+            }
+        }
+        let total = self.num_groups();
+        for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
+            acc.merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+        }
+        self.scratch = indices;
+        Ok(())
+    }
+
+    /// Evaluates every group: group columns followed by each aggregate's
+    /// final value, in `schema` (the view's aggregate schema).
+    pub fn evaluate(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let total = self.num_groups();
+        if total == 0 {
+            return Ok(RecordBatch::new_empty(schema.clone()));
+        }
+        if let (Some(hop), Some(conv)) = (self.hop, &self.converter) {
+            let parser = conv.parser();
+            let keys = conv.convert_rows((0..total).map(|g| parser.parse(self.key(g))))?;
+            let all: Vec<usize> = (0..total).collect();
+            let mut states = Vec::with_capacity(self.accs.len());
+            for acc in self.accs.iter_mut() {
+                let state = acc.state(EmitTo::All)?;
+                acc.merge_batch(&state, &all, total)?;
+                states.push(state);
+            }
+            let columns = assemble_hop_windows(conv, &keys, &states, &self.aggs, hop)?;
+            return finish(columns, schema);
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        if let Some(conv) = &self.converter {
+            let parser = conv.parser();
+            let rows = (0..total).map(|g| parser.parse(self.key(g)));
+            columns.extend(conv.convert_rows(rows)?);
+        }
+        let all: Vec<usize> = (0..total).collect();
+        for (acc, expr) in self.accs.iter_mut().zip(&self.aggs) {
+            let state = acc.state(EmitTo::All)?;
+            acc.merge_batch(&state, &all, total)?;
+            let mut scratch = new_groups_accumulator(expr)?;
+            scratch.merge_batch(&state, &all, total)?;
+            columns.push(scratch.evaluate(EmitTo::All)?);
+        }
+        finish(columns, schema)
+    }
+}
+
+/// Casts evaluated columns to the view's aggregate schema.
+fn finish(columns: Vec<ArrayRef>, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns = columns
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    datafusion::arrow::compute::cast(&c, f.data_type()).map_err(Into::into)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Builds every hopping window from its panes: pane `p` contributes to the
+/// windows starting at `p`, `p - slide`, ... (`windows` of them). Pane
+/// states are merged into one scratch accumulator per aggregate.
+fn assemble_hop_windows(
+    conv: &RowConverter,
+    pane_keys: &[ArrayRef],
+    states: &[Vec<ArrayRef>],
+    aggs: &[Arc<AggregateFunctionExpr>],
+    hop: HopPanes,
+) -> Result<Vec<ArrayRef>> {
+    use datafusion::arrow::{
+        array::{Array, AsArray},
+        datatypes::TimestampMillisecondType,
+    };
+    let panes = pane_keys[hop.col].as_primitive::<TimestampMillisecondType>();
+    let mut window_rows = conv.empty_rows(panes.len() * 2, panes.len() * 64);
+    let mut table: HashTable<(u64, u32)> = HashTable::new();
+    let mut scratch = aggs.iter().map(new_groups_accumulator).collect::<Result<Vec<_>>>()?;
+    let mut indices = Vec::with_capacity(panes.len());
+    for k in 0..hop.windows {
+        let shifted = panes.unary::<_, TimestampMillisecondType>(|p| p - k * hop.slide_ms);
+        let shifted: ArrayRef = Arc::new(shifted.with_data_type(panes.data_type().clone()));
+        let mut cols = pane_keys.to_vec();
+        cols[hop.col] = shifted;
+        let rows = conv.convert_columns(&cols)?;
+        indices.clear();
+        for row in rows.iter() {
+            let h = xxh3_64(row.as_ref());
+            let g = match table.find(h, |(eh, g)| *eh == h && window_rows.row(*g as usize) == row) {
+                Some((_, g)) => *g as usize,
+                None => {
+                    let g = window_rows.num_rows();
+                    window_rows.push(row);
+                    table.insert_unique(h, (h, g as u32), |(eh, _)| *eh);
+                    g
+                }
+            };
+            indices.push(g);
+        }
+        let total = window_rows.num_rows();
+        for (acc, state) in scratch.iter_mut().zip(states) {
+            acc.merge_batch(state, &indices, total)?;
+        }
+    }
+    let mut columns = conv.convert_rows(window_rows.iter())?;
+    for mut acc in scratch {
+        columns.push(acc.evaluate(EmitTo::All)?);
+    }
+    Ok(columns)
+}

@@ -1,0 +1,440 @@
+//! Continuous (materialized) views: planning and incremental maintenance.
+//!
+//! A view's logical plan is split at its single `Aggregate`:
+//!
+//! * **below** (the aggregate's input) must be stateless per row — scans of
+//!   exactly one stream, filters, projections, `unnest` (hopping windows)
+//!   and joins with dimension tables. It is planned once into a DataFusion
+//!   `AggregateExec` in *partial* mode over a re-executable scan of the
+//!   stream's [`BatchSlot`](crate::snapshot::BatchSlot), and executed once
+//!   per micro-batch;
+//! * the partial output is merged into the view's [`GroupState`];
+//! * **above** (projection, `HAVING`, `ORDER BY`, joins with dimensions...)
+//!   runs at query time: the `Aggregate` node is replaced by a scan of the
+//!   evaluated state, and the result is registered as a DataFusion view.
+//!
+//! Anything that would need unbounded state or re-computation (nested
+//! aggregation, window functions over the stream, `DISTINCT`/`ORDER BY`/
+//! `LIMIT` below the aggregate, joins of two streams) is refused at creation
+//! with a message saying why.
+
+use std::{collections::HashMap, sync::Arc};
+
+use datafusion::{
+    arrow::{
+        array::RecordBatch,
+        datatypes::{Field, Schema, SchemaRef},
+    },
+    common::{
+        tree_node::{Transformed, TreeNode, TreeNodeRecursion},
+        Column, TableReference,
+    },
+    datasource::provider_as_source,
+    execution::{context::SessionState, TaskContext},
+    logical_expr::{
+        physical_planning_context::PhysicalPlanningContext, Expr, GroupingSet, LogicalPlan,
+        LogicalPlanBuilder,
+    },
+    physical_expr::create_physical_expr,
+    physical_plan::{
+        aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy},
+        coalesce_partitions::CoalescePartitionsExec,
+        execution_plan::reset_plan_states,
+        ExecutionPlan, ExecutionPlanProperties,
+    },
+};
+use futures::StreamExt;
+use storepulse_ingest::StreamKind;
+
+use crate::{
+    error::{user_err, Result},
+    snapshot::{SnapshotCell, ViewStateTable},
+    state::{GroupState, HopPanes},
+};
+
+/// One incrementally maintained view.
+#[derive(Debug)]
+pub struct ContinuousView {
+    /// The view's name (its table name in SQL).
+    pub name: String,
+    /// The defining statement.
+    pub sql: String,
+    /// The stream it reads.
+    pub stream: StreamKind,
+    /// The query-time plan (reads the evaluated state).
+    pub query_plan: LogicalPlan,
+    /// The view's output schema.
+    pub output_schema: SchemaRef,
+    partial: Arc<dyn ExecutionPlan>,
+    state: GroupState,
+    state_schema: SchemaRef,
+    version: u64,
+    evaluated: Option<(u64, Arc<Vec<RecordBatch>>)>,
+    /// Rows applied so far.
+    pub rows_applied: u64,
+}
+
+fn node_name(p: &LogicalPlan) -> &'static str {
+    match p {
+        LogicalPlan::Window(_) => "window functions (OVER ...)",
+        LogicalPlan::Sort(_) => "ORDER BY",
+        LogicalPlan::Limit(_) => "LIMIT",
+        LogicalPlan::Distinct(_) => "SELECT DISTINCT",
+        LogicalPlan::Union(_) => "UNION",
+        LogicalPlan::RecursiveQuery(_) => "recursive queries",
+        LogicalPlan::Repartition(_) => "repartitioning",
+        _ => "this operator",
+    }
+}
+
+/// Plans a continuous view from its analyzed logical plan.
+///
+/// `streams` maps table names to the stream they are; `planning` is the
+/// session whose catalog resolves streams (as slot scans) and dimensions.
+pub async fn plan_view(
+    name: &str,
+    sql: &str,
+    plan: LogicalPlan,
+    planning: &SessionState,
+    streams: &HashMap<String, StreamKind>,
+    cell: SnapshotCell,
+) -> Result<ContinuousView> {
+    let why = |reason: &str| -> Result<ContinuousView> {
+        user_err(format!(
+            "materialized view '{name}' cannot be maintained incrementally: {reason}"
+        ))
+    };
+    let stream_of = |p: &LogicalPlan| match p {
+        LogicalPlan::TableScan(s) => streams.get(s.table_name.table()).copied(),
+        _ => None,
+    };
+    // Find the aggregate(s).
+    let mut aggregates = Vec::new();
+    plan.apply(|p| {
+        if let LogicalPlan::Aggregate(a) = p {
+            aggregates.push(a.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let agg = match aggregates.as_slice() {
+        [] => {
+            return why(
+                "it has no GROUP BY or aggregate function. A materialized view keeps per-group \
+                 aggregate state; add GROUP BY, or use CREATE VIEW over a materialized view",
+            )
+        }
+        [a] => a.clone(),
+        _ => {
+            return why(
+                "it aggregates more than once (a subquery with GROUP BY or DISTINCT inside an \
+                 aggregate); only one level of aggregation can be maintained",
+            )
+        }
+    };
+    if agg
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(GroupingSet::Rollup(_) | GroupingSet::Cube(_) | GroupingSet::GroupingSets(_))))
+    {
+        return why("GROUPING SETS, ROLLUP and CUBE are not supported");
+    }
+    // Below the aggregate: stateless operators over exactly one stream.
+    let mut stream_scans = Vec::new();
+    let mut bad: Option<&'static str> = None;
+    agg.input.apply(|p| {
+        if let Some(k) = stream_of(p) {
+            stream_scans.push(k);
+        }
+        match p {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::TableScan(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Unnest(_)
+            | LogicalPlan::Join(_)
+            | LogicalPlan::EmptyRelation(_)
+            | LogicalPlan::Values(_) => {}
+            other => bad = bad.or(Some(node_name(other))),
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if let Some(op) = bad {
+        return why(&format!(
+            "{op} before the aggregation would need to see all past rows"
+        ));
+    }
+    let stream = match stream_scans.as_slice() {
+        [k] => *k,
+        [] => {
+            let names: Vec<&str> = StreamKind::ALL.iter().map(|k| k.name()).collect();
+            return why(&format!(
+                "it reads no stream; FROM must name one of: {}",
+                names.join(", ")
+            ));
+        }
+        _ => return why("it reads more than one stream (stream-to-stream joins keep unbounded state)"),
+    };
+    // Above the aggregate: anything, but no stream (evaluated at query time).
+    let mut streams_above = 0;
+    plan.apply(|p| {
+        if let LogicalPlan::Aggregate(_) = p {
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        if stream_of(p).is_some() {
+            streams_above += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if streams_above > 0 {
+        return why("it reads a stream outside the aggregation (e.g. in a subquery after GROUP BY)");
+    }
+
+    // Hopping windows: keep panes, not windows (see `state::HopPanes`).
+    let (input_plan, hop) = rewrite_hop(agg.input.as_ref().clone())?;
+    let hop = match hop {
+        None => None,
+        Some((slide_ms, size_ms)) => {
+            let col = agg.group_expr.iter().position(|e| match e {
+                Expr::Column(c) => traces_to_hop(&agg.input, &c.name),
+                _ => false,
+            });
+            match col {
+                Some(col) if size_ms % slide_ms == 0 => Some(HopPanes {
+                    col,
+                    slide_ms,
+                    windows: size_ms / slide_ms,
+                }),
+                Some(_) => return why("hop(): size must be a multiple of slide"),
+                None => return why(
+                    "hop() must be unnested and its value grouped by: \
+                     FROM (SELECT *, unnest(hop(ts, slide, size)) AS window_start FROM stream) \
+                     ... GROUP BY ..., window_start",
+                ),
+            }
+        }
+    };
+
+    // Physical partial aggregate over the stateless input.
+    let mut physical_input = planning.create_physical_plan(&input_plan).await?;
+    if physical_input.output_partitioning().partition_count() != 1 {
+        physical_input = Arc::new(CoalescePartitionsExec::new(physical_input));
+    }
+    let props = planning.execution_props();
+    let in_schema = agg.input.schema();
+    let groups = agg
+        .group_expr
+        .iter()
+        .map(|e| {
+            Ok((
+                create_physical_expr(e, in_schema, props, &PhysicalPlanningContext::default())?,
+                e.schema_name().to_string(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut aggr_exprs = Vec::new();
+    let mut filters = Vec::new();
+    for e in &agg.aggr_expr {
+        #[allow(deprecated)]
+        let (a, f, _) = datafusion::physical_planner::create_aggregate_expr_and_maybe_filter(
+            e,
+            in_schema,
+            &physical_input.schema(),
+            props,
+        )?;
+        aggr_exprs.push(a);
+        filters.push(f);
+    }
+    let partial = Arc::new(AggregateExec::try_new(
+        AggregateMode::Partial,
+        PhysicalGroupBy::new_single(groups),
+        aggr_exprs.clone(),
+        filters,
+        physical_input.clone(),
+        physical_input.schema(),
+    )?);
+    let num_groups = agg.group_expr.len();
+    let mut state = GroupState::try_new(&partial.schema(), num_groups, aggr_exprs)?;
+    if let Some(h) = hop {
+        state.set_hop(h);
+    }
+
+    // The aggregate's output, as an internal table c0..cN.
+    let state_schema: SchemaRef = Arc::new(Schema::new(
+        agg.schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
+            .collect::<Vec<_>>(),
+    ));
+    let scan_name = format!("__state_{name}");
+    let provider = Arc::new(ViewStateTable {
+        view: name.to_string(),
+        schema: state_schema.clone(),
+        cell,
+    });
+    let aliases: Vec<Expr> = agg
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::new(
+                Some(TableReference::bare(scan_name.clone())),
+                format!("c{i}"),
+            ))
+            .alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    let replacement = LogicalPlanBuilder::scan(scan_name.clone(), provider_as_source(provider), None)?
+        .project(aliases)?
+        .build()?;
+    let query_plan = plan
+        .transform_up(|p| match p {
+            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
+            other => Ok(Transformed::no(other)),
+        })?
+        .data;
+    let output_schema = Arc::new(query_plan.schema().as_arrow().clone());
+    Ok(ContinuousView {
+        name: name.to_string(),
+        sql: sql.to_string(),
+        stream,
+        query_plan,
+        output_schema,
+        partial,
+        state,
+        state_schema,
+        version: 0,
+        evaluated: None,
+        rows_applied: 0,
+    })
+}
+
+/// Replaces every `hop(ts, slide, size)` in projections by
+/// `__hop_pane(ts, slide)` (same type, same output name) and returns the
+/// constant `(slide, size)` in milliseconds. More than one distinct hop, or
+/// a non-constant interval, is refused.
+fn rewrite_hop(plan: LogicalPlan) -> Result<(LogicalPlan, Option<(i64, i64)>)> {
+    use datafusion::logical_expr::{expr::ScalarFunction, Projection};
+    let mut found: Option<(i64, i64)> = None;
+    let mut error: Option<String> = None;
+    let pane = Arc::new(storepulse_sql::udf::hop_pane());
+    let plan = plan
+        .transform_up(|p| {
+            let LogicalPlan::Projection(proj) = p else {
+                return Ok(Transformed::no(p));
+            };
+            let mut changed = false;
+            let mut exprs = Vec::with_capacity(proj.expr.len());
+            for e in &proj.expr {
+                let (inner, name) = match e {
+                    Expr::Alias(a) => (a.expr.as_ref(), Some(a.name.clone())),
+                    other => (other, None),
+                };
+                let Expr::ScalarFunction(f) = inner else {
+                    exprs.push(e.clone());
+                    continue;
+                };
+                if f.func.name() != "hop" {
+                    exprs.push(e.clone());
+                    continue;
+                }
+                let lit = |i: usize| match &f.args[i] {
+                    Expr::Literal(v, _) => storepulse_sql::udf::interval_literal_ms(v),
+                    _ => None,
+                };
+                match (lit(1), lit(2)) {
+                    (Some(slide), Some(size)) => {
+                        if found.is_some_and(|f| f != (slide, size)) {
+                            error = Some("a view can use only one hop() window".into());
+                        }
+                        found = Some((slide, size));
+                    }
+                    _ => error = Some("hop(): slide and size must be constant intervals".into()),
+                }
+                let name = name.unwrap_or_else(|| inner.schema_name().to_string());
+                let call = Expr::ScalarFunction(ScalarFunction::new_udf(
+                    pane.clone(),
+                    vec![f.args[0].clone(), f.args[1].clone()],
+                ));
+                exprs.push(call.alias(name));
+                changed = true;
+            }
+            if !changed {
+                return Ok(Transformed::no(LogicalPlan::Projection(proj)));
+            }
+            let new = Projection::try_new(exprs, proj.input.clone())?;
+            Ok(Transformed::yes(LogicalPlan::Projection(new)))
+        })?
+        .data;
+    if let Some(e) = error {
+        return user_err(e);
+    }
+    Ok((plan, found))
+}
+
+/// True if column `name` of `plan`'s output is the unnested value of a
+/// `hop(...)` call (following aliases through projections).
+fn traces_to_hop(plan: &LogicalPlan, name: &str) -> bool {
+    if name.starts_with("__unnest_placeholder(hop(") {
+        return true;
+    }
+    match plan {
+        LogicalPlan::Projection(p) => {
+            for (e, (_, f)) in p.expr.iter().zip(p.schema.iter()) {
+                if f.name() == name {
+                    let inner = match e {
+                        Expr::Alias(a) => a.expr.as_ref(),
+                        other => other,
+                    };
+                    return match inner {
+                        Expr::Column(c) => traces_to_hop(&p.input, &c.name),
+                        _ => false,
+                    };
+                }
+            }
+            false
+        }
+        LogicalPlan::Filter(f) => traces_to_hop(&f.input, name),
+        LogicalPlan::SubqueryAlias(s) => traces_to_hop(&s.input, name),
+        LogicalPlan::Unnest(u) => traces_to_hop(&u.input, name),
+        _ => false,
+    }
+}
+
+impl ContinuousView {
+    /// Applies the micro-batch currently in the stream's slot.
+    pub async fn apply(&mut self, task_ctx: Arc<TaskContext>, rows: usize) -> Result<()> {
+        let plan = reset_plan_states(self.partial.clone())?;
+        let mut out = plan.execute(0, task_ctx)?;
+        while let Some(batch) = out.next().await {
+            self.state.merge(&batch?)?;
+        }
+        self.version += 1;
+        self.rows_applied += rows as u64;
+        Ok(())
+    }
+
+    /// The evaluated aggregate rows (cached until the next batch).
+    pub fn evaluate(&mut self) -> Result<Arc<Vec<RecordBatch>>> {
+        if let Some((v, b)) = &self.evaluated {
+            if *v == self.version {
+                return Ok(b.clone());
+            }
+        }
+        let batch = self.state.evaluate(&self.state_schema)?;
+        let out = Arc::new(vec![batch]);
+        self.evaluated = Some((self.version, out.clone()));
+        Ok(out)
+    }
+
+    /// Number of groups held.
+    pub fn groups(&self) -> usize {
+        self.state.num_groups()
+    }
+
+    /// Approximate state size in bytes.
+    pub fn state_bytes(&self) -> usize {
+        self.state.size()
+    }
+}

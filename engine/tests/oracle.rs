@@ -1,0 +1,308 @@
+//! Batch-oracle equivalence: after all input, every continuous view equals
+//! plain DataFusion running the view's SELECT over all (de-duplicated,
+//! non-late) events at once — whatever the arrival order, batch sizes,
+//! duplicates and late arrivals.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use datafusion::{
+    arrow::{
+        array::{Array, AsArray, RecordBatch},
+        compute::concat_batches,
+        datatypes::DataType,
+        util::display::{ArrayFormatter, FormatOptions},
+    },
+    datasource::MemTable,
+    prelude::SessionContext,
+};
+use proptest::prelude::*;
+use rand::{seq::SliceRandom, Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use storepulse_engine::{Engine, EngineConfig};
+use storepulse_ingest::{
+    gen::{Chain, ChainConfig, GenEvent, Simulator},
+    source::Position,
+    EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
+};
+use storepulse_sql::{parse_script, Statement};
+
+/// The views under test: every built-in view plus a few shapes of our own.
+fn view_sql() -> String {
+    let mut sql: String = storepulse_sql::builtin::VIEWS
+        .iter()
+        .map(|(_, s)| *s)
+        .collect::<Vec<_>>()
+        .join("\n");
+    sql.push_str(
+        "
+CREATE MATERIALIZED VIEW t_totals AS
+SELECT count(*) AS lines, sum(qty) AS units, approx_distinct(member_id) AS members_approx,
+       avg(unit_price) AS avg_price
+FROM sales;
+CREATE MATERIALIZED VIEW t_channel_daily AS
+SELECT coalesce(channel, 'none') AS channel, tumble(ts, INTERVAL '1 day') AS day,
+       count(DISTINCT member_id) AS members, sum(qty) FILTER (WHERE qty < 0) AS refunds
+FROM sales GROUP BY coalesce(channel, 'none'), tumble(ts, INTERVAL '1 day')
+HAVING count(*) > 0;
+",
+    );
+    sql
+}
+
+/// `(name, select SQL)` of every materialized view in `sql`.
+fn materialized_views(sql: &str) -> Vec<(String, String)> {
+    parse_script(sql)
+        .unwrap()
+        .into_iter()
+        .filter_map(|s| match s {
+            Statement::CreateMaterializedView { name, query, .. } => Some((name, query.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(cfg: ChainConfig, hours: i64) -> Vec<GenEvent> {
+    let start = cfg.start_ms;
+    let mut sim = Simulator::new(Chain::new(cfg));
+    let mut out = Vec::new();
+    sim.advance(start + hours * 3_600_000, &mut |e| out.push(e));
+    sim.flush_offline(&mut |e| out.push(e));
+    out
+}
+
+fn decode(stream: StreamKind, evs: &[&GenEvent]) -> Option<(RecordBatch, usize)> {
+    let records: Vec<_> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| RawRecord {
+            bytes: e.json.as_bytes(),
+            position: i as u64,
+        })
+        .collect();
+    let out = EventDecoder::new(stream, "test").decode(&records).unwrap();
+    assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+    out.batch.map(|b| (b, out.events))
+}
+
+/// Rows as sorted strings; floats rounded to 6 decimals (sums of floats
+/// depend on order in the last bits).
+fn normalize(batches: &[RecordBatch]) -> Vec<String> {
+    let opts = FormatOptions::default().with_null("NULL");
+    let mut rows = Vec::new();
+    for b in batches {
+        let cols: Vec<Box<dyn Fn(usize) -> String>> = b
+            .columns()
+            .iter()
+            .map(|c| -> Box<dyn Fn(usize) -> String> {
+                match c.data_type() {
+                    DataType::Float64 => {
+                        let a = c.as_primitive::<datafusion::arrow::datatypes::Float64Type>().clone();
+                        Box::new(move |r| {
+                            if a.is_null(r) {
+                                "NULL".into()
+                            } else {
+                                format!("{:.6}", a.value(r))
+                            }
+                        })
+                    }
+                    _ => {
+                        let c = c.clone();
+                        Box::new(move |r| {
+                            ArrayFormatter::try_new(c.as_ref(), &opts).unwrap().value(r).to_string()
+                        })
+                    }
+                }
+            })
+            .collect();
+        for r in 0..b.num_rows() {
+            rows.push(cols.iter().map(|f| f(r)).collect::<Vec<_>>().join(" | "));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+struct Scenario {
+    /// Events in the order they reach the engine.
+    arrival: Vec<GenEvent>,
+    lateness: Duration,
+    /// (min, max) events per micro-batch.
+    batch: (usize, usize),
+    seed: u64,
+}
+
+async fn check(s: Scenario) {
+    let sql = view_sql();
+    let mut engine = Engine::new(EngineConfig {
+        allowed_lateness: s.lateness,
+        idle_timeout: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .unwrap();
+    engine.execute_sql(&sql).await.unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let mut i = 0;
+    let mut seq = 0u64;
+    while i < s.arrival.len() {
+        let n = rng.random_range(s.batch.0..=s.batch.1).min(s.arrival.len() - i);
+        let chunk = &s.arrival[i..i + n];
+        i += n;
+        for k in StreamKind::ALL {
+            let evs: Vec<&GenEvent> = chunk.iter().filter(|e| e.stream == k).collect();
+            if let Some((batch, events)) = decode(k, &evs) {
+                seq += 1;
+                engine
+                    .apply(
+                        SourceMessage::Batch(SourceBatch {
+                            stream: k,
+                            batch,
+                            events,
+                            bytes: 0,
+                            position: Position { partition: "p0".into(), next_offset: seq },
+                        }),
+                        0,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    for k in StreamKind::ALL {
+        engine
+            .apply(SourceMessage::EndOfPartition { stream: k, partition: "p0".into() }, 0)
+            .await
+            .unwrap();
+    }
+
+    // What the engine routed to late_events.
+    let late = engine.execute_sql("SELECT stream, event_id FROM late_events").await.unwrap();
+    let mut late_ids: HashSet<(String, String)> = HashSet::new();
+    for b in &late[0].batches {
+        let st = b.column(0).as_string::<i32>();
+        let id = b.column(1).as_string::<i32>();
+        for r in 0..b.num_rows() {
+            late_ids.insert((st.value(r).to_string(), id.value(r).to_string()));
+        }
+    }
+    let late_total: u64 = engine.streams().iter().map(|s| s.late_events).sum();
+    // Receipts have one late_events row per line; count events.
+    let late_events: HashSet<_> = late_ids.iter().collect();
+    assert_eq!(late_events.len() as u64, late_total, "late_events table and counter disagree");
+
+    // The oracle: every event once, minus the late ones, all at once.
+    let oracle = SessionContext::new();
+    for udf in storepulse_sql::udf::all() {
+        oracle.register_udf(udf);
+    }
+    for k in StreamKind::ALL {
+        let mut seen = HashSet::new();
+        let evs: Vec<&GenEvent> = s
+            .arrival
+            .iter()
+            .filter(|e| e.stream == k)
+            .filter(|e| {
+                let id = serde_json::from_str::<serde_json::Value>(&e.json).unwrap()["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                !late_ids.contains(&(k.name().to_string(), id.clone())) && seen.insert(id)
+            })
+            .collect();
+        let batch = decode(k, &evs).map(|(b, _)| b).unwrap_or_else(|| RecordBatch::new_empty(k.schema()));
+        let table = MemTable::try_new(k.schema(), vec![vec![batch]]).unwrap();
+        oracle.register_table(k.name(), Arc::new(table)).unwrap();
+    }
+    for (name, select) in materialized_views(&sql) {
+        let want = oracle.sql(&select).await.unwrap().collect().await.unwrap();
+        let got = engine.execute_sql(&format!("SELECT * FROM {name}")).await.unwrap();
+        let got = &got[0];
+        let want_rows = normalize(&want);
+        let got_rows = normalize(&got.batches);
+        assert!(!want_rows.is_empty() || name.starts_with("t_"), "{name}: oracle is empty");
+        if want_rows != got_rows {
+            let g = concat_batches(&got.schema, &got.batches).unwrap();
+            panic!(
+                "view {name} differs from the batch oracle: {} rows streamed vs {} in batch\nfirst streamed: {:?}\nfirst batch: {:?}\n(streamed schema {:?})",
+                got_rows.len(),
+                want_rows.len(),
+                got_rows.iter().zip(&want_rows).find(|(a, b)| a != b),
+                want_rows.first(),
+                g.schema()
+            );
+        }
+    }
+}
+
+fn small_chain(seed: u64) -> ChainConfig {
+    ChainConfig {
+        stores: 6,
+        skus: 60,
+        members: 150,
+        seed,
+        offline_per_store_day: 0.6,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn arrival_order_with_offline_uploads_and_retransmits_matches_the_oracle() {
+    // The generator's own arrival order: offline stores upload hours late,
+    // shuffled, with duplicates. Lateness is generous: nothing is late.
+    check(Scenario {
+        arrival: events(small_chain(1), 30),
+        lateness: Duration::from_secs(7 * 86_400),
+        batch: (50, 400),
+        seed: 1,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fully_shuffled_and_duplicated_input_matches_the_oracle() {
+    let mut arrival = events(small_chain(2), 20);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let dups: Vec<GenEvent> = arrival.iter().filter(|_| rng.random_bool(0.1)).cloned().collect();
+    arrival.extend(dups);
+    arrival.shuffle(&mut rng);
+    check(Scenario {
+        arrival,
+        lateness: Duration::from_secs(7 * 86_400),
+        batch: (1, 700),
+        seed: 2,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn late_events_are_excluded_exactly_and_recorded() {
+    // One hour of lateness: the offline uploads (2–6 h) are partly late.
+    let arrival = events(small_chain(3), 40);
+    check(Scenario {
+        arrival,
+        lateness: Duration::from_secs(3600),
+        batch: (100, 300),
+        seed: 3,
+    })
+    .await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, .. ProptestConfig::default() })]
+
+    #[test]
+    fn any_arrival_order_and_batch_size_matches_the_oracle(
+        seed in 0u64..1000, max_batch in 1usize..500, shuffle in any::<bool>()
+    ) {
+        let mut arrival = events(ChainConfig { stores: 3, skus: 30, members: 40, seed, ..Default::default() }, 8);
+        if shuffle {
+            arrival.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(check(Scenario {
+            arrival,
+            lateness: Duration::from_secs(86_400),
+            batch: (1, max_batch),
+            seed,
+        }));
+    }
+}

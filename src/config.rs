@@ -1,0 +1,326 @@
+//! `storepulse.toml`: the configuration of `storepulse run`.
+//!
+//! Every table is a serde struct with `deny_unknown_fields`, so a typo is an
+//! error naming the key and its line. Relative paths are resolved against
+//! the config file's directory. [`Config::validate`] checks what can be
+//! checked before anything starts (files exist, names are known).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use storepulse_engine::EngineConfig;
+use storepulse_ingest::{source::FileFormat, StreamKind};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// Directory for dead letters, late events and other local state.
+    #[serde(default = "default_data_dir")]
+    pub(crate) data_dir: PathBuf,
+    /// Bounded run: when every source has reached its end, close all windows
+    /// (the watermark becomes final) and report the pipeline as finished.
+    /// The HTTP API keeps serving until Ctrl-C unless `--exit-when-done`.
+    #[serde(default)]
+    pub(crate) until_eof: bool,
+    /// Event-time settings (lateness, idle timeout, de-duplication).
+    #[serde(default)]
+    pub(crate) engine: EngineConfig,
+    /// The HTTP API.
+    #[serde(default)]
+    pub(crate) http: HttpConfig,
+    /// View definitions.
+    #[serde(default)]
+    pub(crate) sql: SqlConfig,
+    /// Micro-batching between sources and the engine.
+    #[serde(default)]
+    pub(crate) pipeline: PipelineConfig,
+    /// Dimension tables.
+    #[serde(default)]
+    pub(crate) dimensions: Vec<DimensionConfig>,
+    /// Event sources.
+    #[serde(default)]
+    pub(crate) sources: Vec<SourceConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub(crate) listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+        }
+    }
+}
+
+/// `[sql]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SqlConfig {
+    /// Load the built-in starter views (`sql/views/*.sql`).
+    #[serde(default = "yes")]
+    pub(crate) builtin: bool,
+    /// SQL scripts to run at start (`CREATE MATERIALIZED VIEW`, `CREATE VIEW`).
+    #[serde(default)]
+    pub(crate) files: Vec<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        Self {
+            builtin: true,
+            files: Vec::new(),
+        }
+    }
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PipelineConfig {
+    /// Events per micro-batch read from a file.
+    #[serde(default = "default_batch_size")]
+    pub(crate) batch_size: usize,
+    /// Batches buffered between sources and the engine; a full buffer pauses
+    /// the sources (backpressure).
+    #[serde(default = "default_channel")]
+    pub(crate) channel_capacity: usize,
+}
+
+fn default_batch_size() -> usize {
+    8192
+}
+fn default_channel() -> usize {
+    16
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            channel_capacity: default_channel(),
+        }
+    }
+}
+
+/// `[[dimensions]]`: a table loaded at start from CSV (with header) or Parquet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DimensionConfig {
+    /// Table name in SQL (`stores`, `products`, `replenishment_policy`, ...).
+    pub(crate) name: String,
+    /// File path.
+    pub(crate) path: PathBuf,
+}
+
+/// `[[sources]]`: where events come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum SourceConfig {
+    /// One file of one stream.
+    File {
+        /// Stream name (`sales`, `stock_movements`, ...).
+        stream: StreamKind,
+        /// The file.
+        path: PathBuf,
+        /// `jsonl`, `csv` or `parquet`; inferred from the extension if absent.
+        #[serde(default)]
+        format: Option<FileFormat>,
+    },
+    /// A directory written by `storepulse gen`: every `<stream>.jsonl` in it.
+    Dataset {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The synthetic chain, live.
+    Generator {
+        /// Number of stores.
+        #[serde(default = "default_stores")]
+        stores: usize,
+        /// Number of SKUs.
+        #[serde(default = "default_skus")]
+        skus: usize,
+        /// Number of members.
+        #[serde(default = "default_members")]
+        members: usize,
+        /// Seed.
+        #[serde(default = "default_seed")]
+        seed: u64,
+        /// Target events per second (default: the chain's natural rate).
+        #[serde(default)]
+        rate: Option<f64>,
+    },
+}
+
+fn default_stores() -> usize {
+    20
+}
+fn default_skus() -> usize {
+    300
+}
+fn default_members() -> usize {
+    5000
+}
+fn default_seed() -> u64 {
+    7
+}
+
+impl Config {
+    /// Reads, parses, resolves and validates a config file.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        self.sql.files.iter_mut().for_each(fix);
+        self.dimensions.iter_mut().for_each(|d| fix(&mut d.path));
+        for s in &mut self.sources {
+            match s {
+                SourceConfig::File { path, .. } => fix(path),
+                SourceConfig::Dataset { dir } => fix(dir),
+                SourceConfig::Generator { .. } => {}
+            }
+        }
+    }
+
+    /// Checks the configuration without starting anything.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if self.sources.is_empty() {
+            bail!("no [[sources]] configured: add a `file`, `dataset` or `generator` source");
+        }
+        for (i, f) in self.sql.files.iter().enumerate() {
+            if !f.is_file() {
+                bail!("sql.files[{i}]: no such file {}", f.display());
+            }
+        }
+        for (i, d) in self.dimensions.iter().enumerate() {
+            if !d.path.is_file() {
+                bail!("dimensions[{i}].path: no such file {}", d.path.display());
+            }
+            if StreamKind::ALL.iter().any(|k| k.name() == d.name) {
+                bail!("dimensions[{i}].name: '{}' is a stream name", d.name);
+            }
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            match s {
+                SourceConfig::File { path, format, .. } => {
+                    if !path.is_file() {
+                        bail!("sources[{i}].path: no such file {}", path.display());
+                    }
+                    if format.is_none() {
+                        FileFormat::from_path(path)
+                            .map_err(|e| anyhow::anyhow!("sources[{i}].format: {e}"))?;
+                    }
+                }
+                SourceConfig::Dataset { dir } => {
+                    if !dir.is_dir() {
+                        bail!("sources[{i}].dir: no such directory {}", dir.display());
+                    }
+                }
+                SourceConfig::Generator { stores, rate, .. } => {
+                    if *stores == 0 {
+                        bail!("sources[{i}].stores: must be at least 1");
+                    }
+                    if matches!(rate, Some(r) if !(*r > 0.0)) {
+                        bail!("sources[{i}].rate: must be positive");
+                    }
+                }
+            }
+        }
+        if self.pipeline.batch_size == 0 {
+            bail!("pipeline.batch_size: must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse("until_eof = true\nbogus = 1\n[[sources]]\ntype='generator'\n").unwrap_err();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = parse("[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\nformt = 'csv'\n")
+            .unwrap_err();
+        assert!(e.contains("unknown field `formt`"), "{e}");
+        let e = parse("[engine]\nallowed_latenes = '1h'\n").unwrap_err();
+        assert!(e.contains("unknown field `allowed_latenes`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_streams_and_bad_durations_are_named() {
+        let e = parse("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n").unwrap_err();
+        assert!(e.contains("unknown stream 'salez'"), "{e}");
+        let e = parse("[engine]\nallowed_lateness = 'soon'\n").unwrap_err();
+        assert!(e.contains("allowed_lateness"), "{e}");
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+data_dir = "d"
+until_eof = true
+[engine]
+allowed_lateness = "30m"
+idle_timeout = "5s"
+[http]
+listen = "127.0.0.1:0"
+[sql]
+builtin = false
+files = ["views.sql"]
+[[dimensions]]
+name = "stores"
+path = "stores.csv"
+[[sources]]
+type = "dataset"
+dir = "gen"
+[[sources]]
+type = "file"
+stream = "sales"
+path = "sales.csv"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.engine.allowed_lateness.as_secs(), 1800);
+        assert_eq!(c.sources.len(), 2);
+        assert!(!c.sql.builtin);
+    }
+}

@@ -1,0 +1,351 @@
+//! `storepulse`: the binary. Parses the command line, wires sources, the
+//! engine and the HTTP API together. `anyhow` lives here only.
+
+mod config;
+mod pipeline;
+mod server;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use storepulse_engine::{Engine, EngineConfig, EngineHandle};
+use storepulse_ingest::{gen::ChainConfig, source::GeneratorSource, DeadLetterSink, JsonlDeadLetterSink};
+use tokio::sync::watch;
+
+use crate::{
+    config::{Config, SourceConfig},
+    pipeline::PipelineState,
+    server::AppState,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "storepulse", version, about = "Real-time retail analytics: events → continuous SQL views → answers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run everything embedded: a live synthetic chain, the starter views and
+    /// the HTTP API. No Kafka, no config file.
+    Demo {
+        /// Number of stores in the synthetic chain.
+        #[arg(long, default_value_t = 20)]
+        stores: usize,
+        /// Target events per second.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Stop after this long (e.g. `30s`, `10m`); runs until Ctrl-C if absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// HTTP address (`127.0.0.1:0` picks a free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Directory for dead letters, late events and dimension files.
+        #[arg(long, default_value = "data/demo")]
+        data_dir: PathBuf,
+    },
+    /// Run the pipeline described by a TOML config file.
+    Run {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// With `until_eof`: exit once every source has finished.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Write a deterministic synthetic chain dataset (JSONL per stream plus
+    /// dimension CSVs).
+    Gen {
+        /// Number of stores.
+        #[arg(long, default_value_t = 50)]
+        stores: usize,
+        /// Number of SKUs.
+        #[arg(long, default_value_t = 400)]
+        skus: usize,
+        /// Number of members.
+        #[arg(long, default_value_t = 20000)]
+        members: usize,
+        /// Days of event time to simulate.
+        #[arg(long, default_value_t = 3)]
+        days: u32,
+        /// Random seed: same seed, same bytes.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run SQL against a running server and print the answer.
+    Query {
+        /// The SQL.
+        sql: String,
+        /// Server URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Csv)]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Csv,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,datafusion=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Gen {
+            stores,
+            skus,
+            members,
+            days,
+            seed,
+            out,
+        } => gen(stores, skus, members, days, seed, out),
+        Command::Query { sql, server, format } => query(&sql, &server, format),
+        Command::Demo {
+            stores,
+            rate,
+            duration,
+            http,
+            data_dir,
+        } => runtime()?.block_on(demo(stores, rate, duration, http, data_dir)),
+        Command::Run {
+            config,
+            exit_when_done,
+        } => {
+            let cfg = Config::load(&config)?;
+            runtime()?.block_on(run(cfg, exit_when_done))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("storepulse")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn gen(stores: usize, skus: usize, members: usize, days: u32, seed: u64, out: PathBuf) -> anyhow::Result<()> {
+    let cfg = ChainConfig {
+        stores,
+        skus,
+        members,
+        seed,
+        ..Default::default()
+    };
+    let bar = ProgressBar::new(days as u64 * 24);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} hours ({eta})")
+            .expect("valid template"),
+    );
+    let summary = storepulse_ingest::gen::write_dataset(cfg, days, &out, &mut |done, _| {
+        bar.set_position(done / 3_600_000);
+    })?;
+    bar.finish_and_clear();
+    for (stream, n) in &summary.events {
+        println!("{stream:>16}: {n} events");
+    }
+    println!("{:>16}: {} events written to {}", "total", summary.total(), out.display());
+    Ok(())
+}
+
+fn query(sql: &str, server: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let url = format!("{}/api/v1/query", server.trim_end_matches('/'));
+    let accept = match format {
+        OutputFormat::Csv => "text/csv",
+        OutputFormat::Json => "application/json",
+    };
+    let resp = ureq::post(&url)
+        .header("Accept", accept)
+        .header("Content-Type", "text/plain")
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(sql)
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body = resp.into_body().read_to_string()?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(body);
+        anyhow::bail!("query failed ({status}): {msg}");
+    }
+    print!("{body}");
+    Ok(())
+}
+
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ])
+        .ok()?
+        .install_recorder()
+        .ok()
+}
+
+/// Everything `demo` and `run` share once the config is known.
+async fn serve(
+    cfg: Config,
+    gens_override: Vec<GeneratorSource>,
+    stop_after: Option<Duration>,
+    exit_when_done: bool,
+) -> anyhow::Result<()> {
+    let metrics = install_metrics();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
+    let mut engine_cfg: EngineConfig = cfg.engine.clone();
+    engine_cfg.data_dir = Some(cfg.data_dir.clone());
+    let mut engine = Engine::new(engine_cfg)?;
+    pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;
+    if cfg.sql.builtin {
+        for (file, sql) in storepulse_sql::builtin::VIEWS {
+            engine
+                .execute_sql(sql)
+                .await
+                .with_context(|| format!("built-in views {file}"))?;
+        }
+    }
+    for f in &cfg.sql.files {
+        let sql = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        engine
+            .execute_sql(&sql)
+            .await
+            .with_context(|| format!("in {}", f.display()))?;
+    }
+    let views = engine.views().len();
+    let handle = EngineHandle::new(engine);
+    let dlq_path = cfg.data_dir.join("dead_letters.jsonl");
+    let dead_letters: Arc<dyn DeadLetterSink> = Arc::new(JsonlDeadLetterSink::open(&dlq_path)?);
+    let (files, mut gens) = pipeline::build_sources(&cfg.sources, cfg.pipeline.batch_size)?;
+    gens.extend(gens_override);
+
+    let state = Arc::new(PipelineState::default());
+    let app = AppState {
+        engine: handle.clone(),
+        pipeline: state.clone(),
+        metrics,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("http.listen: cannot bind {}", cfg.http.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        url = %format!("http://{addr}/"),
+        views,
+        dead_letters = %dlq_path.display(),
+        "storepulse listening; try: curl -s http://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'"
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, server::router(app))
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut pipeline_task = tokio::spawn(pipeline::run(
+        handle.clone(),
+        files,
+        gens,
+        dead_letters,
+        cfg.pipeline.channel_capacity,
+        shutdown_rx,
+        state.clone(),
+    ));
+    let deadline = async {
+        match stop_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut pipeline_result = None;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+        _ = deadline => tracing::info!("duration reached: shutting down"),
+        r = &mut pipeline_task => {
+            let r = r.context("pipeline task panicked")?;
+            let failed = r.is_err();
+            pipeline_result = Some(r);
+            if failed || exit_when_done || !cfg.until_eof {
+                // fall through to shutdown
+            } else {
+                tracing::info!("input finished; still serving queries until Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    if pipeline_result.is_none() {
+        pipeline_result = Some(pipeline_task.await.context("pipeline task panicked")?);
+    }
+    server.await.context("server task panicked")??;
+    let engine = handle.lock().await;
+    for s in engine.streams() {
+        if s.accepted_events + s.duplicate_events + s.late_events > 0 {
+            tracing::info!(
+                stream = %s.stream, accepted = s.accepted_events, duplicates = s.duplicate_events,
+                late = s.late_events, "stream totals"
+            );
+        }
+    }
+    pipeline_result.unwrap_or(Ok(()))
+}
+
+async fn demo(
+    stores: usize,
+    rate: f64,
+    duration: Option<Duration>,
+    http: SocketAddr,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(stores > 0, "--stores must be at least 1");
+    anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    let chain = ChainConfig {
+        stores,
+        skus: 300,
+        members: 5000,
+        ..Default::default()
+    };
+    let dimensions = pipeline::write_chain_dimensions(&chain, &data_dir.join("dimensions"))?;
+    let cfg = Config {
+        data_dir,
+        until_eof: false,
+        engine: EngineConfig::default(),
+        http: config::HttpConfig { listen: http },
+        sql: config::SqlConfig::default(),
+        pipeline: config::PipelineConfig::default(),
+        dimensions,
+        sources: Vec::<SourceConfig>::new(),
+    };
+    let generator = GeneratorSource {
+        chain,
+        rate: Some(rate),
+        tick: Duration::from_millis(200),
+    };
+    serve(cfg, vec![generator], duration, true).await
+}
+
+async fn run(cfg: Config, exit_when_done: bool) -> anyhow::Result<()> {
+    serve(cfg, Vec::new(), None, exit_when_done).await
+}

@@ -1,0 +1,223 @@
+//! Wiring sources to the engine: one task per source partition feeding a
+//! bounded channel (backpressure), one loop applying messages to the engine
+//! and ticking watermarks so idle partitions stop holding them back.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use storepulse_engine::{Engine, EngineHandle};
+use storepulse_ingest::{
+    gen::ChainConfig,
+    source::{FileFormat, FileSource, GeneratorSource},
+    DeadLetterSink, SourceMessage, StreamKind,
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+
+use crate::config::{DimensionConfig, SourceConfig};
+
+/// Lifecycle of the pipeline, shown by `GET /api/v1/health`.
+#[derive(Debug, Default)]
+pub(crate) struct PipelineState(AtomicU8);
+
+impl PipelineState {
+    const RUNNING: u8 = 0;
+    const FINISHED: u8 = 1;
+    const FAILED: u8 = 2;
+    const STOPPED: u8 = 3;
+
+    /// `running`, `finished`, `failed` or `stopped`.
+    pub(crate) fn name(&self) -> &'static str {
+        match self.0.load(Ordering::SeqCst) {
+            Self::RUNNING => "running",
+            Self::FINISHED => "finished",
+            Self::FAILED => "failed",
+            _ => "stopped",
+        }
+    }
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::SeqCst);
+    }
+}
+
+/// Expands the configured sources into runnable ones.
+pub(crate) fn build_sources(
+    sources: &[SourceConfig],
+    batch_size: usize,
+) -> anyhow::Result<(Vec<FileSource>, Vec<GeneratorSource>)> {
+    let mut files = Vec::new();
+    let mut gens = Vec::new();
+    for s in sources {
+        match s {
+            SourceConfig::File {
+                stream,
+                path,
+                format,
+            } => files.push(FileSource {
+                stream: *stream,
+                path: path.clone(),
+                format: match format {
+                    Some(f) => *f,
+                    None => FileFormat::from_path(path)?,
+                },
+                batch_size,
+            }),
+            SourceConfig::Dataset { dir } => {
+                let mut found = 0;
+                for k in StreamKind::ALL {
+                    let path = dir.join(format!("{}.jsonl", k.name()));
+                    if path.is_file() {
+                        found += 1;
+                        files.push(FileSource {
+                            stream: k,
+                            path,
+                            format: FileFormat::Jsonl,
+                            batch_size,
+                        });
+                    }
+                }
+                if found == 0 {
+                    anyhow::bail!("dataset {} holds no <stream>.jsonl file", dir.display());
+                }
+            }
+            SourceConfig::Generator {
+                stores,
+                skus,
+                members,
+                seed,
+                rate,
+            } => gens.push(GeneratorSource {
+                chain: ChainConfig {
+                    stores: *stores,
+                    skus: *skus,
+                    members: *members,
+                    seed: *seed,
+                    ..Default::default()
+                },
+                rate: *rate,
+                tick: Duration::from_millis(200),
+            }),
+        }
+    }
+    Ok((files, gens))
+}
+
+/// Loads dimension tables into the engine.
+pub(crate) async fn load_dimensions(engine: &mut Engine, dims: &[DimensionConfig]) -> anyhow::Result<()> {
+    let ctx = SessionContext::new();
+    for d in dims {
+        let path = d.path.to_str().context("dimension path is not UTF-8")?;
+        let df = match d.path.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => ctx.read_parquet(path, ParquetReadOptions::default()).await,
+            _ => ctx.read_csv(path, CsvReadOptions::new().has_header(true)).await,
+        }
+        .with_context(|| format!("dimension table '{}': cannot read {path}", d.name))?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df
+            .collect()
+            .await
+            .with_context(|| format!("dimension table '{}': cannot read {path}", d.name))?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        engine.register_dimension(&d.name, batches, schema)?;
+        tracing::info!(table = %d.name, rows, path, "dimension table loaded");
+    }
+    Ok(())
+}
+
+/// Writes the generator's dimension tables as CSV under `dir` and returns
+/// their configs (the demo's stores, products and policies).
+pub(crate) fn write_chain_dimensions(chain: &ChainConfig, dir: &Path) -> anyhow::Result<Vec<DimensionConfig>> {
+    let chain = storepulse_ingest::gen::Chain::new(chain.clone());
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut out = Vec::new();
+    for (name, text) in [
+        ("stores", chain.stores_csv()),
+        ("products", chain.products_csv()),
+        ("replenishment_policy", chain.policy_csv()),
+    ] {
+        let path = dir.join(format!("{name}.csv"));
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        out.push(DimensionConfig {
+            name: name.to_string(),
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs sources into the engine until they end (bounded) or `shutdown`.
+pub(crate) async fn run(
+    handle: EngineHandle,
+    files: Vec<FileSource>,
+    gens: Vec<GeneratorSource>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    channel_capacity: usize,
+    shutdown: watch::Receiver<bool>,
+    state: Arc<PipelineState>,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::channel::<SourceMessage>(channel_capacity.max(1));
+    let mut tasks = JoinSet::new();
+    for f in files {
+        let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
+        let path = f.path.clone();
+        tasks.spawn(async move { f.run(tx, dl, sd).await.with_context(|| format!("source {}", path.display())) });
+    }
+    for g in gens {
+        let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
+        tasks.spawn(async move { g.run(tx, dl, sd).await.context("generator source") });
+    }
+    drop(tx);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut events = 0u64;
+    let started = std::time::Instant::now();
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    let report = handle.lock().await.apply(msg, EngineHandle::now_ms()).await?;
+                    events += report.accepted;
+                }
+                _ = tick.tick() => {
+                    handle.lock().await.tick(EngineHandle::now_ms());
+                }
+                Some(done) = tasks.join_next() => {
+                    done.context("source task panicked")??;
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("source task panicked")??;
+        }
+        Ok(())
+    }
+    .await;
+    match &result {
+        Ok(()) if *shutdown.borrow() => state.set(PipelineState::STOPPED),
+        Ok(()) => {
+            state.set(PipelineState::FINISHED);
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                events,
+                seconds = secs,
+                events_per_sec = (events as f64 / secs.max(1e-9)) as u64,
+                "all sources finished; every window is closed (watermark final)"
+            );
+        }
+        Err(e) => {
+            state.set(PipelineState::FAILED);
+            tracing::error!(error = %format!("{e:#}"), "pipeline failed");
+        }
+    }
+    result
+}

@@ -1,0 +1,255 @@
+//! The HTTP API: SQL queries, view listing, health and Prometheus metrics.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{Html, IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use datafusion::{arrow::array::RecordBatch, datasource::TableType};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use storepulse_engine::{EngineError, EngineHandle, QueryOutput};
+
+use crate::pipeline::PipelineState;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    /// The engine.
+    pub(crate) engine: EngineHandle,
+    /// Lifecycle of the ingest pipeline.
+    pub(crate) pipeline: Arc<PipelineState>,
+    /// Prometheus renderer.
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+/// The API's routes.
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/api/v1/query", post(query))
+        .route("/api/v1/views", get(views))
+        .route("/api/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryRequest {
+    sql: String,
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({"error": message, "code": code}))).into_response()
+}
+
+/// Answer formats, chosen by the `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+fn format_of(headers: &HeaderMap) -> Format {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("text/csv") {
+        Format::Csv
+    } else if accept.contains("application/vnd.apache.arrow") {
+        Format::Arrow
+    } else {
+        Format::Json
+    }
+}
+
+async fn query(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    let sql = if is_json {
+        match serde_json::from_slice::<QueryRequest>(&body) {
+            Ok(r) => r.sql,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("request body: {e} (expected {{\"sql\": \"...\"}})"),
+                )
+            }
+        }
+    } else {
+        match String::from_utf8(body.to_vec()) {
+            Ok(s) => s,
+            Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "body is not UTF-8".into()),
+        }
+    };
+    if sql.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "empty SQL".into());
+    }
+    let result = app.engine.query(&sql).await;
+    metrics::histogram!("storepulse_http_query_duration_seconds").record(started.elapsed().as_secs_f64());
+    let out = match result {
+        Ok(mut outs) => outs.pop().expect("at least one statement"),
+        Err(e) => {
+            metrics::counter!("storepulse_http_query_errors_total").increment(1);
+            let (status, code) = if e.is_user_error() {
+                (StatusCode::BAD_REQUEST, "user_error")
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            };
+            tracing::info!(error = %e, "query failed");
+            return error(status, code, message(&e));
+        }
+    };
+    match encode(&out, format_of(&headers), started) {
+        Ok(r) => r,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()),
+    }
+}
+
+fn message(e: &EngineError) -> String {
+    e.to_string()
+}
+
+fn encode(out: &QueryOutput, format: Format, started: Instant) -> anyhow::Result<Response> {
+    let batches: &[RecordBatch] = &out.batches;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    Ok(match format {
+        Format::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                if batches.is_empty() {
+                    w.write(&RecordBatch::new_empty(out.schema.clone()))?;
+                }
+                for b in batches {
+                    w.write(b)?;
+                }
+            }
+            ([(header::CONTENT_TYPE, "text/csv")], buf).into_response()
+        }
+        Format::Arrow => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut buf, &out.schema)?;
+                for b in batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            ([(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")], buf).into_response()
+        }
+        Format::Json => {
+            let mut rows_json = Vec::new();
+            {
+                let mut w = arrow_json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow_json::writer::JsonArray>(&mut rows_json);
+                for b in batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            if rows_json.is_empty() {
+                rows_json.extend_from_slice(b"[]");
+            }
+            let columns: Vec<_> = out
+                .schema
+                .fields()
+                .iter()
+                .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
+                .collect();
+            let mut body = Vec::with_capacity(rows_json.len() + 256);
+            body.extend_from_slice(b"{\"columns\":");
+            serde_json::to_writer(&mut body, &columns)?;
+            body.extend_from_slice(b",\"rows\":");
+            body.extend_from_slice(&rows_json);
+            body.extend_from_slice(
+                format!(
+                    ",\"row_count\":{rows},\"elapsed_ms\":{:.3}}}",
+                    started.elapsed().as_secs_f64() * 1000.0
+                )
+                .as_bytes(),
+            );
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+    })
+}
+
+async fn views(State(app): State<AppState>) -> Response {
+    let mut list: Vec<serde_json::Value> = app
+        .engine
+        .lock()
+        .await
+        .views()
+        .into_iter()
+        .map(|v| {
+            json!({
+                "name": v.name, "kind": v.kind, "stream": v.stream,
+                "columns": v.columns.iter().map(|(n, t)| json!({"name": n, "type": t})).collect::<Vec<_>>(),
+                "groups": v.groups, "state_bytes": v.state_bytes, "sql": v.sql,
+            })
+        })
+        .collect();
+    let ctx = app.engine.lock().await.serving_context().clone();
+    let known: Vec<String> = list.iter().map(|v| v["name"].as_str().unwrap_or("").to_string()).collect();
+    if let Some(schema) = ctx.catalog("datafusion").and_then(|c| c.schema("public")) {
+        let mut names = schema.table_names();
+        names.sort();
+        for name in names {
+            if known.contains(&name) {
+                continue;
+            }
+            if let Ok(Some(t)) = schema.table(&name).await {
+                let kind = match t.table_type() {
+                    TableType::View => "view",
+                    TableType::Temporary => "stream",
+                    TableType::Base => "table",
+                };
+                let columns: Vec<_> = t
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
+                    .collect();
+                list.push(json!({"name": name, "kind": kind, "columns": columns, "sql": t.get_table_definition()}));
+            }
+        }
+    }
+    Json(json!({ "views": list })).into_response()
+}
+
+async fn health(State(app): State<AppState>) -> Response {
+    let engine = app.engine.lock().await;
+    Json(json!({
+        "status": "ok",
+        "pipeline": app.pipeline.name(),
+        "epoch": engine.epoch(),
+        "state_bytes": engine.state_bytes(),
+        "streams": engine.streams(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    match &app.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+    }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}

@@ -1,0 +1,330 @@
+//! End-to-end: the real `storepulse` binary. `gen` a dataset, `run` it with
+//! `until_eof`, query the HTTP API and check the answer against a batch
+//! oracle computed here; bad config and bad SQL get clear errors.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use datafusion::{arrow::array::RecordBatch, datasource::MemTable, prelude::SessionContext};
+use storepulse_ingest::{EventDecoder, RawRecord, StreamKind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
+
+fn gen(out: &Path, seed: u64) {
+    let st = Command::new(BIN)
+        .args(["gen", "--stores", "6", "--skus", "50", "--members", "200", "--days", "2"])
+        .args(["--seed", &seed.to_string(), "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "gen failed: {}", String::from_utf8_lossy(&st.stderr));
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(stdout.contains("sales:") && stdout.contains("total:"), "{stdout}");
+}
+
+/// A running `storepulse run`, stopped with SIGINT on drop.
+struct Server {
+    child: Child,
+    base: String,
+    _stderr: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(config: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The server logs its address once it is listening: wait for that line.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let base = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server did not report its address");
+            if let Some(i) = line.find("url=http://") {
+                let url = line[i + 4..].split_whitespace().next().unwrap();
+                break url.trim_end_matches('/').to_string();
+            }
+        };
+        Server {
+            child,
+            base,
+            _stderr: rx,
+        }
+    }
+
+    fn get(&self, path: &str) -> serde_json::Value {
+        let body = ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn query(&self, sql: &str, accept: &str) -> (u16, Vec<u8>) {
+        let resp = ureq::post(&format!("{}/api/v1/query", self.base))
+            .header("Accept", accept)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(serde_json::json!({ "sql": sql }))
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().read_to_vec().unwrap())
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn csv(batches: &[RecordBatch]) -> String {
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(&mut buf);
+        for b in batches {
+            w.write(b).unwrap();
+        }
+    }
+    String::from_utf8(buf).unwrap()
+}
+
+const HOURLY: &str = "SELECT store_id, window_start, window_end, receipts, units, revenue \
+                      FROM sales_by_store_hourly ORDER BY store_id, window_start";
+
+#[test]
+fn gen_then_run_until_eof_then_query_matches_the_batch_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gen");
+    gen(&data, 11);
+    // Same seed, same bytes (through the real binary).
+    let again = dir.path().join("gen2");
+    gen(&again, 11);
+    for f in ["sales.jsonl", "iot_readings.jsonl", "stores.csv"] {
+        assert_eq!(
+            std::fs::read(data.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap(),
+            "{f} differs between two runs with the same seed"
+        );
+    }
+    // A file with bad records next to the dataset.
+    let bad = dir.path().join("bad_movements.jsonl");
+    std::fs::write(
+        &bad,
+        concat!(
+            r#"{"event_id":"b1","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#, "\n",
+            r#"{"event_id":"b2","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt""#, "\n",
+            r#"{"event_id":"b3","ts":"not a time","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "state"
+until_eof = true
+[engine]
+allowed_lateness = "1h"
+[http]
+listen = "127.0.0.1:0"
+[[dimensions]]
+name = "stores"
+path = "{}"
+[[sources]]
+type = "dataset"
+dir = "gen"
+[[sources]]
+type = "file"
+stream = "stock_movements"
+path = "bad_movements.jsonl"
+"#,
+            data.join("stores.csv").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let h = server.get("/api/v1/health");
+        match h["pipeline"].as_str().unwrap() {
+            "finished" => break,
+            "running" => assert!(Instant::now() < deadline, "pipeline did not finish"),
+            other => panic!("pipeline {other}: {h}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let health = server.get("/api/v1/health");
+    let sales = health["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "sales")
+        .unwrap();
+    assert_eq!(sales["watermark"], "Final", "{health}");
+    assert!(sales["duplicate_events"].as_u64().unwrap() > 0, "generator retransmits: {health}");
+
+    // Late events, as the server recorded them.
+    let (status, body) = server.query("SELECT DISTINCT event_id FROM late_events WHERE stream = 'sales'", "application/json");
+    assert_eq!(status, 200);
+    let late: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let late: HashSet<String> = late["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(late.len() as u64, sales["late_events"].as_u64().unwrap());
+
+    // The oracle: plain DataFusion over every sales event once, minus late ones.
+    let text = std::fs::read_to_string(data.join("sales.jsonl")).unwrap();
+    let mut seen = HashSet::new();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let id = v["event_id"].as_str().unwrap().to_string();
+            !late.contains(&id) && seen.insert(id)
+        })
+        .collect();
+    let recs: Vec<_> = lines
+        .iter()
+        .map(|l| RawRecord { bytes: l.as_bytes(), position: 0 })
+        .collect();
+    let batch = EventDecoder::new(StreamKind::Sales, "oracle").decode(&recs).unwrap().batch.unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let want = rt.block_on(async {
+        let ctx = SessionContext::new();
+        ctx.register_table("sales", Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()))
+            .unwrap();
+        let view = storepulse_sql::builtin::VIEWS[0].1;
+        let select = match storepulse_sql::parse_script(view).unwrap().remove(0) {
+            storepulse_sql::Statement::CreateMaterializedView { query, .. } => query.to_string(),
+            other => panic!("{other:?}"),
+        };
+        ctx.register_table(
+            "sales_by_store_hourly",
+            ctx.sql(&select).await.unwrap().into_view(),
+        )
+        .unwrap();
+        csv(&ctx.sql(HOURLY).await.unwrap().collect().await.unwrap())
+    });
+    let (status, got) = server.query(HOURLY, "text/csv");
+    assert_eq!(status, 200);
+    let got = String::from_utf8(got).unwrap();
+    assert!(got.lines().count() > 50, "{got}");
+    assert_eq!(got, want, "streamed view differs from the batch oracle");
+
+    // JSON shape and a join with a dimension table.
+    let (status, body) = server.query(
+        "SELECT s.city, sum(h.revenue) AS revenue FROM sales_by_store_hourly h JOIN stores s USING (store_id) GROUP BY s.city",
+        "application/json",
+    );
+    assert_eq!(status, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["columns"][0]["name"], "city");
+    assert!(j["row_count"].as_u64().unwrap() >= 1);
+    assert!(j["elapsed_ms"].as_f64().is_some());
+
+    // Arrow IPC answer.
+    let (status, body) = server.query("SELECT * FROM member_activity", "application/vnd.apache.arrow.stream");
+    assert_eq!(status, 200);
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert!(rows > 10);
+
+    // Bad SQL: 400 with DataFusion's message, and the server keeps going.
+    let (status, body) = server.query("SELECT nope FROM sales_by_store_hourly", "application/json");
+    assert_eq!(status, 400);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(j["error"].as_str().unwrap().contains("nope"), "{j}");
+    assert_eq!(j["code"], "user_error");
+    let (status, body) = server.query("SELEC 1", "application/json");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = server.query("SELECT count(*) FROM sales_by_store_hourly", "application/json");
+    assert_eq!(status, 200);
+
+    // Dead letters: the two bad movements, with reasons, and the good one counted.
+    let dl = std::fs::read_to_string(dir.path().join("state/dead_letters.jsonl")).unwrap();
+    let dl: Vec<serde_json::Value> = dl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dl.len(), 2, "{dl:?}");
+    assert_eq!(dl[0]["position"], 2);
+    assert!(dl[0]["reason"].as_str().unwrap().starts_with("invalid JSON"));
+    assert!(dl[1]["reason"].as_str().unwrap().contains("not a time"));
+    assert!(dl[1]["source"].as_str().unwrap().ends_with("bad_movements.jsonl"));
+
+    // Metrics are exported.
+    let metrics = ureq::get(&format!("{}/metrics", server.base)).call().unwrap().into_body().read_to_string().unwrap();
+    assert!(metrics.contains("storepulse_ingest_dead_letters_total{stream=\"stock_movements\"} 2"), "{metrics}");
+    assert!(metrics.contains("storepulse_engine_events_total{stream=\"sales\"}"));
+
+    assert!(server.stop().success());
+}
+
+fn run_expecting_error(config_text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, config_text).unwrap();
+    std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_configs_fail_at_start_naming_the_field() {
+    let e = run_expecting_error("bogus = 1\n[[sources]]\ntype = 'generator'\n");
+    assert!(e.contains("unknown field `bogus`"), "{e}");
+    let e = run_expecting_error("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n");
+    assert!(e.contains("unknown stream 'salez'"), "{e}");
+    let e = run_expecting_error("[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n");
+    assert!(e.contains("sources[0].path: no such file"), "{e}");
+    let e = run_expecting_error("[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n");
+    assert!(e.contains("sql.files[0]"), "{e}");
+}
+
+#[test]
+fn a_view_that_cannot_be_maintained_fails_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
+    std::fs::write(dir.path().join("v.sql"), "CREATE MATERIALIZED VIEW raw AS SELECT * FROM sales;").unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("v.sql") && e.contains("cannot be maintained incrementally"), "{e}");
+}
