@@ -16,7 +16,7 @@ use datafusion::{
     arrow::{array::RecordBatch, datatypes::SchemaRef},
     catalog::{streaming::StreamingTable, TableProvider},
     datasource::{view::ViewTable, MemTable},
-    execution::{context::SessionState, session_state::SessionStateBuilder},
+    execution::context::SessionState,
     logical_expr::LogicalPlan,
     prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
     sql::{
@@ -433,12 +433,10 @@ fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan> {
 
 /// Runs a read-only statement against `ctx`, with `snap` pinned.
 async fn run_query(ctx: &SessionContext, stmt: DFStatement, snap: Arc<Snapshot>) -> Result<QueryOutput> {
-    let state = ctx.state();
-    let config = state
-        .config()
-        .clone()
-        .with_extension(Arc::new(PinnedSnapshot(Some(snap))));
-    let state = SessionStateBuilder::new_from_existing(state).with_config(config).build();
+    let mut state = ctx.state();
+    state
+        .config_mut()
+        .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
     let plan = state.statement_to_plan(stmt).await?;
     SQLOptions::new()
         .with_allow_ddl(false)

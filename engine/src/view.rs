@@ -35,6 +35,7 @@ use datafusion::{
         physical_planning_context::PhysicalPlanningContext, Expr, GroupingSet, LogicalPlan,
         LogicalPlanBuilder,
     },
+    optimizer::{simplify_expressions::SimplifyExpressions, Optimizer},
     physical_expr::create_physical_expr,
     physical_plan::{
         aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy},
@@ -99,6 +100,10 @@ pub async fn plan_view(
     streams: &HashMap<String, StreamKind>,
     cell: SnapshotCell,
 ) -> Result<ContinuousView> {
+    // Constant folding and rewrites (e.g. `coalesce` → `CASE`) that physical
+    // planning expects; output names are preserved.
+    let plan = Optimizer::with_rules(vec![Arc::new(SimplifyExpressions::new())])
+        .optimize(plan, planning, |_, _| {})?;
     let why = |reason: &str| -> Result<ContinuousView> {
         user_err(format!(
             "materialized view '{name}' cannot be maintained incrementally: {reason}"
@@ -383,10 +388,10 @@ fn traces_to_hop(plan: &LogicalPlan, name: &str) -> bool {
         LogicalPlan::Projection(p) => {
             for (e, (_, f)) in p.expr.iter().zip(p.schema.iter()) {
                 if f.name() == name {
-                    let inner = match e {
-                        Expr::Alias(a) => a.expr.as_ref(),
-                        other => other,
-                    };
+                    let mut inner = e;
+                    while let Expr::Alias(a) = inner {
+                        inner = a.expr.as_ref();
+                    }
                     return match inner {
                         Expr::Column(c) => traces_to_hop(&p.input, &c.name),
                         _ => false,

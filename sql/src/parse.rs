@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn syntax_errors_point_at_the_position() {
-        let e = parse_script("SELECT store_id FROM sales GROUP BY BY").unwrap_err().to_string();
+        let e = parse_script("SELECT store_id FROM sales WHERE )").unwrap_err().to_string();
         assert!(e.contains("Line: 1, Column"), "{e}");
     }
 }

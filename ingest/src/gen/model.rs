@@ -218,7 +218,12 @@ impl Chain {
                 // Popularity differs a little per store: shuffle, then keep a
                 // chain-wide bias by moving low SKU numbers forward.
                 assortment.shuffle(&mut rng);
-                assortment.sort_by_key(|p| (*p / 40, rng.random_range(0..3)));
+                let mut keyed: Vec<(usize, u32, usize)> = assortment
+                    .iter()
+                    .map(|p| (*p / 40, rng.random_range(0..3u32), *p))
+                    .collect();
+                keyed.sort_unstable();
+                let assortment: Vec<usize> = keyed.into_iter().map(|(_, _, p)| p).collect();
                 Store {
                     id: format!("S{:03}", i + 1),
                     name: format!("{} #{}", format.name(), i + 1),
@@ -775,7 +780,7 @@ mod tests {
         let mut max_ts = i64::MIN;
         let mut late = 0;
         for e in &events {
-            if e.ts_ms < max_ts - HOUR_MS {
+            if e.ts_ms < max_ts.saturating_sub(HOUR_MS) {
                 late += 1;
             }
             max_ts = max_ts.max(e.ts_ms);
