@@ -107,7 +107,10 @@ fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instan
             let t = Instant::now();
             let recs: Vec<RawRecord<'_>> = chunk
                 .iter()
-                .map(|l| RawRecord { bytes: l.as_bytes(), position: 0 })
+                .map(|l| RawRecord {
+                    bytes: l.as_bytes(),
+                    position: 0,
+                })
                 .collect();
             let out = dec.decode(&recs).expect("decode");
             assert!(out.dead_letters.is_empty());
@@ -116,7 +119,10 @@ fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instan
                 batch: out.batch.expect("rows"),
                 events: out.events,
                 bytes: chunk.iter().map(|l| l.len()).sum(),
-                position: Position { partition: "bench".into(), next_offset: c as u64 },
+                position: Position {
+                    partition: "bench".into(),
+                    next_offset: c as u64,
+                },
             };
             if tx.send((batch, t)).is_err() {
                 return;
@@ -145,7 +151,10 @@ async fn streaming(lines: Arc<Vec<String>>, views: &str) -> (f64, Vec<Duration>,
     let rx = decode_thread(lines.clone());
     let mut lat = Vec::new();
     while let Ok((batch, t)) = rx.recv() {
-        engine.apply(SourceMessage::Batch(batch), 0).await.expect("apply");
+        engine
+            .apply(SourceMessage::Batch(batch), 0)
+            .await
+            .expect("apply");
         lat.push(t.elapsed());
     }
     let secs = started.elapsed().as_secs_f64();
@@ -158,8 +167,13 @@ async fn batch(lines: &[String], views: &str) -> (f64, f64) {
     let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
     let mut batches = Vec::new();
     for chunk in lines.chunks(BATCH) {
-        let recs: Vec<RawRecord<'_>> =
-            chunk.iter().map(|l| RawRecord { bytes: l.as_bytes(), position: 0 }).collect();
+        let recs: Vec<RawRecord<'_>> = chunk
+            .iter()
+            .map(|l| RawRecord {
+                bytes: l.as_bytes(),
+                position: 0,
+            })
+            .collect();
         batches.push(dec.decode(&recs).expect("decode").batch.expect("rows"));
     }
     let decoded = started.elapsed().as_secs_f64();
@@ -168,7 +182,8 @@ async fn batch(lines: &[String], views: &str) -> (f64, f64) {
         ctx.register_udf(u);
     }
     let table = MemTable::try_new(StreamKind::Sales.schema(), vec![batches]).expect("table");
-    ctx.register_table("sales", Arc::new(table)).expect("register");
+    ctx.register_table("sales", Arc::new(table))
+        .expect("register");
     for stmt in storepulse_sql::parse_script(views).expect("parse") {
         if let storepulse_sql::Statement::CreateMaterializedView { query, .. } = stmt {
             let rows: usize = ctx
@@ -200,7 +215,11 @@ async fn main() {
     println!("generating {n} receipts (JSON, in memory)...");
     let lines = Arc::new(generate(n, 7, false));
     let bytes: usize = lines.iter().map(|l| l.len()).sum();
-    println!("{:.1} MB of JSON, {:.0} bytes/event", bytes as f64 / 1e6, bytes as f64 / n as f64);
+    println!(
+        "{:.1} MB of JSON, {:.0} bytes/event",
+        bytes as f64 / 1e6,
+        bytes as f64 / n as f64
+    );
     let base_rss = rss_mb();
 
     let (eps, lat, mut engine) = streaming(lines.clone(), VIEWS).await;
@@ -209,18 +228,37 @@ async fn main() {
     let read_ms = t.elapsed().as_secs_f64() * 1000.0;
     println!("\n## streaming: decode + 3 continuous views");
     println!("events/s            {:>12.0}", eps);
-    println!("batch latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  ({} batches of {BATCH})",
-        percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99), percentile(&lat, 1.0), lat.len());
+    println!(
+        "batch latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  ({} batches of {BATCH})",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+        lat.len()
+    );
     for v in engine.views() {
-        println!("view {:<10} groups {:>10}  state {:>8.1} MB", v.name, v.groups.unwrap_or(0), v.state_bytes.unwrap_or(0) as f64 / 1e6);
+        println!(
+            "view {:<10} groups {:>10}  state {:>8.1} MB",
+            v.name,
+            v.groups.unwrap_or(0),
+            v.state_bytes.unwrap_or(0) as f64 / 1e6
+        );
     }
     println!("snapshot (evaluate all views) {read_ms:.0} ms");
-    println!("peak RSS {:.0} MB (JSON input itself: {:.0} MB; RSS before: {:.0} MB)", peak_rss_mb(), bytes as f64 / 1e6, base_rss);
+    println!(
+        "peak RSS {:.0} MB (JSON input itself: {:.0} MB; RSS before: {:.0} MB)",
+        peak_rss_mb(),
+        bytes as f64 / 1e6,
+        base_rss
+    );
     drop(engine);
 
     let (batch_eps, decode_s) = batch(&lines, VIEWS).await;
     println!("\n## batch: plain DataFusion, same events and SQL");
-    println!("events/s            {:>12.0}  (decode {:.2} s)", batch_eps, decode_s);
+    println!(
+        "events/s            {:>12.0}  (decode {:.2} s)",
+        batch_eps, decode_s
+    );
     println!("streaming / batch   {:>12.2}", eps / batch_eps);
 
     // State of 1,000,000 (store, SKU) keys.
@@ -235,7 +273,11 @@ async fn main() {
     engine.snapshot().expect("snapshot");
     let v = &engine.views()[0];
     println!("\n## state for 1,000,000 (store, SKU) keys (sum, count, max)");
-    println!("groups {}  view state {:.1} MB  dedup ids {:.1} MB  RSS growth {:.0} MB",
-        v.groups.unwrap_or(0), v.state_bytes.unwrap_or(0) as f64 / 1e6,
-        (engine.state_bytes() - v.state_bytes.unwrap_or(0)) as f64 / 1e6, rss_mb() - before);
+    println!(
+        "groups {}  view state {:.1} MB  dedup ids {:.1} MB  RSS growth {:.0} MB",
+        v.groups.unwrap_or(0),
+        v.state_bytes.unwrap_or(0) as f64 / 1e6,
+        (engine.state_bytes() - v.state_bytes.unwrap_or(0)) as f64 / 1e6,
+        rss_mb() - before
+    );
 }

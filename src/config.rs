@@ -277,8 +277,10 @@ mod tests {
     fn unknown_keys_are_named() {
         let e = parse("until_eof = true\nbogus = 1\n[[sources]]\ntype='generator'\n").unwrap_err();
         assert!(e.contains("unknown field `bogus`"), "{e}");
-        let e = parse("[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\nformt = 'csv'\n")
-            .unwrap_err();
+        let e = parse(
+            "[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\nformt = 'csv'\n",
+        )
+        .unwrap_err();
         assert!(e.contains("unknown field `formt`"), "{e}");
         let e = parse("[engine]\nallowed_latenes = '1h'\n").unwrap_err();
         assert!(e.contains("unknown field `allowed_latenes`"), "{e}");
@@ -286,7 +288,8 @@ mod tests {
 
     #[test]
     fn unknown_streams_and_bad_durations_are_named() {
-        let e = parse("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n").unwrap_err();
+        let e =
+            parse("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n").unwrap_err();
         assert!(e.contains("unknown stream 'salez'"), "{e}");
         let e = parse("[engine]\nallowed_lateness = 'soon'\n").unwrap_err();
         assert!(e.contains("allowed_lateness"), "{e}");

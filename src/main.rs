@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use storepulse_engine::{Engine, EngineConfig, EngineHandle};
-use storepulse_ingest::{gen::ChainConfig, source::GeneratorSource, DeadLetterSink, JsonlDeadLetterSink};
+use storepulse_ingest::{
+    gen::ChainConfig, source::GeneratorSource, DeadLetterSink, JsonlDeadLetterSink,
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -21,7 +23,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "storepulse", version, about = "Real-time retail analytics: events → continuous SQL views → answers")]
+#[command(
+    name = "storepulse",
+    version,
+    about = "Real-time retail analytics: events → continuous SQL views → answers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,datafusion=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Gen {
@@ -116,7 +123,11 @@ fn main() -> anyhow::Result<()> {
             seed,
             out,
         } => gen(stores, skus, members, days, seed, out),
-        Command::Query { sql, server, format } => query(&sql, &server, format),
+        Command::Query {
+            sql,
+            server,
+            format,
+        } => query(&sql, &server, format),
         Command::Demo {
             stores,
             rate,
@@ -142,7 +153,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn gen(stores: usize, skus: usize, members: usize, days: u32, seed: u64, out: PathBuf) -> anyhow::Result<()> {
+fn gen(
+    stores: usize,
+    skus: usize,
+    members: usize,
+    days: u32,
+    seed: u64,
+    out: PathBuf,
+) -> anyhow::Result<()> {
     let cfg = ChainConfig {
         stores,
         skus,
@@ -162,7 +180,12 @@ fn gen(stores: usize, skus: usize, members: usize, days: u32, seed: u64, out: Pa
     for (stream, n) in &summary.events {
         println!("{stream:>16}: {n} events");
     }
-    println!("{:>16}: {} events written to {}", "total", summary.total(), out.display());
+    println!(
+        "{:>16}: {} events written to {}",
+        "total",
+        summary.total(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -226,7 +249,8 @@ async fn serve(
         }
     }
     for f in &cfg.sql.files {
-        let sql = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let sql =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
         engine
             .execute_sql(&sql)
             .await

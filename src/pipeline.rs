@@ -113,13 +113,19 @@ pub(crate) fn build_sources(
 }
 
 /// Loads dimension tables into the engine.
-pub(crate) async fn load_dimensions(engine: &mut Engine, dims: &[DimensionConfig]) -> anyhow::Result<()> {
+pub(crate) async fn load_dimensions(
+    engine: &mut Engine,
+    dims: &[DimensionConfig],
+) -> anyhow::Result<()> {
     let ctx = SessionContext::new();
     for d in dims {
         let path = d.path.to_str().context("dimension path is not UTF-8")?;
         let df = match d.path.extension().and_then(|e| e.to_str()) {
             Some("parquet") => ctx.read_parquet(path, ParquetReadOptions::default()).await,
-            _ => ctx.read_csv(path, CsvReadOptions::new().has_header(true)).await,
+            _ => {
+                ctx.read_csv(path, CsvReadOptions::new().has_header(true))
+                    .await
+            }
         }
         .with_context(|| format!("dimension table '{}': cannot read {path}", d.name))?;
         let schema = Arc::new(df.schema().as_arrow().clone());
@@ -136,7 +142,10 @@ pub(crate) async fn load_dimensions(engine: &mut Engine, dims: &[DimensionConfig
 
 /// Writes the generator's dimension tables as CSV under `dir` and returns
 /// their configs (the demo's stores, products and policies).
-pub(crate) fn write_chain_dimensions(chain: &ChainConfig, dir: &Path) -> anyhow::Result<Vec<DimensionConfig>> {
+pub(crate) fn write_chain_dimensions(
+    chain: &ChainConfig,
+    dir: &Path,
+) -> anyhow::Result<Vec<DimensionConfig>> {
     let chain = storepulse_ingest::gen::Chain::new(chain.clone());
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut out = Vec::new();
@@ -170,7 +179,11 @@ pub(crate) async fn run(
     for f in files {
         let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
         let path = f.path.clone();
-        tasks.spawn(async move { f.run(tx, dl, sd).await.with_context(|| format!("source {}", path.display())) });
+        tasks.spawn(async move {
+            f.run(tx, dl, sd)
+                .await
+                .with_context(|| format!("source {}", path.display()))
+        });
     }
     for g in gens {
         let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());

@@ -92,14 +92,21 @@ async fn query(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> 
     } else {
         match String::from_utf8(body.to_vec()) {
             Ok(s) => s,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "body is not UTF-8".into()),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "body is not UTF-8".into(),
+                )
+            }
         }
     };
     if sql.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "bad_request", "empty SQL".into());
     }
     let result = app.engine.query(&sql).await;
-    metrics::histogram!("storepulse_http_query_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("storepulse_http_query_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     let out = match result {
         Ok(mut outs) => outs.pop().expect("at least one statement"),
         Err(e) => {
@@ -115,7 +122,11 @@ async fn query(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> 
     };
     match encode(&out, format_of(&headers), started) {
         Ok(r) => r,
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        ),
     }
 }
 
@@ -130,7 +141,9 @@ fn encode(out: &QueryOutput, format: Format, started: Instant) -> anyhow::Result
         Format::Csv => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                let mut w = arrow_csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
                 if batches.is_empty() {
                     w.write(&RecordBatch::new_empty(out.schema.clone()))?;
                 }
@@ -149,7 +162,11 @@ fn encode(out: &QueryOutput, format: Format, started: Instant) -> anyhow::Result
                 }
                 w.finish()?;
             }
-            ([(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")], buf).into_response()
+            (
+                [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],
+                buf,
+            )
+                .into_response()
         }
         Format::Json => {
             let mut rows_json = Vec::new();
@@ -204,7 +221,10 @@ async fn views(State(app): State<AppState>) -> Response {
         })
         .collect();
     let ctx = app.engine.lock().await.serving_context().clone();
-    let known: Vec<String> = list.iter().map(|v| v["name"].as_str().unwrap_or("").to_string()).collect();
+    let known: Vec<String> = list
+        .iter()
+        .map(|v| v["name"].as_str().unwrap_or("").to_string())
+        .collect();
     if let Some(schema) = ctx.catalog("datafusion").and_then(|c| c.schema("public")) {
         let mut names = schema.table_names();
         names.sort();
@@ -245,7 +265,11 @@ async fn health(State(app): State<AppState>) -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     match &app.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
     }
 }

@@ -18,14 +18,31 @@ const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 
 fn gen(out: &Path, seed: u64) {
     let st = Command::new(BIN)
-        .args(["gen", "--stores", "6", "--skus", "50", "--members", "200", "--days", "2"])
+        .args([
+            "gen",
+            "--stores",
+            "6",
+            "--skus",
+            "50",
+            "--members",
+            "200",
+            "--days",
+            "2",
+        ])
         .args(["--seed", &seed.to_string(), "--out"])
         .arg(out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "gen failed: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "gen failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let stdout = String::from_utf8_lossy(&st.stdout);
-    assert!(stdout.contains("sales:") && stdout.contains("total:"), "{stdout}");
+    assert!(
+        stdout.contains("sales:") && stdout.contains("total:"),
+        "{stdout}"
+    );
 }
 
 /// A running `storepulse run`, stopped with SIGINT on drop.
@@ -95,7 +112,9 @@ impl Server {
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
         self.child.wait().unwrap()
     }
 }
@@ -109,7 +128,9 @@ impl Drop for Server {
 fn csv(batches: &[RecordBatch]) -> String {
     let mut buf = Vec::new();
     {
-        let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(&mut buf);
+        let mut w = arrow_csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut buf);
         for b in batches {
             w.write(b).unwrap();
         }
@@ -191,10 +212,16 @@ path = "bad_movements.jsonl"
         .find(|s| s["stream"] == "sales")
         .unwrap();
     assert_eq!(sales["watermark"], "Final", "{health}");
-    assert!(sales["duplicate_events"].as_u64().unwrap() > 0, "generator retransmits: {health}");
+    assert!(
+        sales["duplicate_events"].as_u64().unwrap() > 0,
+        "generator retransmits: {health}"
+    );
 
     // Late events, as the server recorded them.
-    let (status, body) = server.query("SELECT DISTINCT event_id FROM late_events WHERE stream = 'sales'", "application/json");
+    let (status, body) = server.query(
+        "SELECT DISTINCT event_id FROM late_events WHERE stream = 'sales'",
+        "application/json",
+    );
     assert_eq!(status, 200);
     let late: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let late: HashSet<String> = late["rows"]
@@ -218,14 +245,26 @@ path = "bad_movements.jsonl"
         .collect();
     let recs: Vec<_> = lines
         .iter()
-        .map(|l| RawRecord { bytes: l.as_bytes(), position: 0 })
+        .map(|l| RawRecord {
+            bytes: l.as_bytes(),
+            position: 0,
+        })
         .collect();
-    let batch = EventDecoder::new(StreamKind::Sales, "oracle").decode(&recs).unwrap().batch.unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let batch = EventDecoder::new(StreamKind::Sales, "oracle")
+        .decode(&recs)
+        .unwrap()
+        .batch
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let want = rt.block_on(async {
         let ctx = SessionContext::new();
-        ctx.register_table("sales", Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()))
-            .unwrap();
+        ctx.register_table(
+            "sales",
+            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
         let view = storepulse_sql::builtin::VIEWS[0].1;
         let select = match storepulse_sql::parse_script(view).unwrap().remove(0) {
             storepulse_sql::Statement::CreateMaterializedView { query, .. } => query.to_string(),
@@ -256,9 +295,13 @@ path = "bad_movements.jsonl"
     assert!(j["elapsed_ms"].as_f64().is_some());
 
     // Arrow IPC answer.
-    let (status, body) = server.query("SELECT * FROM member_activity", "application/vnd.apache.arrow.stream");
+    let (status, body) = server.query(
+        "SELECT * FROM member_activity",
+        "application/vnd.apache.arrow.stream",
+    );
     assert_eq!(status, 200);
-    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    let reader =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
     let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
     assert!(rows > 10);
 
@@ -270,21 +313,41 @@ path = "bad_movements.jsonl"
     assert_eq!(j["code"], "user_error");
     let (status, body) = server.query("SELEC 1", "application/json");
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
-    let (status, _) = server.query("SELECT count(*) FROM sales_by_store_hourly", "application/json");
+    let (status, _) = server.query(
+        "SELECT count(*) FROM sales_by_store_hourly",
+        "application/json",
+    );
     assert_eq!(status, 200);
 
     // Dead letters: the two bad movements, with reasons, and the good one counted.
     let dl = std::fs::read_to_string(dir.path().join("state/dead_letters.jsonl")).unwrap();
-    let dl: Vec<serde_json::Value> = dl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dl: Vec<serde_json::Value> = dl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(dl.len(), 2, "{dl:?}");
     assert_eq!(dl[0]["position"], 2);
-    assert!(dl[0]["reason"].as_str().unwrap().starts_with("invalid JSON"));
+    assert!(dl[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid JSON"));
     assert!(dl[1]["reason"].as_str().unwrap().contains("not a time"));
-    assert!(dl[1]["source"].as_str().unwrap().ends_with("bad_movements.jsonl"));
+    assert!(dl[1]["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("bad_movements.jsonl"));
 
     // Metrics are exported.
-    let metrics = ureq::get(&format!("{}/metrics", server.base)).call().unwrap().into_body().read_to_string().unwrap();
-    assert!(metrics.contains("storepulse_ingest_dead_letters_total{stream=\"stock_movements\"} 2"), "{metrics}");
+    let metrics = ureq::get(&format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("storepulse_ingest_dead_letters_total{stream=\"stock_movements\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("storepulse_engine_events_total{stream=\"sales\"}"));
 
     assert!(server.stop().success());
@@ -295,7 +358,11 @@ fn run_expecting_error(config_text: &str) -> String {
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, config_text).unwrap();
     std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -306,7 +373,9 @@ fn bad_configs_fail_at_start_naming_the_field() {
     assert!(e.contains("unknown field `bogus`"), "{e}");
     let e = run_expecting_error("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n");
     assert!(e.contains("unknown stream 'salez'"), "{e}");
-    let e = run_expecting_error("[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n");
+    let e = run_expecting_error(
+        "[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n",
+    );
     assert!(e.contains("sources[0].path: no such file"), "{e}");
     let e = run_expecting_error("[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n");
     assert!(e.contains("sql.files[0]"), "{e}");
@@ -316,15 +385,26 @@ fn bad_configs_fail_at_start_naming_the_field() {
 fn a_view_that_cannot_be_maintained_fails_at_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
-    std::fs::write(dir.path().join("v.sql"), "CREATE MATERIALIZED VIEW raw AS SELECT * FROM sales;").unwrap();
+    std::fs::write(
+        dir.path().join("v.sql"),
+        "CREATE MATERIALIZED VIEW raw AS SELECT * FROM sales;",
+    )
+    .unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
         "[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
     )
     .unwrap();
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("v.sql") && e.contains("cannot be maintained incrementally"), "{e}");
+    assert!(
+        e.contains("v.sql") && e.contains("cannot be maintained incrementally"),
+        "{e}"
+    );
 }

@@ -138,7 +138,9 @@ impl AsyncDB for Db {
         let trimmed = sql.trim();
         if let Some(rest) = trimmed.strip_prefix("INGEST ") {
             let (header, body) = rest.split_once('\n').unwrap_or((rest, ""));
-            return Ok(DBOutput::StatementComplete(self.ingest(header, body).await?));
+            return Ok(DBOutput::StatementComplete(
+                self.ingest(header, body).await?,
+            ));
         }
         if trimmed == "FINISH" {
             for (stream, partition) in self.partitions.clone() {
@@ -159,7 +161,12 @@ impl AsyncDB for Db {
             return Ok(DBOutput::StatementComplete(0));
         }
         Ok(DBOutput::Rows {
-            types: out.schema.fields().iter().map(|f| column_type(f.data_type())).collect(),
+            types: out
+                .schema
+                .fields()
+                .iter()
+                .map(|f| column_type(f.data_type()))
+                .collect(),
             rows: rows(&out.batches)?,
         })
     }
@@ -222,7 +229,11 @@ async fn main() {
         }
     }
     println!("{passed} passed, {failed} failed");
-    assert!(!files.is_empty(), "no .slt files found in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no .slt files found in {}",
+        dir.display()
+    );
     if failed > 0 {
         std::process::exit(1);
     }

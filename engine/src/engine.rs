@@ -19,10 +19,7 @@ use datafusion::{
     execution::context::SessionState,
     logical_expr::LogicalPlan,
     prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
-    sql::{
-        parser::Statement as DFStatement,
-        sqlparser::ast::{Statement as SqlStatement},
-    },
+    sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
 };
 use serde::Serialize;
 use storepulse_ingest::{SourceMessage, StreamKind};
@@ -35,7 +32,8 @@ use crate::{
     gate::StreamGate,
     late::LateEvents,
     snapshot::{
-        BatchSlot, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot, SnapshotCell, StreamStub,
+        BatchSlot, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot, SnapshotCell,
+        StreamStub,
     },
     view::{plan_view, ContinuousView},
     watermark::Watermark,
@@ -133,7 +131,10 @@ fn new_context(target_partitions: usize) -> SessionContext {
         .with_information_schema(true)
         .with_target_partitions(target_partitions);
     // Plans are re-executed per micro-batch: no cross-execution filters.
-    config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+    config
+        .options_mut()
+        .optimizer
+        .enable_dynamic_filter_pushdown = false;
     let ctx = SessionContext::new_with_config(config);
     for udf in storepulse_sql::udf::all() {
         ctx.register_udf(udf);
@@ -200,9 +201,16 @@ impl Engine {
     }
 
     /// Registers a dimension table (queryable, and joinable in views).
-    pub fn register_dimension(&mut self, name: &str, batches: Vec<RecordBatch>, schema: SchemaRef) -> Result<()> {
+    pub fn register_dimension(
+        &mut self,
+        name: &str,
+        batches: Vec<RecordBatch>,
+        schema: SchemaRef,
+    ) -> Result<()> {
         if self.stream_tables.contains_key(name) {
-            return user_err(format!("dimension table '{name}' clashes with a stream name"));
+            return user_err(format!(
+                "dimension table '{name}' clashes with a stream name"
+            ));
         }
         let table: Arc<dyn TableProvider> = Arc::new(MemTable::try_new(schema, vec![batches])?);
         self.planning.register_table(name, table.clone())?;
@@ -244,13 +252,22 @@ impl Engine {
                     .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(query))))
                     .await?;
                 let plan = analyze(&state, plan)?;
-                let view = plan_view(&name, &sql, plan, &state, &self.stream_tables, self.cell.clone()).await?;
+                let view = plan_view(
+                    &name,
+                    &sql,
+                    plan,
+                    &state,
+                    &self.stream_tables,
+                    self.cell.clone(),
+                )
+                .await?;
                 let table = ViewTable::new(view.query_plan.clone(), Some(sql.clone()));
                 if let Some(i) = exists {
                     self.serving.deregister_table(name.as_str())?;
                     self.views.remove(i);
                 }
-                self.serving.register_table(name.as_str(), Arc::new(table))?;
+                self.serving
+                    .register_table(name.as_str(), Arc::new(table))?;
                 tracing::info!(view = %name, stream = %view.stream, "materialized view created");
                 self.views.push(view);
                 self.snapshot_epoch = None;
@@ -288,16 +305,21 @@ impl Engine {
                 let gate = self.gates.get_mut(&b.stream).expect("gate per stream");
                 let gated = gate.gate(&b.position.partition, &b.batch, now_ms)?;
                 let labels = [("stream", b.stream.name())];
-                metrics::counter!("storepulse_engine_events_total", &labels).increment(gated.accepted_events);
-                metrics::counter!("storepulse_engine_duplicate_events_total", &labels).increment(gated.duplicates);
-                metrics::counter!("storepulse_engine_late_events_total", &labels).increment(gated.late_events);
-                metrics::counter!("storepulse_engine_bytes_total", &labels).increment(b.bytes as u64);
+                metrics::counter!("storepulse_engine_events_total", &labels)
+                    .increment(gated.accepted_events);
+                metrics::counter!("storepulse_engine_duplicate_events_total", &labels)
+                    .increment(gated.duplicates);
+                metrics::counter!("storepulse_engine_late_events_total", &labels)
+                    .increment(gated.late_events);
+                metrics::counter!("storepulse_engine_bytes_total", &labels)
+                    .increment(b.bytes as u64);
                 if let Some(w) = gate.watermark.current().as_ms() {
                     metrics::gauge!("storepulse_engine_watermark_lag_seconds", &labels)
                         .set((now_ms - w) as f64 / 1000.0);
                 }
                 if let Some((late, wm)) = &gated.late {
-                    self.late.record(b.stream, &b.position.partition, late, *wm, now_ms)?;
+                    self.late
+                        .record(b.stream, &b.position.partition, late, *wm, now_ms)?;
                 }
                 if let Some(accepted) = gated.accepted {
                     let rows = accepted.num_rows();
@@ -336,7 +358,8 @@ impl Engine {
         let mut views = HashMap::with_capacity(self.views.len());
         for v in &mut self.views {
             views.insert(v.name.clone(), v.evaluate()?);
-            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone()).set(v.groups() as f64);
+            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
+                .set(v.groups() as f64);
             metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
                 .set(v.state_bytes() as f64);
         }
@@ -432,7 +455,11 @@ fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan> {
 }
 
 /// Runs a read-only statement against `ctx`, with `snap` pinned.
-async fn run_query(ctx: &SessionContext, stmt: DFStatement, snap: Arc<Snapshot>) -> Result<QueryOutput> {
+async fn run_query(
+    ctx: &SessionContext,
+    stmt: DFStatement,
+    snap: Arc<Snapshot>,
+) -> Result<QueryOutput> {
     let mut state = ctx.state();
     state
         .config_mut()

@@ -42,14 +42,16 @@ impl EngineError {
     pub fn is_user_error(&self) -> bool {
         match self {
             EngineError::User(_) | EngineError::Sql(_) => true,
-            EngineError::DataFusion(e) => matches!(
-                e.find_root(),
-                DataFusionError::Plan(_)
-                    | DataFusionError::SQL(..)
-                    | DataFusionError::SchemaError(..)
-                    | DataFusionError::NotImplemented(_)
-                    | DataFusionError::Configuration(_)
-            ) || matches!(e, DataFusionError::Diagnostic(..)),
+            EngineError::DataFusion(e) => {
+                matches!(
+                    e.find_root(),
+                    DataFusionError::Plan(_)
+                        | DataFusionError::SQL(..)
+                        | DataFusionError::SchemaError(..)
+                        | DataFusionError::NotImplemented(_)
+                        | DataFusionError::Configuration(_)
+                ) || matches!(e, DataFusionError::Diagnostic(..))
+            }
             _ => false,
         }
     }

@@ -70,7 +70,12 @@ impl StreamGate {
 
     /// Applies de-duplication and lateness to `batch` from `partition`,
     /// then advances the watermark; `now_ms` is the wall clock.
-    pub fn gate(&mut self, partition: &Arc<str>, batch: &RecordBatch, now_ms: i64) -> Result<Gated> {
+    pub fn gate(
+        &mut self,
+        partition: &Arc<str>,
+        batch: &RecordBatch,
+        now_ms: i64,
+    ) -> Result<Gated> {
         let wm = self.watermark.current();
         let threshold = match wm {
             Watermark::At(t) => t.saturating_sub(self.allowed_lateness_ms),
@@ -128,11 +133,11 @@ impl StreamGate {
         };
         Ok(Gated {
             accepted: pick(keep, n_keep)?,
-            late: pick(late, n_late)?.map(|b| (b, threshold.saturating_add(self.allowed_lateness_ms))),
+            late: pick(late, n_late)?
+                .map(|b| (b, threshold.saturating_add(self.allowed_lateness_ms))),
             accepted_events: n_keep,
             duplicates: n_dup,
             late_events: n_late,
         })
     }
 }
-

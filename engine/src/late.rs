@@ -61,7 +61,11 @@ impl LateEvents {
                     source,
                 };
                 std::fs::create_dir_all(dir).map_err(io)?;
-                let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(io)?;
                 Some((path, BufWriter::new(f)))
             }
             None => None,
@@ -99,7 +103,9 @@ impl LateEvents {
             rows.column(0).clone(),
             rows.column(1).clone(),
             rows.column(2).clone(),
-            Arc::new(TimestampMillisecondArray::from(vec![watermark_ms; n]).with_timezone(tz.clone())),
+            Arc::new(
+                TimestampMillisecondArray::from(vec![watermark_ms; n]).with_timezone(tz.clone()),
+            ),
             Arc::new(Int64Array::from_iter_values(
                 ts.values().iter().map(|t| watermark_ms - t),
             )),

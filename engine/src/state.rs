@@ -101,7 +101,10 @@ impl GroupState {
             layout.push(at..at + n);
             at += n;
         }
-        let accs = aggs.iter().map(new_groups_accumulator).collect::<Result<_>>()?;
+        let accs = aggs
+            .iter()
+            .map(new_groups_accumulator)
+            .collect::<Result<_>>()?;
         Ok(Self {
             converter,
             keys: Vec::new(),
@@ -229,16 +232,16 @@ impl GroupState {
 /// Casts evaluated columns to the view's aggregate schema.
 fn finish(columns: Vec<ArrayRef>, schema: &SchemaRef) -> Result<RecordBatch> {
     let columns = columns
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c)
-                } else {
-                    datafusion::arrow::compute::cast(&c, f.data_type()).map_err(Into::into)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(c)
+            } else {
+                datafusion::arrow::compute::cast(&c, f.data_type()).map_err(Into::into)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
@@ -259,7 +262,10 @@ fn assemble_hop_windows(
     let panes = pane_keys[hop.col].as_primitive::<TimestampMillisecondType>();
     let mut window_rows = conv.empty_rows(panes.len() * 2, panes.len() * 64);
     let mut table: HashTable<(u64, u32)> = HashTable::new();
-    let mut scratch = aggs.iter().map(new_groups_accumulator).collect::<Result<Vec<_>>>()?;
+    let mut scratch = aggs
+        .iter()
+        .map(new_groups_accumulator)
+        .collect::<Result<Vec<_>>>()?;
     let mut indices = Vec::with_capacity(panes.len());
     for k in 0..hop.windows {
         let shifted = panes.unary::<_, TimestampMillisecondType>(|p| p - k * hop.slide_ms);

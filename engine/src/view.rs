@@ -102,8 +102,11 @@ pub async fn plan_view(
 ) -> Result<ContinuousView> {
     // Constant folding and rewrites (e.g. `coalesce` → `CASE`) that physical
     // planning expects; output names are preserved.
-    let plan = Optimizer::with_rules(vec![Arc::new(SimplifyExpressions::new())])
-        .optimize(plan, planning, |_, _| {})?;
+    let plan = Optimizer::with_rules(vec![Arc::new(SimplifyExpressions::new())]).optimize(
+        plan,
+        planning,
+        |_, _| {},
+    )?;
     let why = |reason: &str| -> Result<ContinuousView> {
         user_err(format!(
             "materialized view '{name}' cannot be maintained incrementally: {reason}"
@@ -121,26 +124,28 @@ pub async fn plan_view(
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    let agg = match aggregates.as_slice() {
-        [] => {
-            return why(
+    let agg =
+        match aggregates.as_slice() {
+            [] => return why(
                 "it has no GROUP BY or aggregate function. A materialized view keeps per-group \
                  aggregate state; add GROUP BY, or use CREATE VIEW over a materialized view",
-            )
-        }
-        [a] => a.clone(),
-        _ => {
-            return why(
-                "it aggregates more than once (a subquery with GROUP BY or DISTINCT inside an \
+            ),
+            [a] => a.clone(),
+            _ => {
+                return why(
+                    "it aggregates more than once (a subquery with GROUP BY or DISTINCT inside an \
                  aggregate); only one level of aggregation can be maintained",
+                )
+            }
+        };
+    if agg.group_expr.iter().any(|e| {
+        matches!(
+            e,
+            Expr::GroupingSet(
+                GroupingSet::Rollup(_) | GroupingSet::Cube(_) | GroupingSet::GroupingSets(_)
             )
-        }
-    };
-    if agg
-        .group_expr
-        .iter()
-        .any(|e| matches!(e, Expr::GroupingSet(GroupingSet::Rollup(_) | GroupingSet::Cube(_) | GroupingSet::GroupingSets(_))))
-    {
+        )
+    }) {
         return why("GROUPING SETS, ROLLUP and CUBE are not supported");
     }
     // Below the aggregate: stateless operators over exactly one stream.
@@ -177,7 +182,11 @@ pub async fn plan_view(
                 names.join(", ")
             ));
         }
-        _ => return why("it reads more than one stream (stream-to-stream joins keep unbounded state)"),
+        _ => {
+            return why(
+                "it reads more than one stream (stream-to-stream joins keep unbounded state)",
+            )
+        }
     };
     // Above the aggregate: anything, but no stream (evaluated at query time).
     let mut streams_above = 0;
@@ -191,7 +200,9 @@ pub async fn plan_view(
         Ok(TreeNodeRecursion::Continue)
     })?;
     if streams_above > 0 {
-        return why("it reads a stream outside the aggregation (e.g. in a subquery after GROUP BY)");
+        return why(
+            "it reads a stream outside the aggregation (e.g. in a subquery after GROUP BY)",
+        );
     }
 
     // Hopping windows: keep panes, not windows (see `state::HopPanes`).
@@ -210,11 +221,11 @@ pub async fn plan_view(
                     windows: size_ms / slide_ms,
                 }),
                 Some(_) => return why("hop(): size must be a multiple of slide"),
-                None => return why(
-                    "hop() must be unnested and its value grouped by: \
+                None => {
+                    return why("hop() must be unnested and its value grouped by: \
                      FROM (SELECT *, unnest(hop(ts, slide, size)) AS window_start FROM stream) \
-                     ... GROUP BY ..., window_start",
-                ),
+                     ... GROUP BY ..., window_start")
+                }
             }
         }
     };
@@ -290,9 +301,10 @@ pub async fn plan_view(
             .alias_qualified(q.cloned(), f.name())
         })
         .collect();
-    let replacement = LogicalPlanBuilder::scan(scan_name.clone(), provider_as_source(provider), None)?
-        .project(aliases)?
-        .build()?;
+    let replacement =
+        LogicalPlanBuilder::scan(scan_name.clone(), provider_as_source(provider), None)?
+            .project(aliases)?
+            .build()?;
     let query_plan = plan
         .transform_up(|p| match p {
             LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),

@@ -55,7 +55,9 @@ fn materialized_views(sql: &str) -> Vec<(String, String)> {
         .unwrap()
         .into_iter()
         .filter_map(|s| match s {
-            Statement::CreateMaterializedView { name, query, .. } => Some((name, query.to_string())),
+            Statement::CreateMaterializedView { name, query, .. } => {
+                Some((name, query.to_string()))
+            }
             _ => None,
         })
         .collect()
@@ -90,32 +92,35 @@ fn normalize(batches: &[RecordBatch]) -> Vec<String> {
     let opts = FormatOptions::default().with_null("NULL");
     let mut rows = Vec::new();
     for b in batches {
-        let cols: Vec<Box<dyn Fn(usize) -> String>> = b
+        let cols: Vec<Vec<String>> = b
             .columns()
             .iter()
-            .map(|c| -> Box<dyn Fn(usize) -> String> {
-                match c.data_type() {
-                    DataType::Float64 => {
-                        let a = c.as_primitive::<datafusion::arrow::datatypes::Float64Type>().clone();
-                        Box::new(move |r| {
+            .map(|c| match c.data_type() {
+                DataType::Float64 => {
+                    let a = c.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+                    (0..a.len())
+                        .map(|r| {
                             if a.is_null(r) {
                                 "NULL".into()
                             } else {
                                 format!("{:.6}", a.value(r))
                             }
                         })
-                    }
-                    _ => {
-                        let c = c.clone();
-                        Box::new(move |r| {
-                            ArrayFormatter::try_new(c.as_ref(), &opts).unwrap().value(r).to_string()
-                        })
-                    }
+                        .collect()
+                }
+                _ => {
+                    let f = ArrayFormatter::try_new(c.as_ref(), &opts).unwrap();
+                    (0..c.len()).map(|r| f.value(r).to_string()).collect()
                 }
             })
             .collect();
         for r in 0..b.num_rows() {
-            rows.push(cols.iter().map(|f| f(r)).collect::<Vec<_>>().join(" | "));
+            rows.push(
+                cols.iter()
+                    .map(|c| c[r].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
         }
     }
     rows.sort();
@@ -129,6 +134,8 @@ struct Scenario {
     /// (min, max) events per micro-batch.
     batch: (usize, usize),
     seed: u64,
+    /// Whether some events must end up late.
+    expect_late: bool,
 }
 
 async fn check(s: Scenario) {
@@ -144,7 +151,9 @@ async fn check(s: Scenario) {
     let mut i = 0;
     let mut seq = 0u64;
     while i < s.arrival.len() {
-        let n = rng.random_range(s.batch.0..=s.batch.1).min(s.arrival.len() - i);
+        let n = rng
+            .random_range(s.batch.0..=s.batch.1)
+            .min(s.arrival.len() - i);
         let chunk = &s.arrival[i..i + n];
         i += n;
         for k in StreamKind::ALL {
@@ -158,7 +167,10 @@ async fn check(s: Scenario) {
                             batch,
                             events,
                             bytes: 0,
-                            position: Position { partition: "p0".into(), next_offset: seq },
+                            position: Position {
+                                partition: "p0".into(),
+                                next_offset: seq,
+                            },
                         }),
                         0,
                     )
@@ -169,13 +181,22 @@ async fn check(s: Scenario) {
     }
     for k in StreamKind::ALL {
         engine
-            .apply(SourceMessage::EndOfPartition { stream: k, partition: "p0".into() }, 0)
+            .apply(
+                SourceMessage::EndOfPartition {
+                    stream: k,
+                    partition: "p0".into(),
+                },
+                0,
+            )
             .await
             .unwrap();
     }
 
     // What the engine routed to late_events.
-    let late = engine.execute_sql("SELECT stream, event_id FROM late_events").await.unwrap();
+    let late = engine
+        .execute_sql("SELECT stream, event_id FROM late_events")
+        .await
+        .unwrap();
     let mut late_ids: HashSet<(String, String)> = HashSet::new();
     for b in &late[0].batches {
         let st = b.column(0).as_string::<i32>();
@@ -187,7 +208,12 @@ async fn check(s: Scenario) {
     let late_total: u64 = engine.streams().iter().map(|s| s.late_events).sum();
     // Receipts have one late_events row per line; count events.
     let late_events: HashSet<_> = late_ids.iter().collect();
-    assert_eq!(late_events.len() as u64, late_total, "late_events table and counter disagree");
+    assert_eq!(
+        late_events.len() as u64,
+        late_total,
+        "late_events table and counter disagree"
+    );
+    assert_eq!(late_total > 0, s.expect_late, "late events: {late_total}");
 
     // The oracle: every event once, minus the late ones, all at once.
     let oracle = SessionContext::new();
@@ -208,17 +234,32 @@ async fn check(s: Scenario) {
                 !late_ids.contains(&(k.name().to_string(), id.clone())) && seen.insert(id)
             })
             .collect();
-        let batch = decode(k, &evs).map(|(b, _)| b).unwrap_or_else(|| RecordBatch::new_empty(k.schema()));
+        let batch = decode(k, &evs)
+            .map(|(b, _)| b)
+            .unwrap_or_else(|| RecordBatch::new_empty(k.schema()));
         let table = MemTable::try_new(k.schema(), vec![vec![batch]]).unwrap();
         oracle.register_table(k.name(), Arc::new(table)).unwrap();
     }
     for (name, select) in materialized_views(&sql) {
         let want = oracle.sql(&select).await.unwrap().collect().await.unwrap();
-        let got = engine.execute_sql(&format!("SELECT * FROM {name}")).await.unwrap();
+        let got = engine
+            .execute_sql(&format!("SELECT * FROM {name}"))
+            .await
+            .unwrap();
         let got = &got[0];
         let want_rows = normalize(&want);
         let got_rows = normalize(&got.batches);
-        assert!(!want_rows.is_empty() || name.starts_with("t_"), "{name}: oracle is empty");
+        // Short runs may have no deliveries or counts yet; sales and IoT are always there.
+        let always = [
+            "sales_by_store_hourly",
+            "sku_sales_24h",
+            "member_activity",
+            "fridge_temp_15m",
+        ];
+        assert!(
+            !always.contains(&name.as_str()) || !want_rows.is_empty(),
+            "{name}: oracle is empty"
+        );
         if want_rows != got_rows {
             let g = concat_batches(&got.schema, &got.batches).unwrap();
             panic!(
@@ -253,6 +294,7 @@ async fn arrival_order_with_offline_uploads_and_retransmits_matches_the_oracle()
         lateness: Duration::from_secs(7 * 86_400),
         batch: (50, 400),
         seed: 1,
+        expect_late: false,
     })
     .await;
 }
@@ -261,7 +303,11 @@ async fn arrival_order_with_offline_uploads_and_retransmits_matches_the_oracle()
 async fn fully_shuffled_and_duplicated_input_matches_the_oracle() {
     let mut arrival = events(small_chain(2), 20);
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let dups: Vec<GenEvent> = arrival.iter().filter(|_| rng.random_bool(0.1)).cloned().collect();
+    let dups: Vec<GenEvent> = arrival
+        .iter()
+        .filter(|_| rng.random_bool(0.1))
+        .cloned()
+        .collect();
     arrival.extend(dups);
     arrival.shuffle(&mut rng);
     check(Scenario {
@@ -269,6 +315,7 @@ async fn fully_shuffled_and_duplicated_input_matches_the_oracle() {
         lateness: Duration::from_secs(7 * 86_400),
         batch: (1, 700),
         seed: 2,
+        expect_late: false,
     })
     .await;
 }
@@ -282,6 +329,7 @@ async fn late_events_are_excluded_exactly_and_recorded() {
         lateness: Duration::from_secs(3600),
         batch: (100, 300),
         seed: 3,
+        expect_late: true,
     })
     .await;
 }
@@ -303,6 +351,7 @@ proptest! {
             lateness: Duration::from_secs(86_400),
             batch: (1, max_batch),
             seed,
+            expect_late: false,
         }));
     }
 }

@@ -34,13 +34,7 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// Builds a dead letter stamped with the current time.
-    pub fn new(
-        stream: &str,
-        source: Arc<str>,
-        position: u64,
-        reason: String,
-        raw: &[u8],
-    ) -> Self {
+    pub fn new(stream: &str, source: Arc<str>, position: u64, reason: String, raw: &[u8]) -> Self {
         Self {
             stream: stream.to_string(),
             source,
@@ -116,9 +110,8 @@ impl JsonlDeadLetterSink {
 impl DeadLetterSink for JsonlDeadLetterSink {
     fn write(&self, letters: &[DeadLetter]) -> Result<()> {
         let mut f = self.file.lock().expect("dead-letter lock poisoned");
-        let fail = |e: std::io::Error| {
-            IngestError::DeadLetter(format!("{}: {e}", self.path.display()))
-        };
+        let fail =
+            |e: std::io::Error| IngestError::DeadLetter(format!("{}: {e}", self.path.display()));
         for l in letters {
             serde_json::to_writer(&mut *f, l).map_err(|e| fail(e.into()))?;
             f.write_all(b"\n").map_err(fail)?;
@@ -142,7 +135,10 @@ impl MemoryDeadLetterSink {
 
 impl DeadLetterSink for MemoryDeadLetterSink {
     fn write(&self, letters: &[DeadLetter]) -> Result<()> {
-        self.letters.lock().expect("lock").extend_from_slice(letters);
+        self.letters
+            .lock()
+            .expect("lock")
+            .extend_from_slice(letters);
         Ok(())
     }
 }
@@ -159,8 +155,10 @@ mod tests {
         let l = DeadLetter::new("sales", "f.jsonl".into(), 7, "bad".into(), b"{oops");
         record_dead_letters(&sink, &[l.clone(), l]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["raw"], "{oops");
         assert_eq!(lines[0]["position"], 7);

@@ -206,7 +206,10 @@ impl EventDecoder {
                     .as_list::<i32>();
                 for row in 0..lines.len() {
                     if lines.value_length(row) == 0 {
-                        bad.push((row, "field 'lines': a receipt needs at least one line".into()));
+                        bad.push((
+                            row,
+                            "field 'lines': a receipt needs at least one line".into(),
+                        ));
                     }
                 }
             }
@@ -234,7 +237,10 @@ fn diagnose(stream: StreamKind, bytes: &[u8]) -> Option<String> {
         Err(e) => return Some(format!("invalid JSON: {e}")),
     };
     let Some(obj) = value.as_object() else {
-        return Some(format!("expected a JSON object, found {}", json_kind(&value)));
+        return Some(format!(
+            "expected a JSON object, found {}",
+            json_kind(&value)
+        ));
     };
     for f in stream.required_fields() {
         match obj.get(*f) {
@@ -330,7 +336,9 @@ mod tests {
                 position: i as u64 + 1,
             })
             .collect();
-        EventDecoder::new(stream, "test.jsonl").decode(&recs).unwrap()
+        EventDecoder::new(stream, "test.jsonl")
+            .decode(&recs)
+            .unwrap()
     }
 
     const SALE: &str = r#"{"event_id":"e1","ts":"2026-01-05T10:00:00Z","store_id":"S1","receipt_id":"r1","member_id":"m1","lines":[{"sku":"A","qty":2,"unit_price":"1.50"},{"sku":"B","qty":-1,"unit_price":3.25,"discount":0.25}]}"#;
@@ -340,9 +348,14 @@ mod tests {
         let out = decode(StreamKind::Sales, &[SALE]);
         assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
         assert_eq!(out.events, 1);
-        let text = pretty_format_batches(&[out.batch.unwrap()]).unwrap().to_string();
+        let text = pretty_format_batches(&[out.batch.unwrap()])
+            .unwrap()
+            .to_string();
         assert!(text.contains("| e1       | 2026-01-05T10:00:00Z | S1       | r1         | m1        |         | 0       | A   | 2   | 1.5000     |          |"), "{text}");
-        assert!(text.contains("| 1       | B   | -1  | 3.2500     | 0.2500   |"), "{text}");
+        assert!(
+            text.contains("| 1       | B   | -1  | 3.2500     | 0.2500   |"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -355,7 +368,9 @@ mod tests {
             ],
         );
         let b = out.batch.unwrap();
-        let ts = b.column(1).as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let ts = b
+            .column(1)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
         assert_eq!(ts.value(0), 1_767_607_200_000);
         assert_eq!(ts.value(1), 1_767_607_200_000);
     }
@@ -383,11 +398,19 @@ mod tests {
             .collect();
         assert_eq!(reasons.len(), 6, "{reasons:?}");
         assert_eq!(reasons[0].0, 2);
-        assert!(reasons[0].1.starts_with("invalid JSON: EOF while parsing"), "{reasons:?}");
-        assert!(reasons[1].1.contains("ts") && reasons[1].1.contains("yesterday"), "{reasons:?}");
+        assert!(
+            reasons[0].1.starts_with("invalid JSON: EOF while parsing"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].1.contains("ts") && reasons[1].1.contains("yesterday"),
+            "{reasons:?}"
+        );
         assert!(reasons[2].1.contains("five"), "{reasons:?}");
         assert_eq!(reasons[3].1, "missing required field 'store_id'");
-        assert!(reasons[4].1.starts_with("field 'kind': unknown movement kind 'stolen'"));
+        assert!(reasons[4]
+            .1
+            .starts_with("field 'kind': unknown movement kind 'stolen'"));
         assert_eq!(reasons[5].1, "expected a JSON object, found an array");
         assert_eq!(out.dead_letters[0].raw, lines[1]);
         assert_eq!(&*out.dead_letters[0].source, "test.jsonl");
@@ -403,7 +426,10 @@ mod tests {
             ],
         );
         assert!(out.batch.is_none());
-        assert_eq!(out.dead_letters[0].reason, "missing required field 'lines[1].unit_price'");
+        assert_eq!(
+            out.dead_letters[0].reason,
+            "missing required field 'lines[1].unit_price'"
+        );
         assert_eq!(
             out.dead_letters[1].reason,
             "field 'lines': a receipt needs at least one line"

@@ -221,7 +221,10 @@ mod tests {
             assert!(k.schema().field_with_name("ts").is_ok());
         }
         let err = "salez".parse::<StreamKind>().unwrap_err().to_string();
-        assert!(err.contains("'salez'") && err.contains("stock_movements"), "{err}");
+        assert!(
+            err.contains("'salez'") && err.contains("stock_movements"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -231,8 +234,17 @@ mod tests {
         assert_eq!(
             names,
             [
-                "event_id", "ts", "store_id", "receipt_id", "member_id", "channel", "line_no",
-                "sku", "qty", "unit_price", "discount"
+                "event_id",
+                "ts",
+                "store_id",
+                "receipt_id",
+                "member_id",
+                "channel",
+                "line_no",
+                "sku",
+                "qty",
+                "unit_price",
+                "discount"
             ]
         );
     }

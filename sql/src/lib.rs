@@ -12,4 +12,4 @@ pub mod builtin;
 pub mod parse;
 pub mod udf;
 
-pub use parse::{parse_script, Statement, SqlError};
+pub use parse::{parse_script, SqlError, Statement};

@@ -56,8 +56,9 @@ fn object_name(n: &ObjectName) -> String {
 
 /// Parses a script of `;`-separated statements.
 pub fn parse_script(sql: &str) -> Result<Vec<Statement>, SqlError> {
-    let statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {})
-        .map_err(|e| SqlError::Syntax(e.to_string().trim_start_matches("SQL error: ").to_string()))?;
+    let statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {}).map_err(|e| {
+        SqlError::Syntax(e.to_string().trim_start_matches("SQL error: ").to_string())
+    })?;
     Ok(statements
         .into_iter()
         .map(|s| match s {
@@ -107,7 +108,9 @@ mod tests {
 
     #[test]
     fn syntax_errors_point_at_the_position() {
-        let e = parse_script("SELECT store_id FROM sales WHERE )").unwrap_err().to_string();
+        let e = parse_script("SELECT store_id FROM sales WHERE )")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Line: 1, Column"), "{e}");
     }
 }

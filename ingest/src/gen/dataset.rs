@@ -56,7 +56,10 @@ pub fn write_dataset(
     let mut files = Vec::new();
     for k in StreamKind::ALL {
         let p = out.join(format!("{}.jsonl", k.name()));
-        files.push((BufWriter::with_capacity(1 << 20, File::create(&p).map_err(io(&p))?), p));
+        files.push((
+            BufWriter::with_capacity(1 << 20, File::create(&p).map_err(io(&p))?),
+            p,
+        ));
     }
     let mut summary = DatasetSummary::default();
     let mut error: Option<IngestError> = None;

@@ -75,7 +75,13 @@ impl Format {
             Format::TeaShop => &["tea", "snacks"],
             Format::Convenience => &["drinks", "snacks", "dairy", "household", "frozen"],
             Format::Supermarket => &[
-                "drinks", "snacks", "dairy", "household", "frozen", "produce", "bakery",
+                "drinks",
+                "snacks",
+                "dairy",
+                "household",
+                "frozen",
+                "produce",
+                "bakery",
             ],
             Format::Bakery => &["bakery", "drinks"],
         }
@@ -136,7 +142,14 @@ fn weekday_factor(day: i64) -> f64 {
 }
 
 const CITIES: &[&str] = &[
-    "Shanghai", "Hangzhou", "Suzhou", "Nanjing", "Ningbo", "Wuxi", "Hefei", "Changzhou",
+    "Shanghai",
+    "Hangzhou",
+    "Suzhou",
+    "Nanjing",
+    "Ningbo",
+    "Wuxi",
+    "Hefei",
+    "Changzhou",
 ];
 const CATEGORIES: &[(&str, i64, i64, f64)] = &[
     // name, min cost (cents), max cost, markup
@@ -321,9 +334,8 @@ impl Chain {
 
     /// `replenishment_policy.csv`: thresholds per store format and category.
     pub fn policy_csv(&self) -> String {
-        let mut out = String::from(
-            "format,category,lead_time_hours,service_level,review_hours,min_stock\n",
-        );
+        let mut out =
+            String::from("format,category,lead_time_hours,service_level,review_hours,min_stock\n");
         for f in Format::ALL {
             for c in f.categories() {
                 let (lead, sl, review, min) = match (f, *c) {
@@ -483,7 +495,9 @@ impl Simulator {
             if lambda <= 0.0 {
                 continue;
             }
-            let n = Poisson::new(lambda).expect("positive").sample(&mut self.rng) as u64;
+            let n = Poisson::new(lambda)
+                .expect("positive")
+                .sample(&mut self.rng) as u64;
             for _ in 0..n {
                 let ts = self.rng.random_range(from..to);
                 self.receipt(s, ts);
@@ -507,7 +521,9 @@ impl Simulator {
             self.stores[s].offline = Some((start, start + hours * HOUR_MS));
         }
         if self.rng.random_bool(0.05) {
-            let fridge = self.rng.random_range(0..self.chain.stores[s].format.fridges());
+            let fridge = self
+                .rng
+                .random_range(0..self.chain.stores[s].format.fridges());
             let start = at + self.rng.random_range(0..12 * HOUR_MS);
             let hours = self.rng.random_range(1..=5);
             self.stores[s].failing_fridge = Some((fridge, start, start + hours * HOUR_MS));
@@ -566,7 +582,10 @@ impl Simulator {
                     };
                     let id = self.next_id(s, 'c');
                     let mut j = self.head(&id, ts, s);
-                    let _ = write!(j, r#","sku":"{sku}","on_hand":{on_hand},"source":"{source}"}}"#);
+                    let _ = write!(
+                        j,
+                        r#","sku":"{sku}","on_hand":{on_hand},"source":"{source}"}}"#
+                    );
                     self.push(s, StreamKind::StockCounts, ts, j);
                 }
             }
@@ -642,7 +661,11 @@ impl Simulator {
                 money(prod.price_cents)
             );
             if qty > 0 && self.rng.random_bool(0.08) {
-                let _ = write!(lines, r#","discount":{}"#, money(prod.price_cents * qty / 10));
+                let _ = write!(
+                    lines,
+                    r#","discount":{}"#,
+                    money(prod.price_cents * qty / 10)
+                );
             }
             lines.push('}');
             written += 1;
@@ -788,7 +811,9 @@ mod tests {
         assert!(late > 10, "expected late arrivals, got {late}");
         let mut ids: Vec<_> = events
             .iter()
-            .map(|e| serde_json::from_str::<serde_json::Value>(&e.json).unwrap()["event_id"].clone())
+            .map(|e| {
+                serde_json::from_str::<serde_json::Value>(&e.json).unwrap()["event_id"].clone()
+            })
             .collect();
         let n = ids.len();
         ids.sort_by_key(|v| v.to_string());
