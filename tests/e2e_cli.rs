@@ -211,7 +211,7 @@ path = "bad_movements.jsonl"
         .iter()
         .find(|s| s["stream"] == "sales")
         .unwrap();
-    assert_eq!(sales["watermark"], "Final", "{health}");
+    assert_eq!(sales["watermark"], "final", "{health}");
     assert!(
         sales["duplicate_events"].as_u64().unwrap() > 0,
         "generator retransmits: {health}"

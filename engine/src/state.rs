@@ -53,6 +53,81 @@ pub struct GroupState {
     num_group_cols: usize,
     scratch: Vec<usize>,
     hop: Option<HopPanes>,
+    sessions: Option<Sessions>,
+}
+
+/// Session windows: group column `col` is `session(ts, gap)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSpec {
+    /// Index of the session group column.
+    pub col: usize,
+    /// Largest gap between two rows of one session.
+    pub gap_ms: i64,
+}
+
+/// Session bookkeeping. Each session is an accumulator group; when a row
+/// bridges two sessions they merge (union-find), and merged groups are
+/// combined when the view is read.
+struct Sessions {
+    spec: SessionSpec,
+    /// Row converter for the other group columns (`None` if there are none).
+    others: Option<RowConverter>,
+    /// Other-key bytes → (key id, live root sessions).
+    by_key: hashbrown::HashMap<Box<[u8]>, (u32, Vec<u32>)>,
+    key_bytes: Vec<Box<[u8]>>,
+    group_key: Vec<u32>,
+    start: Vec<i64>,
+    end: Vec<i64>,
+    parent: Vec<u32>,
+}
+
+impl Sessions {
+    fn root(&self, mut g: u32) -> u32 {
+        while self.parent[g as usize] != g {
+            g = self.parent[g as usize];
+        }
+        g
+    }
+
+    /// The session group of a row with other-key `key` at time `t`.
+    fn assign(&mut self, key: &[u8], t: i64) -> u32 {
+        let gap = self.spec.gap_ms;
+        let next_key = self.key_bytes.len() as u32;
+        let (key_id, roots) = self
+            .by_key
+            .entry_ref(key)
+            .or_insert_with(|| (next_key, Vec::new()));
+        if *key_id == next_key {
+            self.key_bytes.push(key.into());
+        }
+        let (start, end) = (&mut self.start, &mut self.end);
+        let hits: Vec<u32> = roots
+            .iter()
+            .copied()
+            .filter(|g| start[*g as usize] - gap <= t && t <= end[*g as usize] + gap)
+            .collect();
+        let Some(&first) = hits.first() else {
+            let g = start.len() as u32;
+            start.push(t);
+            end.push(t);
+            self.parent.push(g);
+            self.group_key.push(*key_id);
+            roots.push(g);
+            return g;
+        };
+        let f = first as usize;
+        start[f] = start[f].min(t);
+        end[f] = end[f].max(t);
+        for &h in &hits[1..] {
+            self.parent[h as usize] = first;
+            start[f] = start[f].min(start[h as usize]);
+            end[f] = end[f].max(end[h as usize]);
+        }
+        if hits.len() > 1 {
+            roots.retain(|r| !hits[1..].contains(r));
+        }
+        first
+    }
 }
 
 /// Hopping windows kept as panes: group column `col` holds the start of a
@@ -116,7 +191,34 @@ impl GroupState {
             num_group_cols,
             scratch: Vec::new(),
             hop: None,
+            sessions: None,
         })
+    }
+
+    /// Maintains group column `spec.col` as session windows.
+    pub fn set_session(&mut self, spec: SessionSpec, partial_schema: &SchemaRef) -> Result<()> {
+        let fields: Vec<SortField> = partial_schema.fields()[..self.num_group_cols]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != spec.col)
+            .map(|(_, f)| SortField::new(f.data_type().clone()))
+            .collect();
+        let others = if fields.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(fields)?)
+        };
+        self.sessions = Some(Sessions {
+            spec,
+            others,
+            by_key: Default::default(),
+            key_bytes: Vec::new(),
+            group_key: Vec::new(),
+            start: Vec::new(),
+            end: Vec::new(),
+            parent: Vec::new(),
+        });
+        Ok(())
     }
 
     /// Keeps hopping windows as panes (see [`HopPanes`]).
@@ -126,6 +228,9 @@ impl GroupState {
 
     /// Number of groups held.
     pub fn num_groups(&self) -> usize {
+        if let Some(s) = &self.sessions {
+            return s.start.len();
+        }
         if self.converter.is_none() {
             return usize::from(self.key_offsets.len() > 1);
         }
@@ -152,6 +257,33 @@ impl GroupState {
         }
         let mut indices = std::mem::take(&mut self.scratch);
         indices.clear();
+        if let Some(sess) = &mut self.sessions {
+            use datafusion::arrow::{array::AsArray, datatypes::TimestampMillisecondType};
+            let groups = &partial.columns()[..self.num_group_cols];
+            let ts = groups[sess.spec.col].as_primitive::<TimestampMillisecondType>();
+            let rows = match &sess.others {
+                Some(conv) => {
+                    let other: Vec<ArrayRef> = groups
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != sess.spec.col)
+                        .map(|(_, c)| c.clone())
+                        .collect();
+                    Some(conv.convert_columns(&other)?)
+                }
+                None => None,
+            };
+            for i in 0..n {
+                let key: &[u8] = rows.as_ref().map_or(&[], |r| r.row(i).data());
+                indices.push(sess.assign(key, ts.value(i)) as usize);
+            }
+            let total = sess.start.len();
+            for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
+                acc.merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+            }
+            self.scratch = indices;
+            return Ok(());
+        }
         match &self.converter {
             None => {
                 if self.key_offsets.len() == 1 {
@@ -198,6 +330,15 @@ impl GroupState {
         if total == 0 {
             return Ok(RecordBatch::new_empty(schema.clone()));
         }
+        if let Some(sess) = &self.sessions {
+            return evaluate_sessions(
+                sess,
+                &mut self.accs,
+                &self.aggs,
+                schema,
+                self.num_group_cols,
+            );
+        }
         if let (Some(hop), Some(conv)) = (self.hop, &self.converter) {
             let parser = conv.parser();
             let keys = conv.convert_rows((0..total).map(|g| parser.parse(self.key(g))))?;
@@ -227,6 +368,62 @@ impl GroupState {
         }
         finish(columns, schema)
     }
+}
+
+/// Combines merged sessions and evaluates one row per live session.
+fn evaluate_sessions(
+    sess: &Sessions,
+    accs: &mut [Box<dyn GroupsAccumulator>],
+    aggs: &[Arc<AggregateFunctionExpr>],
+    schema: &SchemaRef,
+    num_group_cols: usize,
+) -> Result<RecordBatch> {
+    use datafusion::arrow::array::TimestampMillisecondArray;
+    let total = sess.start.len();
+    let mut out_of_root = vec![u32::MAX; total];
+    let mut roots = Vec::new();
+    let mut remap = Vec::with_capacity(total);
+    for g in 0..total as u32 {
+        let r = sess.root(g) as usize;
+        if out_of_root[r] == u32::MAX {
+            out_of_root[r] = roots.len() as u32;
+            roots.push(r);
+        }
+        remap.push(out_of_root[r] as usize);
+    }
+    let all: Vec<usize> = (0..total).collect();
+    let mut values = Vec::with_capacity(accs.len());
+    for (acc, expr) in accs.iter_mut().zip(aggs) {
+        let state = acc.state(EmitTo::All)?;
+        acc.merge_batch(&state, &all, total)?;
+        let mut scratch = new_groups_accumulator(expr)?;
+        scratch.merge_batch(&state, &remap, roots.len())?;
+        values.push(scratch.evaluate(EmitTo::All)?);
+    }
+    let mut others = match &sess.others {
+        Some(conv) => {
+            let parser = conv.parser();
+            conv.convert_rows(
+                roots
+                    .iter()
+                    .map(|r| parser.parse(&sess.key_bytes[sess.group_key[*r] as usize])),
+            )?
+        }
+        None => Vec::new(),
+    }
+    .into_iter();
+    let starts =
+        TimestampMillisecondArray::from(roots.iter().map(|r| sess.start[*r]).collect::<Vec<_>>());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for i in 0..num_group_cols {
+        if i == sess.spec.col {
+            columns.push(Arc::new(starts.clone()));
+        } else {
+            columns.push(others.next().expect("one column per other key"));
+        }
+    }
+    columns.extend(values);
+    finish(columns, schema)
 }
 
 /// Casts evaluated columns to the view's aggregate schema.

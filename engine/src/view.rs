@@ -50,7 +50,7 @@ use storepulse_ingest::StreamKind;
 use crate::{
     error::{user_err, Result},
     snapshot::{SnapshotCell, ViewStateTable},
-    state::{GroupState, HopPanes},
+    state::{GroupState, HopPanes, SessionSpec},
 };
 
 /// One incrementally maintained view.
@@ -230,6 +230,26 @@ pub async fn plan_view(
         }
     };
 
+    // Session windows: `session(ts, gap)` in GROUP BY.
+    let mut session = None;
+    for (i, e) in agg.group_expr.iter().enumerate() {
+        if let Expr::ScalarFunction(f) = e {
+            if f.func.name() == "session" {
+                let gap = match &f.args[1] {
+                    Expr::Literal(v, _) => storepulse_sql::udf::interval_literal_ms(v),
+                    _ => None,
+                };
+                let Some(gap_ms) = gap else {
+                    return why("session(): the gap must be a constant interval");
+                };
+                if session.is_some() {
+                    return why("a view can use only one session() window");
+                }
+                session = Some(SessionSpec { col: i, gap_ms });
+            }
+        }
+    }
+
     // Physical partial aggregate over the stateless input.
     let mut physical_input = planning.create_physical_plan(&input_plan).await?;
     if physical_input.output_partitioning().partition_count() != 1 {
@@ -272,6 +292,12 @@ pub async fn plan_view(
     let mut state = GroupState::try_new(&partial.schema(), num_groups, aggr_exprs)?;
     if let Some(h) = hop {
         state.set_hop(h);
+    }
+    if let Some(spec) = session {
+        if hop.is_some() {
+            return why("a view cannot combine hop() and session() windows");
+        }
+        state.set_session(spec, &partial.schema())?;
     }
 
     // The aggregate's output, as an internal table c0..cN.

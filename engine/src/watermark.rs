@@ -9,8 +9,9 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-/// A stream's watermark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+/// A stream's watermark. Serialized as `null` (none yet), an RFC 3339 time,
+/// or `"final"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Watermark {
     /// No partition has delivered yet.
     None,
@@ -26,6 +27,21 @@ impl Watermark {
         match self {
             Watermark::At(t) => Some(t),
             _ => None,
+        }
+    }
+}
+
+impl serde::Serialize for Watermark {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Watermark::None => s.serialize_none(),
+            Watermark::Final => s.serialize_str("final"),
+            Watermark::At(t) => {
+                match datafusion::arrow::temporal_conversions::timestamp_ms_to_datetime(*t) {
+                    Some(dt) => s.serialize_str(&dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                    None => s.serialize_i64(*t),
+                }
+            }
         }
     }
 }

@@ -366,13 +366,13 @@ impl GeneratorSource {
         let now = chrono::Utc::now().timestamp_millis();
         let mut cfg = self.chain.clone();
         cfg.start_ms = now;
-        if let Some(rate) = self.rate {
-            let natural = Chain::new(cfg.clone()).mean_events_per_sec();
-            if natural > 0.0 {
-                cfg.intensity *= rate / natural;
-            }
-        }
-        let mut sim = Simulator::new(Chain::new(cfg));
+        let chain = Chain::new(cfg);
+        // Receipts carry ~1.1 events (member links); IoT is a small fixed rate.
+        let intensity_for = |chain: &Chain, t: i64| {
+            self.rate
+                .map(|r| r / (chain.receipts_per_sec_at(t) * 1.1).max(1e-9))
+        };
+        let mut sim = Simulator::new(chain.clone());
         let partition: Arc<str> = "generator".into();
         let mut decoders: Vec<EventDecoder> = StreamKind::ALL
             .iter()
@@ -391,6 +391,9 @@ impl GeneratorSource {
                 return Ok(());
             }
             let now = chrono::Utc::now().timestamp_millis();
+            if let Some(i) = intensity_for(&chain, now) {
+                sim.set_intensity(i);
+            }
             sim.advance(now, &mut |e| pending[e.stream as usize].push(e));
             for (k, events) in pending.iter_mut().enumerate() {
                 if events.is_empty() {
@@ -427,5 +430,108 @@ impl GeneratorSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dead_letter::MemoryDeadLetterSink;
+
+    fn read_all(src: FileSource) -> Result<Vec<SourceMessage>> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (_stop, shutdown) = watch::channel(false);
+        src.run_blocking(&tx, &MemoryDeadLetterSink::default(), &shutdown)?;
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn csv_rows_are_mapped_by_column_name_and_lines_numbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sales.csv");
+        // Columns in another order, no line_no, no discount, an extra column.
+        std::fs::write(
+            &path,
+            "ts,event_id,store_id,receipt_id,sku,qty,unit_price,member_id,channel,note\n\
+             2026-01-05T10:00:00Z,e1,S1,r1,A,2,1.50,m1,pos,x\n\
+             2026-01-05T10:00:00Z,e1,S1,r1,B,1,2.00,m1,pos,y\n\
+             2026-01-05T11:00:00Z,e2,S1,r2,A,1,1.50,,,z\n",
+        )
+        .unwrap();
+        let msgs = read_all(FileSource {
+            stream: StreamKind::Sales,
+            path,
+            format: FileFormat::Csv,
+            batch_size: 100,
+        })
+        .unwrap();
+        let SourceMessage::Batch(b) = &msgs[0] else {
+            panic!("{msgs:?}")
+        };
+        assert_eq!(b.events, 2);
+        assert_eq!(b.batch.schema(), StreamKind::Sales.schema());
+        let line_no = b.batch.column_by_name("line_no").unwrap();
+        let line_no = line_no.as_primitive::<arrow::datatypes::Int32Type>();
+        assert_eq!(line_no.values().to_vec(), vec![0, 1, 0]);
+        assert!(matches!(
+            msgs.last(),
+            Some(SourceMessage::EndOfPartition { .. })
+        ));
+    }
+
+    #[test]
+    fn a_missing_required_column_names_file_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counts.csv");
+        std::fs::write(
+            &path,
+            "event_id,ts,store_id,sku\ne,2026-01-05T10:00:00Z,S1,A\n",
+        )
+        .unwrap();
+        let err = read_all(FileSource {
+            stream: StreamKind::StockCounts,
+            path,
+            format: FileFormat::Csv,
+            batch_size: 100,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("counts.csv") && err.contains("missing required column 'on_hand'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jsonl_positions_are_line_numbers_and_blank_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iot.jsonl");
+        let rec =
+            r#"{"event_id":"a","ts":1,"store_id":"S","device_id":"d","metric":"m","value":1}"#;
+        std::fs::write(&path, format!("{rec}\n\n{}\n{rec}\n", "{bad")).unwrap();
+        let sink = MemoryDeadLetterSink::default();
+        let (tx, mut rx) = mpsc::channel(8);
+        let (_stop, shutdown) = watch::channel(false);
+        FileSource {
+            stream: StreamKind::IotReadings,
+            path,
+            format: FileFormat::Jsonl,
+            batch_size: 2,
+        }
+        .run_blocking(&tx, &sink, &shutdown)
+        .unwrap();
+        let dead = sink.letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].position, 3);
+        let SourceMessage::Batch(b) = rx.try_recv().unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.batch.num_rows(), 1);
+        assert_eq!(b.position.next_offset, 4);
     }
 }

@@ -8,7 +8,13 @@
 //!   `SELECT .., w AS window_start FROM (SELECT *, unnest(hop(ts, INTERVAL
 //!   '1 hour', INTERVAL '24 hours')) AS w FROM sales) GROUP BY .., w`.
 //!
-//! Both are plain scalar functions, so a batch query with the same SQL gives
+//! * `session(ts, INTERVAL '30 minutes')` — in a materialized view's
+//!   `GROUP BY` only: rows of the same other keys whose times are at most the
+//!   gap apart form one session; the column holds the session's start. The
+//!   engine maintains it (sessions merge when a late row bridges two). As a
+//!   plain function it returns `ts` unchanged.
+//!
+//! `tumble` and `hop` are plain scalar functions, so a batch query with the same SQL gives
 //! the same answer as the continuous view (the batch oracle).
 
 use std::sync::Arc;
@@ -27,7 +33,13 @@ use datafusion::{
 
 /// All storepulse scalar UDFs, to register in every `SessionContext`.
 pub fn all() -> Vec<ScalarUDF> {
-    vec![ScalarUDF::from(Tumble::new()), ScalarUDF::from(Hop::new())]
+    vec![
+        ScalarUDF::from(Tumble::new()),
+        ScalarUDF::from(Hop::new()),
+        ScalarUDF::from(Session {
+            signature: Signature::any(2, Volatility::Immutable),
+        }),
+    ]
 }
 
 /// `__hop_pane(ts, slide)`: the one-element list `[tumble(ts, slide)]`, with
@@ -223,5 +235,31 @@ impl ScalarUDFImpl for HopPane {
             ts.nulls().cloned(),
         )?;
         Ok(ColumnarValue::Array(Arc::new(list)))
+    }
+}
+
+/// `session(ts, gap)`: see the module docs.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Session {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for Session {
+    fn name(&self) -> &str {
+        "session"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        check_ts("session", &args[0])?;
+        Ok(args[0].clone())
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        interval_ms(&args.args[1], "session", "gap")?;
+        Ok(ColumnarValue::Array(ts_array(
+            &args.args[0],
+            args.number_rows,
+        )?))
     }
 }

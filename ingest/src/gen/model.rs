@@ -280,21 +280,17 @@ impl Chain {
         }
     }
 
-    /// Events per second this chain produces on average at intensity 1.
-    pub fn mean_events_per_sec(&self) -> f64 {
-        let per_day: f64 = self
-            .stores
+    /// Receipts per second the chain produces at event time `ts_ms` with
+    /// intensity 1 (hour of day and day of week included).
+    pub fn receipts_per_sec_at(&self, ts_ms: i64) -> f64 {
+        let hour = ts_ms.rem_euclid(DAY_MS) / HOUR_MS;
+        let day = ts_ms.div_euclid(DAY_MS) - 4;
+        self.stores
             .iter()
-            .map(|s| {
-                let receipts: f64 = (0..24)
-                    .map(|h| s.format.peak_receipts_per_hour() * s.format.hour_curve(h))
-                    .sum::<f64>()
-                    * s.size
-                    * self.cfg.intensity;
-                receipts * 1.1 + s.format.fridges() as f64 * 288.0
-            })
-            .sum();
-        per_day / 86_400.0
+            .map(|s| s.format.peak_receipts_per_hour() * s.format.hour_curve(hour) * s.size)
+            .sum::<f64>()
+            * weekday_factor(day)
+            / 3600.0
     }
 
     /// `stores.csv`: `store_id,name,city,format,fridges`.
@@ -420,6 +416,12 @@ impl Simulator {
             linked: HashSet::new(),
             step: Vec::new(),
         }
+    }
+
+    /// Changes the receipt-rate multiplier from now on (the live generator
+    /// keeps a target event rate across the hours of the day).
+    pub fn set_intensity(&mut self, intensity: f64) {
+        self.chain.cfg.intensity = intensity;
     }
 
     /// The chain being simulated.
