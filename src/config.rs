@@ -252,7 +252,7 @@ impl Config {
                     if *stores == 0 {
                         bail!("sources[{i}].stores: must be at least 1");
                     }
-                    if matches!(rate, Some(r) if !(*r > 0.0)) {
+                    if matches!(rate, Some(r) if r.is_nan() || *r <= 0.0) {
                         bail!("sources[{i}].rate: must be positive");
                     }
                 }
