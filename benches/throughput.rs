@@ -78,24 +78,26 @@ fn generate(n: usize, seed: u64, all_keys: bool) -> Vec<String> {
         .collect()
 }
 
-fn peak_rss_mb() -> f64 {
+/// A memory figure of this process from /proc/self/status, in MB
+/// (`VmHWM`: peak resident set; `VmRSS`: current).
+fn proc_status_mb(key: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+fn records(chunk: &[String]) -> Vec<RawRecord<'_>> {
+    chunk
+        .iter()
+        .map(|l| RawRecord {
+            bytes: l.as_bytes(),
+            position: 0,
+        })
+        .collect()
 }
 
 /// Decodes `lines` on a separate thread, in batches, into a channel.
@@ -105,13 +107,7 @@ fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instan
         let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
         for (c, chunk) in lines.chunks(BATCH).enumerate() {
             let t = Instant::now();
-            let recs: Vec<RawRecord<'_>> = chunk
-                .iter()
-                .map(|l| RawRecord {
-                    bytes: l.as_bytes(),
-                    position: 0,
-                })
-                .collect();
+            let recs = records(chunk);
             let out = dec.decode(&recs).expect("decode");
             assert!(out.dead_letters.is_empty());
             let batch = SourceBatch {
@@ -167,13 +163,7 @@ async fn batch(lines: &[String], views: &str) -> (f64, f64) {
     let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
     let mut batches = Vec::new();
     for chunk in lines.chunks(BATCH) {
-        let recs: Vec<RawRecord<'_>> = chunk
-            .iter()
-            .map(|l| RawRecord {
-                bytes: l.as_bytes(),
-                position: 0,
-            })
-            .collect();
+        let recs = records(chunk);
         batches.push(dec.decode(&recs).expect("decode").batch.expect("rows"));
     }
     let decoded = started.elapsed().as_secs_f64();
@@ -220,7 +210,7 @@ async fn main() {
         bytes as f64 / 1e6,
         bytes as f64 / n as f64
     );
-    let base_rss = rss_mb();
+    let base_rss = proc_status_mb("VmRSS:");
 
     let (eps, lat, mut engine) = streaming(lines.clone(), VIEWS).await;
     let t = Instant::now();
@@ -247,7 +237,7 @@ async fn main() {
     println!("snapshot (evaluate all views) {read_ms:.0} ms");
     println!(
         "peak RSS {:.0} MB (JSON input itself: {:.0} MB; RSS before: {:.0} MB)",
-        peak_rss_mb(),
+        proc_status_mb("VmHWM:"),
         bytes as f64 / 1e6,
         base_rss
     );
@@ -264,7 +254,7 @@ async fn main() {
     // State of 1,000,000 (store, SKU) keys.
     drop(lines);
     let keys = Arc::new(generate(1_000_000, 8, true));
-    let before = rss_mb();
+    let before = proc_status_mb("VmRSS:");
     let (_, _, mut engine) = streaming(
         keys,
         "CREATE MATERIALIZED VIEW by_key AS SELECT store_id, sku, sum(qty) AS units, count(*) AS lines, max(ts) AS last_ts FROM sales GROUP BY store_id, sku;",
@@ -278,6 +268,6 @@ async fn main() {
         v.groups.unwrap_or(0),
         v.state_bytes.unwrap_or(0) as f64 / 1e6,
         (engine.state_bytes() - v.state_bytes.unwrap_or(0)) as f64 / 1e6,
-        rss_mb() - before
+        proc_status_mb("VmRSS:") - before
     );
 }

@@ -353,11 +353,16 @@ path = "bad_movements.jsonl"
     assert!(server.stop().success());
 }
 
-fn run_expecting_error(config_text: &str) -> String {
+/// Runs `storepulse run` on `config_text` (with an empty `x.jsonl` and the
+/// given extra files beside it) and returns its stderr; it must fail.
+fn run_expecting_error(config_text: &str, files: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, config_text).unwrap();
     std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let out = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
@@ -369,40 +374,32 @@ fn run_expecting_error(config_text: &str) -> String {
 
 #[test]
 fn bad_configs_fail_at_start_naming_the_field() {
-    let e = run_expecting_error("bogus = 1\n[[sources]]\ntype = 'generator'\n");
+    let e = run_expecting_error("bogus = 1\n[[sources]]\ntype = 'generator'\n", &[]);
     assert!(e.contains("unknown field `bogus`"), "{e}");
-    let e = run_expecting_error("[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n");
+    let e = run_expecting_error(
+        "[[sources]]\ntype = 'file'\nstream = 'salez'\npath = 'x.jsonl'\n",
+        &[],
+    );
     assert!(e.contains("unknown stream 'salez'"), "{e}");
     let e = run_expecting_error(
         "[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n",
+        &[],
     );
     assert!(e.contains("sources[0].path: no such file"), "{e}");
-    let e = run_expecting_error("[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n");
+    let e = run_expecting_error("[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n", &[]);
     assert!(e.contains("sql.files[0]"), "{e}");
 }
 
 #[test]
 fn a_view_that_cannot_be_maintained_fails_at_start_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
-    std::fs::write(
-        dir.path().join("v.sql"),
-        "CREATE MATERIALIZED VIEW raw AS SELECT * FROM sales;",
-    )
-    .unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        "[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = run_expecting_error(
+        "[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n\
+         [[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
+        &[(
+            "v.sql",
+            "CREATE MATERIALIZED VIEW raw AS SELECT * FROM sales;",
+        )],
+    );
     assert!(
         e.contains("v.sql") && e.contains("cannot be maintained incrementally"),
         "{e}"
