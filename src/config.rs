@@ -25,6 +25,7 @@ pub(crate) struct Config {
     /// Bounded run: when every source has reached its end, close all windows
     /// (the watermark becomes final) and report the pipeline as finished.
     /// The HTTP API keeps serving until Ctrl-C unless `--exit-when-done`.
+    /// Required with `file` and `dataset` sources.
     #[serde(default)]
     pub(crate) until_eof: bool,
     /// Event-time settings (lateness, idle timeout, de-duplication).
@@ -233,6 +234,12 @@ impl Config {
             }
         }
         for (i, s) in self.sources.iter().enumerate() {
+            if !self.until_eof && !matches!(s, SourceConfig::Generator { .. }) {
+                bail!(
+                    "sources[{i}]: file sources are bounded; set `until_eof = true` \
+                     (following a growing file is not supported)"
+                );
+            }
             match s {
                 SourceConfig::File { path, format, .. } => {
                     if !path.is_file() {

@@ -382,18 +382,26 @@ fn bad_configs_fail_at_start_naming_the_field() {
     );
     assert!(e.contains("unknown stream 'salez'"), "{e}");
     let e = run_expecting_error(
-        "[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n",
+        "[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
+        &[],
+    );
+    assert!(
+        e.contains("sources[0]: file sources are bounded; set `until_eof = true`"),
+        "{e}"
+    );
+    let e = run_expecting_error(
+        "until_eof = true\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'missing.jsonl'\n",
         &[],
     );
     assert!(e.contains("sources[0].path: no such file"), "{e}");
-    let e = run_expecting_error("[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n", &[]);
+    let e = run_expecting_error("until_eof = true\n[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n", &[]);
     assert!(e.contains("sql.files[0]"), "{e}");
 }
 
 #[test]
 fn a_view_that_cannot_be_maintained_fails_at_start_with_the_reason() {
     let e = run_expecting_error(
-        "[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n\
+        "until_eof = true\n[sql]\nbuiltin = false\nfiles = ['v.sql']\n[http]\nlisten = '127.0.0.1:0'\n\
          [[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
         &[(
             "v.sql",
