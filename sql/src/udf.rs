@@ -165,34 +165,39 @@ impl ScalarUDFImpl for Hop {
         if size % slide != 0 {
             return exec_err!("hop: size ({size} ms) must be a multiple of slide ({slide} ms)");
         }
-        let per_row = (size / slide) as usize;
-        let ts = ts_array(&args.args[0], args.number_rows)?;
-        let ts = ts.as_primitive::<TimestampMillisecondType>();
-        let mut values = Vec::with_capacity(ts.len() * per_row);
-        let mut lengths = Vec::with_capacity(ts.len());
-        for i in 0..ts.len() {
-            if ts.is_null(i) {
-                lengths.push(0);
-                continue;
-            }
-            let t = ts.value(i);
-            let last = t - t.rem_euclid(slide);
-            // Oldest window first.
-            for k in (0..per_row as i64).rev() {
-                values.push(last - k * slide);
-            }
-            lengths.push(per_row);
-        }
-        let values = TimestampMillisecondArray::from(values).with_data_type(ts.data_type().clone());
-        let field = Arc::new(Field::new("item", ts.data_type().clone(), false));
-        let list = ListArray::try_new(
-            field,
-            OffsetBuffer::from_lengths(lengths),
-            Arc::new(values),
-            ts.nulls().cloned(),
-        )?;
-        Ok(ColumnarValue::Array(Arc::new(list)))
+        window_starts(&args, slide, (size / slide) as usize)
     }
+}
+
+/// For each timestamp of `args.args[0]`, the list of the `per_row` window
+/// starts (oldest first) of slide-aligned windows that contain it; with
+/// `per_row == 1` that is just the slide-sized pane.
+fn window_starts(args: &ScalarFunctionArgs, slide: i64, per_row: usize) -> Result<ColumnarValue> {
+    let ts = ts_array(&args.args[0], args.number_rows)?;
+    let ts = ts.as_primitive::<TimestampMillisecondType>();
+    let mut values = Vec::with_capacity(ts.len() * per_row);
+    let mut lengths = Vec::with_capacity(ts.len());
+    for i in 0..ts.len() {
+        if ts.is_null(i) {
+            lengths.push(0);
+            continue;
+        }
+        let t = ts.value(i);
+        let last = t - t.rem_euclid(slide);
+        for k in (0..per_row as i64).rev() {
+            values.push(last - k * slide);
+        }
+        lengths.push(per_row);
+    }
+    let values = TimestampMillisecondArray::from(values).with_data_type(ts.data_type().clone());
+    let field = Arc::new(Field::new("item", ts.data_type().clone(), false));
+    let list = ListArray::try_new(
+        field,
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(values),
+        ts.nulls().cloned(),
+    )?;
+    Ok(ColumnarValue::Array(Arc::new(list)))
 }
 
 /// See [`hop_pane`].
@@ -213,28 +218,7 @@ impl ScalarUDFImpl for HopPane {
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let slide = interval_ms(&args.args[1], "hop", "slide")?;
-        let ts = ts_array(&args.args[0], args.number_rows)?;
-        let ts = ts.as_primitive::<TimestampMillisecondType>();
-        let mut values = Vec::with_capacity(ts.len());
-        let mut lengths = Vec::with_capacity(ts.len());
-        for i in 0..ts.len() {
-            if ts.is_null(i) {
-                lengths.push(0);
-            } else {
-                let t = ts.value(i);
-                values.push(t - t.rem_euclid(slide));
-                lengths.push(1);
-            }
-        }
-        let panes = TimestampMillisecondArray::from(values).with_data_type(ts.data_type().clone());
-        let field = Arc::new(Field::new("item", ts.data_type().clone(), false));
-        let list = ListArray::try_new(
-            field,
-            OffsetBuffer::from_lengths(lengths),
-            Arc::new(panes),
-            ts.nulls().cloned(),
-        )?;
-        Ok(ColumnarValue::Array(Arc::new(list)))
+        window_starts(&args, slide, 1)
     }
 }
 
