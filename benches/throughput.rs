@@ -19,76 +19,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{generate, percentile, proc_status_mb, VIEWS};
 use datafusion::{datasource::MemTable, prelude::SessionContext};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use storepulse_engine::{Engine, EngineConfig};
 use storepulse_ingest::{
     source::Position, EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
 };
 
+mod common;
+
 const BATCH: usize = 8192;
-
-const VIEWS: &str = "
-CREATE MATERIALIZED VIEW hourly AS
-SELECT store_id, sku, date_bin(INTERVAL '1 hour', ts) AS window_start,
-       sum(qty) AS units, sum(qty * unit_price) AS revenue
-FROM sales GROUP BY store_id, sku, date_bin(INTERVAL '1 hour', ts);
-CREATE MATERIALIZED VIEW hopping AS
-SELECT store_id, sku, window_start, sum(qty) AS units, count(*) AS lines
-FROM (SELECT *, unnest(hop(ts, INTERVAL '1 hour', INTERVAL '24 hours')) AS window_start FROM sales)
-GROUP BY store_id, sku, window_start;
-CREATE MATERIALIZED VIEW members AS
-SELECT member_id, count(*) AS lines, sum(qty * unit_price) AS spend, max(ts) AS last_seen
-FROM sales WHERE member_id IS NOT NULL GROUP BY member_id;
-";
-
-/// `n` receipts over ~3 days, 1,000 stores × 1,000 SKUs, 200,000 members.
-fn generate(n: usize, seed: u64, all_keys: bool) -> Vec<String> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let start = 1_767_571_200_000i64;
-    let step = (3 * 86_400_000) / n.max(1) as i64;
-    (0..n)
-        .map(|i| {
-            let (store, sku) = if all_keys {
-                (i % 1000, (i / 1000) % 1000)
-            } else {
-                // Long tail: low SKU numbers sell more.
-                let u: f64 = rng.random();
-                (rng.random_range(0..1000), ((u * u * u) * 1000.0) as usize)
-            };
-            let ts = start + i as i64 * step + rng.random_range(0..60_000);
-            let member = if rng.random_bool(0.4) {
-                format!(r#","member_id":"M{:06}""#, rng.random_range(0..200_000))
-            } else {
-                String::new()
-            };
-            let extra = if rng.random_bool(0.2) {
-                format!(r#",{{"sku":"P{:04}","qty":1,"unit_price":2.50}}"#, rng.random_range(0..1000))
-            } else {
-                String::new()
-            };
-            format!(
-                r#"{{"event_id":"e{i}","ts":{ts},"store_id":"S{store:04}","receipt_id":"r{i}"{member},"channel":"pos","lines":[{{"sku":"P{sku:04}","qty":{},"unit_price":{}.{:02}}}{extra}]}}"#,
-                rng.random_range(1..4),
-                rng.random_range(1..20),
-                rng.random_range(0..100)
-            )
-        })
-        .collect()
-}
-
-/// A memory figure of this process from /proc/self/status, in MB
-/// (`VmHWM`: peak resident set; `VmRSS`: current).
-fn proc_status_mb(key: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn records(chunk: &[String]) -> Vec<RawRecord<'_>> {
     chunk
@@ -126,14 +66,6 @@ fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instan
         }
     });
     rx
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 async fn streaming(lines: Arc<Vec<String>>, views: &str) -> (f64, Vec<Duration>, Engine) {

@@ -97,7 +97,8 @@ impl Default for SqlConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PipelineConfig {
-    /// Events per micro-batch read from a file.
+    /// Events per micro-batch read from a file (Kafka sources have their
+    /// own `batch_max_messages` and `batch_linger`).
     #[serde(default = "default_batch_size")]
     pub(crate) batch_size: usize,
     /// Batches buffered between sources and the engine; a full buffer pauses
@@ -151,6 +152,9 @@ pub(crate) enum SourceConfig {
         /// The directory.
         dir: PathBuf,
     },
+    /// Kafka topics (one per stream) read by a consumer group; see
+    /// `storepulse_kafka::KafkaSourceConfig` for every key.
+    Kafka(storepulse_kafka::KafkaSourceConfig),
     /// The synthetic chain, live.
     Generator {
         /// Number of stores.
@@ -210,7 +214,7 @@ impl Config {
             match s {
                 SourceConfig::File { path, .. } => fix(path),
                 SourceConfig::Dataset { dir } => fix(dir),
-                SourceConfig::Generator { .. } => {}
+                SourceConfig::Generator { .. } | SourceConfig::Kafka(_) => {}
             }
         }
     }
@@ -234,7 +238,9 @@ impl Config {
             }
         }
         for (i, s) in self.sources.iter().enumerate() {
-            if !self.until_eof && !matches!(s, SourceConfig::Generator { .. }) {
+            if !self.until_eof
+                && !matches!(s, SourceConfig::Generator { .. } | SourceConfig::Kafka(_))
+            {
                 bail!(
                     "sources[{i}]: file sources are bounded; set `until_eof = true` \
                      (following a growing file is not supported)"
@@ -254,6 +260,10 @@ impl Config {
                     if !dir.is_dir() {
                         bail!("sources[{i}].dir: no such directory {}", dir.display());
                     }
+                }
+                SourceConfig::Kafka(k) => {
+                    k.stream_topics()
+                        .map_err(|e| anyhow::anyhow!("sources[{i}]: {e}"))?;
                 }
                 SourceConfig::Generator { stores, rate, .. } => {
                     if *stores == 0 {
@@ -300,6 +310,34 @@ mod tests {
         assert!(e.contains("unknown stream 'salez'"), "{e}");
         let e = parse("[engine]\nallowed_lateness = 'soon'\n").unwrap_err();
         assert!(e.contains("allowed_lateness"), "{e}");
+    }
+
+    #[test]
+    fn kafka_source_parses_with_defaults_and_names_unknown_keys() {
+        let c = parse(
+            r#"
+[[sources]]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+group_id = "g1"
+start_from = "latest"
+batch_linger = "20ms"
+topics = { sales = "pos.receipts" }
+properties = { "security.protocol" = "SSL" }
+"#,
+        )
+        .unwrap();
+        let SourceConfig::Kafka(k) = &c.sources[0] else {
+            panic!("not kafka")
+        };
+        assert_eq!(k.group_id, "g1");
+        assert_eq!(k.batch_linger.as_millis(), 20);
+        assert_eq!(k.dead_letter_topic, "storepulse.dead_letter");
+        let topics = k.stream_topics().unwrap();
+        assert_eq!(topics[0].1, "pos.receipts");
+        assert_eq!(topics[1].1, "storepulse.stock_movements");
+        let e = parse("[[sources]]\ntype = 'kafka'\nbrokers = 'x:1'\ngroup = 'g'\n").unwrap_err();
+        assert!(e.contains("unknown field `group`"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,39 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Publish a dataset (`storepulse gen` output, or any `<stream>.jsonl`
+    /// files of the event contract) to Kafka: one message per line, keyed by
+    /// store_id, idempotent producer.
+    Replay {
+        /// Directory holding `<stream>.jsonl` files.
+        dir: PathBuf,
+        /// Bootstrap brokers, `host:port[,host:port]`.
+        #[arg(long)]
+        brokers: String,
+        /// Events per second over all streams (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Topic names are `<prefix><stream>`.
+        #[arg(long, default_value = "storepulse.")]
+        topic_prefix: String,
+        /// Create missing topics (the stream topics and the dead-letter
+        /// topic) before publishing.
+        #[arg(long)]
+        create_topics: bool,
+        /// Partitions of created topics.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Replication factor of created topics.
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+        /// librdkafka producer property `KEY=VALUE` (TLS, SASL,
+        /// compression); repeatable.
+        #[arg(long = "property", short = 'X', value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+        /// Bound on reaching the brokers.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Run SQL against a running server and print the answer.
     Query {
         /// The SQL.
@@ -128,6 +161,34 @@ fn main() -> anyhow::Result<()> {
             server,
             format,
         } => query(&sql, &server, format),
+        Command::Replay {
+            dir,
+            brokers,
+            rate,
+            topic_prefix,
+            create_topics,
+            partitions,
+            replication,
+            properties,
+            timeout,
+        } => {
+            if let Some(r) = rate {
+                anyhow::ensure!(r.is_finite() && r > 0.0, "--rate must be positive");
+            }
+            let opts = storepulse_kafka::replay::ReplayOptions {
+                brokers,
+                topic_prefix,
+                rate,
+                properties: properties.into_iter().collect(),
+                timeout,
+                progress: true,
+            };
+            runtime()?.block_on(replay(
+                dir,
+                opts,
+                create_topics.then_some((partitions, replication)),
+            ))
+        }
         Command::Demo {
             stores,
             rate,
@@ -185,6 +246,53 @@ fn gen(
         "total",
         summary.total(),
         out.display()
+    );
+    Ok(())
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))
+}
+
+async fn replay(
+    dir: PathBuf,
+    opts: storepulse_kafka::replay::ReplayOptions,
+    create: Option<(i32, i32)>,
+) -> anyhow::Result<()> {
+    use storepulse_kafka::{config, replay};
+    let inputs = replay::dataset_inputs(&dir)?;
+    if let Some((partitions, replication)) = create {
+        let mut topics: Vec<String> = storepulse_ingest::StreamKind::ALL
+            .iter()
+            .map(|k| config::topic_name(&opts.topic_prefix, *k))
+            .collect();
+        topics.push(config::DEFAULT_DEAD_LETTER_TOPIC.to_string());
+        storepulse_kafka::admin::ensure_topics(
+            &opts.brokers,
+            &opts.properties,
+            &topics,
+            partitions,
+            replication,
+            opts.timeout,
+        )
+        .await?;
+    }
+    let report = tokio::task::spawn_blocking(move || replay::replay(&inputs, &opts))
+        .await
+        .context("replay task panicked")??;
+    for (stream, n) in &report.per_stream {
+        println!("{:>16}: {n} events", stream.name());
+    }
+    println!(
+        "{:>16}: {} events ({} bytes) published in {:.1}s ({:.0} events/s)",
+        "total",
+        report.events,
+        report.bytes,
+        report.seconds,
+        report.events as f64 / report.seconds.max(1e-9)
     );
     Ok(())
 }
@@ -257,17 +365,25 @@ async fn serve(
             .with_context(|| format!("in {}", f.display()))?;
     }
     let views = engine.views().len();
+    let applied = engine.positions().clone();
     let handle = EngineHandle::new(engine);
     let dlq_path = cfg.data_dir.join("dead_letters.jsonl");
     let dead_letters: Arc<dyn DeadLetterSink> = Arc::new(JsonlDeadLetterSink::open(&dlq_path)?);
-    let (files, mut gens) = pipeline::build_sources(&cfg.sources, cfg.pipeline.batch_size)?;
-    gens.extend(gens_override);
+    let mut sources = pipeline::build_sources(
+        &cfg.sources,
+        cfg.pipeline.batch_size,
+        cfg.until_eof,
+        applied,
+    )
+    .await?;
+    sources.gens.extend(gens_override);
 
     let state = Arc::new(PipelineState::default());
     let app = AppState {
         engine: handle.clone(),
         pipeline: state.clone(),
         metrics,
+        kafka: sources.kafka.iter().map(|k| k.status()).collect(),
     };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -290,8 +406,7 @@ async fn serve(
     });
     let mut pipeline_task = tokio::spawn(pipeline::run(
         handle.clone(),
-        files,
-        gens,
+        sources,
         dead_letters,
         cfg.pipeline.channel_capacity,
         shutdown_rx,

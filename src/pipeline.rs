@@ -17,8 +17,9 @@ use storepulse_engine::{Engine, EngineHandle};
 use storepulse_ingest::{
     gen::ChainConfig,
     source::{FileFormat, FileSource, GeneratorSource},
-    DeadLetterSink, SourceMessage, StreamKind,
+    AppliedPositions, DeadLetterSink, SourceMessage, StreamKind,
 };
+use storepulse_kafka::KafkaSource;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
@@ -50,15 +51,37 @@ impl PipelineState {
     }
 }
 
-/// Expands the configured sources into runnable ones.
-pub(crate) fn build_sources(
+/// The runnable sources of a config.
+#[derive(Default)]
+pub(crate) struct Sources {
+    pub(crate) files: Vec<FileSource>,
+    pub(crate) gens: Vec<GeneratorSource>,
+    pub(crate) kafka: Vec<KafkaSource>,
+}
+
+/// Expands the configured sources into runnable ones. Kafka sources connect
+/// here (bounded by their `connect_timeout`), so an unreachable broker, a
+/// bad property or a missing topic fails the start with a clear error.
+pub(crate) async fn build_sources(
     sources: &[SourceConfig],
     batch_size: usize,
-) -> anyhow::Result<(Vec<FileSource>, Vec<GeneratorSource>)> {
-    let mut files = Vec::new();
-    let mut gens = Vec::new();
-    for s in sources {
+    until_eof: bool,
+    applied: Arc<AppliedPositions>,
+) -> anyhow::Result<Sources> {
+    let mut out = Sources::default();
+    let (files, gens) = (&mut out.files, &mut out.gens);
+    for (i, s) in sources.iter().enumerate() {
         match s {
+            SourceConfig::Kafka(k) => {
+                let (k, applied) = (k.clone(), applied.clone());
+                let src = tokio::task::spawn_blocking(move || {
+                    KafkaSource::connect(k, until_eof, applied)
+                })
+                .await
+                .context("Kafka connect task panicked")?
+                .with_context(|| format!("sources[{i}] (kafka)"))?;
+                out.kafka.push(src);
+            }
             SourceConfig::File {
                 stream,
                 path,
@@ -109,7 +132,7 @@ pub(crate) fn build_sources(
             }),
         }
     }
-    Ok((files, gens))
+    Ok(out)
 }
 
 /// Loads dimension tables into the engine.
@@ -167,8 +190,7 @@ pub(crate) fn write_chain_dimensions(
 /// Runs sources into the engine until they end (bounded) or `shutdown`.
 pub(crate) async fn run(
     handle: EngineHandle,
-    files: Vec<FileSource>,
-    gens: Vec<GeneratorSource>,
+    sources: Sources,
     dead_letters: Arc<dyn DeadLetterSink>,
     channel_capacity: usize,
     shutdown: watch::Receiver<bool>,
@@ -176,6 +198,11 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(channel_capacity.max(1));
     let mut tasks = JoinSet::new();
+    let Sources { files, gens, kafka } = sources;
+    for k in kafka {
+        let (tx, sd) = (tx.clone(), shutdown.clone());
+        tasks.spawn(async move { k.run(tx, sd).await.context("Kafka source") });
+    }
     for f in files {
         let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
         let path = f.path.clone();

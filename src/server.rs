@@ -27,6 +27,8 @@ pub(crate) struct AppState {
     pub(crate) pipeline: Arc<PipelineState>,
     /// Prometheus renderer.
     pub(crate) metrics: Option<PrometheusHandle>,
+    /// Kafka sources' assignment and backpressure state.
+    pub(crate) kafka: Vec<storepulse_kafka::KafkaStatus>,
 }
 
 /// The API's routes.
@@ -259,6 +261,13 @@ async fn health(State(app): State<AppState>) -> Response {
         "epoch": engine.epoch(),
         "state_bytes": engine.state_bytes(),
         "streams": engine.streams(),
+        "kafka": app.kafka.iter().map(|k| json!({
+            "brokers": k.brokers,
+            "group_id": k.group_id,
+            "assigned": k.assigned(),
+            "paused": k.paused(),
+        })).collect::<Vec<_>>(),
+        "positions": engine.positions().snapshot(),
     }))
     .into_response()
 }

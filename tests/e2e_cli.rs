@@ -2,17 +2,11 @@
 //! `until_eof`, query the HTTP API and check the answer against a batch
 //! oracle computed here; bad config and bad SQL get clear errors.
 
-use std::{
-    collections::HashSet,
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{mpsc, Arc},
-    time::{Duration, Instant},
-};
+use std::{collections::HashSet, path::Path, process::Command, sync::Arc, time::Duration};
 
 use datafusion::{arrow::array::RecordBatch, datasource::MemTable, prelude::SessionContext};
 use storepulse_ingest::{EventDecoder, RawRecord, StreamKind};
+use storepulse_testkit::process::Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 
@@ -43,86 +37,6 @@ fn gen(out: &Path, seed: u64) {
         stdout.contains("sales:") && stdout.contains("total:"),
         "{stdout}"
     );
-}
-
-/// A running `storepulse run`, stopped with SIGINT on drop.
-struct Server {
-    child: Child,
-    base: String,
-    _stderr: mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(config: &Path) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // The server logs its address once it is listening: wait for that line.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let base = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("server did not report its address");
-            if let Some(i) = line.find("url=http://") {
-                let url = line[i + 4..].split_whitespace().next().unwrap();
-                break url.trim_end_matches('/').to_string();
-            }
-        };
-        Server {
-            child,
-            base,
-            _stderr: rx,
-        }
-    }
-
-    fn get(&self, path: &str) -> serde_json::Value {
-        let body = ureq::get(&format!("{}{path}", self.base))
-            .call()
-            .unwrap()
-            .into_body()
-            .read_to_string()
-            .unwrap();
-        serde_json::from_str(&body).unwrap()
-    }
-
-    fn query(&self, sql: &str, accept: &str) -> (u16, Vec<u8>) {
-        let resp = ureq::post(&format!("{}/api/v1/query", self.base))
-            .header("Accept", accept)
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .send_json(serde_json::json!({ "sql": sql }))
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.into_body().read_to_vec().unwrap())
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
 }
 
 fn csv(batches: &[RecordBatch]) -> String {
@@ -193,18 +107,8 @@ path = "bad_movements.jsonl"
         ),
     )
     .unwrap();
-    let server = Server::start(&config);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let h = server.get("/api/v1/health");
-        match h["pipeline"].as_str().unwrap() {
-            "finished" => break,
-            "running" => assert!(Instant::now() < deadline, "pipeline did not finish"),
-            other => panic!("pipeline {other}: {h}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let health = server.get("/api/v1/health");
+    let server = Server::start(BIN, &config);
+    let health = server.wait_finished(Duration::from_secs(300));
     let sales = health["streams"]
         .as_array()
         .unwrap()

@@ -22,7 +22,7 @@ use datafusion::{
     sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
 };
 use serde::Serialize;
-use storepulse_ingest::{SourceMessage, StreamKind};
+use storepulse_ingest::{AppliedPositions, SourceMessage, StreamKind};
 use storepulse_sql::{parse_script, Statement};
 use tokio::sync::Mutex;
 
@@ -108,6 +108,7 @@ pub struct Engine {
     cell: SnapshotCell,
     epoch: u64,
     snapshot_epoch: Option<u64>,
+    positions: Arc<AppliedPositions>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -187,6 +188,7 @@ impl Engine {
             cell,
             epoch: 0,
             snapshot_epoch: None,
+            positions: Arc::default(),
         })
     }
 
@@ -300,6 +302,15 @@ impl Engine {
                 self.epoch += 1;
                 Ok(IngestReport::default())
             }
+            SourceMessage::Assigned { stream, partition } => {
+                let gate = self.gates.get_mut(&stream).expect("gate per stream");
+                gate.watermark.observe(&partition, None, now_ms);
+                Ok(IngestReport::default())
+            }
+            SourceMessage::Advance { position, .. } => {
+                self.positions.record(&position);
+                Ok(IngestReport::default())
+            }
             SourceMessage::Batch(b) => {
                 let started = Instant::now();
                 let gate = self.gates.get_mut(&b.stream).expect("gate per stream");
@@ -331,6 +342,7 @@ impl Engine {
                     self.slots[&b.stream].set(Vec::new());
                 }
                 self.epoch += 1;
+                self.positions.record(&b.position);
                 metrics::histogram!("storepulse_engine_batch_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 Ok(IngestReport {
@@ -340,6 +352,12 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// The source positions whose effects are applied (what sources may
+    /// commit and checkpoints store).
+    pub fn positions(&self) -> &Arc<AppliedPositions> {
+        &self.positions
     }
 
     /// Re-evaluates watermarks at wall clock `now_ms` (idle partitions stop

@@ -21,4 +21,4 @@ pub use dead_letter::{DeadLetter, DeadLetterSink, JsonlDeadLetterSink, MemoryDea
 pub use decode::{DecodeOutput, EventDecoder, RawRecord};
 pub use error::{IngestError, Result};
 pub use schema::StreamKind;
-pub use source::{Position, SourceBatch, SourceMessage};
+pub use source::{AppliedPositions, Position, SourceBatch, SourceMessage};

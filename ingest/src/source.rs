@@ -64,6 +64,25 @@ pub struct SourceBatch {
 pub enum SourceMessage {
     /// Decoded rows.
     Batch(SourceBatch),
+    /// Records up to `position` were consumed but produced no rows (every
+    /// one was dead-lettered): the position still counts as applied, so
+    /// offsets can be committed past them.
+    Advance {
+        /// The stream.
+        stream: StreamKind,
+        /// Where the source stands.
+        position: Position,
+    },
+    /// A partition was assigned to this process (Kafka): until it delivers
+    /// data or goes idle it holds its stream's watermark back, so events of
+    /// a partition that starts late are not judged late against partitions
+    /// that started early.
+    Assigned {
+        /// The stream.
+        stream: StreamKind,
+        /// The partition.
+        partition: Arc<str>,
+    },
     /// The partition has no more data (bounded sources); its watermark no
     /// longer holds the stream back.
     EndOfPartition {
@@ -72,6 +91,72 @@ pub enum SourceMessage {
         /// The partition that finished.
         partition: Arc<str>,
     },
+}
+
+/// The positions whose effects the engine has applied, per source
+/// partition: what a source may commit (Kafka offsets) and what a checkpoint
+/// stores with the state. Shared between the engine (writer) and sources
+/// (readers); [`AppliedPositions::wait_for`] lets a source wait, without
+/// polling, until what it sent has been applied.
+#[derive(Debug, Default)]
+pub struct AppliedPositions {
+    map: std::sync::Mutex<std::collections::HashMap<Arc<str>, u64>>,
+    changed: std::sync::Condvar,
+}
+
+impl AppliedPositions {
+    /// Records that everything before `position.next_offset` is applied.
+    pub fn record(&self, position: &Position) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = map.entry(position.partition.clone()).or_insert(0);
+        *slot = (*slot).max(position.next_offset);
+        drop(map);
+        self.changed.notify_all();
+    }
+
+    /// The applied position of a partition, if any.
+    pub fn get(&self, partition: &str) -> Option<u64> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(partition)
+            .copied()
+    }
+
+    /// Every applied position, sorted by partition.
+    pub fn snapshot(&self) -> Vec<Position> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Position> = map
+            .iter()
+            .map(|(p, o)| Position {
+                partition: p.clone(),
+                next_offset: *o,
+            })
+            .collect();
+        out.sort_by(|a, b| a.partition.cmp(&b.partition));
+        out
+    }
+
+    /// Blocks until every `(partition, next_offset)` in `targets` is applied
+    /// or `timeout` passes; returns whether all were reached.
+    pub fn wait_for(&self, targets: &[(Arc<str>, u64)], timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let done = targets
+                .iter()
+                .all(|(p, o)| map.get(p).is_some_and(|a| a >= o));
+            let now = std::time::Instant::now();
+            if done || now >= deadline {
+                return done;
+            }
+            map = self
+                .changed
+                .wait_timeout(map, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 /// File formats a [`FileSource`] reads.

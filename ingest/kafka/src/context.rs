@@ -1,0 +1,267 @@
+//! The consumer's librdkafka context: logs and errors into `tracing`,
+//! per-partition lag from librdkafka's statistics, and the rebalance
+//! protocol that keeps a partition's events from being counted twice when it
+//! moves to another process (drain what was sent, commit, then let go).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use rdkafka::{
+    client::ClientContext,
+    config::RDKafkaLogLevel,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
+    error::KafkaError,
+    statistics::Statistics,
+    Offset, TopicPartitionList,
+};
+use storepulse_ingest::AppliedPositions;
+
+/// `topic/partition`: the partition's name in positions, watermarks and
+/// dead letters.
+pub(crate) fn partition_name(topic: &str, partition: i32) -> Arc<str> {
+    format!("{topic}/{partition}").into()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared between the poll loop and the rebalance callbacks (which
+/// librdkafka runs on the polling thread, inside `poll`).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// What the engine has applied (written by the engine).
+    pub(crate) applied: Arc<AppliedPositions>,
+    /// Next offset handed to the engine, per partition.
+    pub(crate) sent: Mutex<HashMap<Arc<str>, u64>>,
+    /// Last committed next-offset, per partition.
+    pub(crate) committed: Mutex<HashMap<Arc<str>, u64>>,
+    /// Partitions currently assigned.
+    pub(crate) assigned: Mutex<HashSet<(String, i32)>>,
+    /// Partitions revoked since the loop last looked (their buffers and
+    /// unsent batches must be dropped: the new owner re-reads them).
+    pub(crate) revoked: Mutex<Vec<(String, i32)>>,
+    /// Bumped on every assignment change.
+    pub(crate) generation: AtomicU64,
+    /// How long a revoke waits for in-flight batches to be applied.
+    pub(crate) drain_timeout: Duration,
+    /// Whether the loop has paused the assignment (backpressure).
+    pub(crate) paused: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(applied: Arc<AppliedPositions>, drain_timeout: Duration) -> Self {
+        Self {
+            applied,
+            sent: Mutex::default(),
+            committed: Mutex::default(),
+            assigned: Mutex::default(),
+            revoked: Mutex::default(),
+            generation: AtomicU64::new(0),
+            drain_timeout,
+            paused: Default::default(),
+        }
+    }
+
+    pub(crate) fn assigned(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<_> = lock(&self.assigned).iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub(crate) fn take_revoked(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *lock(&self.revoked))
+    }
+
+    pub(crate) fn mark_sent(&self, partition: &Arc<str>, next_offset: u64) {
+        lock(&self.sent).insert(partition.clone(), next_offset);
+    }
+
+    /// Waits until everything sent for `partitions` is applied.
+    pub(crate) fn drain(&self, partitions: &[(String, i32)], timeout: Duration) -> bool {
+        let targets: Vec<(Arc<str>, u64)> = {
+            let sent = lock(&self.sent);
+            partitions
+                .iter()
+                .filter_map(|(t, p)| {
+                    let name = partition_name(t, *p);
+                    sent.get(&name).map(|o| (name, *o))
+                })
+                .collect()
+        };
+        self.applied.wait_for(&targets, timeout)
+    }
+
+    /// Commits the applied offsets of `partitions` that moved since the last
+    /// commit. Returns how many partitions were committed.
+    pub(crate) fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[(String, i32)],
+        mode: CommitMode,
+    ) -> usize {
+        let mut tpl = TopicPartitionList::new();
+        let mut moved = Vec::new();
+        {
+            let committed = lock(&self.committed);
+            for (t, p) in partitions {
+                let name = partition_name(t, *p);
+                if let Some(applied) = self.applied.get(&name) {
+                    if committed.get(&name) != Some(&applied) {
+                        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(applied as i64));
+                        moved.push((name, applied));
+                    }
+                }
+            }
+        }
+        if moved.is_empty() {
+            return 0;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                let mut committed = lock(&self.committed);
+                for (name, o) in &moved {
+                    committed.insert(name.clone(), *o);
+                }
+                metrics::counter!("storepulse_kafka_commits_total").increment(1);
+                moved.len()
+            }
+            Err(e) => {
+                // Not fatal: the next commit carries the same offsets.
+                metrics::counter!("storepulse_kafka_commit_errors_total").increment(1);
+                tracing::warn!(error = %e, partitions = moved.len(), "offset commit failed; retrying at the next commit");
+                0
+            }
+        }
+    }
+}
+
+/// The consumer's context.
+#[derive(Debug)]
+pub(crate) struct SourceContext {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_to_tracing(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            return; // an end of partition is not an error
+        }
+        metrics::counter!("storepulse_kafka_client_errors_total").increment(1);
+        tracing::warn!(error = %error, reason, "Kafka client error (librdkafka retries)");
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let mut total = 0i64;
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                // -1 is librdkafka's internal UA partition; lag -1 = unknown.
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                total += part.consumer_lag;
+                metrics::gauge!(
+                    "storepulse_kafka_consumer_lag_messages",
+                    "topic" => topic.clone(), "partition" => p.to_string()
+                )
+                .set(part.consumer_lag as f64);
+            }
+        }
+        metrics::gauge!("storepulse_kafka_consumer_lag_total_messages").set(total as f64);
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        metrics::counter!("storepulse_kafka_rebalances_total").increment(1);
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                // Everything already handed to the engine is applied and
+                // committed before the partition moves, so the next owner
+                // starts exactly after it.
+                if !self.shared.drain(&parts, self.shared.drain_timeout) {
+                    tracing::warn!(
+                        partitions = parts.len(),
+                        "revoked partitions not drained in time; the next owner may re-read some events"
+                    );
+                }
+                if !consumer.assignment_lost() {
+                    self.shared.commit(consumer, &parts, CommitMode::Sync);
+                }
+                let mut assigned = lock(&self.shared.assigned);
+                for p in &parts {
+                    assigned.remove(p);
+                }
+                drop(assigned);
+                {
+                    let mut sent = lock(&self.shared.sent);
+                    for (t, p) in &parts {
+                        sent.remove(&partition_name(t, *p));
+                    }
+                }
+                lock(&self.shared.revoked).extend(parts.iter().cloned());
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(partitions = ?parts, "Kafka partitions revoked");
+            }
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                lock(&self.shared.assigned).extend(parts.iter().cloned());
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(partitions = ?parts, "Kafka partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "Kafka rebalance error");
+            }
+        }
+    }
+}
+
+/// Routes librdkafka's log lines into `tracing`.
+pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", fac, "{message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// A producer context that logs like the consumer's.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LoggingContext;
+
+impl ClientContext for LoggingContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_to_tracing(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics::counter!("storepulse_kafka_client_errors_total").increment(1);
+        tracing::warn!(error = %error, reason, "Kafka producer error (librdkafka retries)");
+    }
+}

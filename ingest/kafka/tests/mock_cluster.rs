@@ -1,0 +1,502 @@
+//! The Kafka source against librdkafka's in-process mock cluster (a real
+//! Kafka-protocol broker on loopback): a replayed dataset consumed into the
+//! engine must equal the batch oracle, through broker outages, injected
+//! request errors and a consumer restart; malformed messages must arrive on
+//! the dead-letter topic with their bytes and headers; bad configuration
+//! must fail fast naming the broker, topic or property.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arrow::array::{AsArray, RecordBatch};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Headers,
+    mocking::MockCluster,
+    producer::{BaseProducer, BaseRecord, Producer},
+    types::{RDKafkaApiKey, RDKafkaRespErr},
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+use storepulse_engine::{Engine, EngineConfig, EngineHandle};
+use storepulse_ingest::{gen::ChainConfig, SourceMessage, StreamKind};
+use storepulse_kafka::{
+    config::{topic_name, DEFAULT_DEAD_LETTER_TOPIC},
+    replay::{dataset_inputs, replay, ReplayOptions},
+    source::headers,
+    KafkaSource, KafkaSourceConfig, KafkaSourceError,
+};
+use tokio::sync::{mpsc, watch};
+
+const PARTITIONS: i32 = 3;
+
+/// Logs (`RUST_LOG=info cargo test ... -- --nocapture`) when asked.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    init_logs();
+    let c = MockCluster::new(3).unwrap();
+    for k in StreamKind::ALL {
+        c.create_topic(&topic_name("storepulse.", k), PARTITIONS, 1)
+            .unwrap();
+    }
+    c.create_topic(DEFAULT_DEAD_LETTER_TOPIC, 1, 1).unwrap();
+    c
+}
+
+fn dataset(dir: &Path, seed: u64) {
+    let cfg = ChainConfig {
+        stores: 4,
+        skus: 30,
+        members: 120,
+        seed,
+        ..Default::default()
+    };
+    storepulse_ingest::gen::write_dataset(cfg, 1, dir, &mut |_, _| {}).unwrap();
+}
+
+fn publish(brokers: &str, dir: &Path) -> u64 {
+    let opts = ReplayOptions {
+        brokers: brokers.to_string(),
+        topic_prefix: "storepulse.".into(),
+        rate: None,
+        properties: Default::default(),
+        timeout: Duration::from_secs(10),
+        progress: false,
+    };
+    let report = replay(&dataset_inputs(dir).unwrap(), &opts).unwrap();
+    let lines: u64 = StreamKind::ALL
+        .iter()
+        .filter_map(|k| std::fs::read_to_string(dir.join(format!("{}.jsonl", k.name()))).ok())
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+        .sum();
+    assert_eq!(report.events, lines, "every line acknowledged once");
+    report.events
+}
+
+async fn engine() -> Engine {
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    for (_, sql) in storepulse_sql::builtin::VIEWS {
+        e.execute_sql(sql).await.unwrap();
+    }
+    e
+}
+
+fn source_config(brokers: &str, group: &str) -> KafkaSourceConfig {
+    let mut c = KafkaSourceConfig::new(brokers);
+    c.group_id = group.into();
+    c.batch_max_messages = 500;
+    c.batch_linger = Duration::from_millis(20);
+    c.connect_timeout = Duration::from_secs(5);
+    c.commit_interval = Duration::from_millis(200);
+    // The mock coordinator lets a departed member's session run out before
+    // it rebalances a restarted one: keep that short.
+    c.properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.properties
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    c
+}
+
+/// Runs one source into `handle` until it ends (until_eof) or `stop_after`
+/// batches have been applied (then shuts it down). `on_batch` runs after
+/// every applied batch with the count so far.
+async fn consume(
+    handle: &EngineHandle,
+    cfg: KafkaSourceConfig,
+    until_eof: bool,
+    stop_after: Option<usize>,
+    mut on_batch: impl FnMut(usize),
+) -> usize {
+    let applied = handle.lock().await.positions().clone();
+    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, until_eof, applied))
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel::<SourceMessage>(2);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(src.run(tx, stop_rx));
+    let mut batches = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(Instant::now() < deadline, "source did not finish");
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                let is_batch = matches!(msg, SourceMessage::Batch(_));
+                handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
+                if is_batch {
+                    batches += 1;
+                    on_batch(batches);
+                    if stop_after == Some(batches) {
+                        stop_tx.send(true).unwrap();
+                    }
+                }
+            }
+            _ = tick.tick() => handle.lock().await.tick(EngineHandle::now_ms()),
+        }
+    }
+    task.await.unwrap().unwrap();
+    batches
+}
+
+async fn late_ids(handle: &EngineHandle) -> HashSet<(String, String)> {
+    let out = handle
+        .query("SELECT stream, event_id FROM late_events")
+        .await
+        .unwrap();
+    let mut set = HashSet::new();
+    for b in &out.last().unwrap().batches {
+        let s = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let e = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+        for r in 0..b.num_rows() {
+            set.insert((
+                s.as_string::<i32>().value(r).to_string(),
+                e.as_string::<i32>().value(r).to_string(),
+            ));
+        }
+    }
+    set
+}
+
+/// Every starter view equals the oracle; returns the accepted event count.
+async fn assert_matches_oracle(handle: &EngineHandle, dir: &Path) -> u64 {
+    let late = late_ids(handle).await;
+    let script: String = storepulse_sql::builtin::VIEWS
+        .iter()
+        .map(|(_, s)| *s)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let want = storepulse_testkit::oracle_views(&script, dir, &late).await;
+    assert!(want.len() >= 5, "{:?}", want.keys());
+    let non_empty = want.values().filter(|r| !r.is_empty()).count();
+    assert!(non_empty >= 3, "the dataset exercises most views: {want:?}");
+    for (view, rows) in &want {
+        let got = handle
+            .query(&format!("SELECT * FROM {view}"))
+            .await
+            .unwrap();
+        let got: Vec<RecordBatch> = got.last().unwrap().batches.clone();
+        let got = storepulse_testkit::normalize(&got);
+        assert_eq!(&got, rows, "view {view} differs from the batch oracle");
+    }
+    let engine = handle.lock().await;
+    let accepted: u64 = engine.streams().iter().map(|s| s.accepted_events).sum();
+    let distinct: u64 = storepulse_testkit::dataset_tables(dir, &HashSet::new())
+        .keys()
+        .map(|k| distinct_ids(dir, *k))
+        .sum();
+    assert_eq!(
+        accepted + late.len() as u64,
+        distinct,
+        "every distinct event accepted once or recorded late"
+    );
+    accepted
+}
+
+fn distinct_ids(dir: &Path, k: StreamKind) -> u64 {
+    let text = std::fs::read_to_string(dir.join(format!("{}.jsonl", k.name()))).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"].clone())
+        .map(|v| v.to_string())
+        .collect::<HashSet<_>>()
+        .len() as u64
+}
+
+fn committed(brokers: &str, group: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for k in StreamKind::ALL {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&topic_name("storepulse.", k), p);
+        }
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dataset_consumed_from_kafka_matches_the_batch_oracle() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), 3);
+    let published = publish(&brokers, dir.path());
+    let handle = EngineHandle::new(engine().await);
+    let batches = consume(&handle, source_config(&brokers, "g1"), true, None, |_| {}).await;
+    assert!(batches > 5, "micro-batches were assembled per partition");
+    let accepted = assert_matches_oracle(&handle, dir.path()).await;
+    assert!(accepted > 1000, "{accepted}");
+    // Every partition's position was applied and committed: the committed
+    // offsets add up to every message published.
+    assert_eq!(committed(&brokers, "g1") as u64, published);
+    // The applied positions (what a checkpoint stores) cover every message.
+    let positions = handle.lock().await.positions().snapshot();
+    assert!(positions.len() >= 5, "{positions:?}");
+    assert!(positions
+        .iter()
+        .all(|p| p.partition.starts_with("storepulse.")));
+    assert_eq!(
+        positions.iter().map(|p| p.next_offset).sum::<u64>(),
+        published
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outages_and_request_errors_lose_and_double_nothing() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), 5);
+    publish(&brokers, dir.path());
+    let handle = EngineHandle::new(engine().await);
+    let mut cfg = source_config(&brokers, "g2");
+    cfg.batch_max_messages = 100;
+    cfg.max_pending_batches = 1;
+    // Faults start mid-stream (after the 10th applied batch) and last a
+    // while: a broker down (every partition it leads moves or waits),
+    // then fetch and commit errors.
+    let mut fault: Option<Instant> = None;
+    let mut phase = 0;
+    consume(&handle, cfg, true, None, |n| {
+        if n == 10 && phase == 0 {
+            c.broker_down(1).unwrap();
+            c.request_errors(
+                RDKafkaApiKey::Fetch,
+                &[
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                ],
+            );
+            c.request_errors(
+                RDKafkaApiKey::OffsetCommit,
+                &[
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                ],
+            );
+            fault = Some(Instant::now());
+            phase = 1;
+        }
+        if phase == 1 && fault.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            c.broker_up(1).unwrap();
+            phase = 2;
+        }
+    })
+    .await;
+    if phase == 1 {
+        c.broker_up(1).unwrap();
+    }
+    assert!(phase >= 1, "the fault was injected mid-stream");
+    assert_matches_oracle(&handle, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_resumes_at_the_committed_offsets() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), 9);
+    let published = publish(&brokers, dir.path());
+    let handle = EngineHandle::new(engine().await);
+    // First run: stopped after 8 batches (commits what was applied).
+    let mut cfg = source_config(&brokers, "g3");
+    cfg.batch_max_messages = 200;
+    consume(&handle, cfg.clone(), true, Some(8), |_| {}).await;
+    let after_first = committed(&brokers, "g3");
+    assert!(
+        after_first > 0 && (after_first as u64) < published,
+        "{after_first}"
+    );
+    // Second run, same group, same engine state: picks up exactly there.
+    consume(&handle, cfg, true, None, |_| {}).await;
+    assert_eq!(committed(&brokers, "g3") as u64, published);
+    let dup: u64 = handle
+        .lock()
+        .await
+        .streams()
+        .iter()
+        .map(|s| s.duplicate_events)
+        .sum();
+    let file_dups: u64 = StreamKind::ALL
+        .iter()
+        .map(|k| {
+            let n = std::fs::read_to_string(dir.path().join(format!("{}.jsonl", k.name())))
+                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+                .unwrap_or(0);
+            n - if n > 0 {
+                distinct_ids(dir.path(), *k)
+            } else {
+                0
+            }
+        })
+        .sum();
+    assert_eq!(
+        dup, file_dups,
+        "no message was delivered twice across the restart (only the dataset's own retransmits are duplicates)"
+    );
+    assert_matches_oracle(&handle, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_go_to_the_dead_letter_topic_with_headers() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let topic = topic_name("storepulse.", StreamKind::StockMovements);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let good = r#"{"event_id":"m1","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#;
+    let bad: [&[u8]; 3] = [
+        br#"{"event_id":"m2","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt""#,
+        br#"{"event_id":"m3","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"teleport","qty":1}"#,
+        b"\xff\xfe not utf-8",
+    ];
+    for payload in [good.as_bytes(), bad[0], bad[1], bad[2]] {
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key("S001")
+                    .payload(payload)
+                    .partition(0),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let handle = EngineHandle::new(engine().await);
+    let mut cfg = source_config(&brokers, "g4");
+    cfg.streams = vec![StreamKind::StockMovements];
+    consume(&handle, cfg, true, None, |_| {}).await;
+    let accepted: u64 = handle
+        .lock()
+        .await
+        .streams()
+        .iter()
+        .map(|s| s.accepted_events)
+        .sum();
+    assert_eq!(accepted, 1, "the good message is applied");
+    // The dead letters: original bytes, key, and headers.
+    let dlq: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(DEFAULT_DEAD_LETTER_TOPIC, 0, Offset::Beginning)
+        .unwrap();
+    dlq.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 3 && Instant::now() < deadline {
+        if let Some(m) = dlq.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            let h = m.headers().unwrap();
+            let header = |name: &str| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .map(|x| String::from_utf8(x.value.unwrap().to_vec()).unwrap())
+                    .unwrap()
+            };
+            got.push((
+                m.payload().unwrap().to_vec(),
+                m.key().unwrap().to_vec(),
+                header(headers::SOURCE_TOPIC),
+                header(headers::SOURCE_PARTITION),
+                header(headers::SOURCE_OFFSET),
+                header(headers::STREAM),
+                header(headers::REASON),
+            ));
+        }
+    }
+    assert_eq!(got.len(), 3, "three dead letters");
+    for (i, (payload, key, t, p, o, s, reason)) in got.iter().enumerate() {
+        assert_eq!(payload.as_slice(), bad[i], "original bytes kept");
+        assert_eq!(key.as_slice(), b"S001");
+        assert_eq!(t, &topic);
+        assert_eq!(p, "0");
+        assert_eq!(o, &(i + 1).to_string());
+        assert_eq!(s, "stock_movements");
+        assert!(!reason.is_empty());
+    }
+    assert!(got[0].6.contains("invalid JSON"), "{}", got[0].6);
+    assert!(got[1].6.contains("kind"), "{}", got[1].6);
+    // The committed offset is past the dead letters: nothing re-read.
+    let c2: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "g4")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&topic, 0);
+    let off = c2.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    assert_eq!(off.elements()[0].offset(), Offset::Offset(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_fails_fast_with_a_clear_error() {
+    let applied = Arc::new(storepulse_ingest::AppliedPositions::default());
+    // Unreachable broker: bounded by connect_timeout, names the broker.
+    let mut cfg = KafkaSourceConfig::new("127.0.0.1:1");
+    cfg.connect_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let a = applied.clone();
+    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, a))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(matches!(err, KafkaSourceError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    // Unknown topic.
+    let c = cluster();
+    let mut cfg = KafkaSourceConfig::new(c.bootstrap_servers());
+    cfg.topics.insert("sales".into(), "no.such.topic".into());
+    let a = applied.clone();
+    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, a))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("'no.such.topic' (stream sales)"),
+        "{err}"
+    );
+    // A property librdkafka does not know.
+    let mut cfg = KafkaSourceConfig::new(c.bootstrap_servers());
+    cfg.properties.insert("fetch.max.bytez".into(), "1".into());
+    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, applied))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("fetch.max.bytez"), "{err}");
+    // A topic override for a stream that does not exist.
+    let mut cfg = KafkaSourceConfig::new("x:1");
+    cfg.topics.insert("salez".into(), "t".into());
+    assert!(cfg
+        .stream_topics()
+        .unwrap_err()
+        .to_string()
+        .contains("topics.salez"));
+}

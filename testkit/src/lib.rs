@@ -1,0 +1,157 @@
+//! Test support shared by the crates' integration tests: the batch oracle.
+//!
+//! A streaming result is right when it equals what plain DataFusion computes
+//! over every event at once. [`oracle_views`] builds that answer for every
+//! materialized view of a script from a dataset directory (`<stream>.jsonl`
+//! files), counting each `event_id` once and leaving out the events the
+//! engine recorded as late; [`normalize`] turns batches into sorted rows so
+//! two answers compare with `assert_eq!`.
+
+pub mod process;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::Arc,
+};
+
+use arrow::{
+    array::{Array, AsArray, RecordBatch},
+    datatypes::{DataType, Float64Type},
+    util::display::{ArrayFormatter, FormatOptions},
+};
+use datafusion::{datasource::MemTable, prelude::SessionContext};
+use storepulse_ingest::{EventDecoder, RawRecord, StreamKind};
+use storepulse_sql::Statement;
+
+/// Rows as sorted strings; floats rounded to 6 decimals (sums of floats
+/// depend on order in their last bits).
+pub fn normalize(batches: &[RecordBatch]) -> Vec<String> {
+    let opts = FormatOptions::default().with_null("NULL");
+    let mut rows = Vec::new();
+    for b in batches {
+        let cols: Vec<Vec<String>> = b
+            .columns()
+            .iter()
+            .map(|c| match c.data_type() {
+                DataType::Float64 => {
+                    let a = c.as_primitive::<Float64Type>();
+                    (0..a.len())
+                        .map(|r| {
+                            if a.is_null(r) {
+                                "NULL".into()
+                            } else {
+                                format!("{:.6}", a.value(r))
+                            }
+                        })
+                        .collect()
+                }
+                _ => {
+                    let f = ArrayFormatter::try_new(c.as_ref(), &opts).expect("formattable");
+                    (0..c.len()).map(|r| f.value(r).to_string()).collect()
+                }
+            })
+            .collect();
+        for r in 0..b.num_rows() {
+            rows.push(
+                cols.iter()
+                    .map(|c| c[r].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// The materialized views of a script: (name, defining SELECT).
+pub fn materialized_views(script: &str) -> Vec<(String, String)> {
+    storepulse_sql::parse_script(script)
+        .expect("valid script")
+        .into_iter()
+        .filter_map(|s| match s {
+            Statement::CreateMaterializedView { name, query, .. } => {
+                Some((name.to_string(), query.to_string()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every stream of a dataset directory as one batch, each `event_id` once
+/// (first occurrence), without the `(stream, event_id)`s in `late`.
+pub fn dataset_tables(
+    dir: &Path,
+    late: &HashSet<(String, String)>,
+) -> BTreeMap<StreamKind, RecordBatch> {
+    let mut out = BTreeMap::new();
+    for k in StreamKind::ALL {
+        let path = dir.join(format!("{}.jsonl", k.name()));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut seen = HashSet::new();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("valid dataset line");
+                let id = v["event_id"].as_str().expect("event_id").to_string();
+                !late.contains(&(k.name().to_string(), id.clone())) && seen.insert(id)
+            })
+            .collect();
+        let recs: Vec<RawRecord<'_>> = lines
+            .iter()
+            .map(|l| RawRecord {
+                bytes: l.as_bytes(),
+                position: 0,
+            })
+            .collect();
+        let decoded = EventDecoder::new(k, "oracle")
+            .decode(&recs)
+            .expect("decodable");
+        assert!(
+            decoded.dead_letters.is_empty(),
+            "{:?}",
+            decoded.dead_letters
+        );
+        if let Some(b) = decoded.batch {
+            out.insert(k, b);
+        }
+    }
+    out
+}
+
+/// The oracle's answer for every materialized view of `script` over the
+/// dataset in `dir`: name → normalized rows.
+pub async fn oracle_views(
+    script: &str,
+    dir: &Path,
+    late: &HashSet<(String, String)>,
+) -> BTreeMap<String, Vec<String>> {
+    let ctx = SessionContext::new();
+    for udf in storepulse_sql::udf::all() {
+        ctx.register_udf(udf);
+    }
+    let mut tables = dataset_tables(dir, late);
+    for k in StreamKind::ALL {
+        // A stream with no events is an empty table, as in the engine.
+        let parts = vec![tables.remove(&k).map(|b| vec![b]).unwrap_or_default()];
+        let table = MemTable::try_new(k.schema(), parts).expect("mem table");
+        ctx.register_table(k.name(), Arc::new(table))
+            .expect("register");
+    }
+    let mut out = BTreeMap::new();
+    for (name, select) in materialized_views(script) {
+        let batches = ctx
+            .sql(&select)
+            .await
+            .unwrap_or_else(|e| panic!("oracle for {name}: {e}"))
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
+        out.insert(name, normalize(&batches));
+    }
+    out
+}

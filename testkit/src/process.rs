@@ -1,0 +1,135 @@
+//! Real processes for end-to-end tests: a running `storepulse` server (its
+//! address read from its own log line, stopped on drop) and a free loopback
+//! port.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A running `storepulse run`, killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `bin run --config config` and waits for the line announcing
+    /// its HTTP address.
+    pub fn start(bin: &str, config: &Path) -> Server {
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start storepulse");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let base = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server did not report its address");
+            if let Some(i) = line.find("url=http://") {
+                let url = line[i + 4..].split_whitespace().next().expect("url");
+                break url.trim_end_matches('/').to_string();
+            }
+        };
+        Server {
+            child,
+            base,
+            stderr: rx,
+        }
+    }
+
+    /// Log lines printed so far (drains them).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    /// GET a JSON endpoint.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let body = ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .expect("GET")
+            .into_body()
+            .read_to_string()
+            .expect("body");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// POST `/api/v1/query`: (status, body).
+    pub fn query(&self, sql: &str, accept: &str) -> (u16, Vec<u8>) {
+        let resp = ureq::post(&format!("{}/api/v1/query", self.base))
+            .header("Accept", accept)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(serde_json::json!({ "sql": sql }))
+            .expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.into_body().read_to_vec().expect("body"))
+    }
+
+    /// The rows of a query as JSON objects (panics unless 200).
+    pub fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        let (status, body) = self.query(sql, "application/json");
+        assert_eq!(status, 200, "{sql}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        v["rows"].as_array().expect("rows").clone()
+    }
+
+    /// Polls `/api/v1/health` until the pipeline is `finished`; panics if it
+    /// fails or `timeout` passes.
+    pub fn wait_finished(&self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let h = self.get("/api/v1/health");
+            match h["pipeline"].as_str().expect("pipeline state") {
+                "finished" => return h,
+                "running" => assert!(Instant::now() < deadline, "pipeline did not finish: {h}"),
+                other => panic!("pipeline {other}: {h}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server with SIGINT and waits for it.
+    pub fn stop(mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
