@@ -266,6 +266,7 @@ async fn health(State(app): State<AppState>) -> Response {
             "group_id": k.group_id,
             "assigned": k.assigned(),
             "paused": k.paused(),
+            "pending_batches": k.pending_batches(),
         })).collect::<Vec<_>>(),
         "positions": engine.positions().snapshot(),
     }))

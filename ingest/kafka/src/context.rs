@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) drain_timeout: Duration,
     /// Whether the loop has paused the assignment (backpressure).
     pub(crate) paused: std::sync::atomic::AtomicBool,
+    /// Decoded batches waiting for the engine.
+    pub(crate) pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             generation: AtomicU64::new(0),
             drain_timeout,
             paused: Default::default(),
+            pending: Default::default(),
         }
     }
 

@@ -89,6 +89,13 @@ impl KafkaStatus {
     pub fn paused(&self) -> bool {
         self.shared.paused.load(Ordering::Relaxed)
     }
+
+    /// Decoded batches waiting for the engine (bounded by
+    /// `max_pending_batches` plus what was already fetched when the pause
+    /// took effect).
+    pub fn pending_batches(&self) -> usize {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
 }
 
 /// A connected Kafka source, ready to [`run`](KafkaSource::run).
@@ -396,6 +403,9 @@ impl PollLoop {
             self.refresh_ends()?;
             let blocked = self.send_pending()?;
             self.update_pause(blocked);
+            self.shared
+                .pending
+                .store(self.pending.len(), Ordering::Relaxed);
             let timeout = if blocked {
                 Duration::from_millis(5)
             } else {

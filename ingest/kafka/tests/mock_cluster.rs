@@ -500,3 +500,53 @@ async fn bad_configuration_fails_fast_with_a_clear_error() {
         .to_string()
         .contains("topics.salez"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_engine_pauses_the_partitions_instead_of_buffering() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), 13);
+    publish(&brokers, dir.path());
+    let handle = EngineHandle::new(engine().await);
+    let mut cfg = source_config(&brokers, "g5");
+    cfg.batch_max_messages = 50;
+    cfg.max_pending_batches = 3;
+    let applied = handle.lock().await.positions().clone();
+    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, true, applied))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = src.status();
+    let (tx, mut rx) = mpsc::channel::<SourceMessage>(1);
+    let (_stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(src.run(tx, stop_rx));
+    // The engine takes nothing: the source must pause with a bounded queue.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status.paused() {
+        assert!(Instant::now() < deadline, "source never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pending = status.pending_batches();
+    // Bounded: the limit, the 15 partition announcements, and at most one
+    // flush per partition of messages fetched before the pause took effect.
+    assert!(pending <= 3 + 15 + 15, "{pending} messages queued");
+    // And it does not grow while the engine stays away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(status.paused());
+    assert_eq!(status.pending_batches(), pending, "queue grew while paused");
+    // The engine catches up: nothing was lost to the pause.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
+            }
+            _ = tick.tick() => handle.lock().await.tick(EngineHandle::now_ms()),
+        }
+    }
+    task.await.unwrap().unwrap();
+    assert!(!status.paused() || status.pending_batches() == 0);
+    assert_matches_oracle(&handle, dir.path()).await;
+}
