@@ -13,9 +13,7 @@ mod common;
 
 use std::{
     io::Write,
-    net::TcpStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -34,6 +32,7 @@ use storepulse_kafka::{
     replay::{replay, ReplayOptions},
     KafkaSource, KafkaSourceConfig,
 };
+use storepulse_testkit::process::{tansu_bin, Tansu};
 use tokio::sync::{mpsc, watch};
 
 const PARTITIONS: i32 = 8;
@@ -158,53 +157,6 @@ fn report(name: &str, published: u64, publish_eps: f64, run: &Run) {
         run.events, published,
         "{name}: every published receipt consumed once"
     );
-}
-
-fn tansu() -> Option<PathBuf> {
-    let home = std::env::var("HOME").unwrap_or_default();
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from(home).join(".cargo/bin")])
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-}
-
-struct Tansu(Child);
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_tansu(bin: &Path) -> (Tansu, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("tcp://{addr}");
-    let child = Command::new(bin)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Tansu(child), addr)
 }
 
 async fn topics(brokers: &str, prefix: &str) {
@@ -354,11 +306,12 @@ async fn main() {
         report("mock cluster (in-process)", published, eps, &run);
     }
 
-    let Some(bin) = tansu() else {
+    let Some(bin) = tansu_bin() else {
         println!("\n(tansu not installed: real-broker figures skipped; `cargo install tansu --locked --features dynostore`)");
         return;
     };
-    let (_broker, addr) = start_tansu(&bin);
+    let broker = Tansu::start(&bin);
+    let addr = broker.addr.clone();
     topics(&addr, "storepulse.").await;
     let (published, eps) = publish(&addr, &real_dir, "storepulse.", None);
     let handle = engine().await;

@@ -9,71 +9,23 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use storepulse_testkit::process::{free_port, Server};
+use storepulse_testkit::process::{free_port, tansu_bin, Server, Tansu};
 
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 const PARTITIONS: usize = 4;
 
-fn tansu_bin() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from(home).join(".cargo/bin")])
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-        .expect(
-            "tansu not found: install it with `cargo install tansu --locked --features dynostore` \
-             (bash .ci/run does)",
-        )
-}
-
-/// A tansu broker on a free loopback port, killed on drop.
-struct Broker {
-    child: Child,
-    addr: String,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{addr}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        // Ready when it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker { child, addr }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A tansu broker for this test (installed by `.ci/run`).
+fn broker() -> Tansu {
+    let bin = tansu_bin().expect(
+        "tansu not found: install it with `cargo install tansu --locked --features dynostore` \
+         (bash .ci/run does)",
+    );
+    Tansu::start(&bin)
 }
 
 fn gen(out: &Path) {
@@ -100,7 +52,7 @@ fn gen(out: &Path) {
     );
 }
 
-fn replay(broker: &Broker, data: &Path, prefix: &str) -> u64 {
+fn replay(broker: &Tansu, data: &Path, prefix: &str) -> u64 {
     let out = Command::new(BIN)
         .arg("replay")
         .arg(data)
@@ -140,7 +92,7 @@ fn replay(broker: &Broker, data: &Path, prefix: &str) -> u64 {
 fn config(
     dir: &Path,
     name: &str,
-    broker: &Broker,
+    broker: &Tansu,
     group: &str,
     prefix: &str,
     until_eof: bool,
@@ -197,7 +149,7 @@ const VIEWS: [&str; 3] = [
 
 #[test]
 fn replay_to_a_real_broker_then_run_matches_the_oracle_and_a_group_splits_the_work() {
-    let broker = Broker::start();
+    let broker = broker();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gen");
     gen(&data);

@@ -7,10 +7,8 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use datafusion::{
     arrow::{
-        array::{Array, AsArray, RecordBatch},
+        array::{AsArray, RecordBatch},
         compute::concat_batches,
-        datatypes::DataType,
-        util::display::{ArrayFormatter, FormatOptions},
     },
     datasource::MemTable,
     prelude::SessionContext,
@@ -25,6 +23,7 @@ use storepulse_ingest::{
     EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
 };
 use storepulse_sql::{parse_script, Statement};
+use storepulse_testkit::normalize;
 
 /// The views under test: every built-in view plus a few shapes of our own.
 fn view_sql() -> String {
@@ -84,47 +83,6 @@ fn decode(stream: StreamKind, evs: &[&GenEvent]) -> Option<(RecordBatch, usize)>
     let out = EventDecoder::new(stream, "test").decode(&records).unwrap();
     assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
     out.batch.map(|b| (b, out.events))
-}
-
-/// Rows as sorted strings; floats rounded to 6 decimals (sums of floats
-/// depend on order in the last bits).
-fn normalize(batches: &[RecordBatch]) -> Vec<String> {
-    let opts = FormatOptions::default().with_null("NULL");
-    let mut rows = Vec::new();
-    for b in batches {
-        let cols: Vec<Vec<String>> = b
-            .columns()
-            .iter()
-            .map(|c| match c.data_type() {
-                DataType::Float64 => {
-                    let a = c.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
-                    (0..a.len())
-                        .map(|r| {
-                            if a.is_null(r) {
-                                "NULL".into()
-                            } else {
-                                format!("{:.6}", a.value(r))
-                            }
-                        })
-                        .collect()
-                }
-                _ => {
-                    let f = ArrayFormatter::try_new(c.as_ref(), &opts).unwrap();
-                    (0..c.len()).map(|r| f.value(r).to_string()).collect()
-                }
-            })
-            .collect();
-        for r in 0..b.num_rows() {
-            rows.push(
-                cols.iter()
-                    .map(|c| c[r].as_str())
-                    .collect::<Vec<_>>()
-                    .join(" | "),
-            );
-        }
-    }
-    rows.sort();
-    rows
 }
 
 /// A session-window view, and the same result written for plain DataFusion

@@ -1,11 +1,11 @@
-//! Real processes for end-to-end tests: a running `storepulse` server (its
-//! address read from its own log line, stopped on drop) and a free loopback
-//! port.
+//! Real processes for end-to-end tests and benches: a running `storepulse`
+//! server (its address read from its own log line, stopped on drop), a
+//! `tansu` Kafka-compatible broker on loopback, and a free loopback port.
 
 use std::{
     io::{BufRead, BufReader},
-    net::TcpListener,
-    path::Path,
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -128,6 +128,61 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `tansu` binary on PATH or in `~/.cargo/bin`, if installed.
+pub fn tansu_bin() -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from(home).join(".cargo/bin")])
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+}
+
+/// A `tansu` broker (memory storage) listening on a free loopback port,
+/// killed on drop.
+#[derive(Debug)]
+pub struct Tansu {
+    child: Child,
+    /// `127.0.0.1:PORT`, the bootstrap address.
+    pub addr: String,
+}
+
+impl Tansu {
+    /// Starts `bin` and waits until it accepts connections.
+    pub fn start(bin: &Path) -> Tansu {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let url = format!("tcp://{addr}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu { child, addr }
+    }
+}
+
+impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -319,6 +319,19 @@ struct Pending {
     dlq: Vec<DlqRecord>,
 }
 
+impl Pending {
+    /// A message about partition `b` that carries no offsets.
+    fn control(b: &PartitionBuf, msg: SourceMessage) -> Self {
+        Self {
+            msg: Some(msg),
+            partition: b.name.clone(),
+            key: b.key.clone(),
+            next_offset: 0,
+            dlq: Vec::new(),
+        }
+    }
+}
+
 /// Per-partition buffer of raw messages.
 struct PartitionBuf {
     key: (String, i32),
@@ -688,16 +701,11 @@ impl PollLoop {
             let b = &mut self.bufs[idx];
             if !b.announced {
                 b.announced = true;
-                self.pending.push_back(Pending {
-                    msg: Some(SourceMessage::Assigned {
-                        stream: b.stream,
-                        partition: b.name.clone(),
-                    }),
+                let msg = SourceMessage::Assigned {
+                    stream: b.stream,
                     partition: b.name.clone(),
-                    key: b.key.clone(),
-                    next_offset: 0,
-                    dlq: Vec::new(),
-                });
+                };
+                self.pending.push_back(Pending::control(b, msg));
             }
             if self.until_eof && b.end.is_none() {
                 fresh.add_partition(&topic, p);
@@ -746,16 +754,11 @@ impl PollLoop {
         tpl.add_partition(&b.key.0, b.key.1);
         let _ = self.consumer.pause(&tpl);
         tracing::info!(topic = %b.key.0, partition = b.key.1, end = ?b.end, "Kafka partition reached its end");
-        self.pending.push_back(Pending {
-            msg: Some(SourceMessage::EndOfPartition {
-                stream: b.stream,
-                partition: b.name.clone(),
-            }),
+        let msg = SourceMessage::EndOfPartition {
+            stream: b.stream,
             partition: b.name.clone(),
-            key: b.key.clone(),
-            next_offset: 0,
-            dlq: Vec::new(),
-        });
+        };
+        self.pending.push_back(Pending::control(b, msg));
         Ok(())
     }
 
