@@ -550,3 +550,91 @@ async fn a_slow_engine_pauses_the_partitions_instead_of_buffering() {
     assert!(!status.paused() || status.pending_batches() == 0);
     assert_matches_oracle(&handle, dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let topic = topic_name("storepulse.", StreamKind::StockMovements);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let bad = br#"{"event_id":"x1","ts":"2026-01-05T10:00:00Z"#;
+    let good = br#"{"event_id":"x2","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#;
+    for payload in [&bad[..], &good[..]] {
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key("S001")
+                    .payload(payload)
+                    .partition(0),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    // From now on every produce request fails (non-retriable).
+    c.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 500],
+    );
+    let handle = EngineHandle::new(engine().await);
+    let applied = handle.lock().await.positions().clone();
+    let mut cfg = source_config(&brokers, "g6");
+    cfg.streams = vec![StreamKind::StockMovements];
+    let a = applied.clone();
+    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, true, a))
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel::<SourceMessage>(4);
+    let (_stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(src.run(tx, stop_rx));
+    // While the dead letter cannot be written, the batch holding it (and
+    // the good message after it) is not handed on: nothing advances.
+    let hold_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < hold_until {
+        if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            assert!(
+                !matches!(msg, SourceMessage::Batch(_) | SourceMessage::Advance { .. }),
+                "a batch passed an unwritten dead letter: {msg:?}"
+            );
+            handle
+                .lock()
+                .await
+                .apply(msg, EngineHandle::now_ms())
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(applied.get(&format!("{topic}/0")), None);
+    // The topic becomes writable: the dead letter is written, then the
+    // batch goes on.
+    c.clear_request_errors(RDKafkaApiKey::Produce);
+    while let Some(msg) = rx.recv().await {
+        handle
+            .lock()
+            .await
+            .apply(msg, EngineHandle::now_ms())
+            .await
+            .unwrap();
+    }
+    task.await.unwrap().unwrap();
+    assert_eq!(applied.get(&format!("{topic}/0")), Some(2));
+    let accepted: u64 = handle
+        .lock()
+        .await
+        .streams()
+        .iter()
+        .map(|s| s.accepted_events)
+        .sum();
+    assert_eq!(accepted, 1);
+    let watcher: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let (low, high) = watcher
+        .fetch_watermarks(DEFAULT_DEAD_LETTER_TOPIC, 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(high - low, 1, "exactly one dead letter written");
+}
