@@ -267,6 +267,7 @@ async fn health(State(app): State<AppState>) -> Response {
             "assigned": k.assigned(),
             "paused": k.paused(),
             "pending_batches": k.pending_batches(),
+            "lag_messages": k.lag_messages(),
         })).collect::<Vec<_>>(),
         "positions": engine.positions().snapshot(),
     }))

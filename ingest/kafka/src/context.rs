@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     pub(crate) paused: std::sync::atomic::AtomicBool,
     /// Decoded batches waiting for the engine.
     pub(crate) pending: std::sync::atomic::AtomicUsize,
+    /// Messages behind the high watermarks, from the last statistics
+    /// (-1 until known).
+    pub(crate) lag: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -69,6 +72,7 @@ impl Shared {
             drain_timeout,
             paused: Default::default(),
             pending: Default::default(),
+            lag: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -183,6 +187,7 @@ impl ClientContext for SourceContext {
             }
         }
         metrics::gauge!("storepulse_kafka_consumer_lag_total_messages").set(total as f64);
+        self.shared.lag.store(total, Ordering::Relaxed);
     }
 }
 

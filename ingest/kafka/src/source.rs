@@ -90,6 +90,12 @@ impl KafkaStatus {
         self.shared.paused.load(Ordering::Relaxed)
     }
 
+    /// Messages behind the high watermarks of the assigned partitions, from
+    /// librdkafka's last statistics (`None` until known).
+    pub fn lag_messages(&self) -> Option<i64> {
+        Some(self.shared.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+
     /// Decoded batches waiting for the engine (bounded by
     /// `max_pending_batches` plus what was already fetched when the pause
     /// took effect).
@@ -800,6 +806,7 @@ impl PollLoop {
         tracing::info!(
             messages_per_sec = (self.report_messages as f64 / secs) as u64,
             bytes_per_sec = (self.report_bytes as f64 / secs) as u64,
+            lag_messages = self.shared.lag.load(Ordering::Relaxed),
             pending_batches = self.pending.len(),
             paused = self.paused,
             assigned = self.shared.assigned().len(),
