@@ -294,7 +294,13 @@ async fn main() {
     {
         let cluster = MockCluster::new(1).expect("mock cluster");
         let brokers = cluster.bootstrap_servers();
-        topics(&brokers, "storepulse.").await;
+        // The mock cluster has no CreateTopics: its own API makes them.
+        cluster
+            .create_topic("storepulse.sales", PARTITIONS, 1)
+            .expect("topic");
+        cluster
+            .create_topic(DEFAULT_DEAD_LETTER_TOPIC, 1, 1)
+            .expect("topic");
         let (published, eps) = publish(&brokers, &mock_dir, "storepulse.", None);
         let handle = engine().await;
         let run = consume(

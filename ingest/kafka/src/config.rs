@@ -174,8 +174,11 @@ impl KafkaSourceConfig {
             )
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "5000")
-            // Larger fetches: throughput at high rates, no added latency at
-            // low ones (fetch.min.bytes stays 1).
+            // Larger fetches for throughput at high rates; a fetch waits at
+            // most 50 ms for them, which bounds the added latency at low
+            // rates (see BENCHMARKS.md).
+            .set("fetch.min.bytes", "1048576")
+            .set("fetch.wait.max.ms", "50")
             .set("max.partition.fetch.bytes", "4194304")
             .set("queued.min.messages", "200000")
             .set(
