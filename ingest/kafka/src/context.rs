@@ -13,14 +13,17 @@ use std::{
 };
 
 use rdkafka::{
-    client::ClientContext,
+    client::{Client, ClientContext},
     config::RDKafkaLogLevel,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
     error::KafkaError,
+    metadata::Metadata,
     statistics::Statistics,
     Offset, TopicPartitionList,
 };
 use storepulse_ingest::AppliedPositions;
+
+use crate::error::{KafkaSourceError, Result};
 
 /// `topic/partition`: the partition's name in positions, watermarks and
 /// dead letters.
@@ -196,11 +199,7 @@ impl ConsumerContext for SourceContext {
         metrics::counter!("storepulse_kafka_rebalances_total").increment(1);
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
+                let parts = topic_partitions(tpl);
                 // Everything already handed to the engine is applied and
                 // committed before the partition moves, so the next owner
                 // starts exactly after it.
@@ -229,11 +228,7 @@ impl ConsumerContext for SourceContext {
                 tracing::info!(partitions = ?parts, "Kafka partitions revoked");
             }
             Rebalance::Assign(tpl) => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
+                let parts = topic_partitions(tpl);
                 lock(&self.shared.assigned).extend(parts.iter().cloned());
                 self.shared.generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(partitions = ?parts, "Kafka partitions assigned");
@@ -243,6 +238,29 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
+}
+
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+/// Fetches the cluster metadata within `timeout`: the bounded check, at
+/// start, that the brokers answer (the error names them).
+pub(crate) fn reach_brokers<C: ClientContext>(
+    client: &Client<C>,
+    brokers: &str,
+    timeout: Duration,
+) -> Result<Metadata> {
+    client
+        .fetch_metadata(None, timeout)
+        .map_err(|source| KafkaSourceError::Unreachable {
+            brokers: brokers.to_string(),
+            timeout,
+            source,
+        })
 }
 
 /// Routes librdkafka's log lines into `tracing`.

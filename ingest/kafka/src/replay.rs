@@ -31,7 +31,7 @@ use storepulse_ingest::StreamKind;
 
 use crate::{
     config::{producer_config, topic_name},
-    context::log_to_tracing,
+    context::{log_to_tracing, reach_brokers},
     error::{KafkaSourceError, Result},
 };
 
@@ -141,14 +141,7 @@ pub fn replay(inputs: &[(StreamKind, PathBuf)], opts: &ReplayOptions) -> Result<
             .set("queue.buffering.max.kbytes", "1048576")
             .create_with_context(ReplayContext(Deliveries::default()))
             .map_err(|e| KafkaSourceError::Config(format!("producer: {e}")))?;
-    producer
-        .client()
-        .fetch_metadata(None, opts.timeout)
-        .map_err(|source| KafkaSourceError::Unreachable {
-            brokers: opts.brokers.clone(),
-            timeout: opts.timeout,
-            source,
-        })?;
+    reach_brokers(producer.client(), &opts.brokers, opts.timeout)?;
     let mut files = Vec::new();
     for (stream, path) in inputs {
         let io = |source| KafkaSourceError::Io {

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::KafkaSourceConfig,
-    context::{partition_name, LoggingContext, Shared, SourceContext},
+    context::{partition_name, reach_brokers, LoggingContext, Shared, SourceContext},
     error::{KafkaSourceError, Result},
 };
 
@@ -151,13 +151,7 @@ impl KafkaSource {
             .set("message.timeout.ms", "30000")
             .create_with_context(LoggingContext)
             .map_err(|e| KafkaSourceError::Config(format!("dead-letter producer: {e}")))?;
-        let metadata = consumer
-            .fetch_metadata(None, cfg.connect_timeout)
-            .map_err(|source| KafkaSourceError::Unreachable {
-                brokers: cfg.brokers.clone(),
-                timeout: cfg.connect_timeout,
-                source,
-            })?;
+        let metadata = reach_brokers(consumer.client(), &cfg.brokers, cfg.connect_timeout)?;
         let exists = |topic: &str| {
             metadata
                 .topics()
@@ -366,13 +360,9 @@ struct Span {
     offset: i64,
 }
 
+/// The poll loop's state around the source it runs.
 struct PollLoop {
-    cfg: KafkaSourceConfig,
-    until_eof: bool,
-    consumer: BaseConsumer<SourceContext>,
-    producer: FutureProducer<LoggingContext>,
-    shared: Arc<Shared>,
-    topics: Vec<(String, StreamKind)>,
+    src: KafkaSource,
     tx: mpsc::Sender<SourceMessage>,
     shutdown: watch::Receiver<bool>,
     bufs: Vec<PartitionBuf>,
@@ -393,12 +383,7 @@ impl PollLoop {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            cfg: src.cfg,
-            until_eof: src.until_eof,
-            consumer: src.consumer,
-            producer: src.producer,
-            shared: src.shared,
-            topics: src.topics,
+            src,
             tx,
             shutdown,
             bufs: Vec::new(),
@@ -422,7 +407,8 @@ impl PollLoop {
             self.refresh_ends()?;
             let blocked = self.send_pending()?;
             self.update_pause(blocked);
-            self.shared
+            self.src
+                .shared
                 .pending
                 .store(self.pending.len(), Ordering::Relaxed);
             let timeout = if blocked {
@@ -431,13 +417,13 @@ impl PollLoop {
                 self.next_linger_deadline()
                     .unwrap_or(Duration::from_millis(100))
             };
-            match self.consumer.poll(timeout) {
+            match self.src.consumer.poll(timeout) {
                 None => {}
                 Some(Ok(m)) => {
                     let idx = buf_index(
                         &mut self.bufs,
-                        &self.topics,
-                        self.cfg.batch_max_messages,
+                        &self.src.topics,
+                        self.src.cfg.batch_max_messages,
                         m.topic(),
                         m.partition(),
                     );
@@ -465,8 +451,8 @@ impl PollLoop {
                     b.bytes.increment(value.len() as u64);
                     self.report_messages += 1;
                     self.report_bytes += value.len() as u64;
-                    let full = b.spans.len() >= self.cfg.batch_max_messages;
-                    let at_end = self.until_eof && b.end.is_some_and(|e| m.offset() + 1 >= e);
+                    let full = b.spans.len() >= self.src.cfg.batch_max_messages;
+                    let at_end = self.src.until_eof && b.end.is_some_and(|e| m.offset() + 1 >= e);
                     drop(m);
                     if at_end {
                         self.finish_partition(idx)?;
@@ -482,11 +468,13 @@ impl PollLoop {
                     tracing::warn!(error = %e, "Kafka consume error (librdkafka retries)");
                 }
             }
-            self.flush_lingering()?;
-            if self.last_commit.elapsed() >= self.cfg.commit_interval {
+            // One clock read per poll for every time-based check.
+            let now = Instant::now();
+            self.flush_lingering(now)?;
+            if now.duration_since(self.last_commit) >= self.src.cfg.commit_interval {
                 self.commit(CommitMode::Async);
             }
-            self.report();
+            self.report(now);
             if self.until_eof_done() {
                 tracing::info!("every assigned Kafka partition reached its end");
                 return Ok(());
@@ -497,8 +485,8 @@ impl PollLoop {
     /// On stop: wait (bounded) for what was sent to be applied, commit it,
     /// leave the group.
     fn close(&mut self) {
-        let assigned = self.shared.assigned();
-        if !self.shared.drain(&assigned, Duration::from_secs(10)) {
+        let assigned = self.src.shared.assigned();
+        if !self.src.shared.drain(&assigned, Duration::from_secs(10)) {
             tracing::warn!(
                 "stopping before every sent batch was applied; those events will be re-read"
             );
@@ -506,12 +494,12 @@ impl PollLoop {
         self.commit(CommitMode::Sync);
         // Dropping the consumer closes it: the revoke callback runs (nothing
         // left to drain) and the group is left at once.
-        let _ = rdkafka::producer::Producer::flush(&self.producer, Duration::from_secs(5));
+        let _ = rdkafka::producer::Producer::flush(&self.src.producer, Duration::from_secs(5));
     }
 
     fn commit(&mut self, mode: CommitMode) {
-        let assigned = self.shared.assigned();
-        self.shared.commit(&self.consumer, &assigned, mode);
+        let assigned = self.src.shared.assigned();
+        self.src.shared.commit(&self.src.consumer, &assigned, mode);
         self.last_commit = Instant::now();
     }
 
@@ -520,14 +508,14 @@ impl PollLoop {
             .iter()
             .filter_map(|b| b.first_at)
             .min()
-            .map(|t| self.cfg.batch_linger.saturating_sub(t.elapsed()))
+            .map(|t| self.src.cfg.batch_linger.saturating_sub(t.elapsed()))
     }
 
-    fn flush_lingering(&mut self) -> Result<()> {
+    fn flush_lingering(&mut self, now: Instant) -> Result<()> {
         for i in 0..self.bufs.len() {
             if self.bufs[i]
                 .first_at
-                .is_some_and(|t| t.elapsed() >= self.cfg.batch_linger)
+                .is_some_and(|t| now.duration_since(t) >= self.src.cfg.batch_linger)
             {
                 self.flush(i)?;
             }
@@ -615,10 +603,10 @@ impl PollLoop {
     /// Hands ready batches to the engine in order; true when the head is
     /// blocked (channel full or dead letters unacknowledged).
     fn send_pending(&mut self) -> Result<bool> {
-        let dlq_topic = self.cfg.dead_letter_topic.clone();
+        let dlq_topic = self.src.cfg.dead_letter_topic.clone();
         for p in self.pending.iter_mut() {
             for d in p.dlq.iter_mut() {
-                d.progress(&self.producer, &dlq_topic);
+                d.progress(&self.src.producer, &dlq_topic);
             }
         }
         while let Some(front) = self.pending.front_mut() {
@@ -629,7 +617,9 @@ impl PollLoop {
             match self.tx.try_send(msg) {
                 Ok(()) => {
                     if front.next_offset > 0 {
-                        self.shared.mark_sent(&front.partition, front.next_offset);
+                        self.src
+                            .shared
+                            .mark_sent(&front.partition, front.next_offset);
                     }
                     self.pending.pop_front();
                 }
@@ -648,13 +638,13 @@ impl PollLoop {
     /// Pauses every assigned partition while the engine is behind; resumes
     /// (all but the finished ones) when it has caught up.
     fn update_pause(&mut self, blocked: bool) {
-        let want = blocked && self.pending.len() >= self.cfg.max_pending_batches;
-        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let want = blocked && self.pending.len() >= self.src.cfg.max_pending_batches;
+        let generation = self.src.shared.generation.load(Ordering::SeqCst);
         if want == self.paused && (!want || generation == self.paused_generation) {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in self.shared.assigned() {
+        for (t, p) in self.src.shared.assigned() {
             let finished = self
                 .bufs
                 .iter()
@@ -664,9 +654,9 @@ impl PollLoop {
             }
         }
         let result = if want {
-            self.consumer.pause(&tpl)
+            self.src.consumer.pause(&tpl)
         } else {
-            self.consumer.resume(&tpl)
+            self.src.consumer.resume(&tpl)
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot pause/resume Kafka partitions");
@@ -674,7 +664,7 @@ impl PollLoop {
         }
         self.paused = want;
         self.paused_generation = generation;
-        self.shared.paused.store(want, Ordering::Relaxed);
+        self.src.shared.paused.store(want, Ordering::Relaxed);
         metrics::gauge!("storepulse_kafka_paused").set(if want { 1.0 } else { 0.0 });
         tracing::debug!(
             paused = want,
@@ -689,18 +679,18 @@ impl PollLoop {
     /// and where the group starts in it; one that starts at its end is
     /// finished at once.
     fn refresh_ends(&mut self) -> Result<()> {
-        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let generation = self.src.shared.generation.load(Ordering::SeqCst);
         if generation == self.ends_generation {
             return Ok(());
         }
         self.ends_generation = generation;
         let mut fresh = TopicPartitionList::new();
         let mut todo = Vec::new();
-        for (topic, p) in self.shared.assigned() {
+        for (topic, p) in self.src.shared.assigned() {
             let idx = buf_index(
                 &mut self.bufs,
-                &self.topics,
-                self.cfg.batch_max_messages,
+                &self.src.topics,
+                self.src.cfg.batch_max_messages,
                 &topic,
                 p,
             );
@@ -713,7 +703,7 @@ impl PollLoop {
                 };
                 self.pending.push_back(Pending::control(b, msg));
             }
-            if self.until_eof && b.end.is_none() {
+            if self.src.until_eof && b.end.is_none() {
                 fresh.add_partition(&topic, p);
                 todo.push((idx, topic, p));
             }
@@ -722,17 +712,19 @@ impl PollLoop {
             return Ok(());
         }
         let committed = self
+            .src
             .consumer
-            .committed_offsets(fresh, self.cfg.connect_timeout)
+            .committed_offsets(fresh, self.src.cfg.connect_timeout)
             .map_err(KafkaSourceError::client("fetch committed offsets"))?;
         for (idx, topic, p) in todo {
             let (low, high) = self
+                .src
                 .consumer
-                .fetch_watermarks(&topic, p, self.cfg.connect_timeout)
+                .fetch_watermarks(&topic, p, self.src.cfg.connect_timeout)
                 .map_err(KafkaSourceError::client("fetch watermarks"))?;
             let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o,
-                _ => match self.cfg.start_from {
+                _ => match self.src.cfg.start_from {
                     crate::StartFrom::Earliest => low,
                     crate::StartFrom::Latest => high,
                 },
@@ -758,7 +750,7 @@ impl PollLoop {
         b.eof = true;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&b.key.0, b.key.1);
-        let _ = self.consumer.pause(&tpl);
+        let _ = self.src.consumer.pause(&tpl);
         tracing::info!(topic = %b.key.0, partition = b.key.1, end = ?b.end, "Kafka partition reached its end");
         let msg = SourceMessage::EndOfPartition {
             stream: b.stream,
@@ -768,23 +760,22 @@ impl PollLoop {
         Ok(())
     }
 
+    /// With `until_eof`: every assigned partition has finished and nothing
+    /// waits for the engine. Checked after every poll, so it allocates
+    /// nothing: once [`Self::refresh_ends`] has seen the current assignment
+    /// (same generation), the buffers are exactly the assigned partitions.
     fn until_eof_done(&self) -> bool {
-        if !self.until_eof || !self.pending.is_empty() {
-            return false;
-        }
-        let assigned = self.shared.assigned();
-        !assigned.is_empty()
-            && assigned.iter().all(|(t, p)| {
-                self.bufs
-                    .iter()
-                    .any(|b| b.key.0 == *t && b.key.1 == *p && b.eof && b.spans.is_empty())
-            })
+        self.src.until_eof
+            && self.pending.is_empty()
+            && self.src.shared.generation.load(Ordering::SeqCst) == self.ends_generation
+            && !self.bufs.is_empty()
+            && self.bufs.iter().all(|b| b.eof && b.spans.is_empty())
     }
 
     /// Forgets buffers and unsent batches of revoked partitions: they were
     /// not committed, the next owner reads them.
     fn drop_revoked(&mut self) {
-        let revoked = self.shared.take_revoked();
+        let revoked = self.src.shared.take_revoked();
         if revoked.is_empty() {
             return;
         }
@@ -797,8 +788,8 @@ impl PollLoop {
         );
     }
 
-    fn report(&mut self) {
-        let elapsed = self.last_report.elapsed();
+    fn report(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.last_report);
         if elapsed < Duration::from_secs(10) {
             return;
         }
@@ -806,15 +797,15 @@ impl PollLoop {
         tracing::info!(
             messages_per_sec = (self.report_messages as f64 / secs) as u64,
             bytes_per_sec = (self.report_bytes as f64 / secs) as u64,
-            lag_messages = self.shared.lag.load(Ordering::Relaxed),
+            lag_messages = self.src.shared.lag.load(Ordering::Relaxed),
             pending_batches = self.pending.len(),
             paused = self.paused,
-            assigned = self.shared.assigned().len(),
+            assigned = self.src.shared.assigned().len(),
             "Kafka source"
         );
         self.report_messages = 0;
         self.report_bytes = 0;
-        self.last_report = Instant::now();
+        self.last_report = now;
     }
 }
 

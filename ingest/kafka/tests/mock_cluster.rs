@@ -22,7 +22,7 @@ use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
 };
 use storepulse_engine::{Engine, EngineConfig, EngineHandle};
-use storepulse_ingest::{gen::ChainConfig, SourceMessage, StreamKind};
+use storepulse_ingest::{gen::ChainConfig, AppliedPositions, SourceMessage, StreamKind};
 use storepulse_kafka::{
     config::{topic_name, DEFAULT_DEAD_LETTER_TOPIC},
     replay::{dataset_inputs, replay, ReplayOptions},
@@ -73,11 +73,7 @@ fn publish(brokers: &str, dir: &Path) -> u64 {
         progress: false,
     };
     let report = replay(&dataset_inputs(dir).unwrap(), &opts).unwrap();
-    let lines: u64 = StreamKind::ALL
-        .iter()
-        .filter_map(|k| std::fs::read_to_string(dir.join(format!("{}.jsonl", k.name()))).ok())
-        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
-        .sum();
+    let lines: u64 = StreamKind::ALL.iter().map(|k| event_lines(dir, *k)).sum();
     assert_eq!(report.events, lines, "every line acknowledged once");
     report.events
 }
@@ -106,21 +102,81 @@ fn source_config(brokers: &str, group: &str) -> KafkaSourceConfig {
     c
 }
 
+/// Connects a source (blocking work, off the runtime).
+async fn connect(
+    cfg: KafkaSourceConfig,
+    until_eof: bool,
+    applied: Arc<AppliedPositions>,
+) -> Result<KafkaSource, KafkaSourceError> {
+    tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, until_eof, applied))
+        .await
+        .unwrap()
+}
+
+/// Applies everything from `rx` (ticking watermarks) until the source ends.
+async fn apply_all(handle: &EngineHandle, rx: &mut mpsc::Receiver<SourceMessage>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
+            }
+            _ = tick.tick() => handle.lock().await.tick(EngineHandle::now_ms()),
+        }
+    }
+}
+
+/// Produces raw payloads, keyed `S001`, to partition 0 of `topic`.
+fn produce_raw(brokers: &str, topic: &str, payloads: &[&[u8]]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for payload in payloads {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key("S001")
+                    .payload(*payload)
+                    .partition(0),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// Events accepted by the engine over all streams.
+async fn accepted(handle: &EngineHandle) -> u64 {
+    handle
+        .lock()
+        .await
+        .streams()
+        .iter()
+        .map(|s| s.accepted_events)
+        .sum()
+}
+
+/// Non-blank lines of a stream's file in the dataset (0 if absent).
+fn event_lines(dir: &Path, k: StreamKind) -> u64 {
+    std::fs::read_to_string(dir.join(format!("{}.jsonl", k.name())))
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+        .unwrap_or(0)
+}
+
 /// Runs one source into `handle` until it ends (until_eof) or `stop_after`
-/// batches have been applied (then shuts it down). `on_batch` runs after
-/// every applied batch with the count so far.
+/// batches have been applied (then shuts it down). `on_progress` runs after
+/// every applied batch and every 100 ms tick with the batch count so far
+/// (so a fault can be lifted on time even while no batch arrives).
 async fn consume(
     handle: &EngineHandle,
     cfg: KafkaSourceConfig,
     until_eof: bool,
     stop_after: Option<usize>,
-    mut on_batch: impl FnMut(usize),
+    mut on_progress: impl FnMut(usize),
 ) -> usize {
     let applied = handle.lock().await.positions().clone();
-    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, until_eof, applied))
-        .await
-        .unwrap()
-        .unwrap();
+    let src = connect(cfg, until_eof, applied).await.unwrap();
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(2);
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(src.run(tx, stop_rx));
@@ -136,13 +192,16 @@ async fn consume(
                 handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
                 if is_batch {
                     batches += 1;
-                    on_batch(batches);
+                    on_progress(batches);
                     if stop_after == Some(batches) {
                         stop_tx.send(true).unwrap();
                     }
                 }
             }
-            _ = tick.tick() => handle.lock().await.tick(EngineHandle::now_ms()),
+            _ = tick.tick() => {
+                handle.lock().await.tick(EngineHandle::now_ms());
+                on_progress(batches);
+            }
         }
     }
     task.await.unwrap().unwrap();
@@ -189,8 +248,7 @@ async fn assert_matches_oracle(handle: &EngineHandle, dir: &Path) -> u64 {
         let got = storepulse_testkit::normalize(&got);
         assert_eq!(&got, rows, "view {view} differs from the batch oracle");
     }
-    let engine = handle.lock().await;
-    let accepted: u64 = engine.streams().iter().map(|s| s.accepted_events).sum();
+    let accepted = accepted(handle).await;
     let distinct: u64 = storepulse_testkit::dataset_tables(dir, &HashSet::new())
         .keys()
         .map(|k| distinct_ids(dir, *k))
@@ -342,9 +400,7 @@ async fn a_restarted_consumer_resumes_at_the_committed_offsets() {
     let file_dups: u64 = StreamKind::ALL
         .iter()
         .map(|k| {
-            let n = std::fs::read_to_string(dir.path().join(format!("{}.jsonl", k.name())))
-                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
-                .unwrap_or(0);
+            let n = event_lines(dir.path(), *k);
             n - if n > 0 {
                 distinct_ids(dir.path(), *k)
             } else {
@@ -364,39 +420,18 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_headers() {
     let c = cluster();
     let brokers = c.bootstrap_servers();
     let topic = topic_name("storepulse.", StreamKind::StockMovements);
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
     let good = r#"{"event_id":"m1","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#;
     let bad: [&[u8]; 3] = [
         br#"{"event_id":"m2","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt""#,
         br#"{"event_id":"m3","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"teleport","qty":1}"#,
         b"\xff\xfe not utf-8",
     ];
-    for payload in [good.as_bytes(), bad[0], bad[1], bad[2]] {
-        producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key("S001")
-                    .payload(payload)
-                    .partition(0),
-            )
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    produce_raw(&brokers, &topic, &[good.as_bytes(), bad[0], bad[1], bad[2]]);
     let handle = EngineHandle::new(engine().await);
     let mut cfg = source_config(&brokers, "g4");
     cfg.streams = vec![StreamKind::StockMovements];
     consume(&handle, cfg, true, None, |_| {}).await;
-    let accepted: u64 = handle
-        .lock()
-        .await
-        .streams()
-        .iter()
-        .map(|s| s.accepted_events)
-        .sum();
-    assert_eq!(accepted, 1, "the good message is applied");
+    assert_eq!(accepted(&handle).await, 1, "the good message is applied");
     // The dead letters: original bytes, key, and headers.
     let dlq: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -457,16 +492,12 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_fails_fast_with_a_clear_error() {
-    let applied = Arc::new(storepulse_ingest::AppliedPositions::default());
+    let applied = Arc::new(AppliedPositions::default());
     // Unreachable broker: bounded by connect_timeout, names the broker.
     let mut cfg = KafkaSourceConfig::new("127.0.0.1:1");
     cfg.connect_timeout = Duration::from_secs(2);
     let started = Instant::now();
-    let a = applied.clone();
-    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, a))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = connect(cfg, false, applied.clone()).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(matches!(err, KafkaSourceError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
@@ -474,11 +505,7 @@ async fn bad_configuration_fails_fast_with_a_clear_error() {
     let c = cluster();
     let mut cfg = KafkaSourceConfig::new(c.bootstrap_servers());
     cfg.topics.insert("sales".into(), "no.such.topic".into());
-    let a = applied.clone();
-    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, a))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = connect(cfg, false, applied.clone()).await.unwrap_err();
     assert!(
         err.to_string().contains("'no.such.topic' (stream sales)"),
         "{err}"
@@ -486,10 +513,7 @@ async fn bad_configuration_fails_fast_with_a_clear_error() {
     // A property librdkafka does not know.
     let mut cfg = KafkaSourceConfig::new(c.bootstrap_servers());
     cfg.properties.insert("fetch.max.bytez".into(), "1".into());
-    let err = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, false, applied))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = connect(cfg, false, applied).await.unwrap_err();
     assert!(err.to_string().contains("fetch.max.bytez"), "{err}");
     // A topic override for a stream that does not exist.
     let mut cfg = KafkaSourceConfig::new("x:1");
@@ -513,10 +537,7 @@ async fn a_slow_engine_pauses_the_partitions_instead_of_buffering() {
     cfg.batch_max_messages = 50;
     cfg.max_pending_batches = 3;
     let applied = handle.lock().await.positions().clone();
-    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, true, applied))
-        .await
-        .unwrap()
-        .unwrap();
+    let src = connect(cfg, true, applied).await.unwrap();
     let status = src.status();
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(1);
     let (_stop, stop_rx) = watch::channel(false);
@@ -536,16 +557,7 @@ async fn a_slow_engine_pauses_the_partitions_instead_of_buffering() {
     assert!(status.paused());
     assert_eq!(status.pending_batches(), pending, "queue grew while paused");
     // The engine catches up: nothing was lost to the pause.
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
-            }
-            _ = tick.tick() => handle.lock().await.tick(EngineHandle::now_ms()),
-        }
-    }
+    apply_all(&handle, &mut rx).await;
     task.await.unwrap().unwrap();
     assert!(!status.paused() || status.pending_batches() == 0);
     assert_matches_oracle(&handle, dir.path()).await;
@@ -556,23 +568,9 @@ async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() 
     let c = cluster();
     let brokers = c.bootstrap_servers();
     let topic = topic_name("storepulse.", StreamKind::StockMovements);
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
     let bad = br#"{"event_id":"x1","ts":"2026-01-05T10:00:00Z"#;
     let good = br#"{"event_id":"x2","ts":"2026-01-05T10:00:00Z","store_id":"S001","sku":"P00001","kind":"receipt","qty":5}"#;
-    for payload in [&bad[..], &good[..]] {
-        producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key("S001")
-                    .payload(payload)
-                    .partition(0),
-            )
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    produce_raw(&brokers, &topic, &[&bad[..], &good[..]]);
     // From now on every produce request fails (non-retriable).
     c.request_errors(
         RDKafkaApiKey::Produce,
@@ -582,11 +580,7 @@ async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() 
     let applied = handle.lock().await.positions().clone();
     let mut cfg = source_config(&brokers, "g6");
     cfg.streams = vec![StreamKind::StockMovements];
-    let a = applied.clone();
-    let src = tokio::task::spawn_blocking(move || KafkaSource::connect(cfg, true, a))
-        .await
-        .unwrap()
-        .unwrap();
+    let src = connect(cfg, true, applied.clone()).await.unwrap();
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(4);
     let (_stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(src.run(tx, stop_rx));
@@ -611,24 +605,10 @@ async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() 
     // The topic becomes writable: the dead letter is written, then the
     // batch goes on.
     c.clear_request_errors(RDKafkaApiKey::Produce);
-    while let Some(msg) = rx.recv().await {
-        handle
-            .lock()
-            .await
-            .apply(msg, EngineHandle::now_ms())
-            .await
-            .unwrap();
-    }
+    apply_all(&handle, &mut rx).await;
     task.await.unwrap().unwrap();
     assert_eq!(applied.get(&format!("{topic}/0")), Some(2));
-    let accepted: u64 = handle
-        .lock()
-        .await
-        .streams()
-        .iter()
-        .map(|s| s.accepted_events)
-        .sum();
-    assert_eq!(accepted, 1);
+    assert_eq!(accepted(&handle).await, 1);
     let watcher: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()
