@@ -100,9 +100,7 @@ async fn batch(lines: &[String], views: &str) -> (f64, f64) {
     }
     let decoded = started.elapsed().as_secs_f64();
     let ctx = SessionContext::new();
-    for u in storepulse_sql::udf::all() {
-        ctx.register_udf(u);
-    }
+    storepulse_sql::register(&ctx);
     let table = MemTable::try_new(StreamKind::Sales.schema(), vec![batches]).expect("table");
     ctx.register_table("sales", Arc::new(table))
         .expect("register");

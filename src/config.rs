@@ -43,6 +43,9 @@ pub(crate) struct Config {
     /// Dimension tables.
     #[serde(default)]
     pub(crate) dimensions: Vec<DimensionConfig>,
+    /// Parameters of the built-in retail views.
+    #[serde(default)]
+    pub(crate) retail: storepulse_sql::RetailParams,
     /// Event sources.
     #[serde(default)]
     pub(crate) sources: Vec<SourceConfig>,
@@ -123,14 +126,26 @@ impl Default for PipelineConfig {
     }
 }
 
-/// `[[dimensions]]`: a table loaded at start from CSV (with header) or Parquet.
+/// `[[dimensions]]`: a table loaded from CSV (with a header line) or
+/// Parquet, checked at start and reloaded when the file changes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DimensionConfig {
-    /// Table name in SQL (`stores`, `products`, `replenishment_policy`, ...).
+    /// Table name in SQL (`stores`, `products`, `replenishment_policy`, or
+    /// any other name for a table of your own).
     pub(crate) name: String,
-    /// File path.
-    pub(crate) path: PathBuf,
+    /// A file path (relative to the config file) or an object-store URL
+    /// (`file:///...`). `.parquet` is read as Parquet, anything else as CSV.
+    pub(crate) path: String,
+    /// How often the file is checked for changes (size, modification time,
+    /// e-tag); a changed file is loaded and swapped in. A file that fails to
+    /// load keeps the previous contents and is reported. `0s` disables.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    pub(crate) reload_interval: std::time::Duration,
+}
+
+fn default_reload() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 /// `[[sources]]`: where events come from.
@@ -209,7 +224,11 @@ impl Config {
         };
         fix(&mut self.data_dir);
         self.sql.files.iter_mut().for_each(fix);
-        self.dimensions.iter_mut().for_each(|d| fix(&mut d.path));
+        for d in &mut self.dimensions {
+            if !d.path.contains("://") && Path::new(&d.path).is_relative() {
+                d.path = base.join(&d.path).display().to_string();
+            }
+        }
         for s in &mut self.sources {
             match s {
                 SourceConfig::File { path, .. } => fix(path),
@@ -230,13 +249,14 @@ impl Config {
             }
         }
         for (i, d) in self.dimensions.iter().enumerate() {
-            if !d.path.is_file() {
-                bail!("dimensions[{i}].path: no such file {}", d.path.display());
+            if !d.path.contains("://") && !Path::new(&d.path).is_file() {
+                bail!("dimensions[{i}].path: no such file {}", d.path);
             }
             if StreamKind::ALL.iter().any(|k| k.name() == d.name) {
                 bail!("dimensions[{i}].name: '{}' is a stream name", d.name);
             }
         }
+        self.retail.validate().map_err(anyhow::Error::msg)?;
         for (i, s) in self.sources.iter().enumerate() {
             if !self.until_eof
                 && !matches!(s, SourceConfig::Generator { .. } | SourceConfig::Kafka(_))

@@ -347,11 +347,11 @@ async fn serve(
     let mut engine_cfg: EngineConfig = cfg.engine.clone();
     engine_cfg.data_dir = Some(cfg.data_dir.clone());
     let mut engine = Engine::new(engine_cfg)?;
-    pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;
+    let watched = pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;
     if cfg.sql.builtin {
-        for (file, sql) in storepulse_sql::builtin::VIEWS {
+        for (file, sql) in storepulse_sql::builtin::scripts(&cfg.retail)? {
             engine
-                .execute_sql(sql)
+                .execute_sql(&sql)
                 .await
                 .with_context(|| format!("built-in views {file}"))?;
         }
@@ -396,6 +396,7 @@ async fn serve(
         "storepulse listening; try: curl -s http://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'"
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, server::router(app))
@@ -475,6 +476,7 @@ async fn demo(
         sql: config::SqlConfig::default(),
         pipeline: config::PipelineConfig::default(),
         dimensions,
+        retail: Default::default(),
         sources: Vec::<SourceConfig>::new(),
     };
     let generator = GeneratorSource {

@@ -12,8 +12,7 @@ use std::{
 };
 
 use anyhow::Context;
-use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use storepulse_engine::{Engine, EngineHandle};
+use storepulse_engine::{DimensionData, DimensionSource, Engine, EngineHandle};
 use storepulse_ingest::{
     gen::ChainConfig,
     source::{FileFormat, FileSource, GeneratorSource},
@@ -135,32 +134,102 @@ pub(crate) async fn build_sources(
     Ok(out)
 }
 
-/// Loads dimension tables into the engine.
+/// Loads dimension tables into the engine (a bad file fails the start with
+/// its name and line) and returns what the reload task watches.
 pub(crate) async fn load_dimensions(
     engine: &mut Engine,
     dims: &[DimensionConfig],
-) -> anyhow::Result<()> {
-    let ctx = SessionContext::new();
+) -> anyhow::Result<Vec<WatchedDimension>> {
+    let mut watched = Vec::new();
     for d in dims {
-        let path = d.path.to_str().context("dimension path is not UTF-8")?;
-        let df = match d.path.extension().and_then(|e| e.to_str()) {
-            Some("parquet") => ctx.read_parquet(path, ParquetReadOptions::default()).await,
-            _ => {
-                ctx.read_csv(path, CsvReadOptions::new().has_header(true))
-                    .await
+        let source = DimensionSource {
+            table: d.name.clone(),
+            location: d.path.clone(),
+        };
+        let version = source.version().await?;
+        let (schema, batches) = source.load().await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let data = engine.register_dimension(&d.name, batches, schema)?;
+        tracing::info!(table = %d.name, rows, location = %d.path, "dimension table loaded");
+        if !d.reload_interval.is_zero() {
+            watched.push(WatchedDimension {
+                source,
+                data,
+                version,
+                interval: d.reload_interval,
+            });
+        }
+    }
+    Ok(watched)
+}
+
+/// A dimension table whose file is checked for changes.
+pub(crate) struct WatchedDimension {
+    source: DimensionSource,
+    data: DimensionData,
+    version: String,
+    interval: Duration,
+}
+
+/// Reloads changed dimension files until `shutdown`. A file that fails to
+/// load (or changes its columns) keeps the previous rows; the error is
+/// logged and counted in `storepulse_dimensions_reload_errors_total`.
+pub(crate) async fn watch_dimensions(
+    watched: Vec<WatchedDimension>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if watched.is_empty() {
+        return;
+    }
+    let tick = watched
+        .iter()
+        .map(|w| w.interval)
+        .min()
+        .unwrap_or(Duration::from_secs(10));
+    let mut due: Vec<std::time::Instant> =
+        watched.iter().map(|_| std::time::Instant::now()).collect();
+    let mut watched = watched;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = std::time::Instant::now();
+        for (w, due) in watched.iter_mut().zip(due.iter_mut()) {
+            if now < *due {
+                continue;
+            }
+            *due = now + w.interval;
+            let table = w.source.table.clone();
+            let result = async {
+                let version = w.source.version().await?;
+                if version == w.version {
+                    return Ok::<_, anyhow::Error>(None);
+                }
+                let (schema, batches) = w.source.load().await?;
+                let rows = w
+                    .data
+                    .replace(&schema, batches)
+                    .map_err(|e| anyhow::anyhow!("dimension table '{table}': {e}"))?;
+                w.version = version;
+                Ok(Some(rows))
+            }
+            .await;
+            match result {
+                Ok(None) => {}
+                Ok(Some(rows)) => {
+                    metrics::counter!("storepulse_dimensions_reloads_total", "table" => table.clone())
+                        .increment(1);
+                    tracing::info!(table = %table, rows, location = %w.source.location, "dimension table reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("storepulse_dimensions_reload_errors_total", "table" => table.clone())
+                        .increment(1);
+                    tracing::error!(table = %table, error = %format!("{e:#}"), "dimension reload failed; keeping the previous rows");
+                }
             }
         }
-        .with_context(|| format!("dimension table '{}': cannot read {path}", d.name))?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df
-            .collect()
-            .await
-            .with_context(|| format!("dimension table '{}': cannot read {path}", d.name))?;
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        engine.register_dimension(&d.name, batches, schema)?;
-        tracing::info!(table = %d.name, rows, path, "dimension table loaded");
     }
-    Ok(())
 }
 
 /// Writes the generator's dimension tables as CSV under `dir` and returns
@@ -181,7 +250,8 @@ pub(crate) fn write_chain_dimensions(
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         out.push(DimensionConfig {
             name: name.to_string(),
-            path,
+            path: path.display().to_string(),
+            reload_interval: Duration::from_secs(10),
         });
     }
     Ok(out)

@@ -216,7 +216,7 @@ async fn views(State(app): State<AppState>) -> Response {
         .into_iter()
         .map(|v| {
             json!({
-                "name": v.name, "kind": v.kind, "stream": v.stream,
+                "name": v.name, "kind": v.kind, "streams": v.streams,
                 "columns": v.columns.iter().map(|(n, t)| json!({"name": n, "type": t})).collect::<Vec<_>>(),
                 "groups": v.groups, "state_bytes": v.state_bytes, "sql": v.sql,
             })

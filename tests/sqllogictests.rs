@@ -142,6 +142,36 @@ impl AsyncDB for Db {
                 self.ingest(header, body).await?,
             ));
         }
+        if let Some(rest) = trimmed.strip_prefix("DIMENSION ") {
+            // DIMENSION <table>\n<csv with header>: loaded like a configured
+            // dimension file (same validation and errors).
+            let (name, body) = rest.split_once('\n').unwrap_or((rest, ""));
+            let dir = tempfile::tempdir().map_err(|e| DbError(e.to_string()))?;
+            let path = dir.path().join(format!("{}.csv", name.trim()));
+            std::fs::write(&path, body).map_err(|e| DbError(e.to_string()))?;
+            let source = storepulse_engine::DimensionSource {
+                table: name.trim().to_string(),
+                location: path.display().to_string(),
+            };
+            let (schema, batches) = source.load().await.map_err(|e| DbError(e.to_string()))?;
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            self.engine
+                .register_dimension(name.trim(), batches, schema)
+                .map_err(|e| DbError(e.to_string()))?;
+            return Ok(DBOutput::StatementComplete(rows));
+        }
+        if trimmed == "BUILTIN" {
+            // The shipped views (starter.sql, retail.sql) with default parameters.
+            let scripts = storepulse_sql::builtin::scripts(&Default::default())
+                .map_err(|e| DbError(e.to_string()))?;
+            for (file, sql) in scripts {
+                self.engine
+                    .execute_sql(&sql)
+                    .await
+                    .map_err(|e| DbError(format!("{file}: {e}")))?;
+            }
+            return Ok(DBOutput::StatementComplete(0));
+        }
         if trimmed == "FINISH" {
             for (stream, partition) in self.partitions.clone() {
                 self.engine

@@ -24,6 +24,12 @@ pub struct EngineConfig {
     /// Rows of `late_events` kept in memory for SQL; every late row is also
     /// appended to `late_events.jsonl` under the data dir.
     pub late_events_capacity: usize,
+    /// Read every view "as of" this event time (RFC 3339, e.g.
+    /// `2026-03-01T00:00:00Z`) instead of the current watermark: recency,
+    /// velocity and cover in the retail views are measured at this instant.
+    /// For reports over a finished period; unset in live use.
+    #[serde(with = "humantime_serde")]
+    pub as_of: Option<std::time::SystemTime>,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
@@ -36,6 +42,7 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(30),
             dedup_horizon: Duration::from_secs(24 * 3600),
             late_events_capacity: 100_000,
+            as_of: None,
             data_dir: None,
         }
     }

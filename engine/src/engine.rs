@@ -7,7 +7,7 @@
 //! without holding the lock.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Instant,
 };
@@ -15,7 +15,8 @@ use std::{
 use datafusion::{
     arrow::{array::RecordBatch, datatypes::SchemaRef},
     catalog::{streaming::StreamingTable, TableProvider},
-    datasource::{view::ViewTable, MemTable},
+    common::tree_node::TreeNodeRecursion,
+    datasource::{source_as_provider, view::ViewTable},
     execution::context::SessionState,
     logical_expr::LogicalPlan,
     prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
@@ -23,17 +24,18 @@ use datafusion::{
 };
 use serde::Serialize;
 use storepulse_ingest::{AppliedPositions, SourceMessage, StreamKind};
-use storepulse_sql::{parse_script, Statement};
+use storepulse_sql::{parse_script, retail::FloorCell, Statement};
 use tokio::sync::Mutex;
 
 use crate::{
     config::EngineConfig,
+    dims::{DimensionData, DimensionKind, DimensionPartition, DimensionTable},
     error::{user_err, Result},
     gate::StreamGate,
     late::LateEvents,
     snapshot::{
-        BatchSlot, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot, SnapshotCell,
-        StreamStub,
+        BatchSlot, ClockTable, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot,
+        SnapshotCell, StreamStub, ViewStateTable,
     },
     view::{plan_view, ContinuousView},
     watermark::Watermark,
@@ -57,8 +59,8 @@ pub struct ViewInfo {
     pub name: String,
     /// `materialized` or `view`.
     pub kind: &'static str,
-    /// Stream it reads (materialized views).
-    pub stream: Option<StreamKind>,
+    /// Streams it reads (materialized views).
+    pub streams: Vec<StreamKind>,
     /// Columns: name and type.
     pub columns: Vec<(String, String)>,
     /// Current number of groups (materialized views).
@@ -108,7 +110,11 @@ pub struct Engine {
     cell: SnapshotCell,
     epoch: u64,
     snapshot_epoch: Option<u64>,
+    snapshot_as_of: Option<i64>,
     positions: Arc<AppliedPositions>,
+    floor: FloorCell,
+    dimensions: HashMap<String, DimensionData>,
+    last_evaluation: Vec<(String, f64)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -137,9 +143,7 @@ fn new_context(target_partitions: usize) -> SessionContext {
         .optimizer
         .enable_dynamic_filter_pushdown = false;
     let ctx = SessionContext::new_with_config(config);
-    for udf in storepulse_sql::udf::all() {
-        ctx.register_udf(udf);
-    }
+    storepulse_sql::register(&ctx);
     ctx
 }
 
@@ -175,8 +179,11 @@ impl Engine {
             "late_events",
             Arc::new(LateEventsTable { cell: cell.clone() }),
         )?;
+        serving.register_table("engine_clock", Arc::new(ClockTable { cell: cell.clone() }))?;
+        let floor = FloorCell::default();
+        planning.register_udf(floor.udf());
         let late = LateEvents::new(cfg.late_events_capacity, cfg.data_dir.as_deref())?;
-        Ok(Self {
+        let mut engine = Self {
             cfg,
             planning,
             serving,
@@ -188,8 +195,18 @@ impl Engine {
             cell,
             epoch: 0,
             snapshot_epoch: None,
+            snapshot_as_of: None,
             positions: Arc::default(),
-        })
+            floor,
+            dimensions: HashMap::new(),
+            last_evaluation: Vec::new(),
+        };
+        // The known dimension tables exist (empty) until files are configured,
+        // so the built-in views can always be created.
+        for k in DimensionKind::ALL {
+            engine.register_dimension(k.name(), Vec::new(), k.schema())?;
+        }
+        Ok(engine)
     }
 
     /// The engine's configuration.
@@ -202,22 +219,37 @@ impl Engine {
         &self.serving
     }
 
-    /// Registers a dimension table (queryable, and joinable in views).
+    /// Registers (or re-registers, with a new schema) a dimension table,
+    /// queryable and joinable in views. The returned handle swaps its rows
+    /// in place on reload ([`DimensionData::replace`]).
     pub fn register_dimension(
         &mut self,
         name: &str,
         batches: Vec<RecordBatch>,
         schema: SchemaRef,
-    ) -> Result<()> {
+    ) -> Result<DimensionData> {
         if self.stream_tables.contains_key(name) {
             return user_err(format!(
                 "dimension table '{name}' clashes with a stream name"
             ));
         }
-        let table: Arc<dyn TableProvider> = Arc::new(MemTable::try_new(schema, vec![batches])?);
-        self.planning.register_table(name, table.clone())?;
-        self.serving.register_table(name, table)?;
-        Ok(())
+        let data = DimensionData::new(schema.clone(), batches);
+        let serving: Arc<dyn TableProvider> = Arc::new(DimensionTable(data.clone()));
+        let planning: Arc<dyn TableProvider> = Arc::new(StreamingTable::try_new(
+            schema,
+            vec![Arc::new(DimensionPartition(data.clone()))],
+        )?);
+        self.planning.deregister_table(name)?;
+        self.serving.deregister_table(name)?;
+        self.planning.register_table(name, planning)?;
+        self.serving.register_table(name, serving)?;
+        self.dimensions.insert(name.to_string(), data.clone());
+        Ok(data)
+    }
+
+    /// The handle of a registered dimension table.
+    pub fn dimension(&self, name: &str) -> Option<DimensionData> {
+        self.dimensions.get(name).cloned()
     }
 
     /// Runs a SQL script: `CREATE MATERIALIZED VIEW`, `CREATE VIEW`, queries.
@@ -270,7 +302,7 @@ impl Engine {
                 }
                 self.serving
                     .register_table(name.as_str(), Arc::new(table))?;
-                tracing::info!(view = %name, stream = %view.stream, "materialized view created");
+                tracing::info!(view = %name, streams = ?view.streams, "materialized view created");
                 self.views.push(view);
                 self.snapshot_epoch = None;
                 Ok(empty_output())
@@ -336,9 +368,20 @@ impl Engine {
                     let rows = accepted.num_rows();
                     self.slots[&b.stream].set(vec![accepted]);
                     let task_ctx = self.planning.task_ctx();
-                    for v in self.views.iter_mut().filter(|v| v.stream == b.stream) {
+                    for v in self.views.iter_mut() {
+                        if !v.streams.contains(&b.stream) {
+                            continue;
+                        }
+                        // Rows before the floor can no longer be reordered
+                        // by an arrival on any of the view's streams.
+                        let floor = v
+                            .streams
+                            .iter()
+                            .try_fold(i64::MAX, |m, k| self.gates[k].floor().map(|f| m.min(f)));
+                        self.floor.set(floor);
                         v.apply(task_ctx.clone(), rows).await?;
                     }
+                    self.floor.set(None);
                     self.slots[&b.stream].set(Vec::new());
                 }
                 self.epoch += 1;
@@ -370,12 +413,22 @@ impl Engine {
 
     /// Takes (and publishes) a consistent snapshot of all views.
     pub fn snapshot(&mut self) -> Result<Arc<Snapshot>> {
-        if self.snapshot_epoch == Some(self.epoch) {
+        let as_of = self.as_of();
+        if self.snapshot_epoch == Some(self.epoch) && self.snapshot_as_of == as_of {
             return Ok(self.cell.load());
         }
         let mut views = HashMap::with_capacity(self.views.len());
+        self.last_evaluation.clear();
         for v in &mut self.views {
+            let t = Instant::now();
+            let dirty = v.is_dirty();
             views.insert(v.name.clone(), v.evaluate()?);
+            if dirty {
+                let secs = t.elapsed().as_secs_f64();
+                metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
+                    .record(secs);
+                self.last_evaluation.push((v.name.clone(), secs));
+            }
             metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
                 .set(v.groups() as f64);
             metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
@@ -385,10 +438,73 @@ impl Engine {
             epoch: self.epoch,
             views,
             late_events: Arc::new(self.late.batches()),
+            as_of,
         });
         self.cell.store(snap.clone());
         self.snapshot_epoch = Some(self.epoch);
+        self.snapshot_as_of = as_of;
         Ok(snap)
+    }
+
+    /// Views evaluated by the last snapshot that had to evaluate any, with
+    /// the seconds each took (diagnostics; also the histogram
+    /// `storepulse_engine_view_evaluate_seconds{view}`).
+    pub fn last_evaluation(&self) -> &[(String, f64)] {
+        &self.last_evaluation
+    }
+
+    /// The event time the views are read "as of": the configured
+    /// `as_of`, else the largest stream watermark (a final stream counts
+    /// with its largest event time).
+    pub fn as_of(&self) -> Option<i64> {
+        if let Some(t) = self.cfg.as_of {
+            return Some(match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => d.as_millis() as i64,
+                Err(e) => -(e.duration().as_millis() as i64),
+            });
+        }
+        self.gates.values().filter_map(|g| g.reached()).max()
+    }
+
+    /// A snapshot for one query that reads only `needed` views: those are
+    /// evaluated if they changed; the others keep their last evaluation
+    /// (the query does not read them). Not published as the latest
+    /// snapshot unless every view is current.
+    pub fn snapshot_for(&mut self, needed: &HashSet<String>) -> Result<Arc<Snapshot>> {
+        let as_of = self.as_of();
+        if self.snapshot_epoch == Some(self.epoch) && self.snapshot_as_of == as_of {
+            return Ok(self.cell.load());
+        }
+        if self
+            .views
+            .iter()
+            .all(|v| needed.contains(&v.name) || !v.is_dirty())
+        {
+            return self.snapshot();
+        }
+        let mut views = HashMap::with_capacity(self.views.len());
+        self.last_evaluation.clear();
+        for v in &mut self.views {
+            if needed.contains(&v.name) {
+                let t = Instant::now();
+                let dirty = v.is_dirty();
+                views.insert(v.name.clone(), v.evaluate()?);
+                if dirty {
+                    let secs = t.elapsed().as_secs_f64();
+                    metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
+                        .record(secs);
+                    self.last_evaluation.push((v.name.clone(), secs));
+                }
+            } else if let Some(b) = v.cached() {
+                views.insert(v.name.clone(), b);
+            }
+        }
+        Ok(Arc::new(Snapshot {
+            epoch: self.epoch,
+            views,
+            late_events: Arc::new(self.late.batches()),
+            as_of,
+        }))
     }
 
     /// Materialized and plain views with their schemas.
@@ -404,7 +520,7 @@ impl Engine {
             .map(|v| ViewInfo {
                 name: v.name.clone(),
                 kind: "materialized",
-                stream: Some(v.stream),
+                streams: v.streams.clone(),
                 columns: columns(&v.output_schema),
                 groups: Some(v.groups()),
                 state_bytes: Some(v.state_bytes()),
@@ -478,11 +594,36 @@ async fn run_query(
     stmt: DFStatement,
     snap: Arc<Snapshot>,
 ) -> Result<QueryOutput> {
+    let plan = ctx.state().statement_to_plan(stmt).await?;
+    run_plan(ctx, plan, snap).await
+}
+
+/// The materialized views (by name) a plan reads, through query-time views
+/// and subqueries.
+fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::TableScan(scan) = p {
+            if let Ok(provider) = source_as_provider(&scan.source) {
+                if let Some(v) = provider.downcast_ref::<ViewTable>() {
+                    referenced_views(v.logical_plan(), out);
+                } else if let Some(t) = provider.downcast_ref::<ViewStateTable>() {
+                    out.insert(t.view.clone());
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+}
+
+async fn run_plan(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    snap: Arc<Snapshot>,
+) -> Result<QueryOutput> {
     let mut state = ctx.state();
     state
         .config_mut()
         .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
-    let plan = state.statement_to_plan(stmt).await?;
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -534,8 +675,13 @@ impl EngineHandle {
         for stmt in parse_script(sql)? {
             match stmt {
                 Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
-                    let snap = self.engine.lock().await.snapshot()?;
-                    out.push(run_query(&self.serving, *statement, snap).await?);
+                    // Plan first: only the materialized views the query reads
+                    // are evaluated for its snapshot.
+                    let plan = self.serving.state().statement_to_plan(*statement).await?;
+                    let mut needed = HashSet::new();
+                    referenced_views(&plan, &mut needed);
+                    let snap = self.engine.lock().await.snapshot_for(&needed)?;
+                    out.push(run_plan(&self.serving, plan, snap).await?);
                 }
                 other => out.push(self.engine.lock().await.execute_statement(other).await?),
             }

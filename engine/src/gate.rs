@@ -68,6 +68,27 @@ impl StreamGate {
         }
     }
 
+    /// The smallest event time a row accepted from now on can have
+    /// (watermark − allowed lateness; `i64::MAX` once final; `None` before
+    /// any watermark).
+    pub fn floor(&self) -> Option<i64> {
+        match self.watermark.current() {
+            Watermark::None => None,
+            Watermark::At(t) => Some(t.saturating_sub(self.allowed_lateness_ms)),
+            Watermark::Final => Some(i64::MAX),
+        }
+    }
+
+    /// Event time the stream has reached: its watermark, or once final the
+    /// largest event time it delivered.
+    pub fn reached(&self) -> Option<i64> {
+        match self.watermark.current() {
+            Watermark::None => None,
+            Watermark::At(t) => Some(t),
+            Watermark::Final => self.watermark.max_ts(),
+        }
+    }
+
     /// Applies de-duplication and lateness to `batch` from `partition`,
     /// then advances the watermark; `now_ms` is the wall clock.
     pub fn gate(

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod dedup;
+pub mod dims;
 pub mod engine;
 pub mod error;
 pub mod gate;
@@ -29,6 +30,7 @@ pub mod view;
 pub mod watermark;
 
 pub use config::EngineConfig;
+pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
 pub use engine::{Engine, EngineHandle, IngestReport, QueryOutput, StreamStatus, ViewInfo};
 pub use error::{EngineError, Result};
 pub use snapshot::Snapshot;

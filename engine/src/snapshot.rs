@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub views: HashMap<String, Arc<Vec<RecordBatch>>>,
     /// Rows of `late_events`.
     pub late_events: Arc<Vec<RecordBatch>>,
+    /// The event time the views are "as of" (`engine_clock.as_of`).
+    pub as_of: Option<i64>,
 }
 
 /// The latest published snapshot, shared by the engine and the providers.
@@ -69,12 +71,33 @@ fn pinned_or_latest(state: &dyn Session, cell: &SnapshotCell) -> Arc<Snapshot> {
         .unwrap_or_else(|| cell.load())
 }
 
+/// Rows per slice handed to the query engine: a view is evaluated into one
+/// large batch, which DataFusion cannot spread over cores; zero-copy slices
+/// dealt round-robin into `partitions` partitions can be.
+const SLICE_ROWS: usize = 8192;
+
 fn memory_exec(
     batches: &[RecordBatch],
     schema: SchemaRef,
     projection: Option<&Vec<usize>>,
+    partitions: usize,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let exec = MemorySourceConfig::try_new_exec(&[batches.to_vec()], schema, projection.cloned())?;
+    let n = partitions.max(1);
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    let mut i = 0;
+    for b in batches {
+        let mut off = 0;
+        while off < b.num_rows() {
+            let len = SLICE_ROWS.min(b.num_rows() - off);
+            parts[i % n].push(b.slice(off, len));
+            off += len;
+            i += 1;
+        }
+    }
+    if i < parts.len() {
+        parts.truncate(i.max(1));
+    }
+    let exec = MemorySourceConfig::try_new_exec(&parts, schema, projection.cloned())?;
     Ok(exec)
 }
 
@@ -107,7 +130,12 @@ impl TableProvider for ViewStateTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let snap = pinned_or_latest(state, &self.cell);
         let batches = snap.views.get(&self.view).cloned().unwrap_or_default();
-        memory_exec(&batches, self.schema.clone(), projection)
+        memory_exec(
+            &batches,
+            self.schema.clone(),
+            projection,
+            state.config().target_partitions(),
+        )
     }
 }
 
@@ -134,7 +162,67 @@ impl TableProvider for LateEventsTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let snap = pinned_or_latest(state, &self.cell);
-        memory_exec(&snap.late_events, self.schema(), projection)
+        memory_exec(
+            &snap.late_events,
+            self.schema(),
+            projection,
+            state.config().target_partitions(),
+        )
+    }
+}
+
+/// `engine_clock(as_of)`: one row, the snapshot's event time — the largest
+/// stream watermark (once a stream is final, its largest event time). The
+/// retail views measure recency, velocity and cover at this instant.
+#[derive(Debug)]
+pub struct ClockTable {
+    /// Latest snapshot, used when the query did not pin one.
+    pub cell: SnapshotCell,
+}
+
+impl ClockTable {
+    /// The table's schema.
+    pub fn table_schema() -> SchemaRef {
+        Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new(
+                "as_of",
+                datafusion::arrow::datatypes::DataType::Timestamp(
+                    datafusion::arrow::datatypes::TimeUnit::Millisecond,
+                    Some("UTC".into()),
+                ),
+                true,
+            ),
+        ]))
+    }
+
+    /// The one-row batch for `as_of`.
+    pub fn batch(as_of: Option<i64>) -> Result<RecordBatch> {
+        let a = datafusion::arrow::array::TimestampMillisecondArray::from(vec![as_of])
+            .with_timezone("UTC");
+        Ok(RecordBatch::try_new(
+            Self::table_schema(),
+            vec![Arc::new(a)],
+        )?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for ClockTable {
+    fn schema(&self) -> SchemaRef {
+        Self::table_schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snap = pinned_or_latest(state, &self.cell);
+        memory_exec(&[Self::batch(snap.as_of)?], self.schema(), projection, 1)
     }
 }
 

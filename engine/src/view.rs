@@ -60,8 +60,8 @@ pub struct ContinuousView {
     pub name: String,
     /// The defining statement.
     pub sql: String,
-    /// The stream it reads.
-    pub stream: StreamKind,
+    /// The streams it reads (more than one only through `UNION ALL`).
+    pub streams: Vec<StreamKind>,
     /// The query-time plan (reads the evaluated state).
     pub query_plan: LogicalPlan,
     /// The view's output schema.
@@ -162,6 +162,7 @@ pub async fn plan_view(
             | LogicalPlan::SubqueryAlias(_)
             | LogicalPlan::Unnest(_)
             | LogicalPlan::Join(_)
+            | LogicalPlan::Union(_)
             | LogicalPlan::EmptyRelation(_)
             | LogicalPlan::Values(_) => {}
             other => bad = bad.or(Some(node_name(other))),
@@ -173,21 +174,41 @@ pub async fn plan_view(
             "{op} before the aggregation would need to see all past rows"
         ));
     }
-    let stream = match stream_scans.as_slice() {
-        [k] => *k,
-        [] => {
-            let names: Vec<&str> = StreamKind::ALL.iter().map(|k| k.name()).collect();
-            return why(&format!(
-                "it reads no stream; FROM must name one of: {}",
-                names.join(", ")
-            ));
+    if stream_scans.is_empty() {
+        let names: Vec<&str> = StreamKind::ALL.iter().map(|k| k.name()).collect();
+        return why(&format!(
+            "it reads no stream; FROM must name one of: {}",
+            names.join(", ")
+        ));
+    }
+    // Streams may be combined with UNION ALL (each row still stands alone),
+    // never joined with each other.
+    let mut joined = false;
+    agg.input.apply(|p| {
+        if let LogicalPlan::Join(j) = p {
+            let count = |side: &LogicalPlan| {
+                let mut n = 0;
+                let _ = side.apply(|q| {
+                    n += usize::from(stream_of(q).is_some());
+                    Ok(TreeNodeRecursion::Continue)
+                });
+                n
+            };
+            if count(&j.left) > 0 && count(&j.right) > 0 {
+                joined = true;
+            }
         }
-        _ => {
-            return why(
-                "it reads more than one stream (stream-to-stream joins keep unbounded state)",
-            )
-        }
-    };
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if joined {
+        return why(
+            "it joins two streams (stream-to-stream joins keep unbounded state); \
+             combine streams with UNION ALL instead",
+        );
+    }
+    let mut streams = stream_scans;
+    streams.sort();
+    streams.dedup();
     // Above the aggregate: anything, but no stream (evaluated at query time).
     let mut streams_above = 0;
     plan.apply(|p| {
@@ -341,7 +362,7 @@ pub async fn plan_view(
     Ok(ContinuousView {
         name: name.to_string(),
         sql: sql.to_string(),
-        stream,
+        streams,
         query_plan,
         output_schema,
         partial,
@@ -456,6 +477,18 @@ impl ContinuousView {
         self.version += 1;
         self.rows_applied += rows as u64;
         Ok(())
+    }
+
+    /// The last evaluation, current or not.
+    pub fn cached(&self) -> Option<Arc<Vec<RecordBatch>>> {
+        self.evaluated.as_ref().map(|(_, b)| b.clone())
+    }
+
+    /// True if the state changed since the last evaluation.
+    pub fn is_dirty(&self) -> bool {
+        self.evaluated
+            .as_ref()
+            .is_none_or(|(v, _)| *v != self.version)
     }
 
     /// The evaluated aggregate rows (cached until the next batch).

@@ -71,6 +71,15 @@ impl WatermarkTracker {
         }
     }
 
+    /// The largest event time any partition delivered.
+    pub fn max_ts(&self) -> Option<i64> {
+        self.partitions
+            .values()
+            .map(|p| p.max_ts)
+            .max()
+            .filter(|t| *t != i64::MIN)
+    }
+
     /// The stream watermark as of the last [`Self::advance`].
     pub fn current(&self) -> Watermark {
         self.current

@@ -1,7 +1,10 @@
 //! Batch-oracle equivalence: after all input, every continuous view equals
 //! plain DataFusion running the view's SELECT over all (de-duplicated,
 //! non-late) events at once — whatever the arrival order, batch sizes,
-//! duplicates and late arrivals.
+//! duplicates and late arrivals. The query-time retail views (stock on
+//! hand, velocity, stock-out risk, turnover, RFM, transfers) are compared
+//! too: the same script run by DataFusion over all events, with the same
+//! dimension tables and `as_of`.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -9,6 +12,7 @@ use datafusion::{
     arrow::{
         array::{AsArray, RecordBatch},
         compute::concat_batches,
+        datatypes::SchemaRef,
     },
     datasource::MemTable,
     prelude::SessionContext,
@@ -27,9 +31,10 @@ use storepulse_testkit::normalize;
 
 /// The views under test: every built-in view plus a few shapes of our own.
 fn view_sql() -> String {
-    let mut sql: String = storepulse_sql::builtin::VIEWS
-        .iter()
-        .map(|(_, s)| *s)
+    let mut sql: String = storepulse_sql::builtin::scripts(&Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|(_, s)| s)
         .collect::<Vec<_>>()
         .join("\n");
     sql.push_str(
@@ -106,6 +111,8 @@ SELECT member_id, min(ts) AS session_start, count(DISTINCT receipt_id) AS receip
 FROM g GROUP BY member_id, sid";
 
 struct Scenario {
+    /// The chain the events come from (its dimension tables are loaded).
+    chain: ChainConfig,
     /// Events in the order they reach the engine.
     arrival: Vec<GenEvent>,
     lateness: Duration,
@@ -124,6 +131,12 @@ async fn check(s: Scenario) {
         ..Default::default()
     })
     .unwrap();
+    let dims = dimensions(&s.chain).await;
+    for (name, schema, batches) in &dims {
+        engine
+            .register_dimension(name, batches.clone(), schema.clone())
+            .unwrap();
+    }
     engine.execute_sql(&sql).await.unwrap();
     engine.execute_sql(SESSION_VIEW).await.unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
@@ -196,9 +209,7 @@ async fn check(s: Scenario) {
 
     // The oracle: every event once, minus the late ones, all at once.
     let oracle = SessionContext::new();
-    for udf in storepulse_sql::udf::all() {
-        oracle.register_udf(udf);
-    }
+    storepulse_sql::register(&oracle);
     for k in StreamKind::ALL {
         let mut seen = HashSet::new();
         let evs: Vec<&GenEvent> = s
@@ -253,6 +264,97 @@ async fn check(s: Scenario) {
             );
         }
     }
+
+    // The query-time retail views: the same script run by plain DataFusion
+    // (materialized views as plain views over all events), the same
+    // dimensions and the engine's as_of.
+    let as_of = engine.as_of();
+    let clock = RecordBatch::try_new(
+        storepulse_engine::snapshot::ClockTable::table_schema(),
+        vec![Arc::new(
+            datafusion::arrow::array::TimestampMillisecondArray::from(vec![as_of])
+                .with_timezone("UTC"),
+        )],
+    )
+    .unwrap();
+    oracle
+        .register_table(
+            "engine_clock",
+            Arc::new(MemTable::try_new(clock.schema(), vec![vec![clock]]).unwrap()),
+        )
+        .unwrap();
+    for (name, schema, batches) in &dims {
+        let parts = vec![if batches.is_empty() {
+            vec![]
+        } else {
+            batches.clone()
+        }];
+        oracle
+            .register_table(
+                name,
+                Arc::new(MemTable::try_new(schema.clone(), parts).unwrap()),
+            )
+            .unwrap();
+    }
+    let batch_script = sql.replace("CREATE MATERIALIZED VIEW", "CREATE VIEW");
+    for stmt in storepulse_sql::parse_script(&batch_script).unwrap() {
+        let Statement::DataFusion { statement, .. } = stmt else {
+            unreachable!("no materialized views left")
+        };
+        let plan = oracle.state().statement_to_plan(*statement).await.unwrap();
+        oracle.execute_logical_plan(plan).await.unwrap();
+    }
+    for view in [
+        "stock_on_hand",
+        "sales_velocity",
+        "stockout_risk",
+        "slow_movers",
+        "inventory_turnover",
+        "member_rfm",
+        "transfer_suggestions",
+        "store_revenue",
+    ] {
+        let q = format!("SELECT * FROM {view}");
+        let want = normalize(&oracle.sql(&q).await.unwrap().collect().await.unwrap());
+        let got = normalize(&engine.execute_sql(&q).await.unwrap()[0].batches);
+        assert!(
+            !want.is_empty() || ["slow_movers", "transfer_suggestions"].contains(&view),
+            "{view}: oracle is empty"
+        );
+        if want != got {
+            panic!(
+                "query-time view {view} differs from the batch oracle: {} rows streamed vs {} in batch\nfirst difference: {:?}",
+                got.len(),
+                want.len(),
+                got.iter().zip(&want).find(|(a, b)| a != b),
+            );
+        }
+    }
+}
+
+/// The chain's stores, products and policies, loaded as `storepulse run`
+/// loads dimension files.
+async fn dimensions(chain: &ChainConfig) -> Vec<(String, SchemaRef, Vec<RecordBatch>)> {
+    let c = Chain::new(chain.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    for (name, text) in [
+        ("stores", c.stores_csv()),
+        ("products", c.products_csv()),
+        ("replenishment_policy", c.policy_csv()),
+    ] {
+        let path = dir.path().join(format!("{name}.csv"));
+        std::fs::write(&path, text).unwrap();
+        let (schema, batches) = storepulse_engine::DimensionSource {
+            table: name.into(),
+            location: path.display().to_string(),
+        }
+        .load()
+        .await
+        .unwrap();
+        out.push((name.to_string(), schema, batches));
+    }
+    out
 }
 
 fn small_chain(seed: u64) -> ChainConfig {
@@ -271,6 +373,7 @@ async fn arrival_order_with_offline_uploads_and_retransmits_matches_the_oracle()
     // The generator's own arrival order: offline stores upload hours late,
     // shuffled, with duplicates. Lateness is generous: nothing is late.
     check(Scenario {
+        chain: small_chain(1),
         arrival: events(small_chain(1), 30),
         lateness: Duration::from_secs(7 * 86_400),
         batch: (50, 400),
@@ -292,6 +395,7 @@ async fn fully_shuffled_and_duplicated_input_matches_the_oracle() {
     arrival.extend(dups);
     arrival.shuffle(&mut rng);
     check(Scenario {
+        chain: small_chain(2),
         arrival,
         lateness: Duration::from_secs(7 * 86_400),
         batch: (1, 700),
@@ -306,6 +410,7 @@ async fn late_events_are_excluded_exactly_and_recorded() {
     // One hour of lateness: the offline uploads (2–6 h) are partly late.
     let arrival = events(small_chain(3), 40);
     check(Scenario {
+        chain: small_chain(3),
         arrival,
         lateness: Duration::from_secs(3600),
         batch: (100, 300),
@@ -322,12 +427,14 @@ proptest! {
     fn any_arrival_order_and_batch_size_matches_the_oracle(
         seed in 0u64..1000, max_batch in 1usize..500, shuffle in any::<bool>()
     ) {
-        let mut arrival = events(ChainConfig { stores: 3, skus: 30, members: 40, seed, ..Default::default() }, 8);
+        let chain = ChainConfig { stores: 3, skus: 30, members: 40, seed, ..Default::default() };
+        let mut arrival = events(chain.clone(), 8);
         if shuffle {
             arrival.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         }
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(check(Scenario {
+            chain,
             arrival,
             lateness: Duration::from_secs(86_400),
             batch: (1, max_batch),

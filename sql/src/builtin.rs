@@ -1,6 +1,223 @@
-//! The starter views shipped with the binary and loaded by `demo` (and by
-//! `run` unless `sql.builtin = false`). They live as plain `.sql` files under
-//! `sql/views/` so they can be read, copied and overridden.
+//! The views shipped with the binary, loaded by `demo` (and by `run` unless
+//! `sql.builtin = false`). They live as plain `.sql` files under
+//! `sql/views/` so they can be read, copied and overridden:
+//!
+//! * `starter.sql` — sales per store and hour, 24-hour SKU windows, member
+//!   activity, fridge temperatures, movement totals, sales per minute;
+//! * `retail.sql` — stock on hand, sales velocity, stock-out risk,
+//!   inventory turnover, slow movers, member RFM and transfer suggestions
+//!   (documented column by column in `docs/views.md`).
+//!
+//! `${name}` placeholders in the scripts are filled from [`RetailParams`]
+//! (the `[retail]` table of the config).
 
-/// `(file name, SQL text)` of every built-in view script, in load order.
-pub const VIEWS: &[(&str, &str)] = &[("starter.sql", include_str!("../views/starter.sql"))];
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::parse::SqlError;
+
+/// The raw scripts: `(file name, SQL text with ${placeholders})`, in load
+/// order.
+pub const VIEWS: &[(&str, &str)] = &[
+    ("starter.sql", include_str!("../views/starter.sql")),
+    ("retail.sql", include_str!("../views/retail.sql")),
+];
+
+/// Parameters of the retail views (`[retail]` in `storepulse.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetailParams {
+    /// Half-life of the decayed sales rate `sales_velocity.units_per_hour`
+    /// (a sale this long ago weighs half as much as one now).
+    #[serde(with = "humantime_serde")]
+    pub velocity_half_life: Duration,
+    /// Days of per-day stock figures kept per (store, SKU) for
+    /// `inventory_turnover` (at least 8, so the previous full week is there).
+    pub turnover_days: u32,
+    /// `slow_movers`: the look-back horizon.
+    #[serde(with = "humantime_serde")]
+    pub slow_mover_horizon: Duration,
+    /// `slow_movers`: a SKU with stock that sold at most this many units
+    /// over the horizon is slow.
+    pub slow_mover_max_units: i64,
+    /// `transfer_suggestions`: a store can give stock away when its cover
+    /// exceeds this (and keeps at least this much cover and its reorder
+    /// point after the transfer).
+    #[serde(with = "humantime_serde")]
+    pub transfer_excess_cover: Duration,
+    /// Lead time used when no `replenishment_policy` row matches the store's
+    /// format and the product's category.
+    pub default_lead_time_hours: f64,
+    /// Service level used when no policy row matches.
+    pub default_service_level: f64,
+    /// Review period used when no policy row matches.
+    pub default_review_hours: f64,
+    /// Minimum stock used when no policy row matches.
+    pub default_min_stock: i64,
+}
+
+impl Default for RetailParams {
+    fn default() -> Self {
+        Self {
+            velocity_half_life: Duration::from_secs(24 * 3600),
+            turnover_days: 14,
+            slow_mover_horizon: Duration::from_secs(7 * 24 * 3600),
+            slow_mover_max_units: 1,
+            transfer_excess_cover: Duration::from_secs(14 * 24 * 3600),
+            default_lead_time_hours: 48.0,
+            default_service_level: 0.95,
+            default_review_hours: 24.0,
+            default_min_stock: 0,
+        }
+    }
+}
+
+fn interval(d: Duration) -> String {
+    format!("INTERVAL '{} milliseconds'", d.as_millis())
+}
+
+fn hours(d: Duration) -> String {
+    format!("{:?}", d.as_secs_f64() / 3600.0)
+}
+
+impl RetailParams {
+    /// Checks the values (a bad one names its key).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |d: Duration, k: &str| {
+            if d.as_millis() == 0 {
+                Err(format!("retail.{k} must be positive"))
+            } else {
+                Ok(())
+            }
+        };
+        positive(self.velocity_half_life, "velocity_half_life")?;
+        positive(self.slow_mover_horizon, "slow_mover_horizon")?;
+        positive(self.transfer_excess_cover, "transfer_excess_cover")?;
+        if self.turnover_days < 8 {
+            return Err("retail.turnover_days must be at least 8".into());
+        }
+        if !(self.default_service_level > 0.0 && self.default_service_level < 1.0) {
+            return Err("retail.default_service_level must be in (0, 1)".into());
+        }
+        if !(self.default_lead_time_hours >= 0.0 && self.default_review_hours >= 0.0) {
+            return Err(
+                "retail.default_lead_time_hours and default_review_hours must be ≥ 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `(placeholder, SQL text)` pairs.
+    fn values(&self) -> Vec<(&'static str, String)> {
+        let panes = self
+            .slow_mover_horizon
+            .max(Duration::from_secs(7 * 24 * 3600));
+        vec![
+            ("velocity_half_life", interval(self.velocity_half_life)),
+            ("velocity_half_life_hours", hours(self.velocity_half_life)),
+            (
+                "turnover_days",
+                interval(Duration::from_secs(self.turnover_days as u64 * 86_400)),
+            ),
+            ("hourly_panes_kept", interval(panes)),
+            (
+                "slow_mover_horizon_hours",
+                format!("{}", self.slow_mover_horizon.as_secs().div_ceil(3600)),
+            ),
+            (
+                "slow_mover_max_units",
+                self.slow_mover_max_units.to_string(),
+            ),
+            (
+                "transfer_excess_cover_hours",
+                hours(self.transfer_excess_cover),
+            ),
+            (
+                "default_lead_time_hours",
+                format!("{:?}", self.default_lead_time_hours),
+            ),
+            (
+                "default_service_level",
+                format!("{:?}", self.default_service_level),
+            ),
+            (
+                "default_review_hours",
+                format!("{:?}", self.default_review_hours),
+            ),
+            ("default_min_stock", self.default_min_stock.to_string()),
+        ]
+    }
+
+    /// `sql` with every `${name}` replaced; an unknown name is an error
+    /// naming it and its line.
+    pub fn render(&self, sql: &str) -> Result<String, SqlError> {
+        let values = self.values();
+        let mut out = String::with_capacity(sql.len());
+        let mut rest = sql;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let line = sql[..sql.len() - rest.len() + i].lines().count().max(1);
+            let Some(end) = after.find('}') else {
+                return Err(SqlError::Template {
+                    line,
+                    message: "unterminated ${".into(),
+                });
+            };
+            let name = &after[..end];
+            match values.iter().find(|(k, _)| *k == name) {
+                Some((_, v)) => out.push_str(v),
+                None => {
+                    return Err(SqlError::Template {
+                        line,
+                        message: format!(
+                            "unknown parameter ${{{name}}} (known: {})",
+                            values
+                                .iter()
+                                .map(|(k, _)| *k)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    })
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// The built-in scripts with parameters filled in: `(file name, SQL)`.
+pub fn scripts(params: &RetailParams) -> Result<Vec<(&'static str, String)>, SqlError> {
+    VIEWS
+        .iter()
+        .map(|(f, sql)| Ok((*f, params.render(sql)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_placeholder_and_names_unknown_ones() {
+        let p = RetailParams::default();
+        for (f, sql) in scripts(&p).unwrap() {
+            assert!(!sql.contains("${"), "{f}");
+        }
+        let e = p
+            .render("SELECT 1;\nSELECT ${nope}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("${nope}"), "{e}");
+        assert!(RetailParams {
+            turnover_days: 3,
+            ..p
+        }
+        .validate()
+        .unwrap_err()
+        .contains("turnover_days"));
+    }
+}

@@ -5,11 +5,48 @@
 //!   (`CREATE MATERIALIZED VIEW`, `CREATE VIEW`), with errors that point at
 //!   the line and column.
 //! * [`udf`] — window functions usable in `GROUP BY`: `tumble` and `hop`
-//!   (`date_bin` is a tumbling window too).
-//! * [`builtin`] — the starter views shipped with the binary (`views/*.sql`).
+//!   (`date_bin` is a tumbling window too), `session`.
+//! * [`ledger`], [`velocity`] — the order-independent aggregates the retail
+//!   views are built from (`stock_ledger`, `stock_days`, `decayed_sum`,
+//!   `hourly_units`), on the small kernel framework in `agg`.
+//! * [`retail`] — scalar functions of the retail views (demand model,
+//!   decayed rates, `watermark_floor()`).
+//! * [`builtin`] — the views shipped with the binary (`views/*.sql`) and
+//!   their parameters.
 
+mod agg;
 pub mod builtin;
+pub mod ledger;
 pub mod parse;
+pub mod retail;
 pub mod udf;
+pub mod velocity;
 
+use datafusion::{logical_expr::AggregateUDF, prelude::SessionContext};
+
+pub use builtin::RetailParams;
 pub use parse::{parse_script, SqlError, Statement};
+
+/// storepulse's aggregate functions.
+pub fn aggregate_functions() -> Vec<AggregateUDF> {
+    use agg::KernelUdaf;
+    vec![
+        AggregateUDF::from(KernelUdaf(ledger::LedgerFactory::new(false))),
+        AggregateUDF::from(KernelUdaf(ledger::LedgerFactory::new(true))),
+        AggregateUDF::from(KernelUdaf(velocity::DecayedSumFactory::new())),
+        AggregateUDF::from(KernelUdaf(velocity::HourlyUnitsFactory::new())),
+        AggregateUDF::from(KernelUdaf(velocity::DistinctDaysFactory::new())),
+    ]
+}
+
+/// Registers every storepulse function in `ctx`; `watermark_floor()` is
+/// registered returning `NULL` (an engine registers its own over it).
+pub fn register(ctx: &SessionContext) {
+    for f in udf::all().into_iter().chain(retail::scalar_functions()) {
+        ctx.register_udf(f);
+    }
+    ctx.register_udf(retail::FloorCell::default().udf());
+    for f in aggregate_functions() {
+        ctx.register_udaf(f);
+    }
+}

@@ -17,6 +17,14 @@ pub enum SqlError {
     /// The statement parses but is not accepted here.
     #[error("{0}")]
     Unsupported(String),
+    /// A `${parameter}` of a built-in script cannot be filled.
+    #[error("line {line}: {message}")]
+    Template {
+        /// 1-based line of the placeholder.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// One statement of a script, classified.

@@ -1,5 +1,7 @@
 -- Starter views: loaded by `storepulse demo` and by `run` unless
 -- `[sql] builtin = false`. Each is maintained incrementally per micro-batch.
+-- Receipts are counted once each through their first line (`line_no = 0`):
+-- duplicates are already dropped, and no set of receipt ids is kept.
 
 -- Receipts, units and revenue per store and hour (tumbling window).
 CREATE MATERIALIZED VIEW sales_by_store_hourly AS
@@ -7,7 +9,7 @@ SELECT
     store_id,
     date_bin(INTERVAL '1 hour', ts) AS window_start,
     date_bin(INTERVAL '1 hour', ts) + INTERVAL '1 hour' AS window_end,
-    count(DISTINCT receipt_id) AS receipts,
+    count(*) FILTER (WHERE line_no = 0) AS receipts,
     sum(qty) AS units,
     sum(qty * unit_price - coalesce(discount, 0)) AS revenue
 FROM sales
@@ -29,7 +31,7 @@ GROUP BY store_id, sku, window_start;
 CREATE MATERIALIZED VIEW member_activity AS
 SELECT
     member_id,
-    count(DISTINCT receipt_id) AS receipts,
+    count(*) FILTER (WHERE line_no = 0) AS receipts,
     count(DISTINCT store_id) AS stores_visited,
     sum(qty * unit_price - coalesce(discount, 0)) AS spend,
     min(ts) AS first_seen,
@@ -70,7 +72,7 @@ GROUP BY store_id, sku;
 -- Chain-wide sales per minute (for live charts).
 CREATE MATERIALIZED VIEW sales_per_minute AS
 SELECT date_bin(INTERVAL '1 minute', ts) AS minute,
-    count(DISTINCT event_id) AS receipts,
+    count(*) FILTER (WHERE line_no = 0) AS receipts,
     sum(qty * unit_price - coalesce(discount, 0)) AS revenue
 FROM sales
 GROUP BY date_bin(INTERVAL '1 minute', ts);

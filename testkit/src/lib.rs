@@ -27,35 +27,13 @@ use storepulse_sql::Statement;
 /// Rows as sorted strings; floats rounded to 6 decimals (sums of floats
 /// depend on order in their last bits).
 pub fn normalize(batches: &[RecordBatch]) -> Vec<String> {
-    let opts = FormatOptions::default().with_null("NULL");
     let mut rows = Vec::new();
     for b in batches {
-        let cols: Vec<Vec<String>> = b
-            .columns()
-            .iter()
-            .map(|c| match c.data_type() {
-                DataType::Float64 => {
-                    let a = c.as_primitive::<Float64Type>();
-                    (0..a.len())
-                        .map(|r| {
-                            if a.is_null(r) {
-                                "NULL".into()
-                            } else {
-                                format!("{:.6}", a.value(r))
-                            }
-                        })
-                        .collect()
-                }
-                _ => {
-                    let f = ArrayFormatter::try_new(c.as_ref(), &opts).expect("formattable");
-                    (0..c.len()).map(|r| f.value(r).to_string()).collect()
-                }
-            })
-            .collect();
         for r in 0..b.num_rows() {
             rows.push(
-                cols.iter()
-                    .map(|c| c[r].as_str())
+                b.columns()
+                    .iter()
+                    .map(|c| value(c.as_ref(), r))
                     .collect::<Vec<_>>()
                     .join(" | "),
             );
@@ -63,6 +41,40 @@ pub fn normalize(batches: &[RecordBatch]) -> Vec<String> {
     }
     rows.sort();
     rows
+}
+
+/// One value as text; floats (also inside structs and lists) rounded to 6
+/// decimals.
+fn value(a: &dyn Array, r: usize) -> String {
+    if a.is_null(r) {
+        return "NULL".into();
+    }
+    match a.data_type() {
+        DataType::Float64 => format!("{:.6}", a.as_primitive::<Float64Type>().value(r)),
+        DataType::Struct(fields) => {
+            let s = a.as_struct();
+            let parts: Vec<String> = fields
+                .iter()
+                .zip(s.columns())
+                .map(|(f, c)| format!("{}: {}", f.name(), value(c.as_ref(), r)))
+                .collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        DataType::List(_) => {
+            let l = a.as_list::<i32>();
+            let items = l.value(r);
+            let mut parts: Vec<String> =
+                (0..items.len()).map(|i| value(items.as_ref(), i)).collect();
+            // array_agg(DISTINCT) has no defined order.
+            parts.sort();
+            format!("[{}]", parts.join(", "))
+        }
+        _ => {
+            let opts = FormatOptions::default().with_null("NULL");
+            let f = ArrayFormatter::try_new(a, &opts).expect("formattable");
+            f.value(r).to_string()
+        }
+    }
 }
 
 /// The materialized views of a script: (name, defining SELECT).
@@ -131,9 +143,7 @@ pub async fn oracle_views(
     late: &HashSet<(String, String)>,
 ) -> BTreeMap<String, Vec<String>> {
     let ctx = SessionContext::new();
-    for udf in storepulse_sql::udf::all() {
-        ctx.register_udf(udf);
-    }
+    storepulse_sql::register(&ctx);
     let mut tables = dataset_tables(dir, late);
     for k in StreamKind::ALL {
         // A stream with no events is an empty table, as in the engine.

@@ -80,8 +80,8 @@ fn publish(brokers: &str, dir: &Path) -> u64 {
 
 async fn engine() -> Engine {
     let mut e = Engine::new(EngineConfig::default()).unwrap();
-    for (_, sql) in storepulse_sql::builtin::VIEWS {
-        e.execute_sql(sql).await.unwrap();
+    for (_, sql) in storepulse_sql::builtin::scripts(&Default::default()).unwrap() {
+        e.execute_sql(&sql).await.unwrap();
     }
     e
 }
@@ -227,12 +227,14 @@ async fn late_ids(handle: &EngineHandle) -> HashSet<(String, String)> {
     set
 }
 
-/// Every starter view equals the oracle; returns the accepted event count.
+/// Every built-in materialized view equals the oracle; returns the accepted
+/// event count.
 async fn assert_matches_oracle(handle: &EngineHandle, dir: &Path) -> u64 {
     let late = late_ids(handle).await;
-    let script: String = storepulse_sql::builtin::VIEWS
-        .iter()
-        .map(|(_, s)| *s)
+    let script: String = storepulse_sql::builtin::scripts(&Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|(_, s)| s)
         .collect::<Vec<_>>()
         .join("\n");
     let want = storepulse_testkit::oracle_views(&script, dir, &late).await;

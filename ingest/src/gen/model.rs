@@ -195,6 +195,8 @@ pub struct Chain {
     products: Vec<Product>,
     /// Members by home store.
     home_members: Vec<Vec<u32>>,
+    /// Home store of each member.
+    member_home: Vec<u32>,
 }
 
 impl Chain {
@@ -250,14 +252,18 @@ impl Chain {
             })
             .collect();
         let mut home_members = vec![Vec::new(); stores.len().max(1)];
+        let mut member_home = Vec::with_capacity(cfg.members);
         for m in 0..cfg.members {
-            home_members[rng.random_range(0..stores.len().max(1))].push(m as u32);
+            let home = rng.random_range(0..stores.len().max(1));
+            home_members[home].push(m as u32);
+            member_home.push(home as u32);
         }
         let mut chain = Chain {
             cfg,
             stores,
             products,
             home_members,
+            member_home,
         };
         chain.estimate_daily_units();
         chain
@@ -681,8 +687,17 @@ impl Simulator {
         let receipt_id = format!("{store_id}-{}", self.stores[s].seq);
         let mut j = self.head(&id, ts, s);
         let _ = write!(j, r#","receipt_id":"{receipt_id}""#);
-        if let Some(m) = member {
-            let _ = write!(j, r#","member_id":"M{:06}""#, m + 1);
+        // At their home store members show the chain-wide card; elsewhere a
+        // store-local card, linked to the chain-wide id on first use.
+        let local = member.is_some_and(|m| self.chain.member_home[m as usize] as usize != s);
+        match member {
+            Some(m) if local => {
+                let _ = write!(j, r#","member_id":"{store_id}-L{:06}""#, m + 1);
+            }
+            Some(m) => {
+                let _ = write!(j, r#","member_id":"M{:06}""#, m + 1);
+            }
+            None => {}
         }
         let channel = match self.rng.random_range(0..100) {
             0..=84 => "pos",
@@ -691,7 +706,7 @@ impl Simulator {
         };
         let _ = write!(j, r#","channel":"{channel}","lines":[{lines}]}}"#);
         self.push(s, StreamKind::Sales, ts, j);
-        if let Some(m) = member {
+        if let Some(m) = member.filter(|_| local) {
             if self.linked.insert((s as u32, m)) {
                 let id = self.next_id(s, 'm');
                 let mut j = self.head(&id, ts, s);

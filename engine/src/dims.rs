@@ -1,0 +1,707 @@
+//! Dimension tables: `stores`, `products`, `replenishment_policy` (and any
+//! other table a deployment adds), loaded from CSV or Parquet at a local path
+//! or an object-store URL, validated, and swapped in place when reloaded.
+//!
+//! The three known tables have typed required columns (see
+//! [`DimensionKind`]); extra columns are kept (CSV: as text). A missing
+//! required column, an unparsable value, an empty key or a duplicated key is
+//! an error naming the file, the line (CSV: the 1-based line of the file,
+//! header = line 1; Parquet: the row) and the column.
+//!
+//! [`DimensionData`] is the shared cell a table reads from. The serving
+//! context scans it as an in-memory table (with statistics, for join
+//! planning); the planning context, whose physical plans are built once per
+//! continuous view, reads it at execution time, so a reload is seen by the
+//! next micro-batch without re-planning.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{Arc, RwLock},
+};
+
+use async_trait::async_trait;
+use datafusion::{
+    arrow::{
+        array::{Array, ArrayRef, AsArray, Float64Builder, Int64Builder, RecordBatch, StringArray},
+        compute::cast,
+        datatypes::{DataType, Field, Schema, SchemaRef},
+    },
+    catalog::{Session, TableProvider},
+    common::Result as DfResult,
+    datasource::{memory::MemorySourceConfig, TableType},
+    execution::TaskContext,
+    logical_expr::Expr,
+    physical_plan::{
+        stream::RecordBatchStreamAdapter, streaming::PartitionStream, ExecutionPlan,
+        SendableRecordBatchStream,
+    },
+};
+use object_store::{path::Path as ObjectPath, ObjectStore, ObjectStoreExt};
+
+/// A dimension-table error: what, where.
+#[derive(Debug, thiserror::Error)]
+pub enum DimensionError {
+    /// The file cannot be read.
+    #[error("dimension table '{table}': cannot read {location}: {message}")]
+    Read {
+        /// Table name.
+        table: String,
+        /// Path or URL.
+        location: String,
+        /// Why.
+        message: String,
+    },
+    /// The content is invalid.
+    #[error("dimension table '{table}': {location}:{line}: {message}")]
+    Invalid {
+        /// Table name.
+        table: String,
+        /// Path or URL.
+        location: String,
+        /// CSV: 1-based line (header = 1); Parquet: 1-based row + 1.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The known dimension tables and their typed columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DimensionKind {
+    /// `stores(store_id, name, city, format, ...)`, key `store_id`.
+    Stores,
+    /// `products(sku, name, category, unit_cost, case_pack, ...)`, key `sku`.
+    Products,
+    /// `replenishment_policy(format, category, lead_time_hours,
+    /// service_level, review_hours, min_stock)`, key `(format, category)`.
+    ReplenishmentPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Col {
+    Text,
+    Float {
+        min: f64,
+        max: f64,
+        open_min: bool,
+        open_max: bool,
+    },
+    Int {
+        min: i64,
+    },
+}
+
+impl DimensionKind {
+    /// The kind for a table name, if it is a known one.
+    pub fn of(name: &str) -> Option<Self> {
+        match name {
+            "stores" => Some(Self::Stores),
+            "products" => Some(Self::Products),
+            "replenishment_policy" => Some(Self::ReplenishmentPolicy),
+            _ => None,
+        }
+    }
+
+    /// All known tables.
+    pub const ALL: [DimensionKind; 3] = [
+        DimensionKind::Stores,
+        DimensionKind::Products,
+        DimensionKind::ReplenishmentPolicy,
+    ];
+
+    /// Table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stores => "stores",
+            Self::Products => "products",
+            Self::ReplenishmentPolicy => "replenishment_policy",
+        }
+    }
+
+    fn columns(self) -> &'static [(&'static str, Col)] {
+        const ANY: Col = Col::Float {
+            min: 0.0,
+            max: f64::INFINITY,
+            open_min: false,
+            open_max: true,
+        };
+        match self {
+            Self::Stores => &[
+                ("store_id", Col::Text),
+                ("name", Col::Text),
+                ("city", Col::Text),
+                ("format", Col::Text),
+            ],
+            Self::Products => &[
+                ("sku", Col::Text),
+                ("name", Col::Text),
+                ("category", Col::Text),
+                ("unit_cost", ANY),
+                ("case_pack", Col::Int { min: 1 }),
+            ],
+            Self::ReplenishmentPolicy => &[
+                ("format", Col::Text),
+                ("category", Col::Text),
+                ("lead_time_hours", ANY),
+                (
+                    "service_level",
+                    Col::Float {
+                        min: 0.0,
+                        max: 1.0,
+                        open_min: true,
+                        open_max: true,
+                    },
+                ),
+                ("review_hours", ANY),
+                ("min_stock", Col::Int { min: 0 }),
+            ],
+        }
+    }
+
+    fn key(self) -> &'static [&'static str] {
+        match self {
+            Self::Stores => &["store_id"],
+            Self::Products => &["sku"],
+            Self::ReplenishmentPolicy => &["format", "category"],
+        }
+    }
+
+    /// The table's schema with only its required columns (the empty table
+    /// registered until a file is configured).
+    pub fn schema(self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.columns()
+                .iter()
+                .map(|(n, c)| Field::new(*n, c.data_type(), true))
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
+impl Col {
+    fn data_type(self) -> DataType {
+        match self {
+            Col::Text => DataType::Utf8,
+            Col::Float { .. } => DataType::Float64,
+            Col::Int { .. } => DataType::Int64,
+        }
+    }
+}
+
+impl fmt::Display for DimensionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a dimension file lives: a local path or an object-store URL
+/// (`file:///...`; `s3://` and others once their object store is enabled).
+#[derive(Debug, Clone)]
+pub struct DimensionSource {
+    /// Table name.
+    pub table: String,
+    /// Path or URL as configured.
+    pub location: String,
+}
+
+/// Where the bytes come from.
+enum Location {
+    Local(std::path::PathBuf),
+    Store(Arc<dyn ObjectStore>, ObjectPath),
+}
+
+impl DimensionSource {
+    fn read_err(&self, message: String) -> DimensionError {
+        DimensionError::Read {
+            table: self.table.clone(),
+            location: self.location.clone(),
+            message,
+        }
+    }
+
+    fn resolve(&self) -> Result<Location, DimensionError> {
+        if !self.location.contains("://") {
+            return Ok(Location::Local(self.location.clone().into()));
+        }
+        let url =
+            url::Url::parse(&self.location).map_err(|e| self.read_err(format!("bad URL: {e}")))?;
+        if url.scheme() == "file" {
+            return url
+                .to_file_path()
+                .map(Location::Local)
+                .map_err(|_| self.read_err("not a local file URL".into()));
+        }
+        let (store, path) = object_store::parse_url(&url).map_err(|e| {
+            self.read_err(format!("{e} (object stores available: file://, memory://)"))
+        })?;
+        Ok(Location::Store(Arc::from(store), path))
+    }
+
+    /// A version tag of the current file (size, modification time, e-tag):
+    /// when it changes, the table is reloaded.
+    pub async fn version(&self) -> Result<String, DimensionError> {
+        match self.resolve()? {
+            Location::Local(p) => {
+                let meta = tokio::fs::metadata(&p)
+                    .await
+                    .map_err(|e| self.read_err(e.to_string()))?;
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                Ok(format!("{}:{mtime}", meta.len()))
+            }
+            Location::Store(store, path) => {
+                let meta = store
+                    .head(&path)
+                    .await
+                    .map_err(|e| self.read_err(e.to_string()))?;
+                Ok(format!(
+                    "{}:{}:{}",
+                    meta.size,
+                    meta.last_modified.timestamp_millis(),
+                    meta.e_tag.unwrap_or_default()
+                ))
+            }
+        }
+    }
+
+    /// Reads and validates the file.
+    pub async fn load(&self) -> Result<(SchemaRef, Vec<RecordBatch>), DimensionError> {
+        let bytes: bytes::Bytes = match self.resolve()? {
+            Location::Local(p) => tokio::fs::read(&p)
+                .await
+                .map_err(|e| self.read_err(e.to_string()))?
+                .into(),
+            Location::Store(store, path) => store
+                .get(&path)
+                .await
+                .map_err(|e| self.read_err(e.to_string()))?
+                .bytes()
+                .await
+                .map_err(|e| self.read_err(e.to_string()))?,
+        };
+        let read = |message: String| self.read_err(message);
+        let parquet = self.location.to_ascii_lowercase().ends_with(".parquet");
+        let (batch, csv) = if parquet {
+            let reader =
+                datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                    bytes,
+                )
+                .map_err(|e| read(format!("not a Parquet file: {e}")))?
+                .build()
+                .map_err(|e| read(e.to_string()))?;
+            let schema = datafusion::arrow::array::RecordBatchReader::schema(&reader);
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| read(e.to_string()))?;
+            let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)
+                .map_err(|e| read(e.to_string()))?;
+            (batch, false)
+        } else {
+            (self.read_csv(&bytes)?, true)
+        };
+        let batch = match DimensionKind::of(&self.table) {
+            Some(kind) => self.validate(kind, batch, csv)?,
+            None => batch,
+        };
+        Ok((batch.schema(), vec![batch]))
+    }
+
+    fn invalid(&self, line: usize, message: String) -> DimensionError {
+        DimensionError::Invalid {
+            table: self.table.clone(),
+            location: self.location.clone(),
+            line,
+            message,
+        }
+    }
+
+    /// Every column as text; row `i` is line `i + 2` of the file.
+    fn read_csv(&self, bytes: &[u8]) -> Result<RecordBatch, DimensionError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
+            self.invalid(line, "not UTF-8 text".into())
+        })?;
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .from_reader(text.as_bytes());
+        let headers: Vec<String> = rdr
+            .headers()
+            .map_err(|e| self.invalid(1, format!("bad header: {e}")))?
+            .iter()
+            .map(|h| h.trim().to_string())
+            .collect();
+        if headers.iter().all(|h| h.is_empty()) {
+            return Err(self.invalid(1, "empty file (a header line is required)".into()));
+        }
+        let mut seen = HashSet::new();
+        for h in &headers {
+            if !seen.insert(h) {
+                return Err(self.invalid(1, format!("column '{h}' appears twice")));
+            }
+        }
+        let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
+        for rec in rdr.records() {
+            let rec = rec.map_err(|e| {
+                let line = e.position().map_or(0, |p| p.line() as usize);
+                self.invalid(line, e.to_string())
+            })?;
+            for (c, v) in rec.iter().enumerate() {
+                let v = v.trim();
+                cols[c].push((!v.is_empty()).then(|| v.to_string()));
+            }
+        }
+        let fields: Vec<Field> = headers
+            .iter()
+            .map(|h| Field::new(h, DataType::Utf8, true))
+            .collect();
+        let arrays: Vec<ArrayRef> = cols
+            .into_iter()
+            .map(|c| Arc::new(StringArray::from(c)) as ArrayRef)
+            .collect();
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|e| self.invalid(1, e.to_string()))
+    }
+
+    fn validate(
+        &self,
+        kind: DimensionKind,
+        batch: RecordBatch,
+        csv: bool,
+    ) -> Result<RecordBatch, DimensionError> {
+        let schema = batch.schema();
+        let line = |row: usize| row + 2;
+        let mut fields = Vec::new();
+        let mut arrays: Vec<ArrayRef> = Vec::new();
+        for (name, col) in kind.columns() {
+            let Ok(idx) = schema.index_of(name) else {
+                let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(self.invalid(
+                    1,
+                    format!(
+                        "missing column '{name}' (required: {}; found: {})",
+                        kind.columns()
+                            .iter()
+                            .map(|c| c.0)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        have.join(", ")
+                    ),
+                ));
+            };
+            let a = batch.column(idx);
+            let text = cast(a, &DataType::Utf8)
+                .map_err(|e| self.invalid(1, format!("column '{name}': {e}")))?;
+            let text = text.as_string::<i32>();
+            let out: ArrayRef = match *col {
+                Col::Text => Arc::new(text.clone()),
+                Col::Float {
+                    min,
+                    max,
+                    open_min,
+                    open_max,
+                } => {
+                    let mut b = Float64Builder::with_capacity(text.len());
+                    for r in 0..text.len() {
+                        if text.is_null(r) {
+                            return Err(self.invalid(line(r), format!("column '{name}' is empty")));
+                        }
+                        let s = text.value(r);
+                        let v: f64 = s.parse().map_err(|_| {
+                            self.invalid(line(r), format!("column '{name}': '{s}' is not a number"))
+                        })?;
+                        let low = if open_min { v > min } else { v >= min };
+                        let high = if open_max { v < max } else { v <= max };
+                        if !(low && high && v.is_finite()) {
+                            let lo = if open_min { "(" } else { "[" };
+                            let hi = if open_max { ")" } else { "]" };
+                            return Err(self.invalid(
+                                line(r),
+                                format!("column '{name}': {s} is outside {lo}{min}, {max}{hi}"),
+                            ));
+                        }
+                        b.append_value(v);
+                    }
+                    Arc::new(b.finish())
+                }
+                Col::Int { min } => {
+                    let mut b = Int64Builder::with_capacity(text.len());
+                    for r in 0..text.len() {
+                        if text.is_null(r) {
+                            return Err(self.invalid(line(r), format!("column '{name}' is empty")));
+                        }
+                        let s = text.value(r);
+                        let v: i64 = s.parse().map_err(|_| {
+                            self.invalid(
+                                line(r),
+                                format!("column '{name}': '{s}' is not an integer"),
+                            )
+                        })?;
+                        if v < min {
+                            return Err(self
+                                .invalid(line(r), format!("column '{name}': {v} is below {min}")));
+                        }
+                        b.append_value(v);
+                    }
+                    Arc::new(b.finish())
+                }
+            };
+            fields.push(Field::new(*name, col.data_type(), true));
+            arrays.push(out);
+        }
+        // Keys: present and unique.
+        let key_idx: Vec<usize> = kind
+            .key()
+            .iter()
+            .map(|k| kind.columns().iter().position(|c| c.0 == *k).expect("key"))
+            .collect();
+        let mut seen: HashSet<Vec<String>> = HashSet::with_capacity(batch.num_rows());
+        for r in 0..batch.num_rows() {
+            let mut key = Vec::with_capacity(key_idx.len());
+            for &i in &key_idx {
+                let a = arrays[i].as_string::<i32>();
+                if a.is_null(r) {
+                    return Err(self.invalid(
+                        line(r),
+                        format!("key column '{}' is empty", kind.columns()[i].0),
+                    ));
+                }
+                key.push(a.value(r).to_string());
+            }
+            if !seen.insert(key.clone()) {
+                return Err(self.invalid(
+                    line(r),
+                    format!(
+                        "duplicate key ({}) = ({})",
+                        kind.key().join(", "),
+                        key.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Extra columns as they are (CSV: text).
+        for (i, f) in schema.fields().iter().enumerate() {
+            if kind.columns().iter().any(|c| c.0 == f.name()) {
+                continue;
+            }
+            fields.push(f.as_ref().clone().with_nullable(true));
+            arrays.push(batch.column(i).clone());
+        }
+        let _ = csv;
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|e| self.invalid(1, e.to_string()))
+    }
+}
+
+/// The current contents of one dimension table, shared by its providers.
+#[derive(Debug, Clone)]
+pub struct DimensionData {
+    schema: SchemaRef,
+    batches: Arc<RwLock<Arc<Vec<RecordBatch>>>>,
+}
+
+impl DimensionData {
+    /// A table with `schema` and these rows.
+    pub fn new(schema: SchemaRef, batches: Vec<RecordBatch>) -> Self {
+        Self {
+            schema,
+            batches: Arc::new(RwLock::new(Arc::new(batches))),
+        }
+    }
+    /// The table's schema (fixed at registration).
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+    /// The current rows.
+    pub fn batches(&self) -> Arc<Vec<RecordBatch>> {
+        self.batches.read().expect("dimension lock").clone()
+    }
+    /// Replaces the rows. Columns are matched by name to the registered
+    /// schema (a reload cannot add, drop or retype a column).
+    pub fn replace(&self, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<usize, String> {
+        if schema.fields().len() != self.schema.fields().len()
+            || schema
+                .fields()
+                .iter()
+                .zip(self.schema.fields())
+                .any(|(a, b)| a.name() != b.name() || a.data_type() != b.data_type())
+        {
+            return Err(format!(
+                "the columns changed (registered: {}; new: {}); restart to change a table's columns",
+                describe(&self.schema),
+                describe(schema)
+            ));
+        }
+        let mut out = Vec::with_capacity(batches.len());
+        let mut rows = 0;
+        for b in batches {
+            rows += b.num_rows();
+            out.push(
+                RecordBatch::try_new(self.schema.clone(), b.columns().to_vec())
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        *self.batches.write().expect("dimension lock") = Arc::new(out);
+        Ok(rows)
+    }
+}
+
+fn describe(s: &SchemaRef) -> String {
+    s.fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Serving-side provider: an in-memory scan of the current rows.
+#[derive(Debug)]
+pub(crate) struct DimensionTable(pub(crate) DimensionData);
+
+#[async_trait]
+impl TableProvider for DimensionTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema.clone()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self.0.batches();
+        let exec = MemorySourceConfig::try_new_exec(
+            &[batches.as_ref().clone()],
+            self.0.schema.clone(),
+            projection.cloned(),
+        )?;
+        Ok(exec)
+    }
+}
+
+/// Planning-side partition: reads the current rows at execution time.
+#[derive(Debug)]
+pub(crate) struct DimensionPartition(pub(crate) DimensionData);
+
+impl PartitionStream for DimensionPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.0.schema
+    }
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self.0.batches();
+        let rows: Vec<DfResult<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.0.schema.clone(),
+            futures::stream::iter(rows),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn load(name: &str, text: &str) -> Result<(SchemaRef, Vec<RecordBatch>), DimensionError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.csv"));
+        std::fs::write(&path, text).unwrap();
+        DimensionSource {
+            table: name.into(),
+            location: path.display().to_string(),
+        }
+        .load()
+        .await
+    }
+
+    #[tokio::test]
+    async fn typed_columns_and_extras() {
+        let (schema, b) = load(
+            "products",
+            "sku,name,category,unit_cost,case_pack,unit_price\nA,Apple,produce,0.40,12,0.99\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            schema.field_with_name("unit_cost").unwrap().data_type(),
+            &DataType::Float64
+        );
+        assert_eq!(
+            schema.field_with_name("case_pack").unwrap().data_type(),
+            &DataType::Int64
+        );
+        assert_eq!(
+            schema.field_with_name("unit_price").unwrap().data_type(),
+            &DataType::Utf8
+        );
+        assert_eq!(b[0].num_rows(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_rows_name_file_line_and_column() {
+        let e = load(
+            "replenishment_policy",
+            "format,category,lead_time_hours,service_level,review_hours,min_stock\n\
+             tea_shop,tea,24,0.95,48,4\ntea_shop,milk,24,1.5,48,4\n",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("replenishment_policy.csv:3:") && e.contains("service_level"),
+            "{e}"
+        );
+        let e = load(
+            "products",
+            "sku,name,category,unit_cost,case_pack\nA,a,x,1,1\nB,b,x,oops,1\n",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("products.csv:3:") && e.contains("'oops' is not a number"),
+            "{e}"
+        );
+        let e = load("stores", "store_id,name,city,format\nS1,a,c,f\nS1,b,c,f\n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stores.csv:3:") && e.contains("duplicate key"),
+            "{e}"
+        );
+        let e = load("stores", "store_id,name,format\nS1,a,f\n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stores.csv:1:") && e.contains("missing column 'city'"),
+            "{e}"
+        );
+        let e = load("stores", "store_id,name,city,format\nS1,a,c\n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stores.csv:2:"), "{e}");
+        let e = DimensionSource {
+            table: "stores".into(),
+            location: "/nonexistent/stores.csv".into(),
+        }
+        .load()
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot read /nonexistent/stores.csv"), "{e}");
+    }
+}

@@ -1,0 +1,322 @@
+-- Retail views: what chains buy storepulse for. Documented column by column
+-- in docs/views.md. Dollar-brace placeholders are filled from the [retail]
+-- config table.
+--
+-- Three materialized views keep order-independent state per key:
+--   sku_activity     (store, SKU): stock ledger, decayed velocity, hourly panes
+--   sku_stock_days   (store, SKU): per-day on-hand figures for turnover
+--   member_purchases (card) and member_identity (card → chain member)
+-- Everything else is a query-time view over them, the dimension tables
+-- (stores, products, replenishment_policy) and engine_clock (as_of).
+
+-- Counts, movements and sales of one (store, SKU) as one event stream.
+CREATE MATERIALIZED VIEW sku_activity AS
+SELECT store_id, sku,
+    stock_ledger(ts, counted, delta, sold, received, floor) AS ledger,
+    decayed_sum(sold, ts, ${velocity_half_life}) AS units_decayed,
+    decayed_sum(sold * sold, ts, ${velocity_half_life}) AS units_sq_decayed,
+    hourly_units(sold, ts, ${hourly_panes_kept}) AS hourly,
+    sum(sold) AS units_sold,
+    max(ts) FILTER (WHERE sold > 0) AS last_sale_ts,
+    min(ts) AS first_seen
+FROM (
+    SELECT store_id, sku, ts, on_hand AS counted, CAST(NULL AS BIGINT) AS delta,
+           CAST(NULL AS BIGINT) AS sold, CAST(0 AS BIGINT) AS received,
+           watermark_floor() AS floor
+    FROM stock_counts
+    UNION ALL
+    SELECT store_id, sku, ts, CAST(NULL AS BIGINT), qty, CAST(NULL AS BIGINT),
+           CASE WHEN kind IN ('receipt', 'transfer_in') THEN qty ELSE 0 END,
+           watermark_floor()
+    FROM stock_movements
+    UNION ALL
+    SELECT store_id, sku, ts, CAST(NULL AS BIGINT), -qty, qty, CAST(0 AS BIGINT),
+           watermark_floor()
+    FROM sales
+)
+GROUP BY store_id, sku;
+
+-- Per-day on-hand figures (begin, end, time integral, sold, received).
+CREATE MATERIALIZED VIEW sku_stock_days AS
+SELECT store_id, sku,
+    stock_days(ts, counted, delta, sold, received, floor, ${turnover_days}) AS days
+FROM (
+    SELECT store_id, sku, ts, on_hand AS counted, CAST(NULL AS BIGINT) AS delta,
+           CAST(NULL AS BIGINT) AS sold, CAST(0 AS BIGINT) AS received,
+           watermark_floor() AS floor
+    FROM stock_counts
+    UNION ALL
+    SELECT store_id, sku, ts, CAST(NULL AS BIGINT), qty, CAST(NULL AS BIGINT),
+           CASE WHEN kind IN ('receipt', 'transfer_in') THEN qty ELSE 0 END,
+           watermark_floor()
+    FROM stock_movements
+    UNION ALL
+    SELECT store_id, sku, ts, CAST(NULL AS BIGINT), -qty, qty, CAST(0 AS BIGINT),
+           watermark_floor()
+    FROM sales
+)
+GROUP BY store_id, sku;
+
+-- Purchases per member card as written on the receipt.
+CREATE MATERIALIZED VIEW member_purchases AS
+SELECT member_id AS card_id,
+    min(ts) AS first_purchase_ts,
+    max(ts) AS last_purchase_ts,
+    count(*) FILTER (WHERE line_no = 0) AS receipts,
+    distinct_days(ts) AS purchase_days,
+    sum(qty * unit_price - coalesce(discount, 0)) AS monetary
+FROM sales
+WHERE member_id IS NOT NULL
+GROUP BY member_id;
+
+-- Store-local card → chain-wide member id (the latest link wins).
+CREATE MATERIALIZED VIEW member_identity AS
+SELECT local_member_id,
+    last_value(member_id ORDER BY ts, member_id) AS member_id,
+    max(ts) AS linked_at
+FROM member_links
+GROUP BY local_member_id;
+
+CREATE VIEW stock_on_hand AS
+SELECT a.store_id, a.sku,
+    a.ledger['on_hand'] AS on_hand,
+    a.ledger['last_count_ts'] AS last_count_ts,
+    a.ledger['last_count'] AS last_count,
+    a.ledger['last_ts'] AS last_event_ts,
+    c.as_of
+FROM sku_activity a CROSS JOIN engine_clock c;
+
+CREATE VIEW sales_velocity AS
+SELECT a.store_id, a.sku,
+    decayed_rate(a.units_decayed['sum'], a.units_decayed['at'], c.as_of,
+                 ${velocity_half_life}) AS units_per_hour,
+    units_in(a.hourly, c.as_of, 1) AS units_1h,
+    units_in(a.hourly, c.as_of, 24) AS units_24h,
+    units_in(a.hourly, c.as_of, 168) AS units_7d,
+    a.units_sold AS units_total,
+    a.last_sale_ts,
+    ${velocity_half_life_hours} AS half_life_hours,
+    c.as_of
+FROM sku_activity a CROSS JOIN engine_clock c;
+
+CREATE VIEW stockout_risk AS
+WITH base AS (
+    SELECT a.store_id, a.sku, s.city, s.format, p.category,
+        coalesce(p.case_pack, 1) AS case_pack,
+        a.ledger['on_hand'] AS on_hand,
+        decayed_rate(a.units_decayed['sum'], a.units_decayed['at'], c.as_of,
+                     ${velocity_half_life}) AS units_per_hour,
+        decayed_rate(a.units_sq_decayed['sum'], a.units_sq_decayed['at'], c.as_of,
+                     ${velocity_half_life}) AS units_sq_per_hour,
+        coalesce(r.lead_time_hours, ${default_lead_time_hours}) AS lead_time_hours,
+        coalesce(r.service_level, ${default_service_level}) AS service_level,
+        coalesce(r.review_hours, ${default_review_hours}) AS review_hours,
+        coalesce(r.min_stock, ${default_min_stock}) AS min_stock,
+        CASE WHEN r.format IS NULL THEN 'default' ELSE 'policy' END AS policy_source,
+        c.as_of
+    FROM sku_activity a
+    CROSS JOIN engine_clock c
+    LEFT JOIN stores s ON s.store_id = a.store_id
+    LEFT JOIN products p ON p.sku = a.sku
+    LEFT JOIN replenishment_policy r ON r.format = s.format AND r.category = p.category
+), demand AS (
+    SELECT *,
+        units_per_hour * lead_time_hours AS lead_time_demand,
+        greatest(units_sq_per_hour, 0) * lead_time_hours AS lead_time_variance,
+        greatest(normal_quantile(service_level) * sqrt(greatest(units_sq_per_hour, 0) * lead_time_hours), 0)
+            AS safety_stock
+    FROM base
+), policy AS (
+    SELECT *,
+        greatest(CAST(min_stock AS DOUBLE), lead_time_demand + safety_stock) AS reorder_point,
+        greatest(CAST(min_stock AS DOUBLE),
+                 units_per_hour * (lead_time_hours + review_hours) + safety_stock) AS order_up_to
+    FROM demand
+)
+SELECT store_id, sku, city, format, category,
+    on_hand,
+    units_per_hour,
+    CASE WHEN units_per_hour > 0 THEN greatest(on_hand, 0) / units_per_hour END AS hours_of_cover,
+    lead_time_hours,
+    review_hours,
+    service_level,
+    lead_time_demand,
+    sqrt(lead_time_variance) AS lead_time_sigma,
+    demand_model(lead_time_demand) AS demand_model,
+    safety_stock,
+    reorder_point,
+    order_up_to,
+    stockout_probability(on_hand, lead_time_demand, lead_time_variance) AS p_stockout,
+    CASE WHEN on_hand <= reorder_point AND order_up_to > on_hand
+         THEN CAST(ceil((order_up_to - on_hand) / case_pack) * case_pack AS BIGINT)
+         ELSE CAST(0 AS BIGINT) END AS suggested_order_qty,
+    case_pack,
+    min_stock,
+    policy_source,
+    as_of
+FROM policy;
+
+CREATE VIEW slow_movers AS
+WITH s AS (
+    SELECT a.store_id, a.sku, p.category,
+        a.ledger['on_hand'] AS on_hand,
+        units_in(a.hourly, c.as_of, ${slow_mover_horizon_hours}) AS units_in_horizon,
+        a.last_sale_ts,
+        coalesce(p.unit_cost, 0) AS unit_cost,
+        c.as_of
+    FROM sku_activity a
+    CROSS JOIN engine_clock c
+    LEFT JOIN products p ON p.sku = a.sku
+)
+SELECT store_id, sku, category, on_hand, units_in_horizon,
+    ${slow_mover_horizon_hours} / 24.0 AS horizon_days,
+    CASE WHEN units_in_horizon > 0
+         THEN on_hand / (units_in_horizon / (${slow_mover_horizon_hours} / 24.0)) END AS days_of_inventory,
+    last_sale_ts,
+    (extract(epoch FROM as_of) - extract(epoch FROM last_sale_ts)) / 86400.0 AS days_since_last_sale,
+    on_hand * unit_cost AS stock_value,
+    as_of
+FROM s
+WHERE on_hand > 0 AND units_in_horizon <= ${slow_mover_max_units};
+
+CREATE VIEW inventory_turnover AS
+WITH base AS (
+    SELECT x.store_id, coalesce(p.category, 'unknown') AS category,
+        coalesce(p.unit_cost, 0) AS unit_cost, c.as_of,
+        stock_days_until(x.days, c.as_of, ${turnover_days}) AS days
+    FROM sku_stock_days x
+    CROSS JOIN engine_clock c
+    LEFT JOIN products p ON p.sku = x.sku
+), d AS (
+    SELECT store_id, category, unit_cost, as_of, unnest(days) AS d FROM base
+), f AS (
+    SELECT store_id, category, unit_cost, as_of,
+        d['day'] AS day, d['begin_on_hand'] AS begin_on_hand,
+        d['unit_hours'] AS unit_hours, d['units_sold'] AS units_sold,
+        d['received'] AS received
+    FROM d
+), periods AS (
+    SELECT store_id, category, 'day' AS period, day AS period_start,
+        day + INTERVAL '1 day' AS period_end, day, unit_cost, as_of,
+        begin_on_hand, unit_hours, units_sold, received
+    FROM f
+    UNION ALL
+    SELECT store_id, category, 'week',
+        date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z'),
+        date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z') + INTERVAL '7 days',
+        day, unit_cost, as_of, begin_on_hand, unit_hours, units_sold, received
+    FROM f
+), g AS (
+    SELECT store_id, category, period, period_start,
+        (extract(epoch FROM least(max(period_end), max(as_of))) - extract(epoch FROM period_start))
+            / 3600.0 AS hours,
+        sum(units_sold) AS units_sold,
+        sum(units_sold * unit_cost) AS cogs,
+        sum(unit_hours * unit_cost) AS cost_hours,
+        sum(begin_on_hand) FILTER (WHERE day = period_start) AS begin_on_hand,
+        sum(received) AS received,
+        max(as_of) AS as_of
+    FROM periods
+    GROUP BY store_id, category, period, period_start
+)
+SELECT store_id, category, period, period_start,
+    units_sold,
+    cogs,
+    CASE WHEN hours > 0 THEN cost_hours / hours END AS avg_inventory_cost,
+    CASE WHEN cost_hours > 0 AND hours > 0 THEN cogs / (cost_hours / hours) END AS turnover,
+    CASE WHEN cogs > 0 AND hours > 0 THEN (cost_hours / hours) / (cogs / (hours / 24.0)) END
+        AS days_of_inventory,
+    CASE WHEN coalesce(begin_on_hand, 0) + received > 0
+         THEN CAST(units_sold AS DOUBLE) / (coalesce(begin_on_hand, 0) + received) END AS sell_through,
+    hours / 24.0 AS elapsed_days,
+    as_of
+FROM g
+-- Only periods that start inside the kept days (a week that began before
+-- them would be partial).
+WHERE period_start >= date_trunc('day', as_of) + INTERVAL '1 day' - ${turnover_days};
+
+CREATE VIEW member_rfm AS
+WITH m AS (
+    SELECT coalesce(i.member_id, p.card_id) AS member_id,
+        min(p.first_purchase_ts) AS first_purchase_ts,
+        max(p.last_purchase_ts) AS last_purchase_ts,
+        sum(p.receipts) AS frequency,
+        CAST(cardinality(array_distinct(flatten(array_agg(p.purchase_days)))) AS BIGINT) AS purchase_days,
+        sum(p.monetary) AS monetary,
+        count(*) AS cards
+    FROM member_purchases p
+    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
+    GROUP BY coalesce(i.member_id, p.card_id)
+), ranked AS (
+    SELECT m.*, c.as_of,
+        row_number() OVER (ORDER BY last_purchase_ts, member_id) AS k_r,
+        row_number() OVER (ORDER BY frequency, member_id) AS k_f,
+        row_number() OVER (ORDER BY monetary, member_id) AS k_m,
+        count(*) OVER () AS n
+    FROM m CROSS JOIN engine_clock c
+), scored AS (
+    SELECT *,
+        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_r - 1) / (n - 1)) AS INT)) END AS r_score,
+        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_f - 1) / (n - 1)) AS INT)) END AS f_score,
+        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_m - 1) / (n - 1)) AS INT)) END AS m_score
+    FROM ranked
+)
+SELECT member_id, first_purchase_ts, last_purchase_ts,
+    (extract(epoch FROM as_of) - extract(epoch FROM last_purchase_ts)) / 86400.0 AS recency_days,
+    frequency, purchase_days, monetary,
+    CASE WHEN frequency > 0 THEN monetary / frequency END AS avg_order_value,
+    r_score, f_score, m_score,
+    CASE
+        WHEN r_score = 5 AND f_score >= 4 THEN 'Champions'
+        WHEN r_score IN (3, 4) AND f_score >= 4 THEN 'Loyal Customers'
+        WHEN r_score >= 4 AND f_score IN (2, 3) THEN 'Potential Loyalists'
+        WHEN r_score = 5 AND f_score = 1 THEN 'New Customers'
+        WHEN r_score = 4 AND f_score = 1 THEN 'Promising'
+        WHEN r_score = 3 AND f_score = 3 THEN 'Need Attention'
+        WHEN r_score = 3 AND f_score <= 2 THEN 'About to Sleep'
+        WHEN r_score <= 2 AND f_score IN (3, 4) THEN 'At Risk'
+        WHEN r_score <= 2 AND f_score = 5 THEN 'Can''t Lose'
+        ELSE 'Hibernating'
+    END AS segment,
+    cards,
+    as_of
+FROM scored;
+
+CREATE VIEW transfer_suggestions AS
+WITH r AS (SELECT * FROM stockout_risk),
+need AS (
+    SELECT sku, store_id AS to_store, city, on_hand AS to_on_hand,
+        CAST(ceil(order_up_to - on_hand) AS BIGINT) AS need_qty,
+        suggested_order_qty, p_stockout AS to_p_stockout
+    FROM r
+    WHERE suggested_order_qty > 0 AND city IS NOT NULL
+),
+spare AS (
+    SELECT sku, store_id AS from_store, city, on_hand AS from_on_hand,
+        hours_of_cover AS from_hours_of_cover, reorder_point AS from_reorder_point,
+        -- Units that leave the source above both its reorder point and the
+        -- excess-cover threshold (strictly), so it is not put at risk.
+        CAST(ceil(on_hand - greatest(reorder_point,
+                                     units_per_hour * ${transfer_excess_cover_hours})) AS BIGINT) - 1
+            AS spare_qty
+    FROM r
+    WHERE city IS NOT NULL
+      AND (hours_of_cover > ${transfer_excess_cover_hours}
+           OR (units_per_hour = 0 AND on_hand > reorder_point))
+),
+pairs AS (
+    SELECT n.sku, s.from_store, n.to_store, n.city,
+        least(n.need_qty, s.spare_qty) AS qty,
+        n.need_qty, n.suggested_order_qty, n.to_on_hand, n.to_p_stockout,
+        s.from_on_hand, s.from_hours_of_cover, s.from_reorder_point, s.spare_qty,
+        row_number() OVER (PARTITION BY n.sku, n.to_store
+                           ORDER BY s.spare_qty DESC, s.from_store) AS choice
+    FROM need n
+    JOIN spare s ON s.sku = n.sku AND s.city = n.city AND s.from_store <> n.to_store
+    WHERE s.spare_qty > 0
+)
+SELECT sku, from_store, to_store, qty, city, need_qty, suggested_order_qty,
+    to_on_hand, to_p_stockout, from_on_hand, from_on_hand - qty AS from_on_hand_after,
+    from_hours_of_cover, from_reorder_point
+FROM pairs
+WHERE choice = 1 AND qty > 0;
