@@ -402,6 +402,7 @@ async fn at_scale(keys: usize, runs: usize) {
         let out = handle.query(q).await.expect("query");
         let first = t.elapsed();
         let n: usize = out[0].batches.iter().map(|b| b.num_rows()).sum();
+        print_evaluation(&*handle.lock().await);
         let mut lat = Vec::with_capacity(runs);
         for _ in 0..runs {
             let t = Instant::now();
@@ -409,9 +410,6 @@ async fn at_scale(keys: usize, runs: usize) {
             lat.push(t.elapsed());
         }
         lat.sort();
-        if label.starts_with("stockout") {
-            print_evaluation(&*handle.lock().await);
-        }
         println!(
             "{label}: {n} rows; first run after ingest {:.0} ms; then p50 {:.0} ms, p99 {:.0} ms over {runs} runs   [{q}]",
             first.as_secs_f64() * 1000.0,

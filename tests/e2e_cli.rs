@@ -317,3 +317,86 @@ fn a_view_that_cannot_be_maintained_fails_at_start_with_the_reason() {
         "{e}"
     );
 }
+
+fn metrics_text(server: &Server) -> String {
+    ureq::get(&format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap()
+}
+
+/// Polls `check` (an HTTP read) until it holds; the server's reload task
+/// has no other signal to wait on.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn dimension_files_are_checked_at_start_and_reloaded_when_they_change() {
+    // A bad row stops the start, naming file, line and column.
+    let e = run_expecting_error(
+        "until_eof = true\n[[dimensions]]\nname = 'products'\npath = 'products.csv'\n\
+         [[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
+        &[(
+            "products.csv",
+            "sku,name,category,unit_cost,case_pack\nA,Milk,dairy,0.5,12\nB,Tea,tea,2.0,six\n",
+        )],
+    );
+    assert!(
+        e.contains("products.csv:3:") && e.contains("'case_pack': 'six' is not an integer"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let products = dir.path().join("products.csv");
+    std::fs::write(
+        &products,
+        "sku,name,category,unit_cost,case_pack\nA,Milk,dairy,0.5,12\nB,Tea,tea,2.0,6\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        "data_dir = 'state'\nuntil_eof = true\n[http]\nlisten = '127.0.0.1:0'\n\
+         [[dimensions]]\nname = 'products'\npath = 'products.csv'\nreload_interval = '100ms'\n\
+         [[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n",
+    )
+    .unwrap();
+    let server = Server::start(BIN, &config);
+    let count = |s: &Server| s.rows("SELECT count(*) AS n FROM products")[0]["n"].as_u64();
+    assert_eq!(count(&server), Some(2));
+    // The built-in views see the table (no stock yet: no rows, no error).
+    assert!(server.rows("SELECT * FROM stockout_risk").is_empty());
+
+    // A changed file is swapped in.
+    std::fs::write(
+        &products,
+        "sku,name,category,unit_cost,case_pack\nA,Milk,dairy,0.5,12\nB,Tea,tea,2.0,6\nC,Cake,bakery,1.0,1\n",
+    )
+    .unwrap();
+    eventually("3 products after the reload", || count(&server) == Some(3));
+    assert_eq!(
+        server.rows("SELECT case_pack FROM products WHERE sku = 'C'")[0]["case_pack"],
+        1
+    );
+
+    // A broken file keeps the previous rows and is counted as a reload error.
+    std::fs::write(
+        &products,
+        "sku,name,category,unit_cost,case_pack\nA,Milk,dairy,oops,12\n",
+    )
+    .unwrap();
+    eventually("a reload error is counted", || {
+        metrics_text(&server)
+            .contains("storepulse_dimensions_reload_errors_total{table=\"products\"}")
+    });
+    assert_eq!(count(&server), Some(3));
+    assert!(server.stop().success());
+}
