@@ -242,12 +242,7 @@ path = "bad_movements.jsonl"
         .ends_with("bad_movements.jsonl"));
 
     // Metrics are exported.
-    let metrics = ureq::get(&format!("{}/metrics", server.base))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(&server);
     assert!(
         metrics.contains("storepulse_ingest_dead_letters_total{stream=\"stock_movements\"} 2"),
         "{metrics}"

@@ -489,6 +489,11 @@ impl Simulator {
         let dt_hours = (to - from) as f64 / HOUR_MS as f64;
         let hour = from.rem_euclid(DAY_MS) / HOUR_MS;
         let day = (from.div_euclid(DAY_MS)) - 4; // 1970-01-01 was a Thursday
+        if from == self.chain.cfg.start_ms {
+            for s in 0..self.chain.stores.len() {
+                self.opening_stocktake(s, from);
+            }
+        }
         for s in 0..self.chain.stores.len() {
             self.plan_day(s, from, to);
             self.daily_routines(s, from, to);
@@ -739,6 +744,23 @@ impl Simulator {
         let mut j = self.head(&id, ts, s);
         let _ = write!(j, r#","sku":"{sku}","kind":"{kind}","qty":{qty}}}"#);
         self.push(s, StreamKind::StockMovements, ts, j);
+    }
+
+    /// The stock every shelf starts with, announced as a stock count at the
+    /// start of the simulation (so on-hand is known from the first sale).
+    fn opening_stocktake(&mut self, s: usize, ts: i64) {
+        for a in 0..self.chain.stores[s].assortment.len() {
+            let p = self.chain.stores[s].assortment[a];
+            let sku = self.chain.products[p].sku.clone();
+            let on_hand = self.stores[s].on_hand[a];
+            let id = self.next_id(s, 'c');
+            let mut j = self.head(&id, ts, s);
+            let _ = write!(
+                j,
+                r#","sku":"{sku}","on_hand":{on_hand},"source":"opening_stocktake"}}"#
+            );
+            self.push(s, StreamKind::StockCounts, ts, j);
+        }
     }
 
     fn next_id(&mut self, s: usize, tag: char) -> String {
