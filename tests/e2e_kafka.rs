@@ -187,12 +187,7 @@ fn replay_to_a_real_broker_then_run_matches_the_oracle_and_a_group_splits_the_wo
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let script: String = storepulse_sql::builtin::scripts(&Default::default())
-        .unwrap()
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let script: String = storepulse_testkit::builtin_script();
     let want = rt.block_on(storepulse_testkit::oracle_views(
         &script,
         &data,

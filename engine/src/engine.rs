@@ -420,15 +420,10 @@ impl Engine {
         let mut views = HashMap::with_capacity(self.views.len());
         self.last_evaluation.clear();
         for v in &mut self.views {
-            let t = Instant::now();
-            let dirty = v.is_dirty();
-            views.insert(v.name.clone(), v.evaluate()?);
-            if dirty {
-                let secs = t.elapsed().as_secs_f64();
-                metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
-                    .record(secs);
-                self.last_evaluation.push((v.name.clone(), secs));
-            }
+            views.insert(
+                v.name.clone(),
+                evaluate_timed(v, &mut self.last_evaluation)?,
+            );
             metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
                 .set(v.groups() as f64);
             metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
@@ -486,15 +481,10 @@ impl Engine {
         self.last_evaluation.clear();
         for v in &mut self.views {
             if needed.contains(&v.name) {
-                let t = Instant::now();
-                let dirty = v.is_dirty();
-                views.insert(v.name.clone(), v.evaluate()?);
-                if dirty {
-                    let secs = t.elapsed().as_secs_f64();
-                    metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
-                        .record(secs);
-                    self.last_evaluation.push((v.name.clone(), secs));
-                }
+                views.insert(
+                    v.name.clone(),
+                    evaluate_timed(v, &mut self.last_evaluation)?,
+                );
             } else if let Some(b) = v.cached() {
                 views.insert(v.name.clone(), b);
             }
@@ -560,6 +550,24 @@ impl Engine {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+}
+
+/// Evaluates `v` (cached if unchanged); a real evaluation is timed into
+/// `log` and `storepulse_engine_view_evaluate_seconds{view}`.
+fn evaluate_timed(
+    v: &mut ContinuousView,
+    log: &mut Vec<(String, f64)>,
+) -> Result<Arc<Vec<RecordBatch>>> {
+    let t = Instant::now();
+    let dirty = v.is_dirty();
+    let out = v.evaluate()?;
+    if dirty {
+        let secs = t.elapsed().as_secs_f64();
+        metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
+            .record(secs);
+        log.push((v.name.clone(), secs));
+    }
+    Ok(out)
 }
 
 fn empty_output() -> QueryOutput {

@@ -31,12 +31,7 @@ use storepulse_testkit::normalize;
 
 /// The views under test: every built-in view plus a few shapes of our own.
 fn view_sql() -> String {
-    let mut sql: String = storepulse_sql::builtin::scripts(&Default::default())
-        .unwrap()
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let mut sql: String = storepulse_testkit::builtin_script();
     sql.push_str(
         "
 CREATE MATERIALIZED VIEW t_totals AS

@@ -15,9 +15,12 @@ use std::{fmt::Debug, sync::Arc};
 
 use datafusion::{
     arrow::{
-        array::{Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Array},
+        array::{
+            Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Array, ListBuilder,
+            StructBuilder,
+        },
         compute::cast,
-        datatypes::{DataType, Field, FieldRef, TimeUnit},
+        datatypes::{DataType, Field, FieldRef, Fields, TimeUnit},
     },
     common::{exec_err, internal_err, plan_err, Result, ScalarValue},
     logical_expr::{
@@ -259,6 +262,24 @@ impl<K: Kernel> Accumulator for Single<K> {
             None,
         )
     }
+}
+
+/// The type of every event-time value these functions produce.
+pub(crate) fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// `List<Struct<fields>>`, the type of the list-valued functions.
+pub(crate) fn struct_list_type(fields: Fields) -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(fields), true)))
+}
+
+/// A builder for [`struct_list_type`] values: fill with
+/// `values().field_builder::<B>(i)` per field, `values().append(true)` per
+/// element, `append(true)` per list.
+pub(crate) fn struct_list_builder(fields: Fields) -> ListBuilder<StructBuilder> {
+    ListBuilder::new(StructBuilder::from_fields(fields.clone(), 0))
+        .with_field(Arc::new(Field::new("item", DataType::Struct(fields), true)))
 }
 
 /// Event time in epoch milliseconds (any timestamp unit, or Int64 ms).

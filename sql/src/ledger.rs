@@ -35,24 +35,23 @@ use std::sync::Arc;
 use datafusion::{
     arrow::{
         array::{
-            Array, ArrayRef, BooleanArray, Float64Builder, Int64Builder, ListBuilder, StructArray,
-            StructBuilder, TimestampMillisecondBuilder,
+            Array, ArrayRef, BooleanArray, Float64Builder, Int64Builder, StructArray,
+            TimestampMillisecondBuilder,
         },
-        datatypes::{DataType, Field, Fields, TimeUnit},
+        datatypes::{DataType, Field, Fields},
     },
     common::{internal_err, Result},
     logical_expr::{function::AccumulatorArgs, Signature, Volatility},
 };
 
-use crate::agg::{as_i64, codec, interval_arg, passes, ts_millis, Kernel, KernelFactory};
+use crate::agg::{
+    as_i64, codec, interval_arg, passes, struct_list_builder, struct_list_type, ts_millis, ts_type,
+    Kernel, KernelFactory,
+};
 
 /// Milliseconds per day.
 pub const DAY_MS: i64 = 86_400_000;
 const HOUR_MS: f64 = 3_600_000.0;
-
-fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
-}
 
 /// Output struct of `stock_ledger`.
 pub fn ledger_fields() -> Fields {
@@ -78,11 +77,7 @@ pub fn day_fields() -> Fields {
 
 /// The list type `stock_days` returns.
 pub fn days_type() -> DataType {
-    DataType::List(Arc::new(Field::new(
-        "item",
-        DataType::Struct(day_fields()),
-        true,
-    )))
+    struct_list_type(day_fields())
 }
 
 /// `stock_ledger` (`days = false`) or `stock_days` (`days = true`).
@@ -544,23 +539,7 @@ impl Kernel for LedgerKernel {
 
 impl LedgerKernel {
     fn evaluate_days(&self, states: Vec<Ledger>) -> Result<ArrayRef> {
-        let fields = day_fields();
-        let inner = StructBuilder::new(
-            fields.clone(),
-            vec![
-                Box::new(TimestampMillisecondBuilder::new().with_timezone("UTC")),
-                Box::new(Int64Builder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Float64Builder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Int64Builder::new()),
-            ],
-        );
-        let mut b = ListBuilder::new(inner).with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(fields),
-            true,
-        )));
+        let mut b = struct_list_builder(day_fields());
         for s in &states {
             let mut c = s.replay(self.keep_days);
             if c.started {

@@ -31,9 +31,9 @@ use datafusion::{
     arrow::{
         array::{
             Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Array, Int64Builder,
-            ListBuilder, StringArray, StructArray, StructBuilder, TimestampMillisecondBuilder,
+            StringArray, StructArray, TimestampMillisecondBuilder,
         },
-        datatypes::{DataType, Field, Fields, Float64Type, Int64Type, TimeUnit},
+        datatypes::{DataType, Field, Fields, Float64Type, Int64Type},
     },
     common::{exec_err, plan_err, Result, ScalarValue},
     logical_expr::{
@@ -43,7 +43,7 @@ use datafusion::{
 use statrs::distribution::{ContinuousCDF, Normal};
 
 use crate::{
-    agg::{as_f64, as_i64, ts_millis},
+    agg::{as_f64, as_i64, struct_list_builder, struct_list_type, ts_millis, ts_type},
     ledger::{day_fields, DAY_MS},
     udf::interval_literal_ms,
 };
@@ -52,10 +52,6 @@ use crate::{
 pub const NORMAL_FROM_MU: f64 = 20.0;
 
 const HOUR_MS: i64 = 3_600_000;
-
-fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
-}
 
 macro_rules! scalar_udf {
     ($ty:ident, $name:literal, $ret:expr, $args:literal, $vol:expr) => {
@@ -355,11 +351,7 @@ fn days_until_fields() -> Fields {
 }
 
 fn days_until_type() -> DataType {
-    DataType::List(Arc::new(Field::new(
-        "item",
-        DataType::Struct(days_until_fields()),
-        true,
-    )))
+    struct_list_type(days_until_fields())
 }
 
 scalar_udf!(
@@ -384,24 +376,7 @@ impl DaysUntil {
         let int = |i: usize| v.column(i).as_primitive::<Int64Type>();
         let (begin, end, sold, recv) = (int(1), int(2), int(4), int(5));
         let uh = v.column(3).as_primitive::<Float64Type>();
-        let fields = days_until_fields();
-        let inner = StructBuilder::new(
-            fields.clone(),
-            vec![
-                Box::new(TimestampMillisecondBuilder::new().with_timezone("UTC")),
-                Box::new(Int64Builder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Float64Builder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Float64Builder::new()),
-            ],
-        );
-        let mut b = ListBuilder::new(inner).with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(fields),
-            true,
-        )));
+        let mut b = struct_list_builder(days_until_fields());
         // (day ms, begin, end, unit_hours, sold, received)
         let mut rows: Vec<(i64, i64, i64, f64, i64, i64)> = Vec::new();
         for i in 0..list.len() {

@@ -19,21 +19,20 @@ use datafusion::{
     arrow::{
         array::{
             Array, ArrayRef, BooleanArray, Float64Builder, Int64Builder, ListBuilder, StructArray,
-            StructBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
+            TimestampMillisecondArray, TimestampMillisecondBuilder,
         },
-        datatypes::{DataType, Field, Fields, TimeUnit},
+        datatypes::{DataType, Field, Fields},
     },
     common::{plan_err, Result},
     logical_expr::{function::AccumulatorArgs, Signature, Volatility},
 };
 
-use crate::agg::{as_f64, as_i64, codec, interval_arg, passes, ts_millis, Kernel, KernelFactory};
+use crate::agg::{
+    as_f64, as_i64, codec, interval_arg, passes, struct_list_builder, struct_list_type, ts_millis,
+    ts_type, Kernel, KernelFactory,
+};
 
 const HOUR_MS: i64 = 3_600_000;
-
-fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
-}
 
 /// Output struct of `decayed_sum`.
 pub fn decayed_fields() -> Fields {
@@ -185,11 +184,7 @@ pub fn pane_fields() -> Fields {
 
 /// The list type `hourly_units` returns.
 pub fn panes_type() -> DataType {
-    DataType::List(Arc::new(Field::new(
-        "item",
-        DataType::Struct(pane_fields()),
-        true,
-    )))
+    struct_list_type(pane_fields())
 }
 
 /// `hourly_units(qty, ts, keep)`.
@@ -303,19 +298,7 @@ impl Kernel for HourlyUnits {
         Ok(Panes(v))
     }
     fn evaluate(&self, states: Vec<Panes>) -> Result<ArrayRef> {
-        let fields = pane_fields();
-        let inner = StructBuilder::new(
-            fields.clone(),
-            vec![
-                Box::new(TimestampMillisecondBuilder::new().with_timezone("UTC")),
-                Box::new(Int64Builder::new()),
-            ],
-        );
-        let mut b = ListBuilder::new(inner).with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(fields),
-            true,
-        )));
+        let mut b = struct_list_builder(pane_fields());
         for s in &states {
             let sb = b.values();
             for (h, u) in &s.0 {

@@ -77,6 +77,16 @@ fn value(a: &dyn Array, r: usize) -> String {
     }
 }
 
+/// Every built-in view script (default `[retail]` parameters) as one script.
+pub fn builtin_script() -> String {
+    storepulse_sql::builtin::scripts(&Default::default())
+        .expect("built-in scripts render")
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The materialized views of a script: (name, defining SELECT).
 pub fn materialized_views(script: &str) -> Vec<(String, String)> {
     storepulse_sql::parse_script(script)

@@ -231,12 +231,7 @@ async fn late_ids(handle: &EngineHandle) -> HashSet<(String, String)> {
 /// event count.
 async fn assert_matches_oracle(handle: &EngineHandle, dir: &Path) -> u64 {
     let late = late_ids(handle).await;
-    let script: String = storepulse_sql::builtin::scripts(&Default::default())
-        .unwrap()
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let script: String = storepulse_testkit::builtin_script();
     let want = storepulse_testkit::oracle_views(&script, dir, &late).await;
     assert!(want.len() >= 5, "{:?}", want.keys());
     let non_empty = want.values().filter(|r| !r.is_empty()).count();
