@@ -54,10 +54,15 @@ fn env(key: &str, default: usize) -> usize {
 async fn engine_with_views(
     dims: Vec<(String, SchemaRef, Vec<RecordBatch>)>,
     only: Option<&str>,
+    refresh: &[(&str, Duration)],
 ) -> Engine {
     let mut e = Engine::new(EngineConfig {
         idle_timeout: Duration::from_secs(3600),
         allowed_lateness: Duration::from_secs(3 * 3600),
+        refresh: refresh
+            .iter()
+            .map(|(n, d)| (n.to_string(), (*d).into()))
+            .collect(),
         ..Default::default()
     })
     .expect("engine");
@@ -164,7 +169,7 @@ async fn throughput(hours: usize) {
             }
         }
     }
-    let mut e = engine_with_views(dims, None).await;
+    let mut e = engine_with_views(dims, None, &[]).await;
     let mut lat = Vec::with_capacity(msgs.len());
     let started = Instant::now();
     for (i, (k, b, n)) in msgs.into_iter().enumerate() {
@@ -226,8 +231,20 @@ fn ts(v: impl Iterator<Item = i64>) -> ArrayRef {
     Arc::new(TimestampMillisecondArray::from_iter_values(v).with_timezone("UTC"))
 }
 
-/// Part 2: 1M keys, 1M members; the two analyst queries.
-async fn at_scale(keys: usize, runs: usize) {
+/// Part 2: 1M keys, 1M members; the two analyst queries, computed per
+/// query or (with `refresh`) served from refreshed results.
+async fn at_scale(keys: usize, runs: usize, refresh: Option<Duration>) {
+    let refreshed: Vec<(&str, Duration)> = refresh
+        .map(|d| vec![("stockout_risk", d), ("member_rfm", d)])
+        .unwrap_or_default();
+    println!(
+        "--- {} ---",
+        match refresh {
+            Some(d) =>
+                format!("stockout_risk and member_rfm refreshed every {d:?} ([engine] refresh)"),
+            None => "query-time views computed per query (default)".into(),
+        }
+    );
     let stores = 1000usize;
     let skus = keys.div_ceil(stores);
     let members = keys;
@@ -266,7 +283,7 @@ async fn at_scale(keys: usize, runs: usize) {
     .await;
     // Only retail.sql: the starter views are not what these queries read
     // (part 1 runs every view).
-    let mut e = engine_with_views(dims, Some("retail.sql")).await;
+    let mut e = engine_with_views(dims, Some("retail.sql"), &refreshed).await;
     let chunk = 65_536usize;
     let started = Instant::now();
     let mut seq = 0u64;
@@ -403,6 +420,15 @@ async fn at_scale(keys: usize, runs: usize) {
         let first = t.elapsed();
         let n: usize = out[0].batches.iter().map(|b| b.num_rows()).sum();
         print_evaluation(&*handle.lock().await);
+        if std::env::var_os("BENCH_RETAIL_EXPLAIN").is_some() {
+            let out = handle
+                .query(&format!("EXPLAIN ANALYZE {q}"))
+                .await
+                .expect("explain");
+            let text = datafusion::arrow::util::pretty::pretty_format_batches(&out[0].batches)
+                .expect("format");
+            println!("{text}");
+        }
         let mut lat = Vec::with_capacity(runs);
         for _ in 0..runs {
             let t = Instant::now();
@@ -456,10 +482,9 @@ fn main() {
         if hours > 0 {
             throughput(hours).await;
         }
-        at_scale(
-            env("BENCH_RETAIL_KEYS", 1_000_000),
-            env("BENCH_RETAIL_RUNS", 10),
-        )
-        .await;
+        let keys = env("BENCH_RETAIL_KEYS", 1_000_000);
+        let runs = env("BENCH_RETAIL_RUNS", 10);
+        at_scale(keys, runs, None).await;
+        at_scale(keys, runs, Some(Duration::from_secs(30))).await;
     });
 }

@@ -49,6 +49,11 @@ pub(crate) struct Config {
     /// Event sources.
     #[serde(default)]
     pub(crate) sources: Vec<SourceConfig>,
+    /// Alert rules' delivery: outbox bounds, evaluation rate, sinks
+    /// (`[[alerts.sinks]]`). Rules themselves are `CREATE ALERT` statements
+    /// in the SQL files (and the built-in `sql/alerts/builtin.sql`).
+    #[serde(default)]
+    pub(crate) alerts: storepulse_alerts::AlertsConfig,
 }
 
 fn default_data_dir() -> PathBuf {

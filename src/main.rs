@@ -364,9 +364,46 @@ async fn serve(
             .await
             .with_context(|| format!("in {}", f.display()))?;
     }
+    if cfg.sql.builtin && cfg.alerts.builtin {
+        let (file, sql) = storepulse_sql::builtin::alert_script(&cfg.retail)?;
+        engine
+            .execute_sql(&sql)
+            .await
+            .with_context(|| format!("built-in alerts {file}"))?;
+    }
+    if let Some(name) = engine.unknown_refresh_views().first() {
+        anyhow::bail!(
+            "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"
+        );
+    }
     let views = engine.views().len();
     let applied = engine.positions().clone();
+    let alert_defs = engine.alerts().to_vec();
+    let serving = engine.serving_context().clone();
     let handle = EngineHandle::new(engine);
+    let alerts = if alert_defs.is_empty() {
+        None
+    } else {
+        let m = storepulse_alerts::AlertManager::new(
+            handle.clone(),
+            &alert_defs,
+            cfg.alerts.clone(),
+            &cfg.data_dir,
+        )
+        .context("alerts")?;
+        serving.register_table(
+            "alert_history",
+            Arc::new(storepulse_alerts::HistoryTable {
+                outbox: m.outbox().clone(),
+            }),
+        )?;
+        tracing::info!(
+            rules = m.rules().len(),
+            sinks = cfg.alerts.sinks.len(),
+            "alerting enabled"
+        );
+        Some(Arc::new(m))
+    };
     let dlq_path = cfg.data_dir.join("dead_letters.jsonl");
     let dead_letters: Arc<dyn DeadLetterSink> = Arc::new(JsonlDeadLetterSink::open(&dlq_path)?);
     let mut sources = pipeline::build_sources(
@@ -384,6 +421,7 @@ async fn serve(
         pipeline: state.clone(),
         metrics,
         kafka: sources.kafka.iter().map(|k| k.status()).collect(),
+        alerts: alerts.clone(),
     };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -397,6 +435,10 @@ async fn serve(
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
+    tokio::spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
+    let alert_task = alerts
+        .clone()
+        .map(|m| tokio::spawn(m.run(shutdown_rx.clone())));
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, server::router(app))
@@ -435,7 +477,22 @@ async fn serve(
             }
         }
     }
+    if let (Some(m), Some(Ok(()))) = (&alerts, &pipeline_result) {
+        // Bounded run finished: evaluate on the final views and deliver
+        // what is in the outbox before stopping (the outbox keeps anything
+        // undelivered for the next start).
+        let timeout = cfg.alerts.retry_max_delay.max(Duration::from_secs(10));
+        if !m.drain(timeout).await {
+            tracing::warn!(
+                pending = m.outbox().pending().unwrap_or(0),
+                "alerts not all delivered before exit; kept in the outbox"
+            );
+        }
+    }
     let _ = shutdown_tx.send(true);
+    if let Some(t) = alert_task {
+        let _ = t.await;
+    }
     if pipeline_result.is_none() {
         pipeline_result = Some(pipeline_task.await.context("pipeline task panicked")?);
     }
@@ -468,7 +525,19 @@ async fn demo(
         ..Default::default()
     };
     let dimensions = pipeline::write_chain_dimensions(&chain, &data_dir.join("dimensions"))?;
+    // Alerts go to the log and to <data_dir>/alerts.jsonl.
+    let alerts = storepulse_alerts::AlertsConfig {
+        sinks: vec![
+            storepulse_alerts::SinkConfig::Log { name: "log".into() },
+            storepulse_alerts::SinkConfig::Jsonl {
+                name: "file".into(),
+                path: data_dir.join("alerts.jsonl"),
+            },
+        ],
+        ..Default::default()
+    };
     let cfg = Config {
+        alerts,
         data_dir,
         until_eof: false,
         engine: EngineConfig::default(),

@@ -171,6 +171,22 @@ pub(crate) struct WatchedDimension {
     interval: Duration,
 }
 
+/// Recomputes the refreshed query-time views (`[engine] refresh`) as they
+/// fall due, until `shutdown`; failures are logged and counted in
+/// `storepulse_engine_view_refresh_errors_total` (queries then recompute).
+pub(crate) async fn refresh_views(handle: EngineHandle, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = handle.refresh_due().await {
+            metrics::counter!("storepulse_engine_view_refresh_errors_total").increment(1);
+            tracing::warn!(error = %e, "refreshing a view failed");
+        }
+    }
+}
+
 /// Reloads changed dimension files until `shutdown`. A file that fails to
 /// load (or changes its columns) keeps the previous rows; the error is
 /// logged and counted in `storepulse_dimensions_reload_errors_total`.
@@ -295,8 +311,15 @@ pub(crate) async fn run(
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
-                    let report = handle.lock().await.apply(msg, EngineHandle::now_ms()).await?;
+                    let (report, epoch) = {
+                        let mut e = handle.lock().await;
+                        let r = e.apply(msg, EngineHandle::now_ms()).await?;
+                        (r, e.epoch())
+                    };
                     events += report.accepted;
+                    if report.accepted > 0 {
+                        handle.notify_changed(epoch);
+                    }
                 }
                 _ = tick.tick() => {
                     handle.lock().await.tick(EngineHandle::now_ms());

@@ -29,6 +29,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Option<PrometheusHandle>,
     /// Kafka sources' assignment and backpressure state.
     pub(crate) kafka: Vec<storepulse_kafka::KafkaStatus>,
+    /// The alert manager (`None` if no rule is defined).
+    pub(crate) alerts: Option<Arc<storepulse_alerts::AlertManager>>,
 }
 
 /// The API's routes.
@@ -38,6 +40,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/query", post(query))
         .route("/api/v1/views", get(views))
         .route("/api/v1/health", get(health))
+        .route("/api/v1/alerts", get(alerts))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -251,6 +254,33 @@ async fn views(State(app): State<AppState>) -> Response {
         }
     }
     Json(json!({ "views": list })).into_response()
+}
+
+/// `GET /api/v1/alerts`: pending and firing alerts, the rules and the
+/// outbox backlog.
+async fn alerts(State(app): State<AppState>) -> Response {
+    let Some(m) = &app.alerts else {
+        return Json(json!({"active": [], "rules": [], "outbox_pending": 0})).into_response();
+    };
+    let rules: Vec<serde_json::Value> = m
+        .rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "sql": r.sql, "key": r.key,
+                "every_ms": r.every.as_millis() as u64, "for_ms": r.for_.as_millis() as u64,
+                "keep_firing_for_ms": r.keep_firing_for.as_millis() as u64,
+                "renotify_ms": r.renotify.as_millis() as u64,
+                "severity": r.severity.as_str(), "sinks": r.sinks,
+            })
+        })
+        .collect();
+    Json(json!({
+        "active": m.active().await,
+        "rules": rules,
+        "outbox_pending": m.outbox().pending().unwrap_or(0),
+    }))
+    .into_response()
 }
 
 async fn health(State(app): State<AppState>) -> Response {

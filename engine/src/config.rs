@@ -1,6 +1,6 @@
 //! Engine configuration (the `[engine]` table of `storepulse.toml`).
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,12 @@ pub struct EngineConfig {
     /// For reports over a finished period; unset in live use.
     #[serde(with = "humantime_serde")]
     pub as_of: Option<std::time::SystemTime>,
+    /// Query-time views served from a result refreshed in the background,
+    /// at most this old (view name → interval, e.g. `member_rfm = "30s"`):
+    /// whole-table reads of expensive views answer from memory at the price
+    /// of bounded staleness (see `refresh.rs`). Unlisted views are computed
+    /// per query. A name that no `CREATE VIEW` defines is an error.
+    pub refresh: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
@@ -43,6 +49,7 @@ impl Default for EngineConfig {
             dedup_horizon: Duration::from_secs(24 * 3600),
             late_events_capacity: 100_000,
             as_of: None,
+            refresh: BTreeMap::new(),
             data_dir: None,
         }
     }

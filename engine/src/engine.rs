@@ -33,6 +33,7 @@ use crate::{
     error::{user_err, Result},
     gate::StreamGate,
     late::LateEvents,
+    refresh::RefreshedView,
     snapshot::{
         BatchSlot, ClockTable, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot,
         SnapshotCell, StreamStub, ViewStateTable,
@@ -115,6 +116,17 @@ pub struct Engine {
     floor: FloorCell,
     dimensions: HashMap<String, DimensionData>,
     last_evaluation: Vec<(String, f64)>,
+    alerts: Vec<AlertDefinition>,
+    refreshed: Vec<Arc<RefreshedView>>,
+}
+
+/// An alert rule created with `CREATE ALERT` (checked against the catalog).
+#[derive(Debug, Clone)]
+pub struct AlertDefinition {
+    /// The statement as written (name, query, options, line).
+    pub statement: storepulse_sql::parse::AlertStatement,
+    /// The condition's output columns.
+    pub columns: Vec<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -200,6 +212,8 @@ impl Engine {
             floor,
             dimensions: HashMap::new(),
             last_evaluation: Vec::new(),
+            alerts: Vec::new(),
+            refreshed: Vec::new(),
         };
         // The known dimension tables exist (empty) until files are configured,
         // so the built-in views can always be created.
@@ -307,15 +321,47 @@ impl Engine {
                 self.snapshot_epoch = None;
                 Ok(empty_output())
             }
+            Statement::CreateAlert(alert) => {
+                // Plan the condition now so an unknown table or column is an
+                // error at creation, not at the first evaluation.
+                let plan = self
+                    .serving
+                    .state()
+                    .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(
+                        alert.query.clone(),
+                    ))))
+                    .await
+                    .map_err(|e| {
+                        crate::EngineError::User(format!(
+                            "alert '{}' (line {}): {e}",
+                            alert.name, alert.line
+                        ))
+                    })?;
+                let columns = plan
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
+                self.alerts.retain(|a| a.statement.name != alert.name);
+                tracing::info!(alert = %alert.name, "alert rule created");
+                self.alerts.push(AlertDefinition {
+                    statement: alert,
+                    columns,
+                });
+                Ok(empty_output())
+            }
             Statement::DataFusion { statement, .. } => {
                 if is_view_ddl(&statement) {
+                    let created = created_view_name(&statement);
                     let plan = self.serving.state().statement_to_plan(*statement).await?;
                     let df = self.serving.execute_logical_plan(plan).await?;
                     let schema = Arc::new(df.schema().as_arrow().clone());
-                    return Ok(QueryOutput {
-                        schema,
-                        batches: df.collect().await?,
-                    });
+                    let batches = df.collect().await?;
+                    if let Some(name) = created {
+                        self.wrap_refreshed(&name).await?;
+                    }
+                    return Ok(QueryOutput { schema, batches });
                 }
                 let snap = self.snapshot()?;
                 run_query(&self.serving, *statement, snap).await
@@ -439,6 +485,47 @@ impl Engine {
         self.snapshot_epoch = Some(self.epoch);
         self.snapshot_as_of = as_of;
         Ok(snap)
+    }
+
+    /// If `[engine] refresh` lists view `name`, serves it from a refreshed
+    /// result (see [`RefreshedView`]).
+    async fn wrap_refreshed(&mut self, name: &str) -> Result<()> {
+        self.refreshed.retain(|r| r.name() != name);
+        let Some(interval) = self.cfg.refresh.get(name) else {
+            return Ok(());
+        };
+        let Some(provider) = self.serving.table_provider(name).await.ok() else {
+            return Ok(());
+        };
+        let Some(view) = provider.downcast_ref::<ViewTable>() else {
+            return Ok(());
+        };
+        let r = Arc::new(RefreshedView::new(
+            name.to_string(),
+            view.logical_plan().clone(),
+            **interval,
+        ));
+        self.serving.deregister_table(name)?;
+        self.serving.register_table(name, r.clone())?;
+        tracing::info!(view = %name, interval = ?**interval, "query-time view served from a refreshed result");
+        self.refreshed.push(r);
+        Ok(())
+    }
+
+    /// Names in `[engine] refresh` that no `CREATE VIEW` defined (a
+    /// configuration error the binary reports after loading the scripts).
+    pub fn unknown_refresh_views(&self) -> Vec<String> {
+        self.cfg
+            .refresh
+            .keys()
+            .filter(|n| !self.refreshed.iter().any(|r| r.name() == n.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// The alert rules created by `CREATE ALERT`, in order.
+    pub fn alerts(&self) -> &[AlertDefinition] {
+        &self.alerts
     }
 
     /// Views evaluated by the last snapshot that had to evaluate any, with
@@ -577,6 +664,17 @@ fn empty_output() -> QueryOutput {
     }
 }
 
+/// The name a `CREATE [OR REPLACE] VIEW` statement defines.
+fn created_view_name(s: &DFStatement) -> Option<String> {
+    match s {
+        DFStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::CreateView(v) if !v.materialized => Some(v.name.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn is_view_ddl(s: &DFStatement) -> bool {
     match s {
         DFStatement::Statement(s) => match s.as_ref() {
@@ -614,6 +712,11 @@ fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
             if let Ok(provider) = source_as_provider(&scan.source) {
                 if let Some(v) = provider.downcast_ref::<ViewTable>() {
                     referenced_views(v.logical_plan(), out);
+                } else if let Some(r) = provider.downcast_ref::<RefreshedView>() {
+                    // A fresh result is read from memory: nothing to evaluate.
+                    if r.is_stale() {
+                        referenced_views(r.plan(), out);
+                    }
                 } else if let Some(t) = provider.downcast_ref::<ViewStateTable>() {
                     out.insert(t.view.clone());
                 }
@@ -653,6 +756,7 @@ async fn run_plan(
 pub struct EngineHandle {
     engine: Arc<Mutex<Engine>>,
     serving: SessionContext,
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -665,10 +769,41 @@ impl EngineHandle {
     /// Wraps an engine.
     pub fn new(engine: Engine) -> Self {
         let serving = engine.serving.clone();
+        let (changed, _) = tokio::sync::watch::channel(engine.epoch());
         Self {
             engine: Arc::new(Mutex::new(engine)),
             serving,
+            changed: Arc::new(changed),
         }
+    }
+
+    /// Announces that applied batches changed the views (the pipeline calls
+    /// this after applying; alert rules re-evaluate on it).
+    pub fn notify_changed(&self, epoch: u64) {
+        self.changed.send_replace(epoch);
+    }
+
+    /// Subscribes to [`EngineHandle::notify_changed`].
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Runs one read-only query and returns its rows with the event time
+    /// the snapshot it read is "as of" (`engine_clock.as_of`).
+    pub async fn query_at(&self, sql: &str) -> Result<(QueryOutput, Option<i64>)> {
+        let mut stmts = parse_script(sql)?;
+        let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop()) else {
+            return user_err("expected one query".to_string());
+        };
+        if is_view_ddl(&statement) {
+            return user_err("expected a query, not DDL".to_string());
+        }
+        let plan = self.serving.state().statement_to_plan(*statement).await?;
+        let mut needed = HashSet::new();
+        referenced_views(&plan, &mut needed);
+        let snap = self.engine.lock().await.snapshot_for(&needed)?;
+        let as_of = snap.as_of;
+        Ok((run_plan(&self.serving, plan, snap).await?, as_of))
     }
 
     /// Locks the engine (for applying batches or DDL).
@@ -695,6 +830,29 @@ impl EngineHandle {
             }
         }
         Ok(out)
+    }
+
+    /// Recomputes the refreshed views that are due (see
+    /// [`RefreshedView::is_due`]); the binary calls this every second.
+    /// Returns the views recomputed.
+    pub async fn refresh_due(&self) -> Result<Vec<String>> {
+        let due: Vec<Arc<RefreshedView>> = {
+            let e = self.engine.lock().await;
+            e.refreshed.iter().filter(|r| r.is_due()).cloned().collect()
+        };
+        let mut done = Vec::new();
+        for r in due {
+            let mut needed = HashSet::new();
+            referenced_views(r.plan(), &mut needed);
+            let snap = self.engine.lock().await.snapshot_for(&needed)?;
+            let mut state = self.serving.state();
+            state
+                .config_mut()
+                .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
+            r.compute(&state, true).await?;
+            done.push(r.name().to_string());
+        }
+        Ok(done)
     }
 
     /// The wall clock used for watermark idleness.

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod gate;
 pub mod late;
+pub mod refresh;
 pub mod snapshot;
 pub mod state;
 pub mod view;
@@ -31,6 +32,8 @@ pub mod watermark;
 
 pub use config::EngineConfig;
 pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
-pub use engine::{Engine, EngineHandle, IngestReport, QueryOutput, StreamStatus, ViewInfo};
+pub use engine::{
+    AlertDefinition, Engine, EngineHandle, IngestReport, QueryOutput, StreamStatus, ViewInfo,
+};
 pub use error::{EngineError, Result};
 pub use snapshot::Snapshot;

@@ -76,7 +76,7 @@ fn pinned_or_latest(state: &dyn Session, cell: &SnapshotCell) -> Arc<Snapshot> {
 /// dealt round-robin into `partitions` partitions can be.
 const SLICE_ROWS: usize = 8192;
 
-fn memory_exec(
+pub(crate) fn memory_exec(
     batches: &[RecordBatch],
     schema: SchemaRef,
     projection: Option<&Vec<usize>>,

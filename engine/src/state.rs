@@ -7,9 +7,16 @@
 //! aggregate's state columns) is merged with `merge_batch`, so the cost is
 //! proportional to the batch.
 //!
-//! Reading is non-destructive: `state(EmitTo::All)` drains an accumulator,
-//! the drained state is merged straight back, and a scratch accumulator
-//! merged from the same state produces the final values.
+//! Reading is non-destructive and incremental. storepulse's own aggregates
+//! ([`ReadableGroups`]) are read in place; DataFusion's are drained with
+//! `state(EmitTo::All)`, the drained state is merged straight back, and a
+//! scratch accumulator merged from the needed rows produces the values.
+//! Groups touched since the last evaluation are marked dirty; the next
+//! evaluation computes only those and patches the previous output (kept as
+//! a few segments: clean rows filtered from the old ones, plus the fresh
+//! rows), so reading a view under a steady trickle of updates costs the
+//! touched groups, not the whole key space. Hopping and session views are
+//! evaluated whole (their output rows are assembled from several groups).
 
 use std::{ops::Range, sync::Arc};
 
@@ -24,6 +31,7 @@ use datafusion::{
     physical_expr::{aggregate::AggregateFunctionExpr, GroupsAccumulatorAdapter},
 };
 use hashbrown::HashTable;
+use storepulse_sql::ReadableGroups;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Creates the accumulator that holds every group of one aggregate.
@@ -40,6 +48,95 @@ pub fn new_groups_accumulator(
     }
 }
 
+/// One aggregate's accumulator of all groups.
+enum Acc {
+    /// storepulse's kernel aggregates: read in place.
+    Readable(Box<dyn ReadableGroups>),
+    /// DataFusion's aggregates: read by draining and merging back.
+    Plain(Box<dyn GroupsAccumulator>),
+}
+
+impl Acc {
+    fn new(expr: &Arc<AggregateFunctionExpr>) -> Result<Self> {
+        match storepulse_sql::readable_groups_accumulator(expr) {
+            Some(acc) => Ok(Self::Readable(acc?)),
+            None => Ok(Self::Plain(new_groups_accumulator(expr)?)),
+        }
+    }
+
+    fn get(&mut self) -> &mut dyn GroupsAccumulator {
+        match self {
+            Self::Readable(a) => a.as_mut(),
+            Self::Plain(a) => a.as_mut(),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Readable(a) => a.size(),
+            Self::Plain(a) => a.size(),
+        }
+    }
+
+    /// The current values of `groups` (ascending indices; all `total`
+    /// groups when `groups` is `None`), the state unchanged.
+    fn values(
+        &mut self,
+        expr: &Arc<AggregateFunctionExpr>,
+        groups: Option<&[usize]>,
+        total: usize,
+    ) -> Result<ArrayRef> {
+        let all: Vec<usize>;
+        let groups = match groups {
+            Some(g) => g,
+            None => {
+                all = (0..total).collect();
+                &all
+            }
+        };
+        match self {
+            Self::Readable(a) => a.evaluate_groups(groups),
+            Self::Plain(acc) => {
+                let state = acc.state(EmitTo::All)?;
+                let every: Vec<usize> = (0..total).collect();
+                acc.merge_batch(&state, &every, total)?;
+                let state = if groups.len() == total {
+                    state
+                } else {
+                    let idx = datafusion::arrow::array::UInt32Array::from_iter_values(
+                        groups.iter().map(|g| *g as u32),
+                    );
+                    state
+                        .iter()
+                        .map(|c| datafusion::arrow::compute::take(c, &idx, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?
+                };
+                let mut scratch = new_groups_accumulator(expr)?;
+                let rows: Vec<usize> = (0..groups.len()).collect();
+                scratch.merge_batch(&state, &rows, groups.len())?;
+                scratch.evaluate(EmitTo::All)
+            }
+        }
+    }
+}
+
+/// Rows of the last evaluation, with the group of each row.
+struct Segment {
+    batch: RecordBatch,
+    groups: Vec<u32>,
+}
+
+/// Groups touched since the last evaluation, and that evaluation.
+#[derive(Default)]
+struct Incremental {
+    mark: Vec<bool>,
+    dirty: Vec<u32>,
+    segments: Option<Vec<Segment>>,
+}
+
+/// Output segments kept before they are concatenated into one.
+const MAX_SEGMENTS: usize = 8;
+
 /// The state of one view: group keys and one accumulator per aggregate.
 pub struct GroupState {
     converter: Option<RowConverter>,
@@ -47,7 +144,8 @@ pub struct GroupState {
     key_offsets: Vec<usize>,
     table: HashTable<(u64, u32)>,
     aggs: Vec<Arc<AggregateFunctionExpr>>,
-    accs: Vec<Box<dyn GroupsAccumulator>>,
+    accs: Vec<Acc>,
+    inc: Incremental,
     /// Column range of each aggregate's state in a partial batch.
     layout: Vec<Range<usize>>,
     num_group_cols: usize,
@@ -176,10 +274,7 @@ impl GroupState {
             layout.push(at..at + n);
             at += n;
         }
-        let accs = aggs
-            .iter()
-            .map(new_groups_accumulator)
-            .collect::<Result<_>>()?;
+        let accs = aggs.iter().map(Acc::new).collect::<Result<_>>()?;
         Ok(Self {
             converter,
             keys: Vec::new(),
@@ -187,6 +282,7 @@ impl GroupState {
             table: HashTable::new(),
             aggs,
             accs,
+            inc: Incremental::default(),
             layout,
             num_group_cols,
             scratch: Vec::new(),
@@ -242,7 +338,7 @@ impl GroupState {
         self.keys.capacity()
             + self.key_offsets.capacity() * 8
             + self.table.capacity() * 16
-            + self.accs.iter().map(|a| a.size()).sum::<usize>()
+            + self.accs.iter().map(Acc::size).sum::<usize>()
     }
 
     fn key(&self, g: usize) -> &[u8] {
@@ -279,7 +375,8 @@ impl GroupState {
             }
             let total = sess.start.len();
             for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
-                acc.merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+                acc.get()
+                    .merge_batch(&partial.columns()[range.clone()], &indices, total)?;
             }
             self.scratch = indices;
             return Ok(());
@@ -317,27 +414,41 @@ impl GroupState {
         }
         let total = self.num_groups();
         for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
-            acc.merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+            acc.get()
+                .merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+        }
+        if self.hop.is_none() {
+            let inc = &mut self.inc;
+            inc.mark.resize(total, false);
+            for &g in &indices {
+                if !inc.mark[g] {
+                    inc.mark[g] = true;
+                    inc.dirty.push(g as u32);
+                }
+            }
         }
         self.scratch = indices;
         Ok(())
     }
 
     /// Evaluates every group: group columns followed by each aggregate's
-    /// final value, in `schema` (the view's aggregate schema).
-    pub fn evaluate(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+    /// final value, in `schema` (the view's aggregate schema), as one or
+    /// more batches.
+    pub fn evaluate(&mut self, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
         let total = self.num_groups();
         if total == 0 {
-            return Ok(RecordBatch::new_empty(schema.clone()));
+            return Ok(vec![RecordBatch::new_empty(schema.clone())]);
         }
         if let Some(sess) = &self.sessions {
-            return evaluate_sessions(
+            let mut accs: Vec<&mut dyn GroupsAccumulator> =
+                self.accs.iter_mut().map(Acc::get).collect();
+            return Ok(vec![evaluate_sessions(
                 sess,
-                &mut self.accs,
+                &mut accs,
                 &self.aggs,
                 schema,
                 self.num_group_cols,
-            );
+            )?]);
         }
         if let (Some(hop), Some(conv)) = (self.hop, &self.converter) {
             let parser = conv.parser();
@@ -345,35 +456,102 @@ impl GroupState {
             let all: Vec<usize> = (0..total).collect();
             let mut states = Vec::with_capacity(self.accs.len());
             for acc in self.accs.iter_mut() {
+                let acc = acc.get();
                 let state = acc.state(EmitTo::All)?;
                 acc.merge_batch(&state, &all, total)?;
                 states.push(state);
             }
             let columns = assemble_hop_windows(conv, &keys, &states, &self.aggs, hop)?;
-            return finish(columns, schema);
+            return Ok(vec![finish(columns, schema)?]);
         }
+        self.evaluate_incremental(schema, total)
+    }
+
+    /// Evaluates the dirty groups and patches the previous output (or
+    /// evaluates everything when most groups changed).
+    fn evaluate_incremental(
+        &mut self,
+        schema: &SchemaRef,
+        total: usize,
+    ) -> Result<Vec<RecordBatch>> {
+        if self.inc.dirty.is_empty() {
+            if let Some(segments) = &self.inc.segments {
+                return Ok(segments.iter().map(|s| s.batch.clone()).collect());
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.inc.dirty);
+        let whole = self.inc.segments.is_none() || dirty.len() * 2 >= total;
+        if whole {
+            dirty.clear();
+            dirty.extend(0..total as u32);
+        } else {
+            dirty.sort_unstable();
+        }
+        let groups: Vec<usize> = dirty.iter().map(|g| *g as usize).collect();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         if let Some(conv) = &self.converter {
             let parser = conv.parser();
-            let rows = (0..total).map(|g| parser.parse(self.key(g)));
+            let rows = groups.iter().map(|&g| parser.parse(self.key(g)));
             columns.extend(conv.convert_rows(rows)?);
         }
-        let all: Vec<usize> = (0..total).collect();
+        let subset = (!whole).then_some(groups.as_slice());
         for (acc, expr) in self.accs.iter_mut().zip(&self.aggs) {
-            let state = acc.state(EmitTo::All)?;
-            acc.merge_batch(&state, &all, total)?;
-            let mut scratch = new_groups_accumulator(expr)?;
-            scratch.merge_batch(&state, &all, total)?;
-            columns.push(scratch.evaluate(EmitTo::All)?);
+            columns.push(acc.values(expr, subset, total)?);
         }
-        finish(columns, schema)
+        let fresh = Segment {
+            batch: finish(columns, schema)?,
+            groups: dirty,
+        };
+        let mut segments = match self.inc.segments.take() {
+            Some(old) if !whole => {
+                let mark = &self.inc.mark;
+                let mut kept = Vec::with_capacity(old.len() + 1);
+                for seg in old {
+                    if !seg.groups.iter().any(|g| mark[*g as usize]) {
+                        kept.push(seg);
+                        continue;
+                    }
+                    let keep = datafusion::arrow::array::BooleanArray::from_iter(
+                        seg.groups.iter().map(|g| Some(!mark[*g as usize])),
+                    );
+                    let batch = datafusion::arrow::compute::filter_record_batch(&seg.batch, &keep)?;
+                    if batch.num_rows() > 0 {
+                        let groups = seg
+                            .groups
+                            .iter()
+                            .copied()
+                            .filter(|g| !mark[*g as usize])
+                            .collect();
+                        kept.push(Segment { batch, groups });
+                    }
+                }
+                kept
+            }
+            _ => Vec::new(),
+        };
+        for g in &fresh.groups {
+            self.inc.mark[*g as usize] = false;
+        }
+        segments.push(fresh);
+        if segments.len() > MAX_SEGMENTS {
+            let batches: Vec<&RecordBatch> = segments.iter().map(|s| &s.batch).collect();
+            let batch = datafusion::arrow::compute::concat_batches(schema, batches)?;
+            let groups = segments
+                .iter()
+                .flat_map(|s| s.groups.iter().copied())
+                .collect();
+            segments = vec![Segment { batch, groups }];
+        }
+        let out = segments.iter().map(|s| s.batch.clone()).collect();
+        self.inc.segments = Some(segments);
+        Ok(out)
     }
 }
 
 /// Combines merged sessions and evaluates one row per live session.
 fn evaluate_sessions(
     sess: &Sessions,
-    accs: &mut [Box<dyn GroupsAccumulator>],
+    accs: &mut [&mut dyn GroupsAccumulator],
     aggs: &[Arc<AggregateFunctionExpr>],
     schema: &SchemaRef,
     num_group_cols: usize,

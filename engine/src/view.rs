@@ -498,8 +498,7 @@ impl ContinuousView {
                 return Ok(b.clone());
             }
         }
-        let batch = self.state.evaluate(&self.state_schema)?;
-        let out = Arc::new(vec![batch]);
+        let out = Arc::new(self.state.evaluate(&self.state_schema)?);
         self.evaluated = Some((self.version, out.clone()));
         Ok(out)
     }

@@ -27,7 +27,7 @@ use datafusion::{
         function::{AccumulatorArgs, StateFieldsArgs},
         Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature,
     },
-    physical_expr::expressions::Literal,
+    physical_expr::{aggregate::AggregateFunctionExpr, expressions::Literal},
 };
 
 /// One aggregate function's behaviour, state and output.
@@ -121,6 +121,65 @@ impl<F: KernelFactory> AggregateUDFImpl for KernelUdaf<F> {
             states: Vec::new(),
             heap: 0,
         }))
+    }
+}
+
+/// A keyed accumulator whose current values can be read without draining
+/// it (DataFusion's `evaluate` and `state` consume the groups they emit).
+/// The engine reads its kept state through this.
+pub trait ReadableGroups: GroupsAccumulator {
+    /// The current output of `groups` (indices into the accumulator); the
+    /// state is left as it is.
+    fn evaluate_groups(&self, groups: &[usize]) -> Result<ArrayRef>;
+}
+
+/// The readable accumulator of `expr` if it is one of storepulse's kernel
+/// aggregates (`None` for DataFusion's own aggregates).
+pub fn readable_groups_accumulator(
+    expr: &AggregateFunctionExpr,
+) -> Option<Result<Box<dyn ReadableGroups>>> {
+    use crate::{ledger::LedgerFactory, velocity::*};
+    let schema = datafusion::arrow::datatypes::Schema::empty();
+    let exprs = expr.expressions();
+    let args = AccumulatorArgs {
+        return_field: expr.field(),
+        schema: &schema,
+        expr_fields: &[],
+        ignore_nulls: expr.ignore_nulls(),
+        order_bys: &[],
+        is_reversed: expr.is_reversed(),
+        name: expr.name(),
+        is_distinct: expr.is_distinct(),
+        exprs: &exprs,
+    };
+    let udaf = expr.fun().inner().as_ref();
+    readable::<LedgerFactory>(udaf, &args)
+        .or_else(|| readable::<DecayedSumFactory>(udaf, &args))
+        .or_else(|| readable::<HourlyUnitsFactory>(udaf, &args))
+        .or_else(|| readable::<DistinctDaysFactory>(udaf, &args))
+}
+
+fn readable<F: KernelFactory>(
+    udaf: &dyn AggregateUDFImpl,
+    args: &AccumulatorArgs,
+) -> Option<Result<Box<dyn ReadableGroups>>> {
+    let f = udaf.downcast_ref::<KernelUdaf<F>>()?;
+    Some(f.0.kernel(args).map(|kernel| {
+        Box::new(Groups {
+            kernel,
+            states: Vec::new(),
+            heap: 0,
+        }) as Box<dyn ReadableGroups>
+    }))
+}
+
+impl<K: Kernel> ReadableGroups for Groups<K> {
+    fn evaluate_groups(&self, groups: &[usize]) -> Result<ArrayRef> {
+        let states = groups
+            .iter()
+            .map(|&g| self.states.get(g).cloned().unwrap_or_default())
+            .collect();
+        self.kernel.evaluate(states)
     }
 }
 

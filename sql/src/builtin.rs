@@ -55,6 +55,22 @@ pub struct RetailParams {
     pub default_review_hours: f64,
     /// Minimum stock used when no policy row matches.
     pub default_min_stock: i64,
+    /// Alert `low_stock`: fires when `p_stockout` exceeds this.
+    pub low_stock_probability: f64,
+    /// Alert `low_stock`: how long the risk must hold first.
+    #[serde(with = "humantime_serde")]
+    pub low_stock_for: Duration,
+    /// Alert `cold_chain`: fridge limit (°C).
+    pub cold_chain_max_celsius: f64,
+    /// Alert `cold_chain`: how long a fridge must read above the limit.
+    #[serde(with = "humantime_serde")]
+    pub cold_chain_duration: Duration,
+    /// Alert `sales_stall`: only SKUs selling at least this many units per
+    /// hour (decayed rate).
+    pub sales_stall_min_units_per_hour: f64,
+    /// Alert `sales_stall`: fires when the time since the last sale exceeds
+    /// this many expected gaps between units (1 / units_per_hour).
+    pub sales_stall_factor: f64,
 }
 
 impl Default for RetailParams {
@@ -69,6 +85,12 @@ impl Default for RetailParams {
             default_service_level: 0.95,
             default_review_hours: 24.0,
             default_min_stock: 0,
+            low_stock_probability: 0.8,
+            low_stock_for: Duration::from_secs(60),
+            cold_chain_max_celsius: 5.0,
+            cold_chain_duration: Duration::from_secs(30 * 60),
+            sales_stall_min_units_per_hour: 0.5,
+            sales_stall_factor: 6.0,
         }
     }
 }
@@ -96,6 +118,15 @@ impl RetailParams {
         positive(self.transfer_excess_cover, "transfer_excess_cover")?;
         if self.turnover_days < 8 {
             return Err("retail.turnover_days must be at least 8".into());
+        }
+        if !(self.low_stock_probability >= 0.0 && self.low_stock_probability < 1.0) {
+            return Err("retail.low_stock_probability must be in [0, 1)".into());
+        }
+        positive(self.cold_chain_duration, "cold_chain_duration")?;
+        if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
+            return Err(
+                "retail.sales_stall_min_units_per_hour and sales_stall_factor must be > 0".into(),
+            );
         }
         if !(self.default_service_level > 0.0 && self.default_service_level < 1.0) {
             return Err("retail.default_service_level must be in (0, 1)".into());
@@ -146,6 +177,30 @@ impl RetailParams {
                 format!("{:?}", self.default_review_hours),
             ),
             ("default_min_stock", self.default_min_stock.to_string()),
+            (
+                "low_stock_probability",
+                format!("{:?}", self.low_stock_probability),
+            ),
+            (
+                "low_stock_for",
+                format!("{}ms", self.low_stock_for.as_millis()),
+            ),
+            (
+                "cold_chain_max_celsius",
+                format!("{:?}", self.cold_chain_max_celsius),
+            ),
+            (
+                "cold_chain_duration_secs",
+                format!("{:?}", self.cold_chain_duration.as_secs_f64()),
+            ),
+            (
+                "sales_stall_min_units_per_hour",
+                format!("{:?}", self.sales_stall_min_units_per_hour),
+            ),
+            (
+                "sales_stall_factor",
+                format!("{:?}", self.sales_stall_factor),
+            ),
         ]
     }
 
@@ -188,6 +243,16 @@ impl RetailParams {
         Ok(out)
     }
 }
+
+/// The built-in alert rules (`sql/alerts/builtin.sql`): `(file name,
+/// rendered SQL)`. They read the retail views, so load them after
+/// [`scripts`].
+pub fn alert_script(params: &RetailParams) -> Result<(&'static str, String), SqlError> {
+    Ok(("alerts/builtin.sql", params.render(ALERTS)?))
+}
+
+/// The raw built-in alert rules (with `${placeholders}`).
+pub const ALERTS: &str = include_str!("../alerts/builtin.sql");
 
 /// The built-in scripts with parameters filled in: `(file name, SQL)`.
 pub fn scripts(params: &RetailParams) -> Result<Vec<(&'static str, String)>, SqlError> {

@@ -11,6 +11,8 @@
 //!   `hourly_units`), on the small kernel framework in `agg`.
 //! * [`retail`] — scalar functions of the retail views (demand model,
 //!   decayed rates, `watermark_floor()`).
+//! * [`rank`] — `quintile_score(value, tiebreak) OVER ()`, the RFM
+//!   quintiles in linear time.
 //! * [`builtin`] — the views shipped with the binary (`views/*.sql`) and
 //!   their parameters.
 
@@ -18,12 +20,14 @@ mod agg;
 pub mod builtin;
 pub mod ledger;
 pub mod parse;
+pub mod rank;
 pub mod retail;
 pub mod udf;
 pub mod velocity;
 
 use datafusion::{logical_expr::AggregateUDF, prelude::SessionContext};
 
+pub use agg::{readable_groups_accumulator, ReadableGroups};
 pub use builtin::RetailParams;
 pub use parse::{parse_script, SqlError, Statement};
 
@@ -49,4 +53,5 @@ pub fn register(ctx: &SessionContext) {
     for f in aggregate_functions() {
         ctx.register_udaf(f);
     }
+    ctx.register_udwf(rank::quintile_score());
 }

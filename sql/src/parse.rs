@@ -1,10 +1,14 @@
-//! Statement parsing: DataFusion's parser plus storepulse's classification.
+//! Statement parsing: DataFusion's parser plus storepulse's classification
+//! and its own statement, `CREATE ALERT name AS query WITH (option = 'value',
+//! ...)` (see [`AlertStatement`]).
 
 use datafusion::sql::{
     parser::{DFParser, Statement as DFStatement},
     sqlparser::{
         ast::{ObjectName, Query, Statement as SqlStatement},
         dialect::GenericDialect,
+        parser::Parser,
+        tokenizer::{Location, Token, TokenWithSpan, Tokenizer},
     },
 };
 
@@ -43,6 +47,8 @@ pub enum Statement {
         /// The statement's text (for `GET /api/v1/views`).
         sql: String,
     },
+    /// `CREATE ALERT name AS query WITH (...)`.
+    CreateAlert(AlertStatement),
     /// Any other statement, left to DataFusion (`CREATE VIEW`, `SELECT`, ...).
     DataFusion {
         /// The parsed statement.
@@ -62,8 +68,226 @@ fn object_name(n: &ObjectName) -> String {
         .join(".")
 }
 
+/// An alert rule as written: `CREATE ALERT name AS query WITH (...)`.
+#[derive(Debug, Clone)]
+pub struct AlertStatement {
+    /// Rule name.
+    pub name: String,
+    /// The condition: every row it returns is an alert for its key.
+    pub query: Box<Query>,
+    /// The query's text.
+    pub query_sql: String,
+    /// The `WITH` options in order: (name, value, 1-based line, column).
+    pub options: Vec<(String, String, u64, u64)>,
+    /// 1-based line of the statement.
+    pub line: u64,
+}
+
 /// Parses a script of `;`-separated statements.
 pub fn parse_script(sql: &str) -> Result<Vec<Statement>, SqlError> {
+    if !mentions_alert(sql) {
+        return parse_datafusion(sql);
+    }
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| SqlError::Syntax(e.to_string()))?;
+    let mut out = Vec::new();
+    for group in tokens.split(|t| t.token == Token::SemiColon) {
+        let words: Vec<&TokenWithSpan> = group
+            .iter()
+            .filter(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF))
+            .collect();
+        let Some(first) = words.first() else {
+            continue;
+        };
+        let is_alert = matches!((&first.token, words.get(1).map(|t| &t.token)),
+            (Token::Word(a), Some(Token::Word(b)))
+                if a.value.eq_ignore_ascii_case("CREATE") && b.value.eq_ignore_ascii_case("ALERT"));
+        if is_alert {
+            out.push(Statement::CreateAlert(parse_alert(sql, &dialect, group)?));
+        } else {
+            // Padded so DataFusion's errors keep the script's line/column.
+            let start = first.span.start;
+            let end = words.last().map_or(start, |t| t.span.end);
+            let text = format!(
+                "{}{}{}",
+                "\n".repeat(start.line.saturating_sub(1) as usize),
+                " ".repeat(start.column.saturating_sub(1) as usize),
+                slice(sql, start, end)
+            );
+            out.extend(parse_datafusion(&text)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Cheap check before tokenizing: does the script say ALERT at all?
+fn mentions_alert(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(5)
+        .any(|w| w.eq_ignore_ascii_case(b"ALERT"))
+}
+
+/// Byte offset of a 1-based (line, column) in `sql` (column in chars).
+fn offset(sql: &str, at: Location) -> usize {
+    let mut line = 1;
+    let mut col = 1;
+    for (i, c) in sql.char_indices() {
+        if line == at.line && col == at.column {
+            return i;
+        }
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    sql.len()
+}
+
+/// The text from `start` up to and including the token ending at `end`.
+fn slice(sql: &str, start: Location, end: Location) -> &str {
+    let a = offset(sql, start);
+    let b = offset(sql, end).max(a);
+    &sql[a..b]
+}
+
+fn syntax(e: impl std::fmt::Display) -> SqlError {
+    SqlError::Syntax(
+        e.to_string()
+            .trim_start_matches("sql parser error: ")
+            .to_string(),
+    )
+}
+
+/// Index of the statement's trailing top-level `WITH (...)` (the options),
+/// or the end if there is none.
+fn options_start(tokens: &[TokenWithSpan]) -> usize {
+    let significant: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !matches!(tokens[i].token, Token::Whitespace(_) | Token::EOF))
+        .collect();
+    let mut depth = 0i32;
+    let mut found = tokens.len();
+    for (n, &i) in significant.iter().enumerate() {
+        match &tokens[i].token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Word(w)
+                if depth == 0
+                    && w.value.eq_ignore_ascii_case("WITH")
+                    && significant
+                        .get(n + 1)
+                        .is_some_and(|&j| tokens[j].token == Token::LParen) =>
+            {
+                found = i;
+            }
+            _ => {}
+        }
+    }
+    // Only a WITH whose parenthesis closes the statement is the options.
+    if found < tokens.len() {
+        let mut d = 0i32;
+        let last = significant.last().copied().unwrap_or(0);
+        for &i in significant.iter().filter(|&&i| i > found) {
+            match tokens[i].token {
+                Token::LParen => d += 1,
+                Token::RParen => {
+                    d -= 1;
+                    if d == 0 && i != last {
+                        return tokens.len();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// `CREATE ALERT name AS query WITH (name = 'value', ...)`.
+fn parse_alert(
+    sql: &str,
+    dialect: &GenericDialect,
+    tokens: &[TokenWithSpan],
+) -> Result<AlertStatement, SqlError> {
+    // The trailing `WITH (...)` is split off first: inside the query the
+    // parser would read `GROUP BY x WITH (` as a GROUP BY modifier.
+    let split = options_start(tokens);
+    let mut p = Parser::new(dialect).with_tokens_with_locations(tokens[..split].to_vec());
+    let line = p.peek_token().span.start.line;
+    p.next_token(); // CREATE
+    p.next_token(); // ALERT
+    let name = p.parse_object_name(false).map_err(syntax)?;
+    p.expect_keyword(datafusion::sql::sqlparser::keywords::Keyword::AS)
+        .map_err(syntax)?;
+    let q_start = p.peek_token().span.start;
+    let query = p.parse_query().map_err(syntax)?;
+    let q_end = match tokens.get(split) {
+        Some(t) => t.span.start,
+        None => tokens
+            .iter()
+            .rev()
+            .find(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF))
+            .map_or(q_start, |t| t.span.end),
+    };
+    let query_sql = slice(sql, q_start, q_end).trim().to_string();
+    let rest = p.peek_token();
+    if !matches!(rest.token, Token::EOF) {
+        return Err(SqlError::Syntax(format!(
+            "CREATE ALERT {}: unexpected {} at Line: {}, Column: {} (expected WITH (...) or the end of the statement)",
+            object_name(&name),
+            rest.token,
+            rest.span.start.line,
+            rest.span.start.column
+        )));
+    }
+    let mut p = Parser::new(dialect).with_tokens_with_locations(tokens[split..].to_vec());
+    let mut options = Vec::new();
+    if p.parse_keyword(datafusion::sql::sqlparser::keywords::Keyword::WITH) {
+        p.expect_token(&Token::LParen).map_err(syntax)?;
+        loop {
+            let at = p.peek_token().span.start;
+            let key = p.parse_identifier().map_err(syntax)?;
+            p.expect_token(&Token::Eq).map_err(syntax)?;
+            let value = match p.next_token().token {
+                Token::SingleQuotedString(v) | Token::Number(v, _) => v,
+                Token::Word(w) => w.value,
+                other => {
+                    return Err(SqlError::Syntax(format!(
+                        "CREATE ALERT {}: option '{}' at Line: {}, Column: {}: expected a quoted value, found {other}",
+                        object_name(&name), key.value, at.line, at.column
+                    )))
+                }
+            };
+            options.push((key.value.to_lowercase(), value, at.line, at.column));
+            if p.consume_token(&Token::RParen) {
+                break;
+            }
+            p.expect_token(&Token::Comma).map_err(syntax)?;
+        }
+    }
+    let rest = p.peek_token();
+    if !matches!(rest.token, Token::EOF) {
+        return Err(SqlError::Syntax(format!(
+            "CREATE ALERT {}: unexpected {} at Line: {}, Column: {} (expected WITH (...) or the end of the statement)",
+            object_name(&name),
+            rest.token,
+            rest.span.start.line,
+            rest.span.start.column
+        )));
+    }
+    Ok(AlertStatement {
+        name: object_name(&name),
+        query,
+        query_sql,
+        options,
+        line,
+    })
+}
+
+fn parse_datafusion(sql: &str) -> Result<Vec<Statement>, SqlError> {
     let statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {}).map_err(|e| {
         SqlError::Syntax(e.to_string().trim_start_matches("SQL error: ").to_string())
     })?;
@@ -112,6 +336,49 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(s[1], Statement::DataFusion { .. }));
+    }
+
+    #[test]
+    fn alerts_are_parsed_with_their_options() {
+        let s = parse_script(
+            "CREATE VIEW a AS SELECT 1 AS x;\n\
+             CREATE ALERT low_stock AS SELECT store_id, sku FROM stockout_risk WHERE p_stockout > 0.8\n\
+             WITH (key = 'store_id, sku', every = '10s', severity = 'warning');\n\
+             SELECT 2",
+        )
+        .unwrap();
+        assert_eq!(s.len(), 3);
+        let Statement::CreateAlert(a) = &s[1] else {
+            panic!("{:?}", s[1]);
+        };
+        assert_eq!(a.name, "low_stock");
+        assert_eq!(a.line, 2);
+        assert_eq!(
+            a.query_sql,
+            "SELECT store_id, sku FROM stockout_risk WHERE p_stockout > 0.8"
+        );
+        let names: Vec<_> = a
+            .options
+            .iter()
+            .map(|o| (o.0.as_str(), o.1.as_str(), o.2))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("key", "store_id, sku", 3),
+                ("every", "10s", 3),
+                ("severity", "warning", 3)
+            ]
+        );
+        // A syntax error after an alert keeps its own line number.
+        let e = parse_script("CREATE ALERT a AS SELECT 1;\nSELECT FROM WHERE )")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Line: 2"), "{e}");
+        let e = parse_script("CREATE ALERT a AS SELECT 1 WITH (every = '1s' extra)")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Column"), "{e}");
     }
 
     #[test]

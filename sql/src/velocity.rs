@@ -18,8 +18,8 @@ use std::sync::Arc;
 use datafusion::{
     arrow::{
         array::{
-            Array, ArrayRef, BooleanArray, Float64Builder, Int64Builder, ListBuilder, StructArray,
-            TimestampMillisecondArray, TimestampMillisecondBuilder,
+            Array, ArrayRef, AsArray, BooleanArray, Float64Builder, Int64Builder, ListBuilder,
+            StructArray, TimestampMillisecondArray, TimestampMillisecondBuilder,
         },
         datatypes::{DataType, Field, Fields},
     },
@@ -326,7 +326,8 @@ pub fn day_list_type() -> DataType {
 
 /// `distinct_days(ts)`: the distinct UTC days (as midnight timestamps) of a
 /// group's rows, sorted. A few bytes per day instead of a generic distinct
-/// set; lists of several groups union with `array_distinct(flatten(...))`.
+/// set. Given lists of timestamps (e.g. other `distinct_days` results) it
+/// returns the distinct days of their union.
 #[derive(Debug)]
 pub(crate) struct DistinctDaysFactory {
     signature: Signature,
@@ -371,16 +372,34 @@ impl Kernel for DistinctDays {
         groups: &[usize],
         filter: Option<&BooleanArray>,
     ) -> Result<()> {
+        let insert = |s: &mut Vec<i32>, t: i64| {
+            let d = t.div_euclid(DAY_MS) as i32;
+            if let Err(p) = s.binary_search(&d) {
+                s.insert(p, d);
+            }
+        };
+        if let Some(list) = args[0].as_list_opt::<i32>() {
+            // Lists of days (e.g. several cards' `distinct_days`): union.
+            let ts = ts_millis(list.values(), "distinct_days")?;
+            let offsets = list.value_offsets();
+            for (i, &g) in groups.iter().enumerate() {
+                if list.is_null(i) || !passes(filter, i) {
+                    continue;
+                }
+                for j in offsets[i] as usize..offsets[i + 1] as usize {
+                    if ts.is_valid(j) {
+                        insert(&mut states[g], ts.value(j));
+                    }
+                }
+            }
+            return Ok(());
+        }
         let ts = ts_millis(&args[0], "distinct_days")?;
         for (i, &g) in groups.iter().enumerate() {
             if ts.is_null(i) || !passes(filter, i) {
                 continue;
             }
-            let d = ts.value(i).div_euclid(DAY_MS) as i32;
-            let s = &mut states[g];
-            if let Err(p) = s.binary_search(&d) {
-                s.insert(p, d);
-            }
+            insert(&mut states[g], ts.value(i));
         }
         Ok(())
     }

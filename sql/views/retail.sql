@@ -241,25 +241,19 @@ WITH m AS (
         min(p.first_purchase_ts) AS first_purchase_ts,
         max(p.last_purchase_ts) AS last_purchase_ts,
         sum(p.receipts) AS frequency,
-        CAST(cardinality(array_distinct(flatten(array_agg(p.purchase_days)))) AS BIGINT) AS purchase_days,
+        CAST(cardinality(distinct_days(p.purchase_days)) AS BIGINT) AS purchase_days,
         sum(p.monetary) AS monetary,
         count(*) AS cards
     FROM member_purchases p
     LEFT JOIN member_identity i ON i.local_member_id = p.card_id
     GROUP BY coalesce(i.member_id, p.card_id)
-), ranked AS (
-    SELECT m.*, c.as_of,
-        row_number() OVER (ORDER BY last_purchase_ts, member_id) AS k_r,
-        row_number() OVER (ORDER BY frequency, member_id) AS k_f,
-        row_number() OVER (ORDER BY monetary, member_id) AS k_m,
-        count(*) OVER () AS n
-    FROM m CROSS JOIN engine_clock c
 ), scored AS (
-    SELECT *,
-        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_r - 1) / (n - 1)) AS INT)) END AS r_score,
-        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_f - 1) / (n - 1)) AS INT)) END AS f_score,
-        CASE WHEN n = 1 THEN 5 ELSE greatest(1, CAST(ceil(5.0 * (k_m - 1) / (n - 1)) AS INT)) END AS m_score
-    FROM ranked
+    -- Quintiles by (value, member_id): linear-time selection, no sort.
+    SELECT m.*, c.as_of,
+        quintile_score(last_purchase_ts, member_id) OVER () AS r_score,
+        quintile_score(frequency, member_id) OVER () AS f_score,
+        quintile_score(monetary, member_id) OVER () AS m_score
+    FROM m CROSS JOIN engine_clock c
 )
 SELECT member_id, first_purchase_ts, last_purchase_ts,
     (extract(epoch FROM as_of) - extract(epoch FROM last_purchase_ts)) / 86400.0 AS recency_days,

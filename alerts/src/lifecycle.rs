@@ -1,0 +1,320 @@
+//! The alert lifecycle per (rule, key), Prometheus style.
+//!
+//! Each evaluation passes the keys whose condition holds and the clock
+//! `now`: the engine's event time (`engine_clock.as_of`), so a replay of the
+//! same events gives the same transitions and the same ids.
+//!
+//! * A key that starts holding is **pending** (no notification).
+//! * Held for `for` (event time) → **firing**: notify once.
+//! * While firing and holding: re-notify every `renotify` (if non-zero),
+//!   with the same id. `last_seen` follows `now`.
+//! * Stops holding: stays firing for `keep_firing_for` (a return within it
+//!   is the same episode: flapping is damped); after that → **resolved**:
+//!   notify once and forget the key. A pending key that stops holding is
+//!   forgotten silently.
+//!
+//! The alert id is a hash of (rule, key, episode start): stable across
+//! re-notifications, resolution and restarts (the state is serializable and
+//! restored with the outbox), new for the next episode of the same key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rule::AlertRule;
+
+/// Where an alert is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    /// Condition holds, not yet for `for`.
+    Pending,
+    /// Notified.
+    Firing,
+    /// The condition stopped holding (only in notifications).
+    Resolved,
+}
+
+/// One key's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// Pending or firing.
+    pub state: AlertState,
+    /// Event time the condition started holding (the episode start).
+    pub since: i64,
+    /// Event time the condition was last seen holding.
+    pub last_seen: i64,
+    /// Event time of the last notification (firing).
+    pub notified_at: Option<i64>,
+    /// The condition's latest row (JSON object).
+    pub row: serde_json::Value,
+}
+
+/// A notification to deliver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Stable id of the episode: hex of xxh3-128(rule, key, since).
+    pub alert_id: String,
+    /// Rule name.
+    pub rule: String,
+    /// The key, as the key columns' values joined by `|`.
+    pub alert_key: String,
+    /// `firing` or `resolved`.
+    pub state: AlertState,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    /// Event time the episode started (ms).
+    pub first_seen: i64,
+    /// Event time the condition was last seen holding (ms).
+    pub last_seen: i64,
+    /// Event time of this notification (ms, the clock of the evaluation).
+    pub notified_at: i64,
+    /// Which notification of the episode this is (1 = first firing).
+    pub sequence: u32,
+    /// The condition row's columns.
+    pub row: serde_json::Value,
+}
+
+/// The id of an episode.
+pub fn alert_id(rule: &str, key: &str, since: i64) -> String {
+    let mut buf = Vec::with_capacity(rule.len() + key.len() + 10);
+    buf.extend_from_slice(rule.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(key.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(&since.to_le_bytes());
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
+}
+
+/// The lifecycle of every key of one rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lifecycle {
+    /// Key → state (pending or firing keys only).
+    pub keys: BTreeMap<String, KeyState>,
+    /// Notifications sent per episode id (for `sequence`).
+    #[serde(default)]
+    pub sent: BTreeMap<String, u32>,
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl Lifecycle {
+    /// Keys pending or firing.
+    pub fn active(&self) -> impl Iterator<Item = (&String, &KeyState)> {
+        self.keys.iter()
+    }
+
+    /// One evaluation at event time `now` with the rows whose condition
+    /// holds (key → row). Returns the notifications to send, in key order.
+    pub fn evaluate(
+        &mut self,
+        rule: &AlertRule,
+        now: i64,
+        holding: BTreeMap<String, serde_json::Value>,
+    ) -> Vec<Notification> {
+        let mut out = Vec::new();
+        let severity = rule.severity.as_str().to_string();
+        let mut notify = |sent: &mut BTreeMap<String, u32>, key: &str, s: &KeyState, state| {
+            let id = alert_id(&rule.name, key, s.since);
+            let seq = sent.entry(id.clone()).or_insert(0);
+            *seq += 1;
+            out.push(Notification {
+                alert_id: id,
+                rule: rule.name.clone(),
+                alert_key: key.to_string(),
+                state,
+                severity: severity.clone(),
+                first_seen: s.since,
+                last_seen: s.last_seen,
+                notified_at: now,
+                sequence: *seq,
+                row: s.row.clone(),
+            });
+        };
+        // Keys that stopped holding.
+        let gone: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|k| !holding.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            let s = &self.keys[&key];
+            match s.state {
+                AlertState::Firing if now - s.last_seen >= ms(rule.keep_firing_for) => {
+                    let s = self.keys.remove(&key).expect("present");
+                    notify(&mut self.sent, &key, &s, AlertState::Resolved);
+                    self.sent.remove(&alert_id(&rule.name, &key, s.since));
+                }
+                AlertState::Firing => {}
+                _ => {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+        for (key, row) in holding {
+            let s = self.keys.entry(key.clone()).or_insert_with(|| KeyState {
+                state: AlertState::Pending,
+                since: now,
+                last_seen: now,
+                notified_at: None,
+                row: serde_json::Value::Null,
+            });
+            s.last_seen = s.last_seen.max(now);
+            s.row = row;
+            match s.state {
+                AlertState::Pending if now - s.since >= ms(rule.for_) => {
+                    s.state = AlertState::Firing;
+                    s.notified_at = Some(now);
+                    notify(&mut self.sent, &key, s, AlertState::Firing);
+                }
+                AlertState::Firing
+                    if !rule.renotify.is_zero()
+                        && s.notified_at.is_some_and(|t| now - t >= ms(rule.renotify)) =>
+                {
+                    s.notified_at = Some(now);
+                    notify(&mut self.sent, &key, s, AlertState::Firing);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::Severity;
+    use std::time::Duration;
+
+    const M: i64 = 60_000;
+
+    fn rule(for_m: u64, keep_m: u64, renotify_m: u64) -> AlertRule {
+        AlertRule {
+            name: "low_stock".into(),
+            sql: String::new(),
+            key: vec!["k".into()],
+            every: Duration::from_secs(10),
+            for_: Duration::from_secs(for_m * 60),
+            keep_firing_for: Duration::from_secs(keep_m * 60),
+            renotify: Duration::from_secs(renotify_m * 60),
+            severity: Severity::Warning,
+            sinks: vec![],
+        }
+    }
+
+    fn rows(keys: &[&str]) -> BTreeMap<String, serde_json::Value> {
+        keys.iter()
+            .map(|k| (k.to_string(), serde_json::json!({ "k": k })))
+            .collect()
+    }
+
+    fn states(n: &[Notification]) -> Vec<(String, AlertState, u32)> {
+        n.iter()
+            .map(|n| (n.alert_key.clone(), n.state, n.sequence))
+            .collect()
+    }
+
+    #[test]
+    fn pending_then_firing_after_for_then_resolved() {
+        let r = rule(2, 0, 0);
+        let mut l = Lifecycle::default();
+        assert!(l.evaluate(&r, 0, rows(&["a"])).is_empty(), "pending");
+        assert_eq!(l.keys["a"].state, AlertState::Pending);
+        assert!(l.evaluate(&r, M, rows(&["a"])).is_empty(), "still pending");
+        let n = l.evaluate(&r, 2 * M, rows(&["a"]));
+        assert_eq!(states(&n), vec![("a".into(), AlertState::Firing, 1)]);
+        assert_eq!(n[0].first_seen, 0);
+        // Held on: no second notification (one per episode, not per evaluation).
+        assert!(l.evaluate(&r, 3 * M, rows(&["a"])).is_empty());
+        let resolved = l.evaluate(&r, 4 * M, rows(&[]));
+        assert_eq!(
+            states(&resolved),
+            vec![("a".into(), AlertState::Resolved, 2)]
+        );
+        assert_eq!(resolved[0].alert_id, n[0].alert_id);
+        assert_eq!(resolved[0].last_seen, 3 * M);
+        assert!(l.keys.is_empty() && l.sent.is_empty());
+    }
+
+    #[test]
+    fn a_pending_key_that_stops_holding_is_forgotten_silently() {
+        let r = rule(5, 0, 0);
+        let mut l = Lifecycle::default();
+        l.evaluate(&r, 0, rows(&["a"]));
+        assert!(l.evaluate(&r, M, rows(&[])).is_empty());
+        assert!(l.keys.is_empty());
+        // Coming back starts a new pending period.
+        l.evaluate(&r, 2 * M, rows(&["a"]));
+        assert!(l.evaluate(&r, 6 * M, rows(&["a"])).is_empty());
+        assert_eq!(l.evaluate(&r, 7 * M, rows(&["a"])).len(), 1);
+    }
+
+    #[test]
+    fn renotify_while_firing_keeps_the_id() {
+        let r = rule(0, 0, 60);
+        let mut l = Lifecycle::default();
+        let first = l.evaluate(&r, 0, rows(&["a"]));
+        assert_eq!(first.len(), 1, "for = 0 fires at once");
+        assert!(l.evaluate(&r, 59 * M, rows(&["a"])).is_empty());
+        let again = l.evaluate(&r, 60 * M, rows(&["a"]));
+        assert_eq!(states(&again), vec![("a".into(), AlertState::Firing, 2)]);
+        assert_eq!(again[0].alert_id, first[0].alert_id);
+        assert!(l.evaluate(&r, 61 * M, rows(&["a"])).is_empty());
+    }
+
+    #[test]
+    fn flapping_is_damped_by_keep_firing_for() {
+        let r = rule(0, 5, 0);
+        let mut l = Lifecycle::default();
+        let mut sent = l.evaluate(&r, 0, rows(&["a"]));
+        // Off and on every minute for ten minutes: never resolved, one notification.
+        for t in 1..=10 {
+            let keys: &[&str] = if t % 2 == 0 { &["a"] } else { &[] };
+            sent.extend(l.evaluate(&r, t * M, rows(keys)));
+        }
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        // Gone for good: resolved once keep_firing_for has passed since last seen.
+        assert!(l.evaluate(&r, 14 * M, rows(&[])).is_empty());
+        let r2 = l.evaluate(&r, 15 * M, rows(&[]));
+        assert_eq!(states(&r2), vec![("a".into(), AlertState::Resolved, 2)]);
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_new_per_episode() {
+        let r = rule(0, 0, 0);
+        let run = || {
+            let mut l = Lifecycle::default();
+            let mut out = l.evaluate(&r, 0, rows(&["a", "b"]));
+            out.extend(l.evaluate(&r, M, rows(&["b"])));
+            out.extend(l.evaluate(&r, 2 * M, rows(&["a", "b"])));
+            out
+        };
+        let (x, y) = (run(), run());
+        assert_eq!(x, y, "same inputs, same notifications and ids");
+        let a: Vec<&Notification> = x.iter().filter(|n| n.alert_key == "a").collect();
+        assert_eq!(a.len(), 3); // firing, resolved, firing (new episode)
+        assert_eq!(a[0].alert_id, a[1].alert_id);
+        assert_ne!(a[0].alert_id, a[2].alert_id);
+    }
+
+    #[test]
+    fn state_survives_serialization() {
+        let r = rule(0, 10, 0);
+        let mut l = Lifecycle::default();
+        let first = l.evaluate(&r, 0, rows(&["a"]));
+        let json = serde_json::to_string(&l).unwrap();
+        // "Restart": restore, the condition is gone for longer than keep_firing_for.
+        let mut restored: Lifecycle = serde_json::from_str(&json).unwrap();
+        let n = restored.evaluate(&r, 11 * M, rows(&[]));
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            n[0].alert_id, first[0].alert_id,
+            "same episode id after restore"
+        );
+        assert_eq!(n[0].state, AlertState::Resolved);
+    }
+}

@@ -1,0 +1,468 @@
+//! The alert manager: evaluates the rules, advances their lifecycles,
+//! commits notifications to the outbox and runs one delivery loop per sink.
+//!
+//! * Evaluation: every rule on its `every` timer, and also when the engine
+//!   reports applied batches (so an urgent condition fires within about
+//!   `min_interval` of the event), never more often than `min_interval` per
+//!   rule. Evaluation reads a snapshot like any query; it never holds the
+//!   engine while sinks deliver.
+//! * Delivery: each sink reads the outbox from its cursor, delivers up to
+//!   `batch_max` notifications, retries failures with exponential backoff
+//!   and jitter (up to `retry_max_delay` apart, forever: nothing is dropped)
+//!   and advances its cursor only after success.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::{Deserialize, Serialize};
+use storepulse_engine::{AlertDefinition, EngineHandle};
+use tokio::sync::{watch, Mutex};
+
+use crate::{
+    lifecycle::{AlertState, KeyState, Lifecycle, Notification},
+    outbox::{Outbox, OutboxError},
+    rule::{AlertRule, RuleError},
+    sink::{build, Sink, SinkConfig, SinkError},
+};
+
+/// The `[alerts]` configuration table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Notifications not yet delivered to every sink that the outbox holds
+    /// before new ones wait (an error and
+    /// `storepulse_alerts_outbox_full_total`).
+    pub outbox_capacity: u64,
+    /// Rows kept in `alert_history`.
+    pub history_capacity: u64,
+    /// Smallest gap between two evaluations of one rule triggered by new
+    /// data (the `every` timer runs regardless).
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Notifications per delivery (a webhook request carries this many).
+    pub batch_max: usize,
+    /// Longest wait between two delivery attempts of a failing sink.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// Shipped rules (`sql/alerts/builtin.sql`) are loaded with the
+    /// built-in views.
+    pub builtin: bool,
+    /// The sinks.
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            outbox_capacity: 100_000,
+            history_capacity: 100_000,
+            min_interval: Duration::from_secs(1),
+            batch_max: 100,
+            retry_max_delay: Duration::from_secs(60),
+            builtin: true,
+            sinks: vec![SinkConfig::Log { name: "log".into() }],
+        }
+    }
+}
+
+/// Alerting failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    /// A rule is invalid.
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    /// A sink cannot be built, or a delivery failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The outbox failed or is full.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// A rule names a sink that is not configured.
+    #[error("alert '{rule}': sink '{sink}' is not configured (sinks: {known})")]
+    UnknownSink {
+        /// Rule.
+        rule: String,
+        /// The sink named.
+        sink: String,
+        /// Configured sinks.
+        known: String,
+    },
+    /// Two sinks share a name.
+    #[error("alerts.sinks: two sinks are named '{0}'")]
+    DuplicateSink(String),
+    /// Evaluating a rule's query failed.
+    #[error("alert '{rule}': {message}")]
+    Query {
+        /// Rule.
+        rule: String,
+        /// The engine's error.
+        message: String,
+    },
+}
+
+/// An alert that is pending or firing (for `GET /api/v1/alerts`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveAlert {
+    /// Episode id.
+    pub alert_id: String,
+    /// Rule.
+    pub rule: String,
+    /// Key.
+    pub alert_key: String,
+    /// `pending` or `firing`.
+    pub state: AlertState,
+    /// Severity.
+    pub severity: String,
+    /// Event time the condition started holding (ms).
+    pub first_seen: i64,
+    /// Event time last seen holding (ms).
+    pub last_seen: i64,
+    /// The latest row.
+    pub row: serde_json::Value,
+}
+
+/// Evaluates rules and delivers their notifications.
+pub struct AlertManager {
+    engine: EngineHandle,
+    outbox: Outbox,
+    rules: Vec<AlertRule>,
+    state: Mutex<BTreeMap<String, Lifecycle>>,
+    sinks: Vec<Arc<dyn Sink>>,
+    cfg: AlertsConfig,
+    committed: watch::Sender<u64>,
+    acked: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for AlertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertManager")
+            .field("rules", &self.rules.len())
+            .field("sinks", &self.sinks.len())
+            .finish()
+    }
+}
+
+impl AlertManager {
+    /// Validates the rules against the sinks, builds the sinks and opens
+    /// the outbox (`dir/alerts.redb`), restoring the rules' lifecycles.
+    pub fn new(
+        engine: EngineHandle,
+        defs: &[AlertDefinition],
+        cfg: AlertsConfig,
+        dir: &Path,
+    ) -> Result<Self, AlertError> {
+        let mut names: Vec<String> = Vec::new();
+        for s in &cfg.sinks {
+            if names.iter().any(|n| n == s.name()) {
+                return Err(AlertError::DuplicateSink(s.name().to_string()));
+            }
+            names.push(s.name().to_string());
+        }
+        let mut rules = Vec::with_capacity(defs.len());
+        for d in defs {
+            let r = AlertRule::from_statement(&d.statement, &d.columns)?;
+            for s in &r.sinks {
+                if !names.contains(s) {
+                    return Err(AlertError::UnknownSink {
+                        rule: r.name.clone(),
+                        sink: s.clone(),
+                        known: names.join(", "),
+                    });
+                }
+            }
+            rules.push(r);
+        }
+        let sinks = cfg
+            .sinks
+            .iter()
+            .map(|c| build(c).map(Arc::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outbox = Outbox::open(
+            &dir.join("alerts.redb"),
+            cfg.outbox_capacity,
+            cfg.history_capacity,
+            &names,
+        )?;
+        let state = outbox.lifecycles()?;
+        let (committed, _) = watch::channel(0);
+        let (acked, _) = watch::channel(0);
+        Ok(Self {
+            engine,
+            outbox,
+            rules,
+            state: Mutex::new(state),
+            sinks,
+            cfg,
+            committed,
+            acked,
+        })
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[AlertRule] {
+        &self.rules
+    }
+
+    /// The outbox (for `alert_history` and health).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Pending and firing alerts, by rule and key.
+    pub async fn active(&self) -> Vec<ActiveAlert> {
+        let state = self.state.lock().await;
+        let mut out = Vec::new();
+        for r in &self.rules {
+            let Some(l) = state.get(&r.name) else {
+                continue;
+            };
+            for (key, s) in l.active() {
+                out.push(active(r, key, s));
+            }
+        }
+        out
+    }
+
+    /// Evaluates rule `i` once: query, lifecycle, commit. Returns the
+    /// notifications committed (none if the clock is unknown yet: no event
+    /// has arrived).
+    pub async fn evaluate(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
+        let rule = &self.rules[i];
+        let qerr = |e: storepulse_engine::EngineError| AlertError::Query {
+            rule: rule.name.clone(),
+            message: e.to_string(),
+        };
+        let (out, as_of) = self.engine.query_at(&rule.sql).await.map_err(qerr)?;
+        metrics::counter!("storepulse_alerts_evaluations_total", "rule" => rule.name.clone())
+            .increment(1);
+        let Some(now) = as_of else {
+            return Ok(Vec::new());
+        };
+        let holding = keyed_rows(rule, &out.batches).map_err(|message| AlertError::Query {
+            rule: rule.name.clone(),
+            message,
+        })?;
+        let mut state = self.state.lock().await;
+        let mut next = state.get(&rule.name).cloned().unwrap_or_default();
+        let notes = next.evaluate(rule, now, holding);
+        if !notes.is_empty() || state.get(&rule.name).is_none_or(|l| l.keys != next.keys) {
+            self.outbox.commit(&rule.name, &next, &notes, &rule.sinks)?;
+        }
+        for n in &notes {
+            metrics::counter!("storepulse_alerts_notifications_total",
+                "rule" => rule.name.clone(), "state" => format!("{:?}", n.state).to_lowercase())
+            .increment(1);
+        }
+        let (mut pending, mut firing) = (0, 0);
+        for s in next.keys.values() {
+            match s.state {
+                AlertState::Pending => pending += 1,
+                _ => firing += 1,
+            }
+        }
+        metrics::gauge!("storepulse_alerts_active", "rule" => rule.name.clone(), "state" => "pending")
+            .set(pending as f64);
+        metrics::gauge!("storepulse_alerts_active", "rule" => rule.name.clone(), "state" => "firing")
+            .set(firing as f64);
+        state.insert(rule.name.clone(), next);
+        drop(state);
+        if !notes.is_empty() {
+            self.committed.send_modify(|v| *v += 1);
+        }
+        Ok(notes)
+    }
+
+    /// Evaluates every rule once more and waits (at most `timeout`) until
+    /// the sinks delivered everything in the outbox; [`AlertManager::run`]
+    /// must be running. True if the outbox is empty.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        for i in 0..self.rules.len() {
+            if let Err(e) = self.evaluate(i).await {
+                tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
+            }
+        }
+        let mut acked = self.acked.subscribe();
+        let wait = async {
+            while self.outbox.pending().is_ok_and(|p| p > 0) {
+                if acked.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.outbox.pending().is_ok_and(|p| p == 0)
+    }
+
+    /// Runs evaluation and delivery until `shutdown` becomes true.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for sink in &self.sinks {
+            tasks.spawn(self.clone().deliver_loop(sink.clone(), shutdown.clone()));
+        }
+        self.evaluate_loop(shutdown).await;
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn evaluate_loop(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.engine.changes();
+        let n = self.rules.len();
+        let start = Instant::now();
+        let mut next_due: Vec<Instant> = vec![start; n];
+        let mut last: Vec<Option<Instant>> = vec![None; n];
+        // New data since the rule's last evaluation.
+        let mut dirty = vec![false; n];
+        let gate = |last: Option<Instant>| last.map_or(start, |t| t + self.cfg.min_interval);
+        loop {
+            let now = Instant::now();
+            for i in 0..n {
+                if now >= next_due[i] || (dirty[i] && now >= gate(last[i])) {
+                    last[i] = Some(now);
+                    dirty[i] = false;
+                    next_due[i] = now + self.rules[i].every;
+                    if let Err(e) = self.evaluate(i).await {
+                        metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                            "rule" => self.rules[i].name.clone())
+                        .increment(1);
+                        tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
+                    }
+                }
+            }
+            // The next timer, or the earliest rate gate of a rule with new data.
+            let wake = (0..n)
+                .map(|i| {
+                    if dirty[i] {
+                        next_due[i].min(gate(last[i]))
+                    } else {
+                        next_due[i]
+                    }
+                })
+                .min()
+                .unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    dirty.iter_mut().for_each(|d| *d = true);
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn deliver_loop(
+        self: Arc<Self>,
+        sink: Arc<dyn Sink>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut committed = self.committed.subscribe();
+        let name = sink.name().to_string();
+        loop {
+            let (batch, upto) = match self.outbox.next_for(&name, self.cfg.batch_max) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "reading the alert outbox failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            if batch.is_empty() {
+                if upto > 0 {
+                    let _ = self.outbox.ack(&name, upto);
+                }
+                tokio::select! {
+                    _ = committed.changed() => continue,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let notes: Vec<Notification> = batch.into_iter().map(|(_, e)| e.notification).collect();
+            let mut backoff = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(self.cfg.retry_max_delay)
+                .with_jitter()
+                .without_max_times()
+                .build();
+            loop {
+                match sink.deliver(&notes).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics::counter!("storepulse_alerts_delivery_errors_total", "sink" => name.clone())
+                            .increment(1);
+                        let delay = backoff.next().unwrap_or(self.cfg.retry_max_delay);
+                        tracing::warn!(sink = %name, error = %e, retry_in = ?delay, notifications = notes.len(), "alert delivery failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+            }
+            metrics::counter!("storepulse_alerts_delivered_total", "sink" => name.clone())
+                .increment(notes.len() as u64);
+            if let Err(e) = self.outbox.ack(&name, upto) {
+                tracing::error!(sink = %name, error = %e, "acknowledging delivered alerts failed (they may be delivered again)");
+            }
+            self.acked.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+fn active(r: &AlertRule, key: &str, s: &KeyState) -> ActiveAlert {
+    ActiveAlert {
+        alert_id: crate::lifecycle::alert_id(&r.name, key, s.since),
+        rule: r.name.clone(),
+        alert_key: key.to_string(),
+        state: s.state,
+        severity: r.severity.as_str().to_string(),
+        first_seen: s.since,
+        last_seen: s.last_seen,
+        row: s.row.clone(),
+    }
+}
+
+/// The query's rows as JSON objects keyed by the rule's key columns
+/// (values joined by `|`). A key seen twice keeps its last row.
+fn keyed_rows(
+    rule: &AlertRule,
+    batches: &[datafusion::arrow::array::RecordBatch],
+) -> Result<BTreeMap<String, serde_json::Value>, String> {
+    let mut out = BTreeMap::new();
+    for b in batches {
+        if b.num_rows() == 0 {
+            continue;
+        }
+        let mut buf = Vec::new();
+        {
+            let mut w = arrow_json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow_json::writer::JsonArray>(&mut buf);
+            w.write(b).map_err(|e| e.to_string())?;
+            w.finish().map_err(|e| e.to_string())?;
+        }
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
+        for row in rows {
+            let key = rule
+                .key
+                .iter()
+                .map(|k| match row.get(k) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Null) | None => String::new(),
+                    Some(v) => v.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("|");
+            out.insert(key, serde_json::Value::Object(row));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,270 @@
+//! An alert rule: the condition query and its typed options.
+//!
+//! ```sql
+//! CREATE ALERT low_stock AS
+//!   SELECT store_id, sku, on_hand, p_stockout, suggested_order_qty
+//!   FROM stockout_risk WHERE p_stockout > 0.8
+//! WITH (key = 'store_id, sku', every = '10s', for = '1m', renotify = '6h',
+//!       severity = 'warning', sinks = 'replenishment,ops');
+//! ```
+//!
+//! Every row the query returns is a condition that holds for the row's key
+//! (the `key` columns; default: all columns).
+
+use std::time::Duration;
+
+use serde::Serialize;
+use storepulse_sql::parse::AlertStatement;
+
+/// Why a rule is rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    /// An option is unknown, repeated or malformed.
+    #[error("alert '{rule}': option '{option}' at line {line}, column {column}: {message}")]
+    Option {
+        /// Rule name.
+        rule: String,
+        /// Option name as written.
+        option: String,
+        /// 1-based line.
+        line: u64,
+        /// 1-based column.
+        column: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key column is not an output column of the query.
+    #[error(
+        "alert '{rule}': key column '{column}' is not a column of the query (columns: {columns})"
+    )]
+    KeyColumn {
+        /// Rule name.
+        rule: String,
+        /// The missing column.
+        column: String,
+        /// The query's columns.
+        columns: String,
+    },
+}
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// For information.
+    Info,
+    /// Act soon.
+    Warning,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    /// The name used in payloads and SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// A validated alert rule.
+#[derive(Debug, Clone)]
+pub struct AlertRule {
+    /// Rule name (unique).
+    pub name: String,
+    /// The condition query.
+    pub sql: String,
+    /// Key columns: one alert per distinct key.
+    pub key: Vec<String>,
+    /// Evaluation interval (also evaluated when a view it reads changes).
+    pub every: Duration,
+    /// How long the condition must hold before the alert fires.
+    pub for_: Duration,
+    /// How long a firing alert stays firing after its condition stopped
+    /// holding (damps flapping; a return within it is the same episode).
+    pub keep_firing_for: Duration,
+    /// Re-notify a firing alert this often (`0s`: never).
+    pub renotify: Duration,
+    /// Severity.
+    pub severity: Severity,
+    /// Sink names (empty: every configured sink).
+    pub sinks: Vec<String>,
+}
+
+/// Options `CREATE ALERT ... WITH (...)` accepts.
+pub const OPTIONS: [&str; 7] = [
+    "key",
+    "every",
+    "for",
+    "keep_firing_for",
+    "renotify",
+    "severity",
+    "sinks",
+];
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl AlertRule {
+    /// Validates a parsed statement against the query's output `columns`.
+    pub fn from_statement(stmt: &AlertStatement, columns: &[String]) -> Result<Self, RuleError> {
+        let mut rule = AlertRule {
+            name: stmt.name.clone(),
+            sql: stmt.query_sql.clone(),
+            key: columns.to_vec(),
+            every: Duration::from_secs(10),
+            for_: Duration::ZERO,
+            keep_firing_for: Duration::from_secs(60),
+            renotify: Duration::from_secs(6 * 3600),
+            severity: Severity::Warning,
+            sinks: Vec::new(),
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for (name, value, line, column) in &stmt.options {
+            let err = |message: String| RuleError::Option {
+                rule: stmt.name.clone(),
+                option: name.clone(),
+                line: *line,
+                column: *column,
+                message,
+            };
+            if seen.contains(&name.as_str()) {
+                return Err(err("given twice".into()));
+            }
+            seen.push(name);
+            let duration = || {
+                humantime::parse_duration(value.trim()).map_err(|e| {
+                    err(format!(
+                        "'{value}' is not a duration ({e}); e.g. '30s', '5m', '6h'"
+                    ))
+                })
+            };
+            match name.as_str() {
+                "key" => rule.key = list(value),
+                "every" => {
+                    rule.every = duration()?;
+                    if rule.every < Duration::from_millis(100) {
+                        return Err(err("must be at least 100ms".into()));
+                    }
+                }
+                "for" => rule.for_ = duration()?,
+                "keep_firing_for" => rule.keep_firing_for = duration()?,
+                "renotify" => rule.renotify = duration()?,
+                "severity" => {
+                    rule.severity = match value.trim().to_ascii_lowercase().as_str() {
+                        "info" => Severity::Info,
+                        "warning" => Severity::Warning,
+                        "critical" => Severity::Critical,
+                        _ => {
+                            return Err(err(format!(
+                                "'{value}' is not a severity (info, warning, critical)"
+                            )))
+                        }
+                    }
+                }
+                "sinks" => rule.sinks = list(value),
+                _ => {
+                    return Err(err(format!(
+                        "unknown option (known: {})",
+                        OPTIONS.join(", ")
+                    )))
+                }
+            }
+        }
+        if rule.key.is_empty() {
+            return Err(RuleError::KeyColumn {
+                rule: rule.name,
+                column: String::new(),
+                columns: columns.join(", "),
+            });
+        }
+        for k in &rule.key {
+            if !columns.iter().any(|c| c == k) {
+                return Err(RuleError::KeyColumn {
+                    rule: rule.name.clone(),
+                    column: k.clone(),
+                    columns: columns.join(", "),
+                });
+            }
+        }
+        Ok(rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storepulse_sql::{parse_script, Statement};
+
+    fn parse(sql: &str) -> AlertStatement {
+        match parse_script(sql).unwrap().remove(0) {
+            Statement::CreateAlert(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn cols() -> Vec<String> {
+        ["store_id", "sku", "p_stockout"].map(String::from).to_vec()
+    }
+
+    #[test]
+    fn options_are_typed_with_defaults() {
+        let s = parse(
+            "CREATE ALERT low AS SELECT store_id, sku, p_stockout FROM stockout_risk \
+             WITH (key = 'store_id, sku', every = '10s', for = '1m', renotify = '6h', \
+             severity = 'critical', sinks = 'replenishment, ops')",
+        );
+        let r = AlertRule::from_statement(&s, &cols()).unwrap();
+        assert_eq!(r.key, vec!["store_id", "sku"]);
+        assert_eq!(r.every, Duration::from_secs(10));
+        assert_eq!(r.for_, Duration::from_secs(60));
+        assert_eq!(r.renotify, Duration::from_secs(6 * 3600));
+        assert_eq!(r.keep_firing_for, Duration::from_secs(60));
+        assert_eq!(r.severity, Severity::Critical);
+        assert_eq!(r.sinks, vec!["replenishment", "ops"]);
+        let d = AlertRule::from_statement(&parse("CREATE ALERT d AS SELECT 1 AS x"), &["x".into()])
+            .unwrap();
+        assert_eq!(d.key, vec!["x"]);
+        assert_eq!(d.severity, Severity::Warning);
+    }
+
+    #[test]
+    fn bad_options_name_the_option_and_position() {
+        let s =
+            parse("CREATE ALERT a AS SELECT store_id FROM t\nWITH (every = '10s', evrey = '5s')");
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("option 'evrey' at line 2, column 22: unknown option"),
+            "{e}"
+        );
+        let s = parse("CREATE ALERT a AS SELECT store_id FROM t WITH (for = 'soon')");
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("option 'for'") && e.contains("not a duration"),
+            "{e}"
+        );
+        let s = parse("CREATE ALERT a AS SELECT store_id FROM t WITH (severity = 'huge')");
+        assert!(AlertRule::from_statement(&s, &cols()).is_err());
+        let s = parse("CREATE ALERT a AS SELECT store_id FROM t WITH (key = 'store')");
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key column 'store'"), "{e}");
+        let s = parse("CREATE ALERT a AS SELECT store_id FROM t WITH (for = '1m', for = '2m')");
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+    }
+}

@@ -1,0 +1,133 @@
+//! Refreshable query-time views (`[engine] refresh`): a listed view is read
+//! from its last result while that is younger than the interval, recomputed
+//! when older, and due for background refresh at 3/4 of it.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use storepulse_engine::{Engine, EngineConfig, EngineHandle};
+use storepulse_ingest::{
+    EventDecoder, Position, RawRecord, SourceBatch, SourceMessage, StreamKind,
+};
+
+const SQL: &str = "
+CREATE MATERIALIZED VIEW temps AS
+SELECT device_id, count(*) AS readings, max(value) AS hottest FROM iot_readings GROUP BY device_id;
+CREATE VIEW hot AS SELECT count(*) AS devices, sum(readings) AS readings FROM temps;
+CREATE VIEW live AS SELECT count(*) AS devices FROM temps;
+";
+
+async fn engine(refresh: &[(&str, Duration)]) -> EngineHandle {
+    let cfg = EngineConfig {
+        refresh: refresh
+            .iter()
+            .map(|(n, d)| (n.to_string(), (*d).into()))
+            .collect::<BTreeMap<_, _>>(),
+        ..Default::default()
+    };
+    let mut e = Engine::new(cfg).unwrap();
+    e.execute_sql(SQL).await.unwrap();
+    EngineHandle::new(e)
+}
+
+async fn ingest(h: &EngineHandle, devices: std::ops::Range<usize>, seq: u64) {
+    let lines: Vec<String> = devices
+        .map(|d| {
+            format!(
+                r#"{{"event_id":"e{seq}-{d}","ts":{},"store_id":"S1","device_id":"d{d}","metric":"fridge_temp_c","value":4.0}}"#,
+                1_767_600_000_000i64 + seq as i64 * 1000
+            )
+        })
+        .collect();
+    let records: Vec<RawRecord> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| RawRecord {
+            bytes: l.as_bytes(),
+            position: i as u64,
+        })
+        .collect();
+    let out = EventDecoder::new(StreamKind::IotReadings, "test")
+        .decode(&records)
+        .unwrap();
+    let batch = out.batch.unwrap();
+    h.lock()
+        .await
+        .apply(
+            SourceMessage::Batch(SourceBatch {
+                stream: StreamKind::IotReadings,
+                batch,
+                events: out.events,
+                bytes: 0,
+                position: Position {
+                    partition: "p0".into(),
+                    next_offset: seq,
+                },
+            }),
+            0,
+        )
+        .await
+        .unwrap();
+}
+
+fn first_i64(out: &[RecordBatch]) -> i64 {
+    out[0]
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .value(0)
+}
+
+async fn devices(h: &EngineHandle, view: &str) -> i64 {
+    let out = h.query(&format!("SELECT * FROM {view}")).await.unwrap();
+    first_i64(&out[0].batches)
+}
+
+#[tokio::test]
+async fn a_fresh_result_is_served_until_the_interval_passes() {
+    let h = engine(&[("hot", Duration::from_secs(3600))]).await;
+    ingest(&h, 0..3, 1).await;
+    assert_eq!(devices(&h, "hot").await, 3);
+    assert_eq!(devices(&h, "live").await, 3);
+    ingest(&h, 3..5, 2).await;
+    // `hot` is read from its result (younger than an hour); `live` is not listed.
+    assert_eq!(
+        devices(&h, "hot").await,
+        3,
+        "served from the refreshed result"
+    );
+    assert_eq!(devices(&h, "live").await, 5);
+    // Not due yet: the background refresher leaves it.
+    assert!(h.refresh_due().await.unwrap().is_empty());
+    // Filters and aggregates over it work on the cached rows.
+    let out = h
+        .query("SELECT devices + 1 FROM hot WHERE readings > 0")
+        .await
+        .unwrap();
+    assert_eq!(first_i64(&out[0].batches), 4);
+}
+
+#[tokio::test]
+async fn a_stale_result_is_recomputed_and_due_views_are_refreshed() {
+    // Interval zero: always stale, so every read recomputes (same as unlisted).
+    let h = engine(&[("hot", Duration::ZERO)]).await;
+    ingest(&h, 0..2, 1).await;
+    assert_eq!(devices(&h, "hot").await, 2);
+    ingest(&h, 2..7, 2).await;
+    assert_eq!(devices(&h, "hot").await, 7);
+    // Always due: the refresher recomputes it (from the current snapshot).
+    assert_eq!(h.refresh_due().await.unwrap(), vec!["hot".to_string()]);
+    ingest(&h, 7..8, 3).await;
+    assert_eq!(h.refresh_due().await.unwrap(), vec!["hot".to_string()]);
+    assert_eq!(devices(&h, "hot").await, 8);
+}
+
+#[tokio::test]
+async fn refresh_of_an_unknown_view_is_reported() {
+    let h = engine(&[
+        ("hot", Duration::from_secs(1)),
+        ("hto", Duration::from_secs(1)),
+    ])
+    .await;
+    let e = h.lock().await;
+    assert_eq!(e.unknown_refresh_views(), vec!["hto".to_string()]);
+}

@@ -1,0 +1,72 @@
+-- Built-in alert rules (loaded with the built-in views unless
+-- [alerts] builtin = false). Documented in docs/alerts.md. Dollar-brace
+-- placeholders are filled from the [retail] config table.
+
+-- Stock-out risk: the replenishment trigger. The payload carries the
+-- suggested order and, where a nearby store can spare stock, the transfer.
+CREATE ALERT low_stock AS
+SELECT r.store_id, r.sku, r.city, r.category, r.on_hand, r.units_per_hour,
+    r.hours_of_cover, r.lead_time_hours, r.reorder_point, r.p_stockout,
+    r.suggested_order_qty, r.case_pack, r.demand_model,
+    t.from_store AS transfer_from_store, t.qty AS transfer_qty,
+    r.as_of
+FROM stockout_risk r
+LEFT JOIN transfer_suggestions t ON t.sku = r.sku AND t.to_store = r.store_id
+WHERE r.p_stockout > ${low_stock_probability} AND r.suggested_order_qty > 0
+WITH (key = 'store_id, sku', every = '10s', for = '${low_stock_for}',
+      keep_firing_for = '30m', renotify = '6h', severity = 'warning');
+
+-- Fridge readings per device: the last reading, the last one at or below
+-- the limit, the first one (order independent: max/min of event time).
+CREATE MATERIALIZED VIEW fridge_status AS
+SELECT store_id, device_id,
+    min(ts) AS first_reading_ts,
+    max(ts) AS last_reading_ts,
+    max(ts) FILTER (WHERE value <= ${cold_chain_max_celsius}) AS last_ok_ts,
+    last_value(value ORDER BY ts) AS last_value_c,
+    max(value) AS max_value_c
+FROM iot_readings
+WHERE metric = 'fridge_temp_c'
+GROUP BY store_id, device_id;
+
+-- Cold chain: the fridge has read above the limit continuously (no reading
+-- at or below it) for the configured time, up to its latest reading.
+CREATE ALERT cold_chain AS
+SELECT store_id, device_id, last_value_c AS temperature_c,
+    ${cold_chain_max_celsius} AS limit_c,
+    coalesce(last_ok_ts, first_reading_ts) AS above_since,
+    last_reading_ts,
+    (extract(epoch FROM last_reading_ts)
+        - extract(epoch FROM coalesce(last_ok_ts, first_reading_ts))) / 60.0 AS minutes_above
+FROM fridge_status
+WHERE last_value_c > ${cold_chain_max_celsius}
+  AND extract(epoch FROM last_reading_ts)
+      - extract(epoch FROM coalesce(last_ok_ts, first_reading_ts)) >= ${cold_chain_duration_secs}
+WITH (key = 'store_id, device_id', every = '10s', keep_firing_for = '10m',
+      renotify = '1h', severity = 'critical');
+
+-- Sales stall: a SKU that normally sells, with stock on the shelf, in a
+-- store that is selling other things, has not sold for far longer than its
+-- velocity predicts (an empty shelf face, a wrong price, a broken scanner).
+CREATE ALERT sales_stall AS
+WITH v AS (
+    SELECT v.store_id, v.sku, v.units_per_hour, v.last_sale_ts, v.as_of,
+        (extract(epoch FROM v.as_of) - extract(epoch FROM v.last_sale_ts)) / 3600.0
+            AS hours_since_sale
+    FROM sales_velocity v
+    WHERE v.units_per_hour >= ${sales_stall_min_units_per_hour}
+), open_stores AS (
+    SELECT store_id, max(last_sale_ts) AS store_last_sale_ts
+    FROM sales_velocity GROUP BY store_id
+)
+SELECT v.store_id, v.sku, v.units_per_hour, v.last_sale_ts, v.hours_since_sale,
+    ${sales_stall_factor} / v.units_per_hour AS expected_gap_hours,
+    s.on_hand
+FROM v
+JOIN stock_on_hand s ON s.store_id = v.store_id AND s.sku = v.sku
+JOIN open_stores o ON o.store_id = v.store_id
+WHERE s.on_hand > 0
+  AND v.hours_since_sale > ${sales_stall_factor} / v.units_per_hour
+  AND extract(epoch FROM v.as_of) - extract(epoch FROM o.store_last_sale_ts) <= 1800
+WITH (key = 'store_id, sku', every = '1m', for = '10m', keep_firing_for = '30m',
+      renotify = '12h', severity = 'info');
