@@ -295,6 +295,31 @@ fn bad_configs_fail_at_start_naming_the_field() {
     assert!(e.contains("sources[0].path: no such file"), "{e}");
     let e = run_expecting_error("until_eof = true\n[sql]\nfiles = ['nope.sql']\n[[sources]]\ntype = 'file'\nstream = 'sales'\npath = 'x.jsonl'\n", &[]);
     assert!(e.contains("sql.files[0]"), "{e}");
+    let e = run_expecting_error(
+        "[engine]\nrefresh = { member_rfn = '30s' }\n[[sources]]\ntype = 'generator'\n",
+        &[],
+    );
+    assert!(
+        e.contains("engine.refresh: no query-time view named 'member_rfn'"),
+        "{e}"
+    );
+    let e = run_expecting_error(
+        "[[sources]]\ntype = 'generator'\n[[alerts.sinks]]\nname = 'hook'\ntype = 'webhook'\nurl = 'http://127.0.0.1:9/'\ntimeuot = '1s'\n",
+        &[],
+    );
+    assert!(e.contains("unknown field `timeuot`"), "{e}");
+    // A rule naming a sink that is not configured.
+    let e = run_expecting_error(
+        "[sql]\nfiles = ['r.sql']\n[[sources]]\ntype = 'generator'\n",
+        &[(
+            "r.sql",
+            "CREATE ALERT r AS SELECT store_id FROM late_events WITH (sinks = 'pager')",
+        )],
+    );
+    assert!(
+        e.contains("alert 'r': sink 'pager' is not configured"),
+        "{e}"
+    );
 }
 
 #[test]

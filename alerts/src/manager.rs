@@ -61,7 +61,7 @@ impl Default for AlertsConfig {
         Self {
             outbox_capacity: 100_000,
             history_capacity: 100_000,
-            min_interval: Duration::from_secs(1),
+            min_interval: Duration::from_millis(250),
             batch_max: 100,
             retry_max_delay: Duration::from_secs(60),
             builtin: true,

@@ -16,9 +16,7 @@ use rdkafka::{
 };
 use storepulse_alerts::{verify, AlertManager, AlertState, AlertsConfig, Notification, SinkConfig};
 use storepulse_engine::{Engine, EngineConfig, EngineHandle};
-use storepulse_ingest::{
-    EventDecoder, Position, RawRecord, SourceBatch, SourceMessage, StreamKind,
-};
+use storepulse_ingest::StreamKind;
 use tokio::sync::watch;
 
 const SECRET: &str = "s3cret";
@@ -50,34 +48,12 @@ async fn ingest(h: &EngineHandle, devices: std::ops::Range<usize>, secs: i64) {
             )
         })
         .collect();
-    let records: Vec<RawRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| RawRecord {
-            bytes: l.as_bytes(),
-            position: i as u64,
-        })
-        .collect();
-    let out = EventDecoder::new(StreamKind::IotReadings, "test")
-        .decode(&records)
+    let msg = storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", secs as u64)
+        .unwrap()
         .unwrap();
     let epoch = {
         let mut e = h.lock().await;
-        e.apply(
-            SourceMessage::Batch(SourceBatch {
-                stream: StreamKind::IotReadings,
-                batch: out.batch.unwrap(),
-                events: out.events,
-                bytes: 0,
-                position: Position {
-                    partition: "p0".into(),
-                    next_offset: secs as u64,
-                },
-            }),
-            0,
-        )
-        .await
-        .unwrap();
+        e.apply(msg, 0).await.unwrap();
         e.epoch()
     };
     h.notify_changed(epoch);

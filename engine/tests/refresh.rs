@@ -6,9 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use storepulse_engine::{Engine, EngineConfig, EngineHandle};
-use storepulse_ingest::{
-    EventDecoder, Position, RawRecord, SourceBatch, SourceMessage, StreamKind,
-};
+use storepulse_ingest::StreamKind;
 
 const SQL: &str = "
 CREATE MATERIALIZED VIEW temps AS
@@ -39,35 +37,10 @@ async fn ingest(h: &EngineHandle, devices: std::ops::Range<usize>, seq: u64) {
             )
         })
         .collect();
-    let records: Vec<RawRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| RawRecord {
-            bytes: l.as_bytes(),
-            position: i as u64,
-        })
-        .collect();
-    let out = EventDecoder::new(StreamKind::IotReadings, "test")
-        .decode(&records)
+    let msg = storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", seq)
+        .unwrap()
         .unwrap();
-    let batch = out.batch.unwrap();
-    h.lock()
-        .await
-        .apply(
-            SourceMessage::Batch(SourceBatch {
-                stream: StreamKind::IotReadings,
-                batch,
-                events: out.events,
-                bytes: 0,
-                position: Position {
-                    partition: "p0".into(),
-                    next_offset: seq,
-                },
-            }),
-            0,
-        )
-        .await
-        .unwrap();
+    h.lock().await.apply(msg, 0).await.unwrap();
 }
 
 fn first_i64(out: &[RecordBatch]) -> i64 {

@@ -175,3 +175,41 @@ pub async fn oracle_views(
     }
     out
 }
+
+/// Decodes JSON `lines` of `stream` into the message a source would send
+/// (one batch, at `partition` / `next_offset`). Errors on any dead letter,
+/// with its reason; `None` if no row decoded.
+pub fn json_message<S: AsRef<str>>(
+    stream: storepulse_ingest::StreamKind,
+    lines: &[S],
+    partition: &str,
+    next_offset: u64,
+) -> Result<Option<storepulse_ingest::SourceMessage>, String> {
+    use storepulse_ingest::{EventDecoder, Position, RawRecord, SourceBatch, SourceMessage};
+    let records: Vec<RawRecord<'_>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| RawRecord {
+            bytes: l.as_ref().as_bytes(),
+            position: next_offset.saturating_sub(lines.len() as u64) + i as u64 + 1,
+        })
+        .collect();
+    let out = EventDecoder::new(stream, partition)
+        .decode(&records)
+        .map_err(|e| e.to_string())?;
+    if let Some(d) = out.dead_letters.first() {
+        return Err(format!("dead letter: {}", d.reason));
+    }
+    Ok(out.batch.map(|batch| {
+        SourceMessage::Batch(SourceBatch {
+            stream,
+            batch,
+            events: out.events,
+            bytes: 0,
+            position: Position {
+                partition: partition.into(),
+                next_offset,
+            },
+        })
+    }))
+}

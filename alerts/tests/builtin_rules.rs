@@ -1,0 +1,138 @@
+//! The built-in rules' conditions (`sql/alerts/builtin.sql`) on hand-made
+//! events: which keys each returns, with the default `[retail]` thresholds.
+
+use storepulse_engine::{Engine, EngineConfig, EngineHandle};
+use storepulse_ingest::StreamKind;
+
+const T0: i64 = 1_767_600_000_000; // 2026-01-05T08:00:00Z
+const MIN: i64 = 60_000;
+
+async fn engine() -> EngineHandle {
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    let params = Default::default();
+    for (_, sql) in storepulse_sql::builtin::scripts(&params).unwrap() {
+        e.execute_sql(&sql).await.unwrap();
+    }
+    let (_, alerts) = storepulse_sql::builtin::alert_script(&params).unwrap();
+    e.execute_sql(&alerts).await.unwrap();
+    EngineHandle::new(e)
+}
+
+async fn apply(h: &EngineHandle, stream: StreamKind, lines: &[String]) {
+    let msg = storepulse_testkit::json_message(stream, lines, "p0", 0)
+        .unwrap()
+        .unwrap();
+    h.lock().await.apply(msg, 0).await.unwrap();
+}
+
+/// The rule's condition rows as JSON objects.
+async fn rows(h: &EngineHandle, rule: &str) -> Vec<serde_json::Value> {
+    let sql = h
+        .lock()
+        .await
+        .alerts()
+        .iter()
+        .find(|a| a.statement.name == rule)
+        .unwrap()
+        .statement
+        .query_sql
+        .clone();
+    let (out, _) = h.query_at(&sql).await.unwrap();
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow_json::ArrayWriter::new(&mut buf);
+        for b in &out.batches {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+    }
+    if buf.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_slice(&buf).unwrap()
+}
+
+fn reading(device: &str, t: i64, value: f64) -> String {
+    format!(
+        r#"{{"event_id":"{device}-{t}","ts":{t},"store_id":"S1","device_id":"{device}","metric":"fridge_temp_c","value":{value}}}"#
+    )
+}
+
+#[tokio::test]
+async fn cold_chain_needs_the_fridge_above_the_limit_for_the_whole_duration() {
+    let h = engine().await;
+    let mut lines = Vec::new();
+    for k in 0..=8 {
+        let t = T0 + k * 5 * MIN;
+        // A: 8 °C for 40 minutes.
+        lines.push(reading("A", t, 8.0));
+        // B: 8 °C, but 4 °C at 20 minutes: above for only 20 minutes.
+        lines.push(reading("B", t, if k == 4 { 4.0 } else { 8.0 }));
+        // C: recovered: the latest reading is 4 °C.
+        lines.push(reading("C", t, if k == 8 { 4.0 } else { 9.0 }));
+        // D: normal all along.
+        lines.push(reading("D", t, 3.5));
+    }
+    // E: above for 25 minutes only (started late).
+    for k in 3..=8 {
+        lines.push(reading("E", T0 + k * 5 * MIN, 7.0));
+    }
+    apply(&h, StreamKind::IotReadings, &lines).await;
+    let got = rows(&h, "cold_chain").await;
+    let devices: Vec<&str> = got
+        .iter()
+        .map(|r| r["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(devices, vec!["A"], "{got:?}");
+    assert_eq!(got[0]["minutes_above"], 40.0);
+    assert_eq!(got[0]["temperature_c"], 8.0);
+}
+
+fn receipt(id: &str, t: i64, sku: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","ts":{t},"store_id":"S1","receipt_id":"{id}","lines":[{{"sku":"{sku}","qty":1,"unit_price":2.0}}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn sales_stall_flags_a_fast_seller_that_stopped_in_an_open_store() {
+    let h = engine().await;
+    let counts: Vec<String> = ["X", "Y", "Z", "W"]
+        .iter()
+        .map(|sku| {
+            format!(
+                r#"{{"event_id":"c-{sku}","ts":{},"store_id":"S1","sku":"{sku}","on_hand":1000,"source":"stocktake"}}"#,
+                T0 - MIN
+            )
+        })
+        .collect();
+    apply(&h, StreamKind::StockCounts, &counts).await;
+    let mut sales = Vec::new();
+    // X: one a minute for four hours, then nothing for two.
+    for m in 0..240 {
+        sales.push(receipt(&format!("x{m}"), T0 + m * MIN, "X"));
+    }
+    // Y: every five minutes for six hours (the store is open).
+    for m in (0..=360).step_by(5) {
+        sales.push(receipt(&format!("y{m}"), T0 + m * MIN, "Y"));
+    }
+    // Z: a slow seller (four sales), silent for hours: below the rate floor.
+    for m in [0, 30, 60, 90] {
+        sales.push(receipt(&format!("z{m}"), T0 + m * MIN, "Z"));
+    }
+    // W: fast, stopped only 30 minutes ago: within its expected gap x factor.
+    for m in 0..330 {
+        sales.push(receipt(&format!("w{m}"), T0 + m * MIN, "W"));
+    }
+    apply(&h, StreamKind::Sales, &sales).await;
+    let got = rows(&h, "sales_stall").await;
+    let skus: Vec<&str> = got.iter().map(|r| r["sku"].as_str().unwrap()).collect();
+    assert_eq!(skus, vec!["X"], "{got:?}");
+    let r = &got[0];
+    assert!(
+        (r["hours_since_sale"].as_f64().unwrap() - (2.0 + 1.0 / 60.0)).abs() < 1e-6,
+        "{r}"
+    );
+    assert!(r["expected_gap_hours"].as_f64().unwrap() < 2.0, "{r}");
+    assert_eq!(r["on_hand"], 760);
+}
