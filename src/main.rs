@@ -371,6 +371,12 @@ async fn serve(
             .await
             .with_context(|| format!("built-in alerts {file}"))?;
     }
+    for (i, rule) in cfg.alerts.rules.iter().enumerate() {
+        engine
+            .execute_sql(&rule.to_sql())
+            .await
+            .with_context(|| format!("alerts.rules[{i}] ({})", rule.name))?;
+    }
     if let Some(name) = engine.unknown_refresh_views().first() {
         anyhow::bail!(
             "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"

@@ -120,6 +120,13 @@ secret = "{SECRET}"
 name = "file"
 type = "jsonl"
 path = "{}"
+[[alerts.rules]]
+name = "stores_selling"
+query = "SELECT store_id, sum(receipts) AS receipts FROM sales_by_store_hourly GROUP BY store_id"
+key = "store_id"
+severity = "info"
+renotify = "0s"
+sinks = "file"
 "#,
             jsonl.display()
         ),
@@ -204,5 +211,15 @@ path = "{}"
         x.sort();
         x
     };
-    assert_eq!(ids(&lines), ids(&notes));
+    // A rule from the config, routed to the file sink only.
+    let (config_rule, rest): (Vec<Value>, Vec<Value>) = lines
+        .into_iter()
+        .partition(|n| n["rule"] == "stores_selling");
+    assert_eq!(config_rule.len(), 6, "one per store: {config_rule:?}");
+    assert!(config_rule.iter().all(|n| n["severity"] == "info"));
+    assert!(
+        notes.iter().all(|n| n["rule"] != "stores_selling"),
+        "not routed to the webhook"
+    );
+    assert_eq!(ids(&rest), ids(&notes));
 }

@@ -54,6 +54,70 @@ pub struct AlertsConfig {
     pub builtin: bool,
     /// The sinks.
     pub sinks: Vec<SinkConfig>,
+    /// Rules declared in the configuration instead of a SQL file
+    /// (`[[alerts.rules]]`); each becomes a `CREATE ALERT` statement.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// An alert rule in the configuration (`[[alerts.rules]]`): the same
+/// options as `CREATE ALERT ... WITH (...)`, unset ones take the defaults.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Rule name.
+    pub name: String,
+    /// The condition query (`SELECT ...`).
+    pub query: String,
+    /// Key columns, comma separated.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Evaluation interval, e.g. `"10s"`.
+    #[serde(default)]
+    pub every: Option<String>,
+    /// How long the condition must hold, e.g. `"1m"`.
+    #[serde(default, rename = "for")]
+    pub for_: Option<String>,
+    /// Flap damping, e.g. `"5m"`.
+    #[serde(default)]
+    pub keep_firing_for: Option<String>,
+    /// Re-notification interval, e.g. `"6h"`.
+    #[serde(default)]
+    pub renotify: Option<String>,
+    /// `info`, `warning` or `critical`.
+    #[serde(default)]
+    pub severity: Option<String>,
+    /// Sink names, comma separated.
+    #[serde(default)]
+    pub sinks: Option<String>,
+}
+
+impl RuleConfig {
+    /// The equivalent `CREATE ALERT` statement.
+    pub fn to_sql(&self) -> String {
+        let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
+        let options: Vec<String> = [
+            ("key", &self.key),
+            ("every", &self.every),
+            ("for", &self.for_),
+            ("keep_firing_for", &self.keep_firing_for),
+            ("renotify", &self.renotify),
+            ("severity", &self.severity),
+            ("sinks", &self.sinks),
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {}", quote(v))))
+        .collect();
+        let with = if options.is_empty() {
+            String::new()
+        } else {
+            format!("\nWITH ({})", options.join(", "))
+        };
+        format!(
+            "CREATE ALERT {} AS\n{}{with}",
+            self.name,
+            self.query.trim().trim_end_matches(';')
+        )
+    }
 }
 
 impl Default for AlertsConfig {
@@ -66,6 +130,7 @@ impl Default for AlertsConfig {
             retry_max_delay: Duration::from_secs(60),
             builtin: true,
             sinks: vec![SinkConfig::Log { name: "log".into() }],
+            rules: Vec::new(),
         }
     }
 }
@@ -465,4 +530,38 @@ fn keyed_rows(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rules_become_statements() {
+        let r = RuleConfig {
+            name: "hot".into(),
+            query: "SELECT store_id FROM t WHERE note = 'it''s hot';".into(),
+            key: Some("store_id".into()),
+            every: None,
+            for_: Some("5m".into()),
+            keep_firing_for: None,
+            renotify: None,
+            severity: Some("critical".into()),
+            sinks: None,
+        };
+        let sql = r.to_sql();
+        assert_eq!(
+            sql,
+            "CREATE ALERT hot AS\nSELECT store_id FROM t WHERE note = 'it''s hot'\nWITH (key = 'store_id', for = '5m', severity = 'critical')"
+        );
+        let parsed = storepulse_sql::parse_script(&sql).unwrap();
+        let storepulse_sql::Statement::CreateAlert(a) = &parsed[0] else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(a.options.len(), 3);
+        assert_eq!(
+            a.query_sql,
+            "SELECT store_id FROM t WHERE note = 'it''s hot'"
+        );
+    }
 }
