@@ -17,27 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 const SECRET: &str = "e2e-secret";
 
 fn gen(out: &Path) {
-    let st = Command::new(BIN)
-        .args([
-            "gen",
-            "--stores",
-            "6",
-            "--skus",
-            "60",
-            "--members",
-            "300",
-            "--days",
-            "3",
-        ])
-        .args(["--seed", "5", "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    storepulse_testkit::process::gen_dataset(BIN, out, [6, 60, 300, 3], 5);
 }
 
 /// One accepted request: signature valid, its notifications.

@@ -11,28 +11,7 @@ use storepulse_testkit::process::Server;
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 
 fn gen(out: &Path, seed: u64) {
-    let st = Command::new(BIN)
-        .args([
-            "gen",
-            "--stores",
-            "6",
-            "--skus",
-            "50",
-            "--members",
-            "200",
-            "--days",
-            "2",
-        ])
-        .args(["--seed", &seed.to_string(), "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "gen failed: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&st.stdout);
+    let stdout = storepulse_testkit::process::gen_dataset(BIN, out, [6, 50, 200, 2], seed);
     assert!(
         stdout.contains("sales:") && stdout.contains("total:"),
         "{stdout}"

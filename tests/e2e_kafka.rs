@@ -29,27 +29,7 @@ fn broker() -> Tansu {
 }
 
 fn gen(out: &Path) {
-    let st = Command::new(BIN)
-        .args([
-            "gen",
-            "--stores",
-            "8",
-            "--skus",
-            "40",
-            "--members",
-            "300",
-            "--days",
-            "1",
-        ])
-        .args(["--seed", "21", "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    storepulse_testkit::process::gen_dataset(BIN, out, [8, 40, 300, 1], 21);
 }
 
 fn replay(broker: &Tansu, data: &Path, prefix: &str) -> u64 {

@@ -206,6 +206,21 @@ fn options_start(tokens: &[TokenWithSpan]) -> usize {
     found
 }
 
+/// Errors unless `p` is at the end of alert `name`'s statement.
+fn expect_end(p: &Parser<'_>, name: &ObjectName) -> Result<(), SqlError> {
+    let rest = p.peek_token();
+    if matches!(rest.token, Token::EOF) {
+        return Ok(());
+    }
+    Err(SqlError::Syntax(format!(
+        "CREATE ALERT {}: unexpected {} at Line: {}, Column: {} (expected WITH (...) or the end of the statement)",
+        object_name(name),
+        rest.token,
+        rest.span.start.line,
+        rest.span.start.column
+    )))
+}
+
 /// `CREATE ALERT name AS query WITH (name = 'value', ...)`.
 fn parse_alert(
     sql: &str,
@@ -233,16 +248,7 @@ fn parse_alert(
             .map_or(q_start, |t| t.span.end),
     };
     let query_sql = slice(sql, q_start, q_end).trim().to_string();
-    let rest = p.peek_token();
-    if !matches!(rest.token, Token::EOF) {
-        return Err(SqlError::Syntax(format!(
-            "CREATE ALERT {}: unexpected {} at Line: {}, Column: {} (expected WITH (...) or the end of the statement)",
-            object_name(&name),
-            rest.token,
-            rest.span.start.line,
-            rest.span.start.column
-        )));
-    }
+    expect_end(&p, &name)?;
     let mut p = Parser::new(dialect).with_tokens_with_locations(tokens[split..].to_vec());
     let mut options = Vec::new();
     if p.parse_keyword(datafusion::sql::sqlparser::keywords::Keyword::WITH) {
@@ -268,16 +274,7 @@ fn parse_alert(
             p.expect_token(&Token::Comma).map_err(syntax)?;
         }
     }
-    let rest = p.peek_token();
-    if !matches!(rest.token, Token::EOF) {
-        return Err(SqlError::Syntax(format!(
-            "CREATE ALERT {}: unexpected {} at Line: {}, Column: {} (expected WITH (...) or the end of the statement)",
-            object_name(&name),
-            rest.token,
-            rest.span.start.line,
-            rest.span.start.column
-        )));
-    }
+    expect_end(&p, &name)?;
     Ok(AlertStatement {
         name: object_name(&name),
         query,

@@ -11,6 +11,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Runs `bin gen` (stores, SKUs, members, days, seed) into `out`; panics
+/// with its stderr if it fails. Returns its stdout (the per-stream counts).
+pub fn gen_dataset(bin: &str, out: &Path, chain: [usize; 4], seed: u64) -> String {
+    let [stores, skus, members, days] = chain.map(|n| n.to_string());
+    let st = Command::new(bin)
+        .args(["gen", "--stores", &stores, "--skus", &skus])
+        .args(["--members", &members, "--days", &days])
+        .args(["--seed", &seed.to_string(), "--out"])
+        .arg(out)
+        .output()
+        .expect("run gen");
+    assert!(
+        st.status.success(),
+        "gen failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    String::from_utf8_lossy(&st.stdout).into_owned()
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the caller).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
