@@ -15,58 +15,16 @@
 //! `cargo bench --bench throughput` (env: `BENCH_EVENTS`, default 2,000,000).
 
 use std::{
-    sync::{mpsc, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{generate, percentile, proc_status_mb, VIEWS};
+use common::{decode_thread, generate, percentile, proc_status_mb, records, BATCH, VIEWS};
 use datafusion::{datasource::MemTable, prelude::SessionContext};
 use storepulse_engine::{Engine, EngineConfig};
-use storepulse_ingest::{
-    source::Position, EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
-};
+use storepulse_ingest::{EventDecoder, SourceMessage, StreamKind};
 
 mod common;
-
-const BATCH: usize = 8192;
-
-fn records(chunk: &[String]) -> Vec<RawRecord<'_>> {
-    chunk
-        .iter()
-        .map(|l| RawRecord {
-            bytes: l.as_bytes(),
-            position: 0,
-        })
-        .collect()
-}
-
-/// Decodes `lines` on a separate thread, in batches, into a channel.
-fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instant)> {
-    let (tx, rx) = mpsc::sync_channel(8);
-    std::thread::spawn(move || {
-        let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
-        for (c, chunk) in lines.chunks(BATCH).enumerate() {
-            let t = Instant::now();
-            let recs = records(chunk);
-            let out = dec.decode(&recs).expect("decode");
-            assert!(out.dead_letters.is_empty());
-            let batch = SourceBatch {
-                stream: StreamKind::Sales,
-                batch: out.batch.expect("rows"),
-                events: out.events,
-                bytes: chunk.iter().map(|l| l.len()).sum(),
-                position: Position {
-                    partition: "bench".into(),
-                    next_offset: c as u64,
-                },
-            };
-            if tx.send((batch, t)).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
 
 async fn streaming(lines: Arc<Vec<String>>, views: &str) -> (f64, Vec<Duration>, Engine) {
     let mut engine = Engine::new(EngineConfig {

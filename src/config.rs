@@ -54,6 +54,13 @@ pub(crate) struct Config {
     /// in the SQL files (and the built-in `sql/alerts/builtin.sql`).
     #[serde(default)]
     pub(crate) alerts: storepulse_alerts::AlertsConfig,
+    /// The lake: raw-event archive, view snapshots, retention
+    /// (`[lake]`, `[lake.archive]`, `[lake.snapshots]`, `[[lake.retention]]`).
+    #[serde(default)]
+    pub(crate) lake: storepulse_lake::LakeConfig,
+    /// Scheduled reports written to the lake (`[[reports]]`).
+    #[serde(default)]
+    pub(crate) reports: Vec<storepulse_lake::ReportConfig>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -229,6 +236,11 @@ impl Config {
         };
         fix(&mut self.data_dir);
         self.sql.files.iter_mut().for_each(fix);
+        if let Some(url) = &mut self.lake.url {
+            if !url.contains("://") && Path::new(url.as_str()).is_relative() {
+                *url = base.join(&*url).display().to_string();
+            }
+        }
         for d in &mut self.dimensions {
             if !d.path.contains("://") && Path::new(&d.path).is_relative() {
                 d.path = base.join(&d.path).display().to_string();
@@ -262,6 +274,11 @@ impl Config {
             }
         }
         self.retail.validate().map_err(anyhow::Error::msg)?;
+        self.lake.validate()?;
+        storepulse_lake::config::validate_reports(&self.reports)?;
+        if !self.reports.is_empty() && !self.lake.enabled {
+            bail!("reports: written to the lake, but [lake] enabled = false");
+        }
         for (i, s) in self.sources.iter().enumerate() {
             if !self.until_eof
                 && !matches!(s, SourceConfig::Generator { .. } | SourceConfig::Kafka(_))

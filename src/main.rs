@@ -2,6 +2,7 @@
 //! engine and the HTTP API together. `anyhow` lives here only.
 
 mod config;
+mod lake;
 mod pipeline;
 mod server;
 
@@ -410,6 +411,9 @@ async fn serve(
         );
         Some(Arc::new(m))
     };
+    let mut lake = lake::LakeParts::open(&cfg.lake, &cfg.reports, &cfg.data_dir, &handle)
+        .await
+        .context("lake")?;
     let dlq_path = cfg.data_dir.join("dead_letters.jsonl");
     let dead_letters: Arc<dyn DeadLetterSink> = Arc::new(JsonlDeadLetterSink::open(&dlq_path)?);
     let mut sources = pipeline::build_sources(
@@ -421,8 +425,14 @@ async fn serve(
     .await?;
     sources.gens.extend(gens_override);
 
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(l) = &mut lake {
+        l.start(&shutdown_rx);
+    }
+    let lake = lake.map(Arc::new);
     let state = Arc::new(PipelineState::default());
     let app = AppState {
+        lake: lake.clone(),
         engine: handle.clone(),
         pipeline: state.clone(),
         metrics,
@@ -439,7 +449,6 @@ async fn serve(
         dead_letters = %dlq_path.display(),
         "storepulse listening; try: curl -s http://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'"
     );
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
     tokio::spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
     let alert_task = alerts
@@ -460,6 +469,7 @@ async fn serve(
         cfg.pipeline.channel_capacity,
         shutdown_rx,
         state.clone(),
+        lake.as_ref().and_then(|l| l.archiver.clone()),
     ));
     let deadline = async {
         match stop_after {
@@ -501,6 +511,11 @@ async fn serve(
     }
     if pipeline_result.is_none() {
         pipeline_result = Some(pipeline_task.await.context("pipeline task panicked")?);
+    }
+    if let Some(l) = &lake {
+        // Sources are stopped: everything the engine accepted goes to the
+        // archive before exit.
+        l.flush(Duration::from_secs(60)).await;
     }
     server.await.context("server task panicked")??;
     let engine = handle.lock().await;
@@ -553,6 +568,8 @@ async fn demo(
         dimensions,
         retail: Default::default(),
         sources: Vec::<SourceConfig>::new(),
+        lake: Default::default(),
+        reports: Vec::new(),
     };
     let generator = GeneratorSource {
         chain,

@@ -281,6 +281,7 @@ pub(crate) async fn run(
     channel_capacity: usize,
     shutdown: watch::Receiver<bool>,
     state: Arc<PipelineState>,
+    archive: Option<storepulse_lake::Archiver>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(channel_capacity.max(1));
     let mut tasks = JoinSet::new();
@@ -319,6 +320,17 @@ pub(crate) async fn run(
                     events += report.accepted;
                     if report.accepted > 0 {
                         handle.notify_changed(epoch);
+                    }
+                    // Outside the engine lock: waits while the archive
+                    // buffer is full, which backs up the channel and pauses
+                    // the sources (queries keep being served).
+                    if let (Some(a), Some(stream)) = (&archive, report.stream) {
+                        if let Some(rows) = report.accepted_rows {
+                            a.archive(stream.name(), rows).await?;
+                        }
+                        if let Some(rows) = report.late_rows {
+                            a.archive("late_events", rows).await?;
+                        }
                     }
                 }
                 _ = tick.tick() => {

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     body::Bytes,
-    extract::State,
+    extract::{Path, State},
     http::{header, HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
@@ -31,6 +31,8 @@ pub(crate) struct AppState {
     pub(crate) kafka: Vec<storepulse_kafka::KafkaStatus>,
     /// The alert manager (`None` if no rule is defined).
     pub(crate) alerts: Option<Arc<storepulse_alerts::AlertManager>>,
+    /// The lake (`None` with `[lake] enabled = false`).
+    pub(crate) lake: Option<Arc<crate::lake::LakeParts>>,
 }
 
 /// The API's routes.
@@ -41,6 +43,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/views", get(views))
         .route("/api/v1/health", get(health))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/snapshots", post(take_snapshot).get(list_snapshots))
+        .route("/api/v1/reports/{name}", post(run_report))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -300,8 +304,83 @@ async fn health(State(app): State<AppState>) -> Response {
             "lag_messages": k.lag_messages(),
         })).collect::<Vec<_>>(),
         "positions": engine.positions().snapshot(),
+        "lake": app.lake.as_ref().map(|l| l.lake.status().to_json(&l.lake.url())),
     }))
     .into_response()
+}
+
+fn lake_of(app: &AppState) -> Result<&Arc<crate::lake::LakeParts>, Box<Response>> {
+    app.lake.as_ref().ok_or_else(|| {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            "lake_disabled",
+            "the lake is disabled ([lake] enabled = false)".into(),
+        ))
+    })
+}
+
+/// `POST /api/v1/snapshots`: snapshot every configured view now; answers
+/// the committed manifest.
+async fn take_snapshot(State(app): State<AppState>) -> Response {
+    let lake = match lake_of(&app) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match lake
+        .snapshotter
+        .take(std::time::Duration::from_secs(60))
+        .await
+    {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "snapshot_failed",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `GET /api/v1/snapshots`: committed snapshots, oldest first.
+async fn list_snapshots(State(app): State<AppState>) -> Response {
+    let lake = match lake_of(&app) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match lake.snapshotter.manifests().await {
+        Ok(m) => Json(json!({ "snapshots": m })).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lake_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `POST /api/v1/reports/{name}`: run a configured report now.
+async fn run_report(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    let lake = match lake_of(&app) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    if !lake.reporter.names().contains(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_report",
+            format!("no report named '{name}' in [[reports]]"),
+        );
+    }
+    match lake
+        .reporter
+        .run_one(&name, std::time::Duration::from_secs(60))
+        .await
+    {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "report_failed",
+            e.to_string(),
+        ),
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -2,7 +2,12 @@
 //! three foundation views, percentiles and memory readings.
 #![allow(dead_code)] // each harness uses a subset
 
-use std::time::Duration;
+use std::{
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use storepulse_ingest::{source::Position, EventDecoder, RawRecord, SourceBatch, StreamKind};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -76,4 +81,45 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Events per decoded batch.
+pub(crate) const BATCH: usize = 8192;
+
+pub(crate) fn records(chunk: &[String]) -> Vec<RawRecord<'_>> {
+    chunk
+        .iter()
+        .map(|l| RawRecord {
+            bytes: l.as_bytes(),
+            position: 0,
+        })
+        .collect()
+}
+
+/// Decodes `lines` on a separate thread, in batches, into a channel.
+pub(crate) fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBatch, Instant)> {
+    let (tx, rx) = mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        let mut dec = EventDecoder::new(StreamKind::Sales, "bench");
+        for (c, chunk) in lines.chunks(BATCH).enumerate() {
+            let t = Instant::now();
+            let recs = records(chunk);
+            let out = dec.decode(&recs).expect("decode");
+            assert!(out.dead_letters.is_empty());
+            let batch = SourceBatch {
+                stream: StreamKind::Sales,
+                batch: out.batch.expect("rows"),
+                events: out.events,
+                bytes: chunk.iter().map(|l| l.len()).sum(),
+                position: Position {
+                    partition: "bench".into(),
+                    next_offset: c as u64,
+                },
+            };
+            if tx.send((batch, t)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

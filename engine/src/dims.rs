@@ -232,8 +232,16 @@ impl DimensionSource {
                 .map(Location::Local)
                 .map_err(|_| self.read_err("not a local file URL".into()));
         }
-        let (store, path) = object_store::parse_url(&url).map_err(|e| {
-            self.read_err(format!("{e} (object stores available: file://, memory://)"))
+        // s3:// (and S3-compatible stores) take their settings from the
+        // standard AWS_* environment variables (AWS_ENDPOINT_URL,
+        // AWS_ALLOW_HTTP, credentials, region).
+        let env = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, path) = object_store::parse_url_opts(&url, env).map_err(|e| {
+            self.read_err(format!(
+                "{e} (object stores available: file://, s3://, memory://)"
+            ))
         })?;
         Ok(Location::Store(Arc::from(store), path))
     }

@@ -17,7 +17,10 @@ use datafusion::{
     catalog::{streaming::StreamingTable, TableProvider},
     common::tree_node::TreeNodeRecursion,
     datasource::{source_as_provider, view::ViewTable},
-    execution::context::SessionState,
+    execution::{
+        cache::cache_manager::CacheManagerConfig, context::SessionState,
+        runtime_env::RuntimeEnvBuilder,
+    },
     logical_expr::LogicalPlan,
     prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
     sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
@@ -43,7 +46,7 @@ use crate::{
 };
 
 /// What applying one source message did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct IngestReport {
     /// Events accepted into views.
     pub accepted: u64,
@@ -51,6 +54,13 @@ pub struct IngestReport {
     pub duplicates: u64,
     /// Events routed to `late_events`.
     pub late: u64,
+    /// The stream of the applied batch.
+    pub stream: Option<StreamKind>,
+    /// The accepted rows (the stream's schema), for the raw-event archive.
+    /// Cheap: shares the batch's buffers.
+    pub accepted_rows: Option<RecordBatch>,
+    /// The late rows as `late_events` rows.
+    pub late_rows: Option<RecordBatch>,
 }
 
 /// Description of a view for `GET /api/v1/views`.
@@ -145,7 +155,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_context(target_partitions: usize) -> SessionContext {
+fn new_context(target_partitions: usize) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(target_partitions);
@@ -154,20 +164,26 @@ fn new_context(target_partitions: usize) -> SessionContext {
         .options_mut()
         .optimizer
         .enable_dynamic_filter_pushdown = false;
-    let ctx = SessionContext::new_with_config(config);
+    // The lake's history tables grow while the engine runs: DataFusion's
+    // list-files cache (infinite TTL by default) would hide every file
+    // archived after the first query, so listings always go to the store.
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     storepulse_sql::register(&ctx);
-    ctx
+    Ok(ctx)
 }
 
 impl Engine {
     /// A new engine with no views.
     pub fn new(cfg: EngineConfig) -> Result<Self> {
-        let planning = new_context(1);
+        let planning = new_context(1)?;
         let serving = new_context(
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
-        );
+        )?;
         let mut slots = BTreeMap::new();
         let mut stream_tables = HashMap::new();
         let mut gates = BTreeMap::new();
@@ -406,10 +422,17 @@ impl Engine {
                     metrics::gauge!("storepulse_engine_watermark_lag_seconds", &labels)
                         .set((now_ms - w) as f64 / 1000.0);
                 }
-                if let Some((late, wm)) = &gated.late {
-                    self.late
-                        .record(b.stream, &b.position.partition, late, *wm, now_ms)?;
-                }
+                let late_rows = match &gated.late {
+                    Some((late, wm)) => Some(self.late.record(
+                        b.stream,
+                        &b.position.partition,
+                        late,
+                        *wm,
+                        now_ms,
+                    )?),
+                    None => None,
+                };
+                let accepted_rows = gated.accepted.clone();
                 if let Some(accepted) = gated.accepted {
                     let rows = accepted.num_rows();
                     self.slots[&b.stream].set(vec![accepted]);
@@ -438,6 +461,9 @@ impl Engine {
                     accepted: gated.accepted_events,
                     duplicates: gated.duplicates,
                     late: gated.late_events,
+                    stream: Some(b.stream),
+                    accepted_rows,
+                    late_rows,
                 })
             }
         }
@@ -804,6 +830,42 @@ impl EngineHandle {
         let snap = self.engine.lock().await.snapshot_for(&needed)?;
         let as_of = snap.as_of;
         Ok((run_plan(&self.serving, plan, snap).await?, as_of))
+    }
+
+    /// Runs several read-only queries on one snapshot (one engine epoch), so
+    /// their answers are mutually consistent; returns the rows, the
+    /// snapshot's `as_of` and its epoch. Used for lake snapshots.
+    pub async fn query_consistent(
+        &self,
+        sqls: &[String],
+    ) -> Result<(Vec<QueryOutput>, Option<i64>, u64)> {
+        let mut plans = Vec::with_capacity(sqls.len());
+        let mut needed = HashSet::new();
+        for sql in sqls {
+            let mut stmts = parse_script(sql)?;
+            let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop())
+            else {
+                return user_err(format!("expected one query: {sql}"));
+            };
+            if is_view_ddl(&statement) {
+                return user_err(format!("expected a query, not DDL: {sql}"));
+            }
+            let plan = self.serving.state().statement_to_plan(*statement).await?;
+            referenced_views(&plan, &mut needed);
+            plans.push(plan);
+        }
+        let snap = self.engine.lock().await.snapshot_for(&needed)?;
+        let (as_of, epoch) = (snap.as_of, snap.epoch);
+        let mut out = Vec::with_capacity(plans.len());
+        for plan in plans {
+            out.push(run_plan(&self.serving, plan, snap.clone()).await?);
+        }
+        Ok((out, as_of, epoch))
+    }
+
+    /// The serving context (catalog of views, dimensions, lake tables).
+    pub fn serving_context(&self) -> &SessionContext {
+        &self.serving
     }
 
     /// Locks the engine (for applying batches or DDL).

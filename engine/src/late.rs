@@ -84,7 +84,8 @@ impl LateEvents {
         self.total
     }
 
-    /// Records late `rows` of `stream` from `partition` that missed `watermark_ms`.
+    /// Records late `rows` of `stream` from `partition` that missed
+    /// `watermark_ms`; returns them as `late_events` rows.
     pub fn record(
         &mut self,
         stream: StreamKind,
@@ -92,7 +93,7 @@ impl LateEvents {
         rows: &RecordBatch,
         watermark_ms: i64,
         now_ms: i64,
-    ) -> Result<()> {
+    ) -> Result<RecordBatch> {
         let n = rows.num_rows();
         let records = rows_as_json(rows)?;
         let ts = rows.column(1).as_primitive::<TimestampMillisecondType>();
@@ -125,14 +126,14 @@ impl LateEvents {
         }
         self.total += n as u64;
         self.rows += n;
-        self.batches.push_back(batch);
+        self.batches.push_back(batch.clone());
         while self.rows > self.capacity {
             let Some(old) = self.batches.pop_front() else {
                 break;
             };
             self.rows -= old.num_rows();
         }
-        Ok(())
+        Ok(batch)
     }
 
     /// The rows kept in memory.

@@ -212,7 +212,9 @@ impl TableProvider for ClockTable {
         Self::table_schema()
     }
     fn table_type(&self) -> TableType {
-        TableType::View
+        // A one-row system table, not a view: snapshots and the view
+        // listings leave it out.
+        TableType::Base
     }
     async fn scan(
         &self,

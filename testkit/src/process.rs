@@ -207,3 +207,74 @@ impl Drop for Tansu {
         let _ = self.child.wait();
     }
 }
+
+/// moto's S3 server (`moto_server`, from PyPI `moto[server]`, installed by
+/// `.ci/run`) on a loopback port, killed on drop.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts moto on `port` and waits until it answers.
+    pub fn start(port: u16) -> Moto {
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto (pip install 'moto[server]', see .ci/run)");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto did not listen on {endpoint}: is `python3 -m moto.server` installed (.ci/run)?"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, endpoint }
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        let status = ureq::put(&format!("{}/{bucket}", self.endpoint))
+            .send_empty()
+            .expect("create bucket")
+            .status();
+        assert!(status.is_success(), "create bucket {bucket}: {status}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a Python script with `args`, returning its stdout; panics with its
+/// stderr when it fails (DuckDB interoperability tests).
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python failed (missing package? .ci/run installs scripts/requirements-test.txt):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

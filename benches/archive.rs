@@ -1,0 +1,168 @@
+//! Cost of the raw-event archive (issue #6).
+//!
+//! The foundation harness (decode on one thread, the engine with the three
+//! foundation views on another, 8,192-event batches of `sales` receipts)
+//! runs twice over the same events: without the lake, then with every
+//! accepted batch handed to the archive (local file system lake in a temp
+//! directory, default settings: zstd, 128 MiB files, 1 GiB buffer), as the
+//! pipeline does, until everything is flushed to Parquet. A third run feeds
+//! the decoded batches to the archive alone (its own throughput).
+//!
+//! `cargo bench --bench archive` (env: `BENCH_EVENTS`, default 2,000,000;
+//! `BENCH_ARCHIVE_DIR` to write somewhere other than the temp directory).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{decode_thread, generate, percentile, VIEWS};
+use storepulse_engine::{Engine, EngineConfig};
+use storepulse_ingest::SourceMessage;
+use storepulse_lake::{ArchiveConfig, Archiver, Lake, LakeConfig};
+
+mod common;
+
+fn lake(dir: &std::path::Path) -> Lake {
+    Lake::open(
+        &LakeConfig {
+            url: Some(dir.display().to_string()),
+            ..Default::default()
+        },
+        dir,
+    )
+    .expect("lake")
+}
+
+struct Run {
+    eps: f64,
+    lat: Vec<Duration>,
+    flush_s: f64,
+}
+
+async fn streaming(lines: Arc<Vec<String>>, archive: Option<&Archiver>) -> Run {
+    let mut engine = Engine::new(EngineConfig {
+        allowed_lateness: Duration::from_secs(30 * 86_400),
+        ..Default::default()
+    })
+    .expect("engine");
+    engine.execute_sql(VIEWS).await.expect("views");
+    let started = Instant::now();
+    let rx = decode_thread(lines.clone());
+    let mut lat = Vec::new();
+    while let Ok((batch, t)) = rx.recv() {
+        let r = engine
+            .apply(SourceMessage::Batch(batch), 0)
+            .await
+            .expect("apply");
+        if let (Some(a), Some(rows)) = (archive, r.accepted_rows) {
+            a.archive("sales", rows).await.expect("archive");
+        }
+        lat.push(t.elapsed());
+    }
+    let mut flush_s = 0.0;
+    if let Some(a) = archive {
+        let t = Instant::now();
+        assert!(a.flush(Duration::from_secs(600)).await, "flushed");
+        flush_s = t.elapsed().as_secs_f64();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    Run {
+        eps: lines.len() as f64 / secs,
+        lat,
+        flush_s,
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> (u64, usize) {
+    let mut total = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                total.0 += e.metadata().map(|m| m.len()).unwrap_or(0);
+                total.1 += 1;
+            }
+        }
+    }
+    total
+}
+
+fn print(name: &str, r: &Run) {
+    println!(
+        "{name:<34} {:>10.0} events/s   batch latency p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms{}",
+        r.eps,
+        percentile(&r.lat, 0.5),
+        percentile(&r.lat, 0.99),
+        percentile(&r.lat, 1.0),
+        if r.flush_s > 0.0 {
+            format!("   (final flush {:.2} s, included)", r.flush_s)
+        } else {
+            String::new()
+        }
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = std::env::var("BENCH_ARCHIVE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| tmp.path().to_path_buf());
+    println!("generating {n} receipts (JSON, in memory)...");
+    let lines = Arc::new(generate(n, 7, false));
+
+    let off = streaming(lines.clone(), None).await;
+    let dir = base.join("with-views");
+    let a = Archiver::start(lake(&dir), ArchiveConfig::default());
+    let on = streaming(lines.clone(), Some(&a)).await;
+    let (bytes, files) = dir_bytes(&dir);
+    let status = a.buffered_bytes();
+    assert_eq!(status, 0);
+
+    // The archive alone: decoded batches straight in.
+    let dir2 = base.join("alone");
+    let alone = Archiver::start(lake(&dir2), ArchiveConfig::default());
+    let rx = decode_thread(lines.clone());
+    let mut rows = 0usize;
+    let mut decoded = Vec::new();
+    while let Ok((b, _)) = rx.recv() {
+        rows += b.batch.num_rows();
+        decoded.push(b.batch);
+    }
+    let t = Instant::now();
+    for b in decoded {
+        alone.archive("sales", b).await.expect("archive");
+    }
+    assert!(alone.flush(Duration::from_secs(600)).await);
+    let alone_s = t.elapsed().as_secs_f64();
+
+    println!("\n## archive cost: decode + 3 continuous views, {n} receipts");
+    print("lake off", &off);
+    print("lake on (archive every batch)", &on);
+    println!(
+        "archiving cost                      {:>9.1} % of ingest throughput",
+        (1.0 - on.eps / off.eps) * 100.0
+    );
+    println!(
+        "archive output                      {files} files, {:.1} MB Parquet (zstd), {:.1} bytes/event",
+        bytes as f64 / 1e6,
+        bytes as f64 / n as f64
+    );
+    println!(
+        "archive alone                       {:>10.0} events/s ({rows} rows = receipt lines, {:.2} s)",
+        n as f64 / alone_s,
+        alone_s
+    );
+}

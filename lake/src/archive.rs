@@ -1,0 +1,458 @@
+//! The raw-event archive: every accepted event, per stream, as Parquet at
+//! `events/<stream>/date=YYYY-MM-DD/hour=HH/part-<opened>-<run>-<seq>.parquet`
+//! (partitioned by the event's `ts`, UTC). Late events are archived the
+//! same way under `events/late_events/`.
+//!
+//! Three parts:
+//! * [`Archiver::archive`] (the pipeline, after applying a batch) takes
+//!   buffer space for the rows' Arrow size from a semaphore and hands them
+//!   over. When `max_buffer` is used up it waits, so the pipeline stops
+//!   reading its channel and the sources pause: nothing is dropped.
+//! * An encoder thread keeps one open Parquet writer per (stream, hour) and
+//!   closes a file when it reaches `target_file_size`, when it has been
+//!   open `max_file_age`, or (the largest file first) when half the buffer
+//!   is in use. Encoding is CPU work, so it runs on a blocking thread.
+//! * An uploader task PUTs closed files in order, retrying with backoff
+//!   until they are stored; only then is their buffer space released. An
+//!   object-store outage therefore fills the buffer and pauses ingest,
+//!   and the archive catches up when the store is back.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, mpsc as std_mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use datafusion::arrow::{
+    array::{AsArray, BooleanArray, RecordBatch},
+    compute::{filter_record_batch, max, min},
+    datatypes::TimestampMillisecondType,
+};
+use object_store::path::Path;
+use parquet::{
+    arrow::ArrowWriter,
+    basic::{Compression, ZstdLevel},
+    file::properties::WriterProperties,
+};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::{
+    config::ArchiveConfig,
+    error::{LakeError, Result},
+    store::Lake,
+};
+
+const HOUR_MS: i64 = 3_600_000;
+/// Buffer accounting unit (permits are KiB).
+const UNIT: usize = 1024;
+
+enum Cmd {
+    Rows {
+        stream: Arc<str>,
+        batch: RecordBatch,
+        permits: u32,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+enum Upload {
+    File(ClosedFile),
+    Ack(oneshot::Sender<()>),
+}
+
+struct ClosedFile {
+    stream: Arc<str>,
+    path: Path,
+    bytes: Bytes,
+    rows: u64,
+    permits: u32,
+}
+
+/// Handle to the archive. Cloneable; dropping every clone closes all open
+/// files and uploads them.
+#[derive(Clone)]
+pub struct Archiver {
+    tx: std_mpsc::Sender<Cmd>,
+    space: Arc<Semaphore>,
+    total: u32,
+    lake: Lake,
+}
+
+impl std::fmt::Debug for Archiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archiver")
+            .field("lake", &self.lake.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Archiver {
+    /// Starts the encoder thread and the uploader task (needs a Tokio
+    /// runtime).
+    pub fn start(lake: Lake, cfg: ArchiveConfig) -> Self {
+        let total = (cfg.max_buffer.as_u64() / UNIT as u64).clamp(1, u32::MAX as u64) as u32;
+        let space = Arc::new(Semaphore::new(total as usize));
+        let (tx, rx) = std_mpsc::channel();
+        let (up_tx, up_rx) = mpsc::unbounded_channel();
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let encoder = Encoder {
+            cfg,
+            files: HashMap::new(),
+            up: up_tx,
+            space: space.clone(),
+            total,
+            lake: lake.clone(),
+            run,
+            seq: 0,
+        };
+        std::thread::Builder::new()
+            .name("lake-archive".into())
+            .spawn(move || encoder.run(rx))
+            .expect("spawn archive encoder thread");
+        tokio::spawn(upload_loop(lake.clone(), up_rx, space.clone()));
+        Self {
+            tx,
+            space,
+            total,
+            lake,
+        }
+    }
+
+    /// Archives `batch` of `stream` (any schema with a `ts` millisecond
+    /// timestamp column). Waits while the buffer is full.
+    pub async fn archive(&self, stream: &str, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let bytes = batch.get_array_memory_size();
+        let permits = bytes.div_ceil(UNIT).clamp(1, self.total as usize) as u32;
+        let status = self.lake.status();
+        match self.space.try_acquire_many(permits) {
+            Ok(p) => p.forget(),
+            Err(_) => {
+                // Buffer full: wait (the caller, the pipeline, stops reading
+                // its channel, so the sources pause).
+                metrics::counter!("storepulse_lake_archive_backpressure_total").increment(1);
+                status.archive_waiting.fetch_add(1, Ordering::SeqCst);
+                let got = self.space.acquire_many(permits).await;
+                status.archive_waiting.fetch_sub(1, Ordering::SeqCst);
+                got.map_err(|_| LakeError::Stopped)?.forget();
+            }
+        }
+        status
+            .archive_buffered_bytes
+            .fetch_add(permits as u64 * UNIT as u64, Ordering::Relaxed);
+        metrics::gauge!("storepulse_lake_archive_buffered_bytes")
+            .set(status.archive_buffered_bytes.load(Ordering::Relaxed) as f64);
+        self.tx
+            .send(Cmd::Rows {
+                stream: Arc::from(stream),
+                batch,
+                permits,
+            })
+            .map_err(|_| LakeError::Stopped)
+    }
+
+    /// Closes every open file and waits until everything handed over so far
+    /// is stored (or `timeout` passes: then `false`; the data stays buffered
+    /// and keeps being retried).
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Cmd::Flush(ack)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(())))
+    }
+
+    /// Arrow bytes handed over but not yet stored.
+    pub fn buffered_bytes(&self) -> u64 {
+        (self.total as u64 - self.space.available_permits() as u64) * UNIT as u64
+    }
+}
+
+struct OpenFile {
+    path: Path,
+    writer: ArrowWriter<Vec<u8>>,
+    opened: Instant,
+    rows: u64,
+    permits: u32,
+}
+
+impl OpenFile {
+    fn size(&self) -> usize {
+        self.writer.bytes_written() + self.writer.in_progress_size()
+    }
+}
+
+struct Encoder {
+    cfg: ArchiveConfig,
+    files: HashMap<(Arc<str>, i64), OpenFile>,
+    up: mpsc::UnboundedSender<Upload>,
+    space: Arc<Semaphore>,
+    total: u32,
+    lake: Lake,
+    run: String,
+    seq: u64,
+}
+
+impl Encoder {
+    fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(Cmd::Rows {
+                    stream,
+                    batch,
+                    permits,
+                }) => {
+                    if let Err(e) = self.add(&stream, &batch, permits) {
+                        // Only a schema change or an encoder bug gets here:
+                        // the rows are counted and reported, not hidden.
+                        metrics::counter!("storepulse_lake_archive_errors_total", "stream" => stream.to_string()).increment(batch.num_rows() as u64);
+                        tracing::error!(stream = %stream, rows = batch.num_rows(), error = %e, "archive cannot encode rows");
+                        self.release(permits);
+                    }
+                }
+                Ok(Cmd::Flush(ack)) => {
+                    let keys: Vec<_> = self.files.keys().cloned().collect();
+                    for k in keys {
+                        self.close(&k);
+                    }
+                    let _ = self.up.send(Upload::Ack(ack));
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    let keys: Vec<_> = self.files.keys().cloned().collect();
+                    for k in keys {
+                        self.close(&k);
+                    }
+                    return;
+                }
+            }
+            self.roll();
+        }
+    }
+
+    fn release(&self, permits: u32) {
+        self.space.add_permits(permits as usize);
+        self.lake
+            .status()
+            .archive_buffered_bytes
+            .fetch_sub(permits as u64 * UNIT as u64, Ordering::Relaxed);
+    }
+
+    fn add(&mut self, stream: &Arc<str>, batch: &RecordBatch, permits: u32) -> Result<()> {
+        let pieces = split_by_hour(batch)?;
+        let n = pieces.len() as u32;
+        for (i, (hour, piece)) in pieces.into_iter().enumerate() {
+            // The batch's buffer space is spread over the files it lands in.
+            let share = permits / n + u32::from((i as u32) < permits % n);
+            let key = (stream.clone(), hour);
+            if !self.files.contains_key(&key) {
+                let file = self.open(stream, hour, &piece)?;
+                self.files.insert(key.clone(), file);
+            }
+            let file = self.files.get_mut(&key).expect("just opened");
+            file.writer.write(&piece)?;
+            file.rows += piece.num_rows() as u64;
+            file.permits += share;
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, stream: &str, hour: i64, sample: &RecordBatch) -> Result<OpenFile> {
+        let at = DateTime::<Utc>::from_timestamp_millis(hour * HOUR_MS).unwrap_or_default();
+        self.seq += 1;
+        let rel = format!(
+            "events/{stream}/date={}/hour={}/part-{}-{}-{:06}.parquet",
+            at.format("%Y-%m-%d"),
+            at.format("%H"),
+            Utc::now().format("%Y%m%dT%H%M%S"),
+            self.run,
+            self.seq
+        );
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .set_max_row_group_row_count(Some(self.cfg.row_group_rows))
+            .set_created_by(format!("storepulse {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = ArrowWriter::try_new(Vec::new(), sample.schema(), Some(props))?;
+        Ok(OpenFile {
+            path: self.lake.path(&rel),
+            writer,
+            opened: Instant::now(),
+            rows: 0,
+            permits: 0,
+        })
+    }
+
+    /// Closes files that are big enough or old enough, and the largest one
+    /// while more than half the buffer is in use.
+    fn roll(&mut self) {
+        let target = self.cfg.target_file_size.as_u64() as usize;
+        let due: Vec<_> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.size() >= target || f.opened.elapsed() >= self.cfg.max_file_age)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            self.close(&k);
+        }
+        while (self.space.available_permits() as u64) < self.total as u64 / 2 {
+            let Some(k) = self
+                .files
+                .iter()
+                .max_by_key(|(_, f)| f.permits)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.close(&k);
+        }
+    }
+
+    fn close(&mut self, key: &(Arc<str>, i64)) {
+        let Some(file) = self.files.remove(key) else {
+            return;
+        };
+        let OpenFile {
+            path,
+            writer,
+            rows,
+            permits,
+            ..
+        } = file;
+        match writer.into_inner() {
+            Ok(buf) => {
+                self.lake
+                    .status()
+                    .archive_pending_files
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = self.up.send(Upload::File(ClosedFile {
+                    stream: key.0.clone(),
+                    path,
+                    bytes: Bytes::from(buf),
+                    rows,
+                    permits,
+                }));
+            }
+            Err(e) => {
+                metrics::counter!("storepulse_lake_archive_errors_total", "stream" => key.0.to_string())
+                    .increment(rows);
+                tracing::error!(url = %self.lake.url_of(&path), rows, error = %e, "archive cannot finish a file");
+                self.release(permits);
+            }
+        }
+    }
+}
+
+async fn upload_loop(lake: Lake, mut rx: mpsc::UnboundedReceiver<Upload>, space: Arc<Semaphore>) {
+    let status = lake.status().clone();
+    while let Some(item) = rx.recv().await {
+        match item {
+            Upload::Ack(ack) => {
+                let _ = ack.send(());
+            }
+            Upload::File(f) => {
+                let started = Instant::now();
+                let size = f.bytes.len() as u64;
+                // Retried until stored; the bytes stay in memory meanwhile.
+                if lake.put_retrying(&f.path, f.bytes, None).await.is_err() {
+                    continue;
+                }
+                metrics::histogram!("storepulse_lake_archive_put_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let labels = [("stream", f.stream.to_string())];
+                metrics::counter!("storepulse_lake_archive_files_total", &labels).increment(1);
+                metrics::counter!("storepulse_lake_archive_bytes_total", &labels).increment(size);
+                metrics::counter!("storepulse_lake_archive_rows_total", &labels).increment(f.rows);
+                status.archive_files.fetch_add(1, Ordering::Relaxed);
+                status.archive_bytes.fetch_add(size, Ordering::Relaxed);
+                status.archive_rows.fetch_add(f.rows, Ordering::Relaxed);
+                status.archive_pending_files.fetch_sub(1, Ordering::Relaxed);
+                status
+                    .archive_buffered_bytes
+                    .fetch_sub(f.permits as u64 * UNIT as u64, Ordering::Relaxed);
+                metrics::gauge!("storepulse_lake_archive_buffered_bytes")
+                    .set(status.archive_buffered_bytes.load(Ordering::Relaxed) as f64);
+                space.add_permits(f.permits as usize);
+                tracing::debug!(url = %lake.url_of(&f.path), rows = f.rows, bytes = size, "archived");
+            }
+        }
+    }
+}
+
+/// Splits a batch by the UTC hour of its `ts` column (one piece, no copy,
+/// in the common case of a batch within one hour).
+fn split_by_hour(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
+    let ts = batch
+        .column_by_name("ts")
+        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+        .ok_or_else(|| LakeError::Encode {
+            what: "archive".into(),
+            message: "rows have no millisecond `ts` column".into(),
+        })?;
+    let (Some(lo), Some(hi)) = (min(ts), max(ts)) else {
+        return Ok(vec![(0, batch.clone())]);
+    };
+    let (lo, hi) = (lo.div_euclid(HOUR_MS), hi.div_euclid(HOUR_MS));
+    if lo == hi {
+        return Ok(vec![(lo, batch.clone())]);
+    }
+    let hours: Vec<i64> = ts.values().iter().map(|t| t.div_euclid(HOUR_MS)).collect();
+    let mut distinct = hours.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut out = Vec::with_capacity(distinct.len());
+    for h in distinct {
+        let mask = BooleanArray::from_iter(hours.iter().map(|x| Some(*x == h)));
+        out.push((h, filter_record_batch(batch, &mask)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::{
+        array::{Int64Array, TimestampMillisecondArray},
+        datatypes::{DataType, Field, Schema, TimeUnit},
+    };
+
+    use super::*;
+
+    fn batch(ts: Vec<i64>) -> RecordBatch {
+        let n = ts.len() as i64;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+                Arc::new(Int64Array::from_iter_values(0..n)),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_hour_is_one_piece_and_others_split() {
+        let b = batch(vec![HOUR_MS * 5 + 1, HOUR_MS * 5 + 2]);
+        let p = split_by_hour(&b).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, 5);
+        let b = batch(vec![HOUR_MS * 5, HOUR_MS * 7 + 3, HOUR_MS * 5 + 9, -1]);
+        let p = split_by_hour(&b).unwrap();
+        let summary: Vec<(i64, usize)> = p.iter().map(|(h, b)| (*h, b.num_rows())).collect();
+        assert_eq!(summary, vec![(-1, 1), (5, 2), (7, 1)]);
+    }
+}

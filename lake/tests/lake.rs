@@ -1,0 +1,684 @@
+//! The lake on the local file system, in process: the archive (hour
+//! partitions, size rolling, read back as `history.*` with partition
+//! pruning), an object-store outage that pauses ingest and loses nothing,
+//! snapshots (consistent, manifest-gated), retention and reports.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytesize::ByteSize;
+use datafusion::arrow::{
+    array::{AsArray, RecordBatch},
+    datatypes::Int64Type,
+};
+use futures::stream::BoxStream;
+use object_store::{
+    local::LocalFileSystem, path::Path, CopyOptions, GetOptions, GetResult, ListResult,
+    MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult,
+};
+use storepulse_engine::{late::late_events_schema, Engine, EngineConfig, EngineHandle};
+use storepulse_ingest::StreamKind;
+use storepulse_lake::{
+    register_lake_tables, snapshot::snapshot_views, ArchiveConfig, Archiver, Lake, LakeConfig,
+    ReportConfig, ReportFormat, Reporter, RetentionRule, Snapshotter,
+};
+
+const HOUR: i64 = 3_600_000;
+/// 2026-01-05 08:00:00 UTC.
+const T0: i64 = 1_767_600_000_000;
+
+const SQL: &str = "
+CREATE MATERIALIZED VIEW temps AS
+SELECT device_id, count(*) AS readings, max(value) AS hottest FROM iot_readings GROUP BY device_id;
+CREATE VIEW hot AS SELECT device_id, hottest FROM temps WHERE hottest > 5;
+";
+
+async fn engine() -> EngineHandle {
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    e.execute_sql(SQL).await.unwrap();
+    EngineHandle::new(e)
+}
+
+/// One reading per minute from `devices` devices, starting at `start`.
+fn readings(seq: u64, start: i64, minutes: i64, devices: usize) -> Vec<String> {
+    (0..minutes)
+        .flat_map(|m| {
+            (0..devices).map(move |d| {
+                format!(
+                    r#"{{"event_id":"e{seq}-{m}-{d}","ts":{},"store_id":"S1","device_id":"d{d}","metric":"fridge_temp_c","value":{}}}"#,
+                    start + m * 60_000,
+                    (m as usize + d) % 9
+                )
+            })
+        })
+        .collect()
+}
+
+/// Applies `lines` and archives what the engine accepted (as the pipeline
+/// does).
+async fn ingest(h: &EngineHandle, a: &Archiver, lines: &[String], seq: u64) -> u64 {
+    let msg = storepulse_testkit::json_message(StreamKind::IotReadings, lines, "p0", seq)
+        .unwrap()
+        .unwrap();
+    let r = h.lock().await.apply(msg, 0).await.unwrap();
+    if let Some(rows) = r.accepted_rows {
+        a.archive("iot_readings", rows).await.unwrap();
+    }
+    r.accepted
+}
+
+fn local(dir: &std::path::Path) -> Lake {
+    let cfg = LakeConfig {
+        url: Some(dir.join("lake").display().to_string()),
+        retry_max_delay: Duration::from_millis(200),
+        ..Default::default()
+    };
+    Lake::open(&cfg, dir).unwrap()
+}
+
+fn register(
+    lake: &Lake,
+    h: &EngineHandle,
+    views: &[(String, datafusion::arrow::datatypes::SchemaRef)],
+) {
+    let streams: Vec<_> = StreamKind::ALL
+        .iter()
+        .map(|k| (k.name().to_string(), k.schema()))
+        .chain([("late_events".to_string(), late_events_schema())])
+        .collect();
+    register_lake_tables(lake, h.serving_context(), &streams, views).unwrap();
+}
+
+async fn one_i64(h: &EngineHandle, sql: &str) -> i64 {
+    let out = h.query(sql).await.unwrap();
+    let b: &RecordBatch = &out[0].batches[0];
+    b.column(0).as_primitive::<Int64Type>().value(0)
+}
+
+fn small_files() -> ArchiveConfig {
+    ArchiveConfig {
+        target_file_size: ByteSize::kib(4),
+        max_file_age: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_partitions_by_hour_rolls_by_size_and_reads_back_as_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let h = engine().await;
+    register(&lake, &h, &[]);
+    let a = Archiver::start(lake.clone(), small_files());
+    let mut accepted = 0;
+    // 3 hours, 60 batches of 20 devices × 3 minutes.
+    for i in 0..60u64 {
+        let lines = readings(i, T0 + i as i64 * 180_000, 3, 20);
+        accepted += ingest(&h, &a, &lines, (i + 1) * 60).await;
+    }
+    assert_eq!(accepted, 3600);
+    assert!(a.flush(Duration::from_secs(30)).await, "flushed");
+    assert_eq!(a.buffered_bytes(), 0);
+
+    let files = lake.list("events/iot_readings").await.unwrap();
+    let mut hours: Vec<String> = files
+        .iter()
+        .map(|m| {
+            let rel = lake.relative(&m.location).to_string();
+            assert!(rel.ends_with(".parquet") && rel.contains("/part-"), "{rel}");
+            rel.split('/').take(4).collect::<Vec<_>>().join("/")
+        })
+        .collect();
+    hours.sort();
+    hours.dedup();
+    assert_eq!(
+        hours,
+        [
+            "events/iot_readings/date=2026-01-05/hour=08",
+            "events/iot_readings/date=2026-01-05/hour=09",
+            "events/iot_readings/date=2026-01-05/hour=10"
+        ]
+    );
+    assert!(
+        files.len() > 6,
+        "4 KiB target: several files per hour, got {}",
+        files.len()
+    );
+    let status = lake.status().to_json(&lake.url());
+    assert_eq!(status["archive"]["rows"], 3600);
+    assert_eq!(status["archive"]["files"], files.len());
+
+    // history.iot_readings answers like the live view.
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM history.iot_readings").await,
+        3600
+    );
+    let live = h
+        .query("SELECT device_id, readings, hottest FROM temps ORDER BY device_id")
+        .await
+        .unwrap();
+    let hist = h
+        .query("SELECT device_id, count(*) AS readings, max(value) AS hottest FROM history.iot_readings GROUP BY device_id ORDER BY device_id")
+        .await
+        .unwrap();
+    assert_eq!(
+        storepulse_testkit::normalize(&live[0].batches),
+        storepulse_testkit::normalize(&hist[0].batches)
+    );
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(*) FROM history.iot_readings WHERE date = '2026-01-05' AND hour = '09'"
+        )
+        .await,
+        1200
+    );
+
+    // Files written after the first query are listed (no stale listing
+    // cache). Pruning: an unreadable file in another date partition is never opened
+    // by a query filtering on date, and breaks one that reads everything.
+    let bad = lake.path("events/iot_readings/date=2020-01-01/hour=00/part-bad.parquet");
+    lake.put(&bad, bytes::Bytes::from_static(b"not parquet"))
+        .await
+        .unwrap();
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(*) FROM history.iot_readings WHERE date >= '2026-01-01'"
+        )
+        .await,
+        3600
+    );
+    let err = h
+        .query("SELECT count(*) FROM history.iot_readings")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("parquet"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_close_at_max_file_age_at_low_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let h = engine().await;
+    let a = Archiver::start(
+        lake.clone(),
+        ArchiveConfig {
+            max_file_age: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    ingest(&h, &a, &readings(0, T0, 1, 3), 3).await;
+    // No flush: the age limit alone must close and store the file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lake.status().to_json("")["archive"]["rows"] != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file not closed by age"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lake.list("events/iot_readings").await.unwrap().len(), 1);
+}
+
+/// A local store whose writes fail while `down` is set.
+#[derive(Debug)]
+struct FlakyStore {
+    inner: LocalFileSystem,
+    down: AtomicBool,
+    failed: AtomicUsize,
+}
+
+impl fmt::Display for FlakyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlakyStore({})", self.inner)
+    }
+}
+
+impl FlakyStore {
+    fn check(&self) -> object_store::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(object_store::Error::Generic {
+                store: "flaky",
+                source: "connection refused (injected)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FlakyStore {
+    async fn put_opts(
+        &self,
+        l: &Path,
+        p: PutPayload,
+        o: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.check()?;
+        self.inner.put_opts(l, p, o).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        l: &Path,
+        o: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check()?;
+        self.inner.put_multipart_opts(l, o).await
+    }
+    async fn get_opts(&self, l: &Path, o: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(l, o).await
+    }
+    fn delete_stream(
+        &self,
+        l: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(l)
+    }
+    fn list(&self, p: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy_opts(&self, f: &Path, t: &Path, o: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(f, t, o).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_pauses_ingest_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    std::fs::create_dir_all(&root).unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: LocalFileSystem::new(),
+        down: AtomicBool::new(true),
+        failed: AtomicUsize::new(0),
+    });
+    let lake = Lake::with_store(
+        flaky.clone(),
+        url::Url::parse("file:///").unwrap(),
+        Path::from_absolute_path(std::fs::canonicalize(&root).unwrap()).unwrap(),
+        Duration::from_millis(100),
+    );
+    let h = engine().await;
+    register(&lake, &h, &[]);
+    // A 1 MiB buffer and small files: the outage fills it quickly.
+    let a = Archiver::start(
+        lake.clone(),
+        ArchiveConfig {
+            target_file_size: ByteSize::kib(4),
+            max_buffer: ByteSize::mib(1),
+            ..Default::default()
+        },
+    );
+    let (h2, a2) = (h.clone(), a.clone());
+    let feeder = tokio::spawn(async move {
+        let mut accepted = 0;
+        for i in 0..200u64 {
+            let lines = readings(i, T0 + i as i64 * 60_000, 1, 100);
+            accepted += ingest(&h2, &a2, &lines, (i + 1) * 100).await;
+        }
+        accepted
+    });
+    // The buffer fills and the feeder blocks (the pipeline would stop
+    // reading its channel and the sources pause).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = lake.status().to_json("");
+        if s["healthy"] == false && s["archive"]["ingest_waiting"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outage not reported: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied_during_outage = h.lock().await.epoch();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !feeder.is_finished(),
+        "ingest is held back while the store is down"
+    );
+    assert_eq!(
+        h.lock().await.epoch(),
+        applied_during_outage,
+        "nothing more is applied while the buffer is full"
+    );
+    assert!(a.buffered_bytes() > 900 * 1024, "the buffer is full");
+    let last_error = lake.status().last_error().expect("fault reported");
+    assert_eq!(last_error.op, "PUT");
+    assert!(
+        last_error.message.contains("file:///") && last_error.message.contains("injected"),
+        "{}",
+        last_error.message
+    );
+    assert!(
+        lake.list("events").await.unwrap().is_empty(),
+        "nothing written while down"
+    );
+
+    // The store comes back: everything is archived exactly once.
+    flaky.down.store(false, Ordering::SeqCst);
+    let accepted = feeder.await.unwrap();
+    assert_eq!(accepted, 20_000);
+    assert!(a.flush(Duration::from_secs(30)).await);
+    assert!(lake.status().last_error().is_none(), "fault cleared");
+    assert!(
+        flaky.failed.load(Ordering::SeqCst) > 1,
+        "writes were retried"
+    );
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM history.iot_readings").await,
+        20_000
+    );
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(DISTINCT event_id) FROM history.iot_readings"
+        )
+        .await,
+        20_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_consistent_and_only_committed_ones_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let h = engine().await;
+    let views = snapshot_views(&h, &[]).await.unwrap();
+    let names: Vec<&str> = views.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["hot", "temps"]);
+    register(&lake, &h, &views);
+    let s = Snapshotter::new(lake.clone(), h.clone(), views);
+    let a = Archiver::start(lake.clone(), ArchiveConfig::default());
+    ingest(&h, &a, &readings(0, T0, 10, 5), 50).await;
+    let m1 = s.take(Duration::from_secs(10)).await.unwrap();
+    ingest(&h, &a, &readings(1, T0 + HOUR, 10, 8), 130).await;
+    let m2 = s.take(Duration::from_secs(10)).await.unwrap();
+    assert!(m2.epoch > m1.epoch);
+    assert_eq!(m1.files.len(), 2);
+    assert_eq!(m1.files.iter().find(|f| f.view == "temps").unwrap().rows, 5);
+    assert_eq!(m2.files.iter().find(|f| f.view == "temps").unwrap().rows, 8);
+
+    // The latest snapshot equals the live view.
+    let live = h
+        .query("SELECT device_id, readings, hottest FROM temps")
+        .await
+        .unwrap();
+    let snap = h
+        .query("SELECT device_id, readings, hottest FROM snapshots.temps WHERE snapshot_ts = (SELECT max(snapshot_ts) FROM snapshots.temps)")
+        .await
+        .unwrap();
+    assert_eq!(
+        storepulse_testkit::normalize(&live[0].batches),
+        storepulse_testkit::normalize(&snap[0].batches)
+    );
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM snapshots.temps").await,
+        13
+    );
+    assert_eq!(
+        one_i64(&h, "SELECT count(DISTINCT snapshot_ts) FROM snapshots.hot").await,
+        2
+    );
+
+    // A file without a manifest (a snapshot being written, or abandoned) is
+    // not read; `date` prunes.
+    let date = m2.files[0]
+        .path
+        .split('/')
+        .nth(2)
+        .unwrap()
+        .strip_prefix("date=")
+        .unwrap()
+        .to_string();
+    let orphan = m2.files.iter().find(|f| f.view == "temps").unwrap();
+    let copy = lake.path(&orphan.path.replace(&m2.id, "20991231T000000000Z"));
+    let bytes = lake.get(&lake.path(&orphan.path)).await.unwrap();
+    let batches: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+    let mut out = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, batches[0].schema(), None).unwrap();
+    for b in &batches {
+        // The uncommitted snapshot's own snapshot_ts: 2099-12-31.
+        let last = b.num_columns() - 1;
+        let ts = datafusion::arrow::array::Int64Array::from(vec![4_102_358_400_000; b.num_rows()]);
+        let ts = datafusion::arrow::compute::cast(&ts, b.column(last).data_type()).unwrap();
+        let mut cols = b.columns().to_vec();
+        cols[last] = ts;
+        w.write(&RecordBatch::try_new(b.schema(), cols).unwrap())
+            .unwrap();
+    }
+    w.close().unwrap();
+    lake.put(&copy, out.into()).await.unwrap();
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM snapshots.temps WHERE snapshot_ts > TIMESTAMP '2099-01-01T00:00:00Z'").await,
+        0
+    );
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM snapshots.temps").await,
+        13
+    );
+    assert_eq!(
+        one_i64(
+            &h,
+            &format!("SELECT count(*) FROM snapshots.temps WHERE date = '{date}'")
+        )
+        .await,
+        13
+    );
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(*) FROM snapshots.temps WHERE date = '1999-01-01'"
+        )
+        .await,
+        0
+    );
+    let manifests = s.manifests().await.unwrap();
+    assert_eq!(manifests, vec![m1, m2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_date_partitions_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let put = |rel: &'static str| {
+        let lake = lake.clone();
+        async move {
+            lake.put(&lake.path(rel), bytes::Bytes::from_static(b"x"))
+                .await
+                .unwrap()
+        }
+    };
+    put("events/sales/date=2026-10-01/hour=00/part-a.parquet").await;
+    put("events/sales/date=2026-10-01/hour=01/part-b.parquet").await;
+    put("events/sales/date=2026-11-21/hour=00/part-c.parquet").await;
+    put("events/iot_readings/date=2026-09-30/hour=23/part-d.parquet").await;
+    put("events/README.txt").await;
+    put("views/temps/date=2026-10-01/20261001T000000000Z.parquet").await;
+    put("views/_manifest/20261001T000000000Z.json").await;
+    put("views/temps/date=2026-11-21/20261121T000000000Z.parquet").await;
+    put("views/_manifest/20261121T000000000Z.json").await;
+    put("reports/daily/date=2026-10-01/daily-20261001T060000.csv").await;
+    let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+        .unwrap()
+        .to_utc();
+    let rules = vec![
+        RetentionRule {
+            prefix: "events/".into(),
+            keep: Duration::from_secs(30 * 86_400),
+        },
+        RetentionRule {
+            prefix: "views".into(),
+            keep: Duration::from_secs(7 * 86_400),
+        },
+    ];
+    let report = storepulse_lake::retention::apply(&lake, &rules, now)
+        .await
+        .unwrap();
+    let mut left: Vec<String> = lake
+        .list("")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| lake.relative(&m.location).to_string())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "events/README.txt",
+            "events/sales/date=2026-11-21/hour=00/part-c.parquet",
+            "reports/daily/date=2026-10-01/daily-20261001T060000.csv",
+            "views/_manifest/20261121T000000000Z.json",
+            "views/temps/date=2026-11-21/20261121T000000000Z.parquet",
+        ]
+    );
+    assert_eq!(report.objects, 5);
+    assert_eq!(report.partitions.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_written_as_csv_parquet_and_xlsx() {
+    use calamine::{Data, Reader, Xlsx};
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let h = engine().await;
+    let a = Archiver::start(lake.clone(), ArchiveConfig::default());
+    ingest(&h, &a, &readings(0, T0, 10, 4), 40).await;
+    let sql = "SELECT device_id, readings, hottest, TIMESTAMP '2026-01-05 08:30:00' AS at FROM temps ORDER BY device_id";
+    let report = |name: &str, format| ReportConfig {
+        name: name.into(),
+        sql: sql.into(),
+        schedule: Some("0 6 * * *".into()),
+        every: None,
+        timezone: "Europe/Berlin".into(),
+        format,
+    };
+    let r = Reporter::new(
+        lake.clone(),
+        h.clone(),
+        &[
+            report("csv", ReportFormat::Csv),
+            report("pq", ReportFormat::Parquet),
+            report("xl", ReportFormat::Xlsx),
+        ],
+    )
+    .await
+    .unwrap();
+    let csv = r.run_one("csv", Duration::from_secs(10)).await.unwrap();
+    assert!(
+        csv.path.starts_with("reports/csv/date=") && csv.path.ends_with(".csv"),
+        "{}",
+        csv.path
+    );
+    let text = String::from_utf8(lake.get(&lake.path(&csv.path)).await.unwrap().to_vec()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "device_id,readings,hottest,at");
+    assert_eq!(lines.len(), 5);
+    assert!(lines[1].starts_with("d0,10,"), "{}", lines[1]);
+
+    let pq = r.run_one("pq", Duration::from_secs(10)).await.unwrap();
+    let bytes = lake.get(&lake.path(&pq.path)).await.unwrap();
+    let rows: usize = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap().num_rows())
+        .sum();
+    assert_eq!((pq.rows, rows), (4, 4));
+
+    let xl = r.run_one("xl", Duration::from_secs(10)).await.unwrap();
+    let bytes = lake.get(&lake.path(&xl.path)).await.unwrap();
+    let mut wb: Xlsx<_> = Xlsx::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    let sheet = wb.worksheet_range_at(0).unwrap().unwrap();
+    assert_eq!(sheet.get_size(), (5, 4));
+    assert_eq!(sheet.get((0, 0)), Some(&Data::String("device_id".into())));
+    assert_eq!(sheet.get((1, 0)), Some(&Data::String("d0".into())));
+    assert_eq!(sheet.get((1, 1)), Some(&Data::Float(10.0)));
+    // Timestamps (UTC) become Excel date-times in the report's time zone:
+    // 08:30 UTC is 09:30 in Berlin in January.
+    match sheet.get((1, 3)) {
+        Some(Data::DateTime(d)) => {
+            assert_eq!(d.as_datetime().unwrap().to_string(), "2026-01-05 09:30:00")
+        }
+        other => panic!("expected a date-time, got {other:?}"),
+    }
+
+    // A report that is not a query is refused at start, naming it.
+    let bad = Reporter::new(
+        lake.clone(),
+        h.clone(),
+        &[ReportConfig {
+            sql: "SELECT nope FROM temps".into(),
+            ..report("bad", ReportFormat::Csv)
+        }],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        bad.to_string().starts_with("reports[0] (bad).sql:"),
+        "{bad}"
+    );
+    assert!(bad.to_string().contains("nope"), "{bad}");
+}
+
+#[test]
+fn bad_lake_urls_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |url: &str| {
+        Lake::open(
+            &LakeConfig {
+                url: Some(url.into()),
+                ..Default::default()
+            },
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(
+        open("gs://bucket/x").contains("unsupported scheme"),
+        "{}",
+        open("gs://bucket/x")
+    );
+    assert!(open("s3:///x").contains("no bucket"));
+    let e = Lake::open(
+        &LakeConfig {
+            url: Some("s3://b/p".into()),
+            s3: storepulse_lake::S3Config {
+                access_key_id: Some("env:STOREPULSE_TEST_SURELY_UNSET".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        dir.path(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(
+            "lake.s3.access_key_id: environment variable STOREPULSE_TEST_SURELY_UNSET is not set"
+        ),
+        "{e}"
+    );
+}
