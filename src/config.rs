@@ -61,6 +61,15 @@ pub(crate) struct Config {
     /// Scheduled reports written to the lake (`[[reports]]`).
     #[serde(default)]
     pub(crate) reports: Vec<storepulse_lake::ReportConfig>,
+    /// Limits of analysts' queries over HTTP and pgwire (`[serving]`).
+    #[serde(default)]
+    pub(crate) serving: storepulse_serve::ServingConfig,
+    /// The Postgres wire protocol listener (`[pg]`).
+    #[serde(default)]
+    pub(crate) pg: storepulse_serve::PgConfig,
+    /// Server certificate for HTTPS and pgwire TLS (`[tls]`).
+    #[serde(default)]
+    pub(crate) tls: Option<storepulse_serve::TlsConfig>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -73,13 +82,46 @@ fn default_data_dir() -> PathBuf {
 pub(crate) struct HttpConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     pub(crate) listen: SocketAddr,
+    /// Bearer token of analysts: read-only queries and every GET.
+    /// `STOREPULSE_HTTP_TOKEN` overrides it. With no token at all, requests
+    /// need none (allowed on loopback only).
+    #[serde(default)]
+    pub(crate) token: Option<String>,
+    /// Bearer token of operators: also `CREATE [MATERIALIZED] VIEW`,
+    /// `DROP VIEW`, `CREATE ALERT`, snapshots and reports on demand.
+    /// `STOREPULSE_ADMIN_TOKEN` overrides it.
+    #[serde(default)]
+    pub(crate) admin_token: Option<String>,
+    /// Serve HTTPS with `[tls]`.
+    #[serde(default)]
+    pub(crate) tls: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
+            token: None,
+            admin_token: None,
+            tls: false,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Applies `STOREPULSE_HTTP_TOKEN` and `STOREPULSE_ADMIN_TOKEN`.
+    pub(crate) fn with_env(mut self) -> Self {
+        for (var, slot) in [
+            ("STOREPULSE_HTTP_TOKEN", &mut self.token),
+            ("STOREPULSE_ADMIN_TOKEN", &mut self.admin_token),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                if !v.is_empty() {
+                    *slot = Some(v);
+                }
+            }
+        }
+        self
     }
 }
 
@@ -236,6 +278,12 @@ impl Config {
         };
         fix(&mut self.data_dir);
         self.sql.files.iter_mut().for_each(fix);
+        if let Some(t) = &mut self.tls {
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        self.http = std::mem::take(&mut self.http).with_env();
+        self.pg = std::mem::take(&mut self.pg).with_env();
         if let Some(url) = &mut self.lake.url {
             if !url.contains("://") && Path::new(url.as_str()).is_relative() {
                 *url = base.join(&*url).display().to_string();
@@ -253,6 +301,37 @@ impl Config {
                 SourceConfig::Generator { .. } | SourceConfig::Kafka(_) => {}
             }
         }
+    }
+
+    /// `[http]`, `[pg]`, `[tls]`, `[serving]`: credentials beyond loopback,
+    /// TLS files, sane limits.
+    pub(crate) fn validate_serving(&self) -> anyhow::Result<()> {
+        storepulse_serve::config::check_exposure(
+            "http.listen",
+            self.http.listen,
+            self.http.token.is_some() || self.http.admin_token.is_some(),
+            "[http] token (or STOREPULSE_HTTP_TOKEN)",
+        )?;
+        if self.http.token.is_none() && self.http.admin_token.is_some() {
+            bail!("http.admin_token is set but http.token is not: analysts would need no token at all; set both");
+        }
+        if (self.http.tls || self.pg.tls) && self.tls.is_none() {
+            bail!("http.tls / pg.tls need a [tls] table with cert and key");
+        }
+        if let Some(t) = &self.tls {
+            for (key, p) in [("tls.cert", &t.cert), ("tls.key", &t.key)] {
+                if !p.is_file() {
+                    bail!("{key}: no such file {}", p.display());
+                }
+            }
+        }
+        if self.serving.max_rows == 0 {
+            bail!("serving.max_rows must be at least 1");
+        }
+        if self.serving.timeout.is_zero() {
+            bail!("serving.timeout must be positive");
+        }
+        Ok(())
     }
 
     /// Checks the configuration without starting anything.
@@ -274,6 +353,7 @@ impl Config {
             }
         }
         self.retail.validate().map_err(anyhow::Error::msg)?;
+        self.validate_serving()?;
         self.lake.validate()?;
         storepulse_lake::config::validate_reports(&self.reports)?;
         if !self.reports.is_empty() && !self.lake.enabled {

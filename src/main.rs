@@ -2,7 +2,9 @@
 //! engine and the HTTP API together. `anyhow` lives here only.
 
 mod config;
+mod dashboard;
 mod lake;
+mod openapi;
 mod pipeline;
 mod server;
 
@@ -51,6 +53,9 @@ enum Command {
         /// HTTP address (`127.0.0.1:0` picks a free port).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
+        /// Postgres wire protocol address (`psql -h 127.0.0.1 -p 5433`).
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        pg: SocketAddr,
         /// Directory for dead letters, late events and dimension files.
         #[arg(long, default_value = "data/demo")]
         data_dir: PathBuf,
@@ -63,6 +68,9 @@ enum Command {
         /// With `until_eof`: exit once every source has finished.
         #[arg(long)]
         exit_when_done: bool,
+        /// Serve the Postgres wire protocol here (overrides `[pg] listen`).
+        #[arg(long)]
+        pg: Option<SocketAddr>,
     },
     /// Write a deterministic synthetic chain dataset (JSONL per stream plus
     /// dimension CSVs).
@@ -129,6 +137,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Csv)]
         format: OutputFormat,
+        /// Bearer token (`[http] token` or `admin_token` of the server).
+        #[arg(long, env = "STOREPULSE_HTTP_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -161,7 +172,8 @@ fn main() -> anyhow::Result<()> {
             sql,
             server,
             format,
-        } => query(&sql, &server, format),
+            token,
+        } => query(&sql, &server, format, token.as_deref()),
         Command::Replay {
             dir,
             brokers,
@@ -195,13 +207,18 @@ fn main() -> anyhow::Result<()> {
             rate,
             duration,
             http,
+            pg,
             data_dir,
-        } => runtime()?.block_on(demo(stores, rate, duration, http, data_dir)),
+        } => runtime()?.block_on(demo(stores, rate, duration, http, pg, data_dir)),
         Command::Run {
             config,
             exit_when_done,
+            pg,
         } => {
-            let cfg = Config::load(&config)?;
+            let mut cfg = Config::load(&config)?;
+            if pg.is_some() {
+                cfg.pg.listen = pg;
+            }
             runtime()?.block_on(run(cfg, exit_when_done))
         }
     }
@@ -298,13 +315,17 @@ async fn replay(
     Ok(())
 }
 
-fn query(sql: &str, server: &str, format: OutputFormat) -> anyhow::Result<()> {
+fn query(sql: &str, server: &str, format: OutputFormat, token: Option<&str>) -> anyhow::Result<()> {
     let url = format!("{}/api/v1/query", server.trim_end_matches('/'));
     let accept = match format {
         OutputFormat::Csv => "text/csv",
         OutputFormat::Json => "application/json",
     };
-    let resp = ureq::post(&url)
+    let mut req = ureq::post(&url);
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let resp = req
         .header("Accept", accept)
         .header("Content-Type", "text/plain")
         .config()
@@ -343,10 +364,20 @@ async fn serve(
     exit_when_done: bool,
 ) -> anyhow::Result<()> {
     let metrics = install_metrics();
+    // Counters that may stay at zero are shown from the start (a dashboard
+    // can tell "none" from "not reported").
+    for k in storepulse_ingest::StreamKind::ALL {
+        metrics::counter!("storepulse_ingest_dead_letters_total", "stream" => k.name())
+            .increment(0);
+        metrics::counter!("storepulse_engine_late_events_total", "stream" => k.name()).increment(0);
+        metrics::counter!("storepulse_engine_duplicate_events_total", "stream" => k.name())
+            .increment(0);
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
     let mut engine_cfg: EngineConfig = cfg.engine.clone();
     engine_cfg.data_dir = Some(cfg.data_dir.clone());
+    engine_cfg.query_memory_limit = cfg.serving.memory_limit_bytes();
     let mut engine = Engine::new(engine_cfg)?;
     let watched = pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;
     if cfg.sql.builtin {
@@ -439,29 +470,83 @@ async fn serve(
         kafka: sources.kafka.iter().map(|k| k.status()).collect(),
         alerts: alerts.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
-        .await
+    let limits = cfg.serving.limits();
+    let tls = |alpn: &[&[u8]]| {
+        cfg.tls
+            .as_ref()
+            .map(|t| storepulse_serve::tls::server_config(t, alpn))
+            .transpose()
+    };
+    let pg = match cfg.pg.listen {
+        Some(addr) => Some(
+            storepulse_serve::PgServer::bind(handle.clone(), &cfg.pg, addr, limits, tls(&[])?)
+                .await?,
+        ),
+        None => None,
+    };
+    let pg_addr = pg.as_ref().map(|p| p.local_addr()).transpose()?;
+    let listener = std::net::TcpListener::bind(cfg.http.listen)
         .with_context(|| format!("http.listen: cannot bind {}", cfg.http.listen))?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    let https = if cfg.http.tls {
+        tls(&[b"h2", b"http/1.1"])?
+    } else {
+        None
+    };
+    let scheme = if https.is_some() { "https" } else { "http" };
     tracing::info!(
-        url = %format!("http://{addr}/"),
+        url = %format!("{scheme}://{addr}/"),
+        pg = %pg_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         views,
         dead_letters = %dlq_path.display(),
-        "storepulse listening; try: curl -s http://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'"
+        "storepulse listening; try: curl -s {scheme}://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'{}",
+        pg_addr.map(|a| format!(" or psql -h {} -p {}", a.ip(), a.port())).unwrap_or_default()
     );
     tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
     tokio::spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
     let alert_task = alerts
         .clone()
         .map(|m| tokio::spawn(m.run(shutdown_rx.clone())));
-    let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, server::router(app))
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|s| *s).await;
-            })
-            .await
+    let pg_task = pg.map(|p| {
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(p.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
     });
+    let router = server::router(app, server::Auth::from_config(&cfg.http), limits);
+    let server_handle = axum_server::Handle::new();
+    let server = {
+        let h = server_handle.clone();
+        tokio::spawn(async move {
+            let service = router.into_make_service();
+            match https {
+                Some(tls) => {
+                    axum_server::from_tcp_rustls(
+                        listener,
+                        axum_server::tls_rustls::RustlsConfig::from_config(tls),
+                    )?
+                    .handle(h)
+                    .serve(service)
+                    .await
+                }
+                None => {
+                    axum_server::from_tcp(listener)?
+                        .handle(h)
+                        .serve(service)
+                        .await
+                }
+            }
+        })
+    };
+    {
+        let mut stop = shutdown_rx.clone();
+        let h = server_handle.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            h.graceful_shutdown(Some(Duration::from_secs(10)));
+        });
+    }
     let mut pipeline_task = tokio::spawn(pipeline::run(
         handle.clone(),
         sources,
@@ -518,6 +603,9 @@ async fn serve(
         l.flush(Duration::from_secs(60)).await;
     }
     server.await.context("server task panicked")??;
+    if let Some(t) = pg_task {
+        let _ = t.await;
+    }
     let engine = handle.lock().await;
     for s in engine.streams() {
         if s.accepted_events + s.duplicate_events + s.late_events > 0 {
@@ -535,6 +623,7 @@ async fn demo(
     rate: f64,
     duration: Option<Duration>,
     http: SocketAddr,
+    pg: SocketAddr,
     data_dir: PathBuf,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(stores > 0, "--stores must be at least 1");
@@ -562,7 +651,11 @@ async fn demo(
         data_dir,
         until_eof: false,
         engine: EngineConfig::default(),
-        http: config::HttpConfig { listen: http },
+        http: config::HttpConfig {
+            listen: http,
+            ..Default::default()
+        }
+        .with_env(),
         sql: config::SqlConfig::default(),
         pipeline: config::PipelineConfig::default(),
         dimensions,
@@ -570,7 +663,15 @@ async fn demo(
         sources: Vec::<SourceConfig>::new(),
         lake: Default::default(),
         reports: Vec::new(),
+        serving: Default::default(),
+        pg: storepulse_serve::PgConfig {
+            listen: Some(pg),
+            ..Default::default()
+        }
+        .with_env(),
+        tls: None,
     };
+    cfg.validate_serving()?;
     let generator = GeneratorSource {
         chain,
         rate: Some(rate),

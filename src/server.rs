@@ -1,20 +1,29 @@
-//! The HTTP API: SQL queries, view listing, health and Prometheus metrics.
+//! The HTTP API: SQL queries (JSON, CSV, Arrow IPC, Parquet), view listing,
+//! health, alerts, lake actions, Prometheus metrics, the OpenAPI document
+//! and the embedded dashboard.
+//!
+//! Authentication is a bearer token per role ([`Auth`]): analysts'
+//! requests are read-only; operators' (the admin token) may also define
+//! views and trigger snapshots and reports. With no token configured (only
+//! allowed on loopback) every request is the operator's. The dashboard's
+//! static files, `/livez` and the OpenAPI document need no token.
 
 use std::{sync::Arc, time::Instant};
 
 use axum::{
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Query, Request, State},
     http::{header, HeaderMap, StatusCode},
+    middleware::Next,
     response::{Html, IntoResponse, Response},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use datafusion::{arrow::array::RecordBatch, datasource::TableType};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
-use storepulse_engine::{EngineError, EngineHandle, QueryOutput};
+use storepulse_engine::{EngineError, EngineHandle, QueryLimits, QueryOutput};
 
 use crate::pipeline::PipelineState;
 
@@ -35,17 +44,117 @@ pub(crate) struct AppState {
     pub(crate) lake: Option<Arc<crate::lake::LakeParts>>,
 }
 
-/// The API's routes.
-pub(crate) fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/api/v1/query", post(query))
+/// Who a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Read-only queries and every GET.
+    Analyst,
+    /// Also view DDL, snapshots and reports on demand.
+    Admin,
+}
+
+/// The bearer tokens of `[http]`.
+#[derive(Clone, Default)]
+pub(crate) struct Auth {
+    token: Option<String>,
+    admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl Auth {
+    /// From `[http] token` / `admin_token` (environment already applied).
+    pub(crate) fn from_config(c: &crate::config::HttpConfig) -> Self {
+        Self {
+            token: c.token.clone(),
+            admin_token: c.admin_token.clone(),
+        }
+    }
+
+    fn role(&self, headers: &HeaderMap) -> Option<Role> {
+        if self.token.is_none() && self.admin_token.is_none() {
+            return Some(Role::Admin);
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))?
+            .trim()
+            .as_bytes();
+        let matches = |t: &Option<String>| {
+            t.as_ref()
+                .is_some_and(|t| bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), given)))
+        };
+        if matches(&self.admin_token) {
+            Some(Role::Admin)
+        } else if matches(&self.token) {
+            Some(Role::Analyst)
+        } else {
+            None
+        }
+    }
+}
+
+async fn authenticate(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
+    match auth.role(req.headers()) {
+        Some(role) => {
+            req.extensions_mut().insert(role);
+            next.run(req).await
+        }
+        None => {
+            metrics::counter!("storepulse_http_auth_failures_total").increment(1);
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <[http] token>)".into(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"storepulse\""),
+            );
+            r
+        }
+    }
+}
+
+fn require_admin(role: Role) -> Result<(), Box<Response>> {
+    if role == Role::Admin {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            "permission denied: this needs the admin token ([http] admin_token)".into(),
+        )))
+    }
+}
+
+/// The API's routes: `auth` guards everything but the dashboard's files,
+/// `/livez` and the OpenAPI document; `limits` bound every query.
+pub(crate) fn router(state: AppState, auth: Auth, limits: QueryLimits) -> Router {
+    let guarded = Router::new()
+        .route("/api/v1/query", post(query).get(query_get))
         .route("/api/v1/views", get(views))
         .route("/api/v1/health", get(health))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/snapshots", post(take_snapshot).get(list_snapshots))
         .route("/api/v1/reports/{name}", post(run_report))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+        .layer(Extension(limits));
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/{file}", get(crate::dashboard::asset))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/api/v1/openapi.json", get(openapi))
+        .merge(guarded)
         .with_state(state)
 }
 
@@ -53,6 +162,14 @@ pub(crate) fn router(state: AppState) -> Router {
 #[serde(deny_unknown_fields)]
 struct QueryRequest {
     sql: String,
+}
+
+/// `?format=` and `?sql=` of `GET /api/v1/query`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryParams {
+    sql: Option<String>,
+    format: Option<String>,
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
@@ -65,24 +182,67 @@ enum Format {
     Json,
     Csv,
     Arrow,
+    Parquet,
 }
 
-fn format_of(headers: &HeaderMap) -> Format {
+/// The answer format: `?format=` wins over the `Accept` header.
+fn format_of(headers: &HeaderMap, param: Option<&str>) -> Result<Format, Box<Response>> {
+    if let Some(p) = param {
+        return match p {
+            "json" => Ok(Format::Json),
+            "csv" => Ok(Format::Csv),
+            "arrow" => Ok(Format::Arrow),
+            "parquet" => Ok(Format::Parquet),
+            other => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("format={other}: expected json, csv, arrow or parquet"),
+            ))),
+        };
+    }
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if accept.contains("text/csv") {
+    Ok(if accept.contains("text/csv") {
         Format::Csv
     } else if accept.contains("application/vnd.apache.arrow") {
         Format::Arrow
+    } else if accept.contains("application/vnd.apache.parquet") {
+        Format::Parquet
     } else {
         Format::Json
-    }
+    })
 }
 
-async fn query(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let started = Instant::now();
+/// `GET /api/v1/query?sql=...&format=...` (links, spreadsheets' web
+/// queries): the same as the POST.
+async fn query_get(
+    State(app): State<AppState>,
+    Extension(role): Extension<Role>,
+    Extension(limits): Extension<QueryLimits>,
+    Query(params): Query<QueryParams>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(sql) = params.sql.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "missing ?sql=".into(),
+        );
+    };
+    run_query(&app, role, &limits, sql, &headers, params.format.as_deref()).await
+}
+
+/// `POST /api/v1/query`: the SQL as `{"sql": ...}` (JSON) or the plain body.
+async fn query(
+    State(app): State<AppState>,
+    Extension(role): Extension<Role>,
+    Extension(limits): Extension<QueryLimits>,
+    Query(params): Query<QueryParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -110,26 +270,54 @@ async fn query(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> 
             }
         }
     };
+    run_query(&app, role, &limits, sql, &headers, params.format.as_deref()).await
+}
+
+/// HTTP status and error code of a failed query.
+fn status_of(e: &EngineError) -> (StatusCode, &'static str) {
+    match e {
+        EngineError::ReadOnly(_) => (StatusCode::FORBIDDEN, "read_only"),
+        EngineError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
+        EngineError::TooManyRows(_) => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
+        _ if e.is_memory_limit() => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
+        _ if e.is_user_error() => (StatusCode::BAD_REQUEST, "user_error"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+    }
+}
+
+async fn run_query(
+    app: &AppState,
+    role: Role,
+    limits: &QueryLimits,
+    sql: String,
+    headers: &HeaderMap,
+    format: Option<&str>,
+) -> Response {
+    let started = Instant::now();
+    let format = match format_of(headers, format) {
+        Ok(f) => f,
+        Err(r) => return *r,
+    };
     if sql.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "bad_request", "empty SQL".into());
     }
-    let result = app.engine.query(&sql).await;
-    metrics::histogram!("storepulse_http_query_duration_seconds")
+    let result = app
+        .engine
+        .query_with(&sql, limits, role == Role::Admin)
+        .await;
+    metrics::histogram!("storepulse_query_duration_seconds", "interface" => "http")
         .record(started.elapsed().as_secs_f64());
     let out = match result {
         Ok(mut outs) => outs.pop().expect("at least one statement"),
         Err(e) => {
-            metrics::counter!("storepulse_http_query_errors_total").increment(1);
-            let (status, code) = if e.is_user_error() {
-                (StatusCode::BAD_REQUEST, "user_error")
-            } else {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
-            };
-            tracing::info!(error = %e, "query failed");
+            let (status, code) = status_of(&e);
+            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => code)
+                .increment(1);
+            tracing::info!(error = %e, code, "query failed");
             return error(status, code, message(&e));
         }
     };
-    match encode(&out, format_of(&headers), started) {
+    match encode(&out, format, started) {
         Ok(r) => r,
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -173,6 +361,28 @@ fn encode(out: &QueryOutput, format: Format, started: Instant) -> anyhow::Result
             }
             (
                 [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],
+                buf,
+            )
+                .into_response()
+        }
+        Format::Parquet => {
+            let mut buf = Vec::new();
+            {
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                    .build();
+                let mut w = parquet::arrow::ArrowWriter::try_new(
+                    &mut buf,
+                    out.schema.clone(),
+                    Some(props),
+                )?;
+                for b in batches {
+                    w.write(b)?;
+                }
+                w.close()?;
+            }
+            (
+                [(header::CONTENT_TYPE, "application/vnd.apache.parquet")],
                 buf,
             )
                 .into_response()
@@ -321,7 +531,10 @@ fn lake_of(app: &AppState) -> Result<&Arc<crate::lake::LakeParts>, Box<Response>
 
 /// `POST /api/v1/snapshots`: snapshot every configured view now; answers
 /// the committed manifest.
-async fn take_snapshot(State(app): State<AppState>) -> Response {
+async fn take_snapshot(State(app): State<AppState>, Extension(role): Extension<Role>) -> Response {
+    if let Err(r) = require_admin(role) {
+        return *r;
+    }
     let lake = match lake_of(&app) {
         Ok(l) => l,
         Err(r) => return *r,
@@ -357,7 +570,14 @@ async fn list_snapshots(State(app): State<AppState>) -> Response {
 }
 
 /// `POST /api/v1/reports/{name}`: run a configured report now.
-async fn run_report(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+async fn run_report(
+    State(app): State<AppState>,
+    Extension(role): Extension<Role>,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = require_admin(role) {
+        return *r;
+    }
     let lake = match lake_of(&app) {
         Ok(l) => l,
         Err(r) => return *r,
@@ -395,5 +615,13 @@ async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 async fn index() -> Html<&'static str> {
-    Html(include_str!("index.html"))
+    Html(crate::dashboard::INDEX)
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
+    )
+        .into_response()
 }

@@ -39,6 +39,12 @@ pub struct EngineConfig {
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
+    /// Memory pool of the serving context in bytes: all concurrent queries
+    /// (HTTP, pgwire, reports) share it; a query that needs more fails with
+    /// "Resources exhausted". Set by the binary from `[serving]
+    /// memory_limit`; `None` is unbounded.
+    #[serde(skip)]
+    pub query_memory_limit: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +57,7 @@ impl Default for EngineConfig {
             as_of: None,
             refresh: BTreeMap::new(),
             data_dir: None,
+            query_memory_limit: None,
         }
     }
 }

@@ -18,7 +18,10 @@ use datafusion::{
     common::tree_node::TreeNodeRecursion,
     datasource::{source_as_provider, view::ViewTable},
     execution::{
-        cache::cache_manager::CacheManagerConfig, context::SessionState,
+        cache::cache_manager::CacheManagerConfig,
+        context::SessionState,
+        disk_manager::{DiskManagerBuilder, DiskManagerMode},
+        memory_pool::{GreedyMemoryPool, TrackConsumersPool},
         runtime_env::RuntimeEnvBuilder,
     },
     logical_expr::LogicalPlan,
@@ -155,7 +158,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_context(target_partitions: usize) -> Result<SessionContext> {
+fn new_context(target_partitions: usize, memory_limit: Option<usize>) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(target_partitions);
@@ -167,9 +170,23 @@ fn new_context(target_partitions: usize) -> Result<SessionContext> {
     // The lake's history tables grow while the engine runs: DataFusion's
     // list-files cache (infinite TTL by default) would hide every file
     // archived after the first query, so listings always go to the store.
-    let runtime = RuntimeEnvBuilder::new()
-        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
-        .build_arc()?;
+    let mut runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0));
+    if let Some(limit) = memory_limit {
+        // One pool for all concurrent queries; the error names the top
+        // consumers so the user sees which operator ran out.
+        runtime = runtime
+            .with_memory_pool(Arc::new(TrackConsumersPool::new(
+                GreedyMemoryPool::new(limit),
+                std::num::NonZeroUsize::new(3).expect("non-zero"),
+            )))
+            // Over the limit a query fails with a clear error instead of
+            // spilling to (and possibly filling) the local disk.
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            );
+    }
+    let runtime = runtime.build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     storepulse_sql::register(&ctx);
     Ok(ctx)
@@ -178,11 +195,12 @@ fn new_context(target_partitions: usize) -> Result<SessionContext> {
 impl Engine {
     /// A new engine with no views.
     pub fn new(cfg: EngineConfig) -> Result<Self> {
-        let planning = new_context(1)?;
+        let planning = new_context(1, None)?;
         let serving = new_context(
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            cfg.query_memory_limit,
         )?;
         let mut slots = BTreeMap::new();
         let mut stream_tables = HashMap::new();
@@ -481,6 +499,17 @@ impl Engine {
         for g in self.gates.values_mut() {
             g.watermark.advance(now_ms);
         }
+        self.report_state();
+    }
+
+    /// State size per view as gauges (on every tick and every read).
+    fn report_state(&self) {
+        for v in &self.views {
+            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
+                .set(v.groups() as f64);
+            metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
+                .set(v.state_bytes() as f64);
+        }
     }
 
     /// Takes (and publishes) a consistent snapshot of all views.
@@ -496,10 +525,6 @@ impl Engine {
                 v.name.clone(),
                 evaluate_timed(v, &mut self.last_evaluation)?,
             );
-            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
-                .set(v.groups() as f64);
-            metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
-                .set(v.state_bytes() as f64);
         }
         let snap = Arc::new(Snapshot {
             epoch: self.epoch,
@@ -579,6 +604,7 @@ impl Engine {
     /// (the query does not read them). Not published as the latest
     /// snapshot unless every view is current.
     pub fn snapshot_for(&mut self, needed: &HashSet<String>) -> Result<Arc<Snapshot>> {
+        self.report_state();
         let as_of = self.as_of();
         if self.snapshot_epoch == Some(self.epoch) && self.snapshot_as_of == as_of {
             return Ok(self.cell.load());
@@ -757,23 +783,129 @@ async fn run_plan(
     plan: LogicalPlan,
     snap: Arc<Snapshot>,
 ) -> Result<QueryOutput> {
-    let mut state = ctx.state();
-    state
-        .config_mut()
-        .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
+    run_plan_limited(ctx, plan, snap, &QueryLimits::default()).await
+}
+
+/// Limits on one read-only query of the serving side (`[serving]`): each
+/// is answered with a typed error ([`EngineError::Timeout`],
+/// [`EngineError::TooManyRows`]); the memory limit is the serving
+/// context's memory pool ([`EngineConfig::query_memory_limit`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Cancel the query after this long (planning, execution and
+    /// collecting the rows).
+    pub timeout: Option<std::time::Duration>,
+    /// Refuse results with more rows than this (execution stops as soon
+    /// as the limit is passed).
+    pub max_rows: Option<usize>,
+}
+
+/// The kind of a statement that is not a read (`CREATE TABLE`, `INSERT
+/// INTO`, `COPY`, `DROP VIEW`, ...), for the read-only error; `None` for
+/// queries, `EXPLAIN` and `SHOW`.
+pub fn write_kind(stmt: &SqlStatement) -> Option<String> {
+    if matches!(
+        stmt,
+        SqlStatement::Query(_) | SqlStatement::Explain { .. } | SqlStatement::ExplainTable { .. }
+    ) {
+        return None;
+    }
+    let text = stmt.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(3).collect();
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    if words.first().is_some_and(|w| is(w, "SHOW")) {
+        return None;
+    }
+    let kind = match words.as_slice() {
+        [a, b, c, ..]
+            if is(a, "CREATE")
+                && ["MATERIALIZED", "EXTERNAL", "OR", "TEMPORARY", "UNIQUE"]
+                    .iter()
+                    .any(|k| is(b, k)) =>
+        {
+            format!("{a} {b} {c}")
+        }
+        [a, b, ..]
+            if ["CREATE", "DROP", "ALTER", "INSERT", "TRUNCATE", "GRANT"]
+                .iter()
+                .any(|k| is(a, k)) =>
+        {
+            format!("{a} {b}")
+        }
+        [a, ..] => a.to_string(),
+        [] => "this statement".into(),
+    };
+    Some(kind.to_uppercase())
+}
+
+/// [`write_kind`] for DataFusion's statements (`CREATE EXTERNAL TABLE` and
+/// `COPY ... TO` are its own).
+fn df_write_kind(stmt: &DFStatement) -> Option<String> {
+    match stmt {
+        DFStatement::Statement(s) => write_kind(s),
+        DFStatement::CreateExternalTable(_) => Some("CREATE EXTERNAL TABLE".into()),
+        DFStatement::CopyTo(_) => Some("COPY".into()),
+        DFStatement::Explain(_) => None,
+        _ => Some("this statement".into()),
+    }
+}
+
+/// Checks that `plan` only reads: DDL (`CREATE TABLE`, `CREATE EXTERNAL
+/// TABLE`), DML (`INSERT`, `COPY`) and statements (`SET`, transactions)
+/// are refused with [`EngineError::ReadOnly`].
+pub fn verify_read_only(plan: &LogicalPlan) -> Result<()> {
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false)
-        .verify_plan(&plan)
+        .verify_plan(plan)
         .map_err(|e| {
-            crate::EngineError::User(format!(
-                "{e}. Over SQL storepulse accepts queries, CREATE [MATERIALIZED] VIEW and DROP VIEW"
+            let what = match e.find_root() {
+                datafusion::error::DataFusionError::Plan(m) => m.clone(),
+                other => other.to_string(),
+            };
+            crate::EngineError::ReadOnly(format!(
+                "storepulse serves read-only SQL ({what}); views are defined in the server's SQL files"
             ))
-        })?;
+        })
+}
+
+async fn run_plan_limited(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    snap: Arc<Snapshot>,
+    limits: &QueryLimits,
+) -> Result<QueryOutput> {
+    verify_read_only(&plan)?;
+    let mut state = ctx.state();
+    state
+        .config_mut()
+        .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
     let df = DataFrame::new(state, plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let collect = async {
+        let Some(max_rows) = limits.max_rows else {
+            return Ok::<_, crate::EngineError>(df.collect().await?);
+        };
+        use futures::StreamExt;
+        let mut stream = df.execute_stream().await?;
+        let (mut rows, mut batches) = (0usize, Vec::new());
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            rows += b.num_rows();
+            if rows > max_rows {
+                return Err(crate::EngineError::TooManyRows(max_rows));
+            }
+            batches.push(b);
+        }
+        Ok(batches)
+    };
+    let batches = match limits.timeout {
+        Some(t) => tokio::time::timeout(t, collect)
+            .await
+            .map_err(|_| crate::EngineError::Timeout(t))??,
+        None => collect.await?,
+    };
     Ok(QueryOutput { schema, batches })
 }
 
@@ -873,25 +1005,68 @@ impl EngineHandle {
         self.engine.lock().await
     }
 
-    /// Runs a SQL script. Read-only statements run on a pinned snapshot
-    /// without holding the engine lock; DDL goes through the engine.
+    /// Runs a SQL script with view DDL allowed and no limits (the
+    /// operator's path: config scripts, the CLI on loopback). See
+    /// [`EngineHandle::query_with`].
     pub async fn query(&self, sql: &str) -> Result<Vec<QueryOutput>> {
+        self.query_with(sql, &QueryLimits::default(), true).await
+    }
+
+    /// Runs a SQL script. Read-only statements run on a pinned snapshot
+    /// without holding the engine lock, under `limits`; storepulse DDL
+    /// (`CREATE [MATERIALIZED] VIEW`, `DROP VIEW`, `CREATE ALERT`) goes
+    /// through the engine when `allow_ddl`, and is refused with
+    /// [`EngineError::ReadOnly`] otherwise (analysts' connections).
+    pub async fn query_with(
+        &self,
+        sql: &str,
+        limits: &QueryLimits,
+        allow_ddl: bool,
+    ) -> Result<Vec<QueryOutput>> {
         let mut out = Vec::new();
         for stmt in parse_script(sql)? {
             match stmt {
                 Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
-                    // Plan first: only the materialized views the query reads
-                    // are evaluated for its snapshot.
+                    if let Some(kind) = df_write_kind(&statement) {
+                        return Err(crate::EngineError::ReadOnly(format!(
+                            "{kind} is not allowed: storepulse serves read-only SQL (views are defined with CREATE [MATERIALIZED] VIEW)"
+                        )));
+                    }
                     let plan = self.serving.state().statement_to_plan(*statement).await?;
-                    let mut needed = HashSet::new();
-                    referenced_views(&plan, &mut needed);
-                    let snap = self.engine.lock().await.snapshot_for(&needed)?;
-                    out.push(run_plan(&self.serving, plan, snap).await?);
+                    out.push(self.run_read_only(plan, limits).await?);
                 }
-                other => out.push(self.engine.lock().await.execute_statement(other).await?),
+                other if allow_ddl => {
+                    out.push(self.engine.lock().await.execute_statement(other).await?)
+                }
+                other => {
+                    let kind = match other {
+                        Statement::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
+                        Statement::CreateAlert(_) => "CREATE ALERT",
+                        Statement::DataFusion { .. } => "CREATE VIEW / DROP VIEW",
+                    };
+                    return Err(crate::EngineError::ReadOnly(format!(
+                        "{kind} needs the admin token; this connection is read-only"
+                    )));
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Runs one planned read-only query (pgwire plans with its own parser)
+    /// on a snapshot pinned for it: only the materialized views the plan
+    /// reads are evaluated. Refuses anything but reads
+    /// ([`verify_read_only`]) and enforces `limits`.
+    pub async fn run_read_only(
+        &self,
+        plan: LogicalPlan,
+        limits: &QueryLimits,
+    ) -> Result<QueryOutput> {
+        verify_read_only(&plan)?;
+        let mut needed = HashSet::new();
+        referenced_views(&plan, &mut needed);
+        let snap = self.engine.lock().await.snapshot_for(&needed)?;
+        run_plan_limited(&self.serving, plan, snap, limits).await
     }
 
     /// Recomputes the refreshed views that are due (see

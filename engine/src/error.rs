@@ -25,6 +25,16 @@ pub enum EngineError {
     /// Arrow errors while processing batches.
     #[error(transparent)]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+    /// The statement is not allowed on a read-only connection (DDL, DML,
+    /// COPY, external tables): analysts' SQL only reads.
+    #[error("permission denied: {0}")]
+    ReadOnly(String),
+    /// The query ran longer than the serving timeout and was cancelled.
+    #[error("query cancelled after {}: it ran longer than the serving timeout ([serving] timeout); narrow it or raise the limit", humantime::format_duration(*.0))]
+    Timeout(std::time::Duration),
+    /// The result has more rows than the serving row limit.
+    #[error("the result has more than {0} rows ([serving] max_rows); add a LIMIT or aggregate")]
+    TooManyRows(usize),
     /// File system errors (late-events log, data dir).
     #[error("{path}: {source}")]
     Io {
@@ -41,7 +51,11 @@ impl EngineError {
     /// HTTP API answers 400 for these and 500 otherwise.
     pub fn is_user_error(&self) -> bool {
         match self {
-            EngineError::User(_) | EngineError::Sql(_) => true,
+            EngineError::User(_)
+            | EngineError::Sql(_)
+            | EngineError::ReadOnly(_)
+            | EngineError::Timeout(_)
+            | EngineError::TooManyRows(_) => true,
             EngineError::DataFusion(e) => {
                 matches!(
                     e.find_root(),
@@ -54,6 +68,14 @@ impl EngineError {
             }
             _ => false,
         }
+    }
+}
+
+impl EngineError {
+    /// True when the query hit the serving memory limit (the DataFusion
+    /// memory pool of the serving context).
+    pub fn is_memory_limit(&self) -> bool {
+        matches!(self, EngineError::DataFusion(e) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)))
     }
 }
 

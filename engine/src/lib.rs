@@ -33,7 +33,8 @@ pub mod watermark;
 pub use config::EngineConfig;
 pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
 pub use engine::{
-    AlertDefinition, Engine, EngineHandle, IngestReport, QueryOutput, StreamStatus, ViewInfo,
+    verify_read_only, write_kind, AlertDefinition, Engine, EngineHandle, IngestReport, QueryLimits,
+    QueryOutput, StreamStatus, ViewInfo,
 };
 pub use error::{EngineError, Result};
 pub use snapshot::Snapshot;

@@ -69,13 +69,14 @@ SELECT store_id, sku,
 FROM stock_counts
 GROUP BY store_id, sku;
 
--- Chain-wide sales per minute (for live charts).
+-- Sales per store and minute (the dashboard's live chart; sum over stores
+-- for the chain, or filter by store or city through `stores`).
 CREATE MATERIALIZED VIEW sales_per_minute AS
-SELECT date_bin(INTERVAL '1 minute', ts) AS minute,
+SELECT store_id, date_bin(INTERVAL '1 minute', ts) AS minute,
     count(*) FILTER (WHERE line_no = 0) AS receipts,
     sum(qty * unit_price - coalesce(discount, 0)) AS revenue
 FROM sales
-GROUP BY date_bin(INTERVAL '1 minute', ts);
+GROUP BY store_id, date_bin(INTERVAL '1 minute', ts);
 
 -- A query-time view over a live view: revenue per store today.
 CREATE VIEW store_revenue AS

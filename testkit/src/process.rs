@@ -44,6 +44,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// `127.0.0.1:PORT` of the Postgres wire listener, if `[pg]` is on.
+    pub pg: Option<String>,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -69,18 +71,24 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(120);
-        let base = loop {
+        let (base, pg) = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("server did not report its address");
-            if let Some(i) = line.find("url=http://") {
+            if let Some(i) = line.find("url=http") {
                 let url = line[i + 4..].split_whitespace().next().expect("url");
-                break url.trim_end_matches('/').to_string();
+                let pg = line
+                    .find(" pg=")
+                    .map(|j| line[j + 4..].split_whitespace().next().expect("pg"))
+                    .filter(|a| *a != "off")
+                    .map(str::to_string);
+                break (url.trim_end_matches('/').to_string(), pg);
             }
         };
         Server {
             child,
             base,
+            pg,
             stderr: rx,
         }
     }

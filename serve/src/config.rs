@@ -1,0 +1,166 @@
+//! `[serving]`, `[pg]` and `[tls]` of `storepulse.toml`.
+//!
+//! ```toml
+//! [serving]
+//! timeout = "30s"          # per query, HTTP and pgwire
+//! max_rows = 1000000       # result rows per query
+//! memory_limit = "2 GiB"   # DataFusion memory pool shared by all queries
+//!
+//! [pg]
+//! listen = "127.0.0.1:5433"
+//! user = "storepulse"
+//! password = "..."         # or STOREPULSE_PG_PASSWORD; required beyond loopback
+//! tls = true               # needs [tls]
+//!
+//! [tls]
+//! cert = "server.crt"      # PEM chain
+//! key = "server.key"       # PEM private key (PKCS#8, PKCS#1 or SEC1)
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use storepulse_engine::QueryLimits;
+
+use crate::ServeError;
+
+/// `[serving]`: limits of every analyst query (HTTP and pgwire). Each limit
+/// is answered with a clear error, never a crash.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServingConfig {
+    /// A query running longer than this is cancelled (pgwire SQLSTATE
+    /// 57014, HTTP 408). A client's `SET statement_timeout` may lower it,
+    /// not raise it.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A result with more rows than this is refused (SQLSTATE 54000, HTTP
+    /// 413); execution stops as soon as it is passed.
+    pub max_rows: usize,
+    /// The memory pool of the serving context, shared by all concurrent
+    /// queries, reports and snapshots: a query needing more fails with
+    /// "Resources exhausted" (SQLSTATE 53200, HTTP 413). Absent: unbounded.
+    pub memory_limit: Option<ByteSize>,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            max_rows: 1_000_000,
+            memory_limit: Some(ByteSize::gib(2)),
+        }
+    }
+}
+
+impl ServingConfig {
+    /// The per-query limits.
+    pub fn limits(&self) -> QueryLimits {
+        QueryLimits {
+            timeout: Some(self.timeout),
+            max_rows: Some(self.max_rows),
+        }
+    }
+
+    /// The memory pool size in bytes.
+    pub fn memory_limit_bytes(&self) -> Option<usize> {
+        self.memory_limit
+            .map(|b| usize::try_from(b.as_u64()).unwrap_or(usize::MAX))
+    }
+}
+
+/// `[pg]`: the Postgres wire protocol listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PgConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port); absent: no
+    /// pgwire listener (`--pg` on the command line sets it).
+    pub listen: Option<SocketAddr>,
+    /// The user name clients log in with (when a password is set).
+    pub user: String,
+    /// The password (SCRAM-SHA-256). `STOREPULSE_PG_PASSWORD` overrides it.
+    /// Required when `listen` is not a loopback address.
+    pub password: Option<String>,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+    /// Offer TLS (needs `[tls]`); clients may still connect in clear text
+    /// unless they require TLS (`sslmode=require`).
+    pub tls: bool,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            user: "storepulse".into(),
+            password: None,
+            max_connections: 100,
+            tls: false,
+        }
+    }
+}
+
+impl PgConfig {
+    /// Applies `STOREPULSE_PG_PASSWORD` if set.
+    pub fn with_env(mut self) -> Self {
+        if let Ok(p) = std::env::var("STOREPULSE_PG_PASSWORD") {
+            if !p.is_empty() {
+                self.password = Some(p);
+            }
+        }
+        self
+    }
+}
+
+/// `[tls]`: the server certificate for HTTPS and pgwire TLS.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Refuses a listener beyond loopback without credentials: `what` names
+/// the config key (`pg.listen`), `secret` the credential that must be set.
+pub fn check_exposure(
+    what: &str,
+    addr: SocketAddr,
+    has_secret: bool,
+    secret: &str,
+) -> Result<(), ServeError> {
+    if !addr.ip().is_loopback() && !has_secret {
+        return Err(ServeError::Config(format!(
+            "{what} = {addr} listens beyond loopback: set {secret} (anyone who can reach the port could otherwise query the chain's data)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_needs_a_secret_beyond_loopback() {
+        let lo: SocketAddr = "127.0.0.1:5433".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:5433".parse().unwrap();
+        assert!(check_exposure("pg.listen", lo, false, "pg.password").is_ok());
+        assert!(check_exposure("pg.listen", any, true, "pg.password").is_ok());
+        let e = check_exposure("pg.listen", any, false, "pg.password").unwrap_err();
+        assert!(e.to_string().contains("pg.password"), "{e}");
+        assert!(e.to_string().contains("0.0.0.0:5433"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = toml_like::<ServingConfig>("{\"timeout\": \"1s\", \"max_row\": 3}");
+        assert!(e.contains("max_row"), "{e}");
+    }
+
+    fn toml_like<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> String {
+        serde_json::from_str::<T>(json).unwrap_err().to_string()
+    }
+}

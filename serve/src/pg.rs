@@ -1,0 +1,517 @@
+//! The Postgres wire protocol listener.
+//!
+//! Built from `datafusion-postgres`' pieces: its SQL parser (with the
+//! rewrites Postgres clients need), `pg_catalog` and the `SET`/`SHOW` and
+//! transaction hooks. Every other statement goes to [`ServeHook`], which
+//! plans it against the serving context and runs it through
+//! [`EngineHandle::run_read_only`]: one pinned snapshot per query (the same
+//! answers as the HTTP API), read-only (DDL, DML, `COPY` and external tables
+//! get SQLSTATE 42501), bounded by the [`QueryLimits`].
+//!
+//! The simple protocol (psql, Grafana) and the extended protocol (prepared
+//! statements with parameters; text and binary results) both end in the
+//! hook; for the extended one the portal's result format is carried to the
+//! hook in a task-local, because `QueryHook` does not receive the portal.
+
+use std::{fmt::Debug, net::SocketAddr, sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use datafusion::{
+    common::ParamValues,
+    logical_expr::LogicalPlan,
+    prelude::SessionContext,
+    sql::{parser::Statement as DFStatement, sqlparser::ast::Statement},
+};
+use datafusion_postgres::{
+    arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch},
+    datafusion_pg_catalog::{pg_catalog::context::EmptyContextProvider, setup_pg_catalog},
+    hooks::{set_show::SetShowHook, transactions::TransactionStatementHook, HookClient},
+    pgwire::{
+        api::{
+            auth::{
+                noop::NoopStartupHandler,
+                sasl::{
+                    scram::{gen_salted_password, ScramAuth},
+                    SASLAuthStartupHandler,
+                },
+                AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+            },
+            cancel::DefaultCancelHandler,
+            portal::{Format, Portal},
+            query::{ExtendedQueryHandler, SimpleQueryHandler},
+            results::{QueryResponse, Response, Tag},
+            store::PortalStore,
+            ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers,
+        },
+        error::{ErrorInfo, PgWireError, PgWireResult},
+        messages::{PgWireBackendMessage, PgWireFrontendMessage},
+        types::format::FormatOptions,
+    },
+    DfSessionService, Parser, QueryHook,
+};
+use futures::Sink;
+use storepulse_engine::{write_kind, EngineError, EngineHandle, QueryLimits};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use crate::{config::check_exposure, PgConfig, ServeError};
+
+tokio::task_local! {
+    /// The result format of the extended-protocol portal being executed.
+    static RESULT_FORMAT: Format;
+}
+
+/// SQLSTATE and message for an engine error.
+fn pg_error(e: &EngineError) -> PgWireError {
+    let code = match e {
+        EngineError::ReadOnly(_) => "42501",    // insufficient_privilege
+        EngineError::Timeout(_) => "57014",     // query_canceled
+        EngineError::TooManyRows(_) => "54000", // program_limit_exceeded
+        _ if e.is_memory_limit() => "53200",    // out_of_memory
+        _ if e.is_user_error() => "42000",      // syntax_error_or_access_rule_violation
+        _ => "XX000",                           // internal_error
+    };
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        code.into(),
+        e.to_string(),
+    )))
+}
+
+/// The metric label of an error's SQLSTATE class.
+fn error_label(e: &EngineError) -> &'static str {
+    match e {
+        EngineError::ReadOnly(_) => "read_only",
+        EngineError::Timeout(_) => "timeout",
+        EngineError::TooManyRows(_) => "row_limit",
+        _ if e.is_memory_limit() => "memory_limit",
+        _ if e.is_user_error() => "user_error",
+        _ => "internal_error",
+    }
+}
+
+/// Runs every statement the session hooks do not answer.
+struct ServeHook {
+    engine: EngineHandle,
+    limits: QueryLimits,
+}
+
+/// Session statements answered with their tag and no effect (clients send
+/// them on connect; storepulse has no session state they could change).
+fn session_noop(stmt: &Statement) -> Option<&'static str> {
+    match stmt {
+        Statement::Set(_) => Some("SET"),
+        Statement::Discard { .. } => Some("DISCARD ALL"),
+        Statement::Deallocate { .. } => Some("DEALLOCATE"),
+        _ => None,
+    }
+}
+
+/// Statements that are not reads are refused before planning, with the
+/// statement's kind in the message; reads still pass
+/// [`storepulse_engine::verify_read_only`].
+fn refused(stmt: &Statement) -> Option<EngineError> {
+    write_kind(stmt).map(|kind| {
+        EngineError::ReadOnly(format!(
+            "{kind} is not allowed: storepulse serves read-only SQL over the Postgres protocol (views are defined in the server's SQL files)"
+        ))
+    })
+}
+
+impl ServeHook {
+    async fn plan(&self, stmt: &Statement, ctx: &SessionContext) -> PgWireResult<LogicalPlan> {
+        ctx.state()
+            .statement_to_plan(DFStatement::Statement(Box::new(stmt.clone())))
+            .await
+            .map_err(|e| {
+                let e = EngineError::from(e);
+                record(Err(&e), Instant::now());
+                pg_error(&e)
+            })
+    }
+
+    async fn run(
+        &self,
+        plan: LogicalPlan,
+        format: &Format,
+        client: &(dyn ClientInfo + Send + Sync),
+    ) -> PgWireResult<Response> {
+        let started = Instant::now();
+        let mut limits = self.limits;
+        // `SET statement_timeout` (kept by the set/show hook) may lower the
+        // server's timeout, never raise it.
+        if let Some(ms) = client
+            .metadata()
+            .get("statement_timeout_ms")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            let t = std::time::Duration::from_millis(ms);
+            limits.timeout = Some(limits.timeout.map_or(t, |l| l.min(t)));
+        }
+        let out = self.engine.run_read_only(plan, &limits).await;
+        record(out.as_ref().map(|_| ()), started);
+        let out = out.map_err(|e| {
+            tracing::info!(error = %e, "pgwire query failed");
+            pg_error(&e)
+        })?;
+        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+        let fields = Arc::new(arrow_schema_to_pg_fields(
+            &out.schema,
+            format,
+            Some(options),
+        )?);
+        let f = fields.clone();
+        let rows = futures::stream::iter(
+            out.batches
+                .into_iter()
+                .flat_map(move |b| encode_recordbatch(f.clone(), b)),
+        );
+        Ok(Response::Query(QueryResponse::new(fields, rows)))
+    }
+}
+
+fn record(result: Result<(), &EngineError>, started: Instant) {
+    metrics::histogram!("storepulse_query_duration_seconds", "interface" => "pgwire")
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => error_label(e))
+            .increment(1);
+    }
+}
+
+#[async_trait]
+impl QueryHook for ServeHook {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        if let Some(tag) = session_noop(statement) {
+            return Some(Ok(Response::Execution(Tag::new(tag))));
+        }
+        if let Some(e) = refused(statement) {
+            record(Err(&e), Instant::now());
+            return Some(Err(pg_error(&e)));
+        }
+        let plan = match self.plan(statement, ctx).await {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.run(plan, &Format::UnifiedText, &*client).await)
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        _ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        if session_noop(statement).is_some() {
+            return None;
+        }
+        // Writes fail at Parse (as Postgres does for a read-only
+        // transaction); reads get the default planning, with parameter
+        // type inference.
+        refused(statement).map(|e| {
+            record(Err(&e), Instant::now());
+            Err(pg_error(&e))
+        })
+    }
+
+    async fn handle_extended_query(
+        &self,
+        statement: &Statement,
+        plan: &LogicalPlan,
+        params: &ParamValues,
+        _ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        if let Some(tag) = session_noop(statement) {
+            return Some(Ok(Response::Execution(Tag::new(tag))));
+        }
+        if let Some(e) = refused(statement) {
+            return Some(Err(pg_error(&e)));
+        }
+        let plan = match plan.clone().replace_params_with_values(params) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(pg_error(&EngineError::from(e)))),
+        };
+        let format = RESULT_FORMAT
+            .try_with(|f| f.clone())
+            .unwrap_or(Format::UnifiedText);
+        Some(self.run(plan, &format, &*client).await)
+    }
+}
+
+/// The extended-query handler: `datafusion-postgres`' own, with the
+/// portal's result format made visible to [`ServeHook`].
+struct Extended(Arc<DfSessionService>);
+
+#[async_trait]
+impl ExtendedQueryHandler for Extended {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        self.0.query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        RESULT_FORMAT
+            .scope(
+                portal.result_column_format.clone(),
+                ExtendedQueryHandler::do_query(&*self.0, client, portal, max_rows),
+            )
+            .await
+    }
+}
+
+/// The one configured user's password, for SCRAM-SHA-256.
+#[derive(Debug)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+const SCRAM_ITERATIONS: usize = 4096;
+
+#[async_trait]
+impl AuthSource for Credentials {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        if user != self.user {
+            metrics::counter!("storepulse_pg_auth_failures_total").increment(1);
+            tracing::info!(
+                user,
+                host = login.host(),
+                "pgwire login for an unknown user"
+            );
+            return Err(PgWireError::InvalidPassword(user.to_string()));
+        }
+        let salt: [u8; 16] = rand::random();
+        let salted = gen_salted_password(&self.password, &salt, SCRAM_ITERATIONS);
+        Ok(Password::new(Some(salt.to_vec()), salted))
+    }
+}
+
+/// No authentication (loopback without a password).
+struct Open(Arc<ConnectionManager>);
+
+impl NoopStartupHandler for Open {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The startup handler of one connection.
+enum Startup {
+    Open(Open),
+    Scram(SASLAuthStartupHandler<DefaultServerParameterProvider>),
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match self {
+            Startup::Open(h) => h.on_startup(client, message).await,
+            Startup::Scram(h) => h.on_startup(client, message).await,
+        }
+    }
+}
+
+/// Logs errors sent to clients at debug level (they are the client's).
+struct LogErrors;
+
+impl ErrorHandler for LogErrors {
+    fn on_error<C>(&self, _client: &C, error: &mut PgWireError)
+    where
+        C: ClientInfo,
+    {
+        tracing::debug!(%error, "pgwire error sent to client");
+    }
+}
+
+struct Handlers {
+    simple: Arc<DfSessionService>,
+    extended: Arc<Extended>,
+    credentials: Option<Arc<Credentials>>,
+    connections: Arc<ConnectionManager>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.simple.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.extended.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        // Called once per connection: the SASL handler holds the state of
+        // one exchange.
+        Arc::new(match &self.credentials {
+            None => Startup::Open(Open(self.connections.clone())),
+            Some(c) => {
+                let mut scram = ScramAuth::new(c.clone());
+                scram.set_iterations(SCRAM_ITERATIONS);
+                Startup::Scram(
+                    SASLAuthStartupHandler::new(
+                        Arc::new(DefaultServerParameterProvider::default()),
+                    )
+                    .with_scram(scram)
+                    .with_connection_manager(self.connections.clone()),
+                )
+            }
+        })
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LogErrors)
+    }
+
+    fn cancel_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::cancel::CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// A bound pgwire listener; [`PgServer::run`] serves it.
+pub struct PgServer {
+    listener: TcpListener,
+    handlers: Arc<Handlers>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+}
+
+impl PgServer {
+    /// Registers `pg_catalog` in the engine's serving context (once) and
+    /// binds `addr`. Refuses an address beyond loopback without a password,
+    /// and TLS without `[tls]`.
+    pub async fn bind(
+        engine: EngineHandle,
+        cfg: &PgConfig,
+        addr: SocketAddr,
+        limits: QueryLimits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<PgServer, ServeError> {
+        check_exposure(
+            "pg.listen",
+            addr,
+            cfg.password.is_some(),
+            "[pg] password or STOREPULSE_PG_PASSWORD",
+        )?;
+        if cfg.tls && tls.is_none() {
+            return Err(ServeError::Config(
+                "pg.tls = true needs [tls] cert and key".into(),
+            ));
+        }
+        let ctx = Arc::new(engine.serving_context().clone());
+        if ctx
+            .catalog("datafusion")
+            .and_then(|c| c.schema("pg_catalog"))
+            .is_none()
+        {
+            setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
+                .map_err(|e| ServeError::Config(format!("pg_catalog: {e}")))?;
+        }
+        let hooks: Vec<Arc<dyn QueryHook>> = vec![
+            Arc::new(SetShowHook),
+            Arc::new(TransactionStatementHook),
+            Arc::new(ServeHook { engine, limits }),
+        ];
+        let service = Arc::new(DfSessionService::new_with_hooks(ctx, hooks));
+        let connections = Arc::new(ConnectionManager::new());
+        let handlers = Arc::new(Handlers {
+            simple: service.clone(),
+            extended: Arc::new(Extended(service)),
+            credentials: cfg.password.as_ref().map(|p| {
+                Arc::new(Credentials {
+                    user: cfg.user.clone(),
+                    password: p.clone(),
+                })
+            }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections.clone())),
+            connections,
+        });
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: "pg.listen",
+                addr,
+                source,
+            })?;
+        Ok(PgServer {
+            listener,
+            handlers,
+            tls: if cfg.tls {
+                tls.map(tokio_rustls::TlsAcceptor::from)
+            } else {
+                None
+            },
+            max_connections: cfg.max_connections.max(1),
+        })
+    }
+
+    /// The bound address (the port, when `:0` was asked).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown` resolves; each connection is
+    /// served on its own task.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let limiter = Arc::new(Semaphore::new(self.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let (socket, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pgwire accept failed");
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limiter.clone().try_acquire_owned() else {
+                metrics::counter!("storepulse_pg_connections_refused_total").increment(1);
+                tracing::warn!(%peer, max = self.max_connections, "pgwire connection refused: max_connections reached");
+                drop(socket);
+                continue;
+            };
+            let handlers = self.handlers.clone();
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                metrics::gauge!("storepulse_pg_connections").increment(1.0);
+                if let Err(e) =
+                    datafusion_postgres::pgwire::tokio::process_socket(socket, tls, handlers).await
+                {
+                    tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
+                }
+                metrics::gauge!("storepulse_pg_connections").decrement(1.0);
+            });
+        }
+    }
+}
