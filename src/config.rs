@@ -282,6 +282,11 @@ impl Config {
             fix(&mut t.cert);
             fix(&mut t.key);
         }
+        for sink in &mut self.alerts.sinks {
+            if let storepulse_alerts::SinkConfig::Jsonl { path, .. } = sink {
+                fix(path);
+            }
+        }
         self.http = std::mem::take(&mut self.http).with_env();
         self.pg = std::mem::take(&mut self.pg).with_env();
         if let Some(url) = &mut self.lake.url {
