@@ -236,7 +236,7 @@ fn main() {
          [lake]\nenabled = false\n[[sources]]\ntype = \"generator\"\nstores = 50\nskus = 400\nmembers = 20000\nrate = {rate}\n"
     );
     if let Some(r) = &refresh {
-        config = format!("[engine.refresh]\nstockout_risk = \"{r}\"\n{config}");
+        config.push_str(&format!("[engine.refresh]\nstockout_risk = \"{r}\"\n"));
     }
     std::fs::write(dir.path().join("storepulse.toml"), config).expect("config");
     let server = Server::start(BIN, &dir.path().join("storepulse.toml"));

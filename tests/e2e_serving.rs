@@ -966,3 +966,95 @@ fn dashboard_in_headless_chromium(http: &Http) {
         eprintln!("screenshot: {}", path.display());
     }
 }
+
+/// HTTPS and pgwire TLS from one `[tls]` certificate (self-signed for
+/// 127.0.0.1, made by the `openssl` CLI), checked with clients that verify
+/// it: curl `--cacert` and psql `sslmode=verify-full`.
+#[test]
+fn tls_for_https_and_pgwire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=storepulse-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl CLI");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        dir.path().join("storepulse.toml"),
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\ntls = true\n\
+             [pg]\nlisten = \"127.0.0.1:0\"\npassword = \"{PASSWORD}\"\ntls = true\n\
+             [tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n[lake]\nenabled = false\n\
+             [[sources]]\ntype = \"generator\"\nstores = 2\nskus = 10\nmembers = 10\nrate = 50\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start(BIN, &dir.path().join("storepulse.toml"));
+    assert!(server.base.starts_with("https://"), "{}", server.base);
+    let curl = |extra: &[&str]| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+            ])
+            .args(extra)
+            .output()
+            .expect("curl")
+    };
+    let out = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        &format!("{}/api/v1/health", server.base),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(health["status"], "ok");
+    // Without the CA the certificate is not trusted; plain HTTP is not served.
+    assert!(!curl(&[&format!("{}/livez", server.base)]).status.success());
+    let plain = server.base.replace("https://", "http://");
+    let out = curl(&[&format!("{plain}/livez")]);
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("ok"));
+
+    let (host, port) = server.pg.as_deref().unwrap().rsplit_once(':').unwrap();
+    let conn = format!(
+        "host={host} port={port} user=storepulse dbname=storepulse sslmode=verify-full sslrootcert={}",
+        cert.display()
+    );
+    let out = Command::new("psql")
+        .args([&conn, "-X", "-A", "-t", "-c", "SELECT 1 + 1"])
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+}
