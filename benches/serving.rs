@@ -1,11 +1,15 @@
 //! Query serving under ingest (issue #7): point and aggregate queries over
 //! pgwire and HTTP while the real binary ingests a generated chain.
 //!
-//! Starts `storepulse run` (release build) with a live generator source at
-//! `BENCH_SERVING_RATE` events/s (default 100,000; 50 stores, 400 SKUs,
-//! every built-in view and rule), waits `BENCH_SERVING_WARMUP_SECS` (10) for
-//! state to build, then runs four scenarios of `BENCH_SERVING_SECS` (20)
-//! each with `BENCH_SERVING_CLIENTS` (4) concurrent clients:
+//! Generates a chain (50 stores, 400 SKUs, enough days for the run), starts
+//! a `tansu` broker, replays the chain into it with `storepulse replay
+//! --rate BENCH_SERVING_RATE` (default 100,000 events/s) and starts
+//! `storepulse run` (release build, every built-in view and rule) consuming
+//! it; `BENCH_SERVING_SOURCE=generator` uses the live generator instead
+//! (which follows the stores' opening hours in UTC). After
+//! `BENCH_SERVING_WARMUP_SECS` (5) it runs four scenarios of
+//! `BENCH_SERVING_SECS` (15) each with `BENCH_SERVING_CLIENTS` (4)
+//! concurrent clients:
 //!
 //! * pgwire point: prepared `SELECT ... FROM stockout_risk WHERE store_id =
 //!   $1 AND sku = $2` with random keys (tokio-postgres, binary rows);
@@ -33,7 +37,7 @@ use std::{
 
 use common::percentile;
 use rand::{Rng, SeedableRng};
-use storepulse_testkit::process::Server;
+use storepulse_testkit::process::{gen_dataset, tansu_bin, Server, Tansu};
 
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
 const POINT: &str = "SELECT on_hand, hours_of_cover, p_stockout, suggested_order_qty FROM stockout_risk WHERE store_id = $1 AND sku = $2";
@@ -226,15 +230,57 @@ fn http_scenario(
 
 fn main() {
     let rate = env_num("BENCH_SERVING_RATE", 100_000.0);
-    let secs = env_num("BENCH_SERVING_SECS", 20.0);
-    let warmup = env_num("BENCH_SERVING_WARMUP_SECS", 10.0);
+    let secs = env_num("BENCH_SERVING_SECS", 15.0);
+    let warmup = env_num("BENCH_SERVING_WARMUP_SECS", 5.0);
     let clients = env_num("BENCH_SERVING_CLIENTS", 4.0) as usize;
     let refresh = std::env::var("BENCH_SERVING_REFRESH").ok();
+    let source = std::env::var("BENCH_SERVING_SOURCE").unwrap_or_else(|_| "kafka".into());
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = format!(
-        "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[pg]\nlisten = \"127.0.0.1:0\"\n\
-         [lake]\nenabled = false\n[[sources]]\ntype = \"generator\"\nstores = 50\nskus = 400\nmembers = 20000\nrate = {rate}\n"
-    );
+    let mut config = "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[pg]\nlisten = \"127.0.0.1:0\"\n[lake]\nenabled = false\n".to_string();
+    // Kafka: a generated chain (enough days for the whole run at `rate`)
+    // replayed into a tansu broker at `rate` while the server consumes it.
+    let mut _broker = None;
+    let mut replay = None;
+    if source == "kafka" {
+        let tansu = tansu_bin().expect("tansu (cargo install tansu --locked --features dynostore)");
+        let broker = Tansu::start(&tansu);
+        let events = rate * (warmup + 4.0 * secs + 10.0);
+        let days = (events / 87_000.0).ceil() as usize + 1; // ~87k events per day at 50 stores
+        let data = dir.path().join("gen");
+        gen_dataset(BIN, &data, [50, 400, 20000, days], 7);
+        config.push_str(&format!(
+            "[engine]\nallowed_lateness = \"3650d\"\n\
+             [[dimensions]]\nname = \"stores\"\npath = \"gen/stores.csv\"\n\
+             [[dimensions]]\nname = \"products\"\npath = \"gen/products.csv\"\n\
+             [[dimensions]]\nname = \"replenishment_policy\"\npath = \"gen/replenishment_policy.csv\"\n\
+             [[sources]]\ntype = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"bench\"\nstart_from = \"earliest\"\n",
+            broker.addr
+        ));
+        replay = Some(
+            std::process::Command::new(BIN)
+                .args([
+                    "replay",
+                    "--brokers",
+                    &broker.addr,
+                    "--create-topics",
+                    "--partitions",
+                    "4",
+                ])
+                .args(["--rate", &rate.to_string()])
+                .arg(&data)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("replay"),
+        );
+        // The topics must exist before the consumer starts.
+        std::thread::sleep(Duration::from_secs(3));
+        _broker = Some(broker);
+    } else {
+        config.push_str(&format!(
+            "[[sources]]\ntype = \"generator\"\nstores = 50\nskus = 400\nmembers = 20000\nrate = {rate}\n"
+        ));
+    }
     if let Some(r) = &refresh {
         config.push_str(&format!("[engine.refresh]\nstockout_risk = \"{r}\"\n"));
     }
@@ -255,7 +301,7 @@ fn main() {
             .collect(),
     );
     println!(
-        "serving under ingest: target {rate:.0} events/s, {} (store, sku) keys in stockout_risk, {clients} clients, {secs:.0} s per scenario{}",
+        "serving under ingest ({source}): target {rate:.0} events/s, {} (store, sku) keys in stockout_risk, {clients} clients, {secs:.0} s per scenario{}",
         keys.len(),
         refresh.as_ref().map(|r| format!(", stockout_risk refreshed every {r}")).unwrap_or_default()
     );
@@ -294,4 +340,8 @@ fn main() {
     let mut o = http_scenario("HTTP aggregate", &base, keys, false, clients, secs);
     report(&mut o);
     drop(server);
+    if let Some(mut r) = replay {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
 }
