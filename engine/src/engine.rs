@@ -758,6 +758,9 @@ async fn run_query(
 
 /// The materialized views (by name) a plan reads, through query-time views
 /// and subqueries.
+/// Marker in [`referenced_views`]' output for `late_events` / `engine_clock`.
+const ENGINE_STATE: &str = "\0engine state";
+
 fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
     let _ = plan.apply_with_subqueries(|p| {
         if let LogicalPlan::TableScan(scan) = p {
@@ -771,6 +774,12 @@ fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
                     }
                 } else if let Some(t) = provider.downcast_ref::<ViewStateTable>() {
                     out.insert(t.view.clone());
+                } else if provider.downcast_ref::<LateEventsTable>().is_some()
+                    || provider.downcast_ref::<ClockTable>().is_some()
+                {
+                    // Live engine state, read from the pinned snapshot: the
+                    // query needs a current one (no view has this name).
+                    out.insert(ENGINE_STATE.to_string());
                 }
             }
         }
@@ -914,6 +923,8 @@ async fn run_plan_limited(
 pub struct EngineHandle {
     engine: Arc<Mutex<Engine>>,
     serving: SessionContext,
+    /// The latest published snapshot, for queries that read no live state.
+    cell: SnapshotCell,
     changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -927,10 +938,12 @@ impl EngineHandle {
     /// Wraps an engine.
     pub fn new(engine: Engine) -> Self {
         let serving = engine.serving.clone();
+        let cell = engine.cell.clone();
         let (changed, _) = tokio::sync::watch::channel(engine.epoch());
         Self {
             engine: Arc::new(Mutex::new(engine)),
             serving,
+            cell,
             changed: Arc::new(changed),
         }
     }
@@ -1065,7 +1078,14 @@ impl EngineHandle {
         verify_read_only(&plan)?;
         let mut needed = HashSet::new();
         referenced_views(&plan, &mut needed);
-        let snap = self.engine.lock().await.snapshot_for(&needed)?;
+        // A query that reads no materialized view and no live engine state
+        // (fresh refreshed views, dimensions, the lake, catalogs) does not
+        // wait for the engine lock, which micro-batch applies hold.
+        let snap = if needed.is_empty() {
+            self.cell.load()
+        } else {
+            self.engine.lock().await.snapshot_for(&needed)?
+        };
         run_plan_limited(&self.serving, plan, snap, limits).await
     }
 
