@@ -34,7 +34,7 @@ use object_store::path::Path;
 use parquet::{
     arrow::ArrowWriter,
     basic::{Compression, ZstdLevel},
-    file::properties::WriterProperties,
+    file::properties::{EnabledStatistics, WriterProperties},
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -272,13 +272,16 @@ impl Encoder {
             self.run,
             self.seq
         );
-        // zstd level 1: the archive is written on the ingest machine's
-        // cores, and level 3 cost twice the CPU for ~8% smaller files
-        // (BENCHMARKS.md). Event ids are unique: a dictionary for them is
-        // built, overflows and is thrown away, so it is not tried.
+        // The archive is encoded on the ingest machine's cores, so it is
+        // tuned for CPU (BENCHMARKS.md): no dictionaries (hashing every
+        // value made encoding ~30 % slower, and zstd compresses the repeats
+        // anyway: files got smaller), zstd level 1 (level 3 was no smaller
+        // for more CPU), statistics per column chunk (row-group pruning)
+        // rather than per page.
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
-            .set_column_dictionary_enabled("event_id".into(), false)
+            .set_dictionary_enabled(false)
+            .set_statistics_enabled(EnabledStatistics::Chunk)
             .set_max_row_group_row_count(Some(self.cfg.row_group_rows))
             .set_created_by(format!("storepulse {}", env!("CARGO_PKG_VERSION")))
             .build();
