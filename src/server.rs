@@ -275,12 +275,12 @@ async fn query(
 
 /// HTTP status and error code of a failed query.
 fn status_of(e: &EngineError) -> (StatusCode, &'static str) {
-    match e {
-        EngineError::ReadOnly(_) => (StatusCode::FORBIDDEN, "read_only"),
-        EngineError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
-        EngineError::TooManyRows(_) => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
-        _ if e.is_memory_limit() => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
-        _ if e.is_user_error() => (StatusCode::BAD_REQUEST, "user_error"),
+    match e.kind() {
+        "read_only" => (StatusCode::FORBIDDEN, "read_only"),
+        "timeout" => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
+        "row_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
+        "memory_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
+        "user_error" => (StatusCode::BAD_REQUEST, "user_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
@@ -311,7 +311,7 @@ async fn run_query(
         Ok(mut outs) => outs.pop().expect("at least one statement"),
         Err(e) => {
             let (status, code) = status_of(&e);
-            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => code)
+            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => e.kind())
                 .increment(1);
             tracing::info!(error = %e, code, "query failed");
             return error(status, code, message(&e));

@@ -72,6 +72,21 @@ impl EngineError {
 }
 
 impl EngineError {
+    /// The class of a failed query, shared by the HTTP status, the pgwire
+    /// SQLSTATE and the `kind` label of `storepulse_query_errors_total`:
+    /// `read_only`, `timeout`, `row_limit`, `memory_limit`, `user_error` or
+    /// `internal_error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::ReadOnly(_) => "read_only",
+            EngineError::Timeout(_) => "timeout",
+            EngineError::TooManyRows(_) => "row_limit",
+            _ if self.is_memory_limit() => "memory_limit",
+            _ if self.is_user_error() => "user_error",
+            _ => "internal_error",
+        }
+    }
+
     /// True when the query hit the serving memory limit (the DataFusion
     /// memory pool of the serving context).
     pub fn is_memory_limit(&self) -> bool {

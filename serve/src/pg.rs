@@ -62,31 +62,19 @@ tokio::task_local! {
 
 /// SQLSTATE and message for an engine error.
 fn pg_error(e: &EngineError) -> PgWireError {
-    let code = match e {
-        EngineError::ReadOnly(_) => "42501",    // insufficient_privilege
-        EngineError::Timeout(_) => "57014",     // query_canceled
-        EngineError::TooManyRows(_) => "54000", // program_limit_exceeded
-        _ if e.is_memory_limit() => "53200",    // out_of_memory
-        _ if e.is_user_error() => "42000",      // syntax_error_or_access_rule_violation
-        _ => "XX000",                           // internal_error
+    let code = match e.kind() {
+        "read_only" => "42501",    // insufficient_privilege
+        "timeout" => "57014",      // query_canceled
+        "row_limit" => "54000",    // program_limit_exceeded
+        "memory_limit" => "53200", // out_of_memory
+        "user_error" => "42000",   // syntax_error_or_access_rule_violation
+        _ => "XX000",              // internal_error
     };
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
         code.into(),
         e.to_string(),
     )))
-}
-
-/// The metric label of an error's SQLSTATE class.
-fn error_label(e: &EngineError) -> &'static str {
-    match e {
-        EngineError::ReadOnly(_) => "read_only",
-        EngineError::Timeout(_) => "timeout",
-        EngineError::TooManyRows(_) => "row_limit",
-        _ if e.is_memory_limit() => "memory_limit",
-        _ if e.is_user_error() => "user_error",
-        _ => "internal_error",
-    }
 }
 
 /// Runs every statement the session hooks do not answer.
@@ -173,7 +161,7 @@ fn record(result: Result<(), &EngineError>, started: Instant) {
     metrics::histogram!("storepulse_query_duration_seconds", "interface" => "pgwire")
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = result {
-        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => error_label(e))
+        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => e.kind())
             .increment(1);
     }
 }
