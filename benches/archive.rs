@@ -9,7 +9,11 @@
 //! the decoded batches to the archive alone (its own throughput).
 //!
 //! `cargo bench --bench archive` (env: `BENCH_EVENTS`, default 2,000,000;
-//! `BENCH_ARCHIVE_DIR` to write somewhere other than the temp directory).
+//! `BENCH_REPEAT`, pairs of lake off/on runs, default 3;
+//! `BENCH_ARCHIVE_COMPRESSION`, the archive codec of the pairs, default the
+//! configured default `lz4_raw`; `BENCH_ARCHIVE_DIR` to write somewhere other
+//! than the temp directory). The archive-alone run is repeated for each
+//! codec in `BENCH_ARCHIVE_CODECS` (default `lz4_raw,zstd(1),snappy,uncompressed`).
 
 use std::{
     sync::Arc,
@@ -130,12 +134,20 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let codec = |name: &str| ArchiveConfig {
+        compression: name
+            .parse()
+            .expect("BENCH_ARCHIVE_COMPRESSION: a parquet codec"),
+        ..ArchiveConfig::default()
+    };
+    let pair_codec =
+        std::env::var("BENCH_ARCHIVE_COMPRESSION").unwrap_or_else(|_| "lz4_raw".into());
     let dir = base.join("with-views");
     let (mut offs, mut ons) = (Vec::new(), Vec::new());
     for i in 0..repeat {
         offs.push(streaming(lines.clone(), None).await);
         let _ = std::fs::remove_dir_all(&dir);
-        let a = Archiver::start(lake(&dir), ArchiveConfig::default());
+        let a = Archiver::start(lake(&dir), codec(&pair_codec));
         ons.push(streaming(lines.clone(), Some(&a)).await);
         assert_eq!(a.buffered_bytes(), 0);
         println!(
@@ -152,9 +164,7 @@ async fn main() {
     let (off, on) = (median(offs), median(ons));
     let (bytes, files) = dir_bytes(&dir);
 
-    // The archive alone: decoded batches straight in.
-    let dir2 = base.join("alone");
-    let alone = Archiver::start(lake(&dir2), ArchiveConfig::default());
+    // The archive alone: decoded batches straight in, once per codec.
     let rx = decode_thread(lines.clone());
     let mut rows = 0usize;
     let mut decoded = Vec::new();
@@ -162,12 +172,21 @@ async fn main() {
         rows += b.batch.num_rows();
         decoded.push(b.batch);
     }
-    let t = Instant::now();
-    for b in decoded {
-        alone.archive("sales", b).await.expect("archive");
+    let codecs = std::env::var("BENCH_ARCHIVE_CODECS")
+        .unwrap_or_else(|_| "lz4_raw,zstd(1),snappy,uncompressed".into());
+    let mut alone = Vec::new();
+    for name in codecs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let dir2 = base.join(format!("alone-{}", name.replace(['(', ')'], "")));
+        let _ = std::fs::remove_dir_all(&dir2);
+        let a = Archiver::start(lake(&dir2), codec(name));
+        let t = Instant::now();
+        for b in &decoded {
+            a.archive("sales", b.clone()).await.expect("archive");
+        }
+        assert!(a.flush(Duration::from_secs(600)).await);
+        let secs = t.elapsed().as_secs_f64();
+        alone.push((name.to_string(), secs, dir_bytes(&dir2).0));
     }
-    assert!(alone.flush(Duration::from_secs(600)).await);
-    let alone_s = t.elapsed().as_secs_f64();
 
     println!(
         "\n## archive cost: decode + 3 continuous views, {n} receipts (medians of {repeat} runs)"
@@ -179,13 +198,15 @@ async fn main() {
         (1.0 - on.eps / off.eps) * 100.0
     );
     println!(
-        "archive output                      {files} files, {:.1} MB Parquet (zstd), {:.1} bytes/event",
+        "archive output                      {files} files, {:.1} MB Parquet ({pair_codec}), {:.1} bytes/event",
         bytes as f64 / 1e6,
         bytes as f64 / n as f64
     );
-    println!(
-        "archive alone                       {:>10.0} events/s ({rows} rows = receipt lines, {:.2} s)",
-        n as f64 / alone_s,
-        alone_s
-    );
+    for (name, secs, bytes) in alone {
+        println!(
+            "archive alone, {name:<14}       {:>10.0} events/s ({rows} rows = receipt lines, {secs:.2} s), {:.1} bytes/event",
+            n as f64 / secs,
+            bytes as f64 / n as f64
+        );
+    }
 }

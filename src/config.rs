@@ -498,4 +498,22 @@ path = "sales.csv"
         assert_eq!(c.sources.len(), 2);
         assert!(!c.sql.builtin);
     }
+
+    #[test]
+    fn archive_codec_parses_and_a_bad_one_is_named() {
+        let c = parse("[lake.archive]\ncompression = 'zstd(1)'\n").unwrap();
+        assert!(matches!(
+            c.lake.archive.compression,
+            parquet::basic::Compression::ZSTD(_)
+        ));
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.lake.archive.compression,
+            parquet::basic::Compression::LZ4_RAW
+        );
+        let e = parse("[lake.archive]\ncompression = 'zstd(99)'\n").unwrap_err();
+        assert!(e.contains("compression \"zstd(99)\""), "{e}");
+        let e = parse("[lake.archive]\ncompression = 'lzma'\n").unwrap_err();
+        assert!(e.contains("expected zstd(N)"), "{e}");
+    }
 }

@@ -3,6 +3,7 @@
 
 mod config;
 mod dashboard;
+mod engine_runtime;
 mod lake;
 mod openapi;
 mod pipeline;
@@ -504,7 +505,10 @@ async fn serve(
         pg_addr.map(|a| format!(" or psql -h {} -p {}", a.ip(), a.port())).unwrap_or_default()
     );
     tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
-    tokio::spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
+    // Applying batches and refreshing views is CPU work: it runs on its own
+    // thread so that it never stalls the runtime serving queries.
+    let engine_rt = engine_runtime::EngineRuntime::start()?;
+    engine_rt.spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
     let alert_task = alerts
         .clone()
         .map(|m| tokio::spawn(m.run(shutdown_rx.clone())));
@@ -547,7 +551,8 @@ async fn serve(
             h.graceful_shutdown(Some(Duration::from_secs(10)));
         });
     }
-    let mut pipeline_task = tokio::spawn(pipeline::run(
+    let mut pipeline_task = engine_rt.spawn(pipeline::run(
+        tokio::runtime::Handle::current(),
         handle.clone(),
         sources,
         dead_letters,

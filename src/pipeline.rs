@@ -274,7 +274,12 @@ pub(crate) fn write_chain_dimensions(
 }
 
 /// Runs sources into the engine until they end (bounded) or `shutdown`.
+/// The source tasks are spawned on `io` (the main runtime); this loop, which
+/// applies batches, runs wherever it is polled (the engine thread, see
+/// `engine_runtime.rs`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
+    io: tokio::runtime::Handle,
     handle: EngineHandle,
     sources: Sources,
     dead_letters: Arc<dyn DeadLetterSink>,
@@ -288,20 +293,29 @@ pub(crate) async fn run(
     let Sources { files, gens, kafka } = sources;
     for k in kafka {
         let (tx, sd) = (tx.clone(), shutdown.clone());
-        tasks.spawn(async move { k.run(tx, sd).await.context("Kafka source") });
+        tasks.spawn_on(
+            async move { k.run(tx, sd).await.context("Kafka source") },
+            &io,
+        );
     }
     for f in files {
         let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
         let path = f.path.clone();
-        tasks.spawn(async move {
-            f.run(tx, dl, sd)
-                .await
-                .with_context(|| format!("source {}", path.display()))
-        });
+        tasks.spawn_on(
+            async move {
+                f.run(tx, dl, sd)
+                    .await
+                    .with_context(|| format!("source {}", path.display()))
+            },
+            &io,
+        );
     }
     for g in gens {
         let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
-        tasks.spawn(async move { g.run(tx, dl, sd).await.context("generator source") });
+        tasks.spawn_on(
+            async move { g.run(tx, dl, sd).await.context("generator source") },
+            &io,
+        );
     }
     drop(tx);
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -36,6 +36,13 @@ pub struct EngineConfig {
     /// of bounded staleness (see `refresh.rs`). Unlisted views are computed
     /// per query. A name that no `CREATE VIEW` defines is an error.
     pub refresh: BTreeMap<String, humantime_serde::Serde<Duration>>,
+    /// When the background refresh of a `refresh` view falls behind
+    /// (overload), queries keep reading its last result until it is this
+    /// old (at least the view's interval); older, a query recomputes it
+    /// first. Bounds staleness without putting recomputation on the query
+    /// path in the common case.
+    #[serde(with = "humantime_serde")]
+    pub refresh_max_staleness: Duration,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
@@ -56,6 +63,7 @@ impl Default for EngineConfig {
             late_events_capacity: 100_000,
             as_of: None,
             refresh: BTreeMap::new(),
+            refresh_max_staleness: Duration::from_secs(30),
             data_dir: None,
             query_memory_limit: None,
         }

@@ -555,6 +555,7 @@ impl Engine {
             name.to_string(),
             view.logical_plan().clone(),
             **interval,
+            self.cfg.refresh_max_staleness,
         ));
         self.serving.deregister_table(name)?;
         self.serving.register_table(name, r.clone())?;
@@ -1095,6 +1096,12 @@ impl EngineHandle {
     pub async fn refresh_due(&self) -> Result<Vec<String>> {
         let due: Vec<Arc<RefreshedView>> = {
             let e = self.engine.lock().await;
+            for r in &e.refreshed {
+                if let Some(age) = r.age() {
+                    metrics::gauge!("storepulse_engine_view_refresh_age_seconds", "view" => r.name().to_string())
+                        .set(age.as_secs_f64());
+                }
+            }
             e.refreshed.iter().filter(|r| r.is_due()).cloned().collect()
         };
         let mut done = Vec::new();

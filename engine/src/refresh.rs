@@ -3,13 +3,20 @@
 //! A query-time view (`CREATE VIEW`) is normally planned into every query
 //! that reads it and recomputed from the current snapshot. A view named in
 //! `[engine] refresh` (name → interval) is instead served from its last
-//! computed result, which is at most `interval` old: a query that finds it
-//! older (or missing) recomputes it first, and the binary's refresher task
-//! recomputes due views in the background so queries rarely wait. This is
-//! ClickHouse's refreshable materialized view: for whole-table reads of
-//! expensive views (RFM quintiles over every member, risk over every
-//! (store, SKU)) at the price of bounded staleness — the view's `as_of`
-//! column tells the instant the rows reflect.
+//! computed result. The binary's refresher task recomputes it in the
+//! background every `interval` (at ¾ of it), so the result is normally at
+//! most `interval` old. When the refresher falls behind (overload: it needs
+//! the engine lock that micro-batch applies hold), queries keep reading the
+//! last result, stale-while-revalidate, up to `[engine]
+//! refresh_max_staleness`; only a result older than that (or none) is
+//! recomputed on the query path. So a query never waits for a recompute
+//! while the refresher keeps up within the bound. This is ClickHouse's
+//! refreshable materialized view: for whole-table reads of expensive views
+//! (RFM quintiles over every member, risk over every (store, SKU)) at the
+//! price of bounded staleness — the view's `as_of` column tells the instant
+//! the rows reflect, `storepulse_engine_view_refresh_age_seconds{view}` how
+//! old the result is, `storepulse_engine_view_stale_reads_total{view}` how
+//! often a result older than the interval was served.
 //!
 //! Filters are not pushed into a refreshed view (it is read whole from
 //! memory), so a point lookup costs a scan of the cached rows.
@@ -43,20 +50,29 @@ pub struct RefreshedView {
     plan: LogicalPlan,
     schema: SchemaRef,
     interval: Duration,
+    /// Older than this, a query recomputes (≥ `interval`).
+    max_age: Duration,
     cache: RwLock<Option<Computed>>,
     /// Serialises recomputation (one at a time per view).
     computing: tokio::sync::Mutex<()>,
 }
 
 impl RefreshedView {
-    /// Wraps a view's logical plan.
-    pub fn new(name: String, plan: LogicalPlan, interval: Duration) -> Self {
+    /// Wraps a view's logical plan: refreshed every `interval`, served
+    /// while younger than `max_staleness` (at least `interval`).
+    pub fn new(
+        name: String,
+        plan: LogicalPlan,
+        interval: Duration,
+        max_staleness: Duration,
+    ) -> Self {
         let schema = Arc::new(plan.schema().as_arrow().clone());
         Self {
             name,
             plan,
             schema,
             interval,
+            max_age: max_staleness.max(interval),
             cache: RwLock::new(None),
             computing: tokio::sync::Mutex::new(()),
         }
@@ -81,9 +97,10 @@ impl RefreshedView {
             .map(|c| c.at.elapsed())
     }
 
-    /// True if a query must recompute before reading.
+    /// True if a query must recompute before reading (no result, or one
+    /// older than the staleness bound).
     pub fn is_stale(&self) -> bool {
-        self.age().is_none_or(|a| a >= self.interval)
+        self.age().is_none_or(|a| a >= self.max_age)
     }
 
     /// True if the background refresher should recompute now (at 3/4 of
@@ -117,12 +134,17 @@ impl RefreshedView {
     }
 
     fn cached(&self) -> Option<Arc<Vec<RecordBatch>>> {
-        self.cache
-            .read()
-            .expect("refresh cache lock")
-            .as_ref()
-            .filter(|c| c.at.elapsed() < self.interval)
-            .map(|c| c.batches.clone())
+        let cache = self.cache.read().expect("refresh cache lock");
+        let c = cache.as_ref()?;
+        let age = c.at.elapsed();
+        if age >= self.max_age {
+            return None;
+        }
+        if age >= self.interval {
+            metrics::counter!("storepulse_engine_view_stale_reads_total", "view" => self.name.clone())
+                .increment(1);
+        }
+        Some(c.batches.clone())
     }
 }
 

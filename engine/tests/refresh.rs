@@ -1,6 +1,7 @@
 //! Refreshable query-time views (`[engine] refresh`): a listed view is read
-//! from its last result while that is younger than the interval, recomputed
-//! when older, and due for background refresh at 3/4 of it.
+//! from its last result, is due for background refresh at 3/4 of its
+//! interval, and is recomputed on the query path only when its result is
+//! older than `refresh_max_staleness` (stale-while-revalidate).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -16,11 +17,16 @@ CREATE VIEW live AS SELECT count(*) AS devices FROM temps;
 ";
 
 async fn engine(refresh: &[(&str, Duration)]) -> EngineHandle {
+    engine_with(refresh, EngineConfig::default().refresh_max_staleness).await
+}
+
+async fn engine_with(refresh: &[(&str, Duration)], max_staleness: Duration) -> EngineHandle {
     let cfg = EngineConfig {
         refresh: refresh
             .iter()
             .map(|(n, d)| (n.to_string(), (*d).into()))
             .collect::<BTreeMap<_, _>>(),
+        refresh_max_staleness: max_staleness,
         ..Default::default()
     };
     let mut e = Engine::new(cfg).unwrap();
@@ -81,8 +87,9 @@ async fn a_fresh_result_is_served_until_the_interval_passes() {
 
 #[tokio::test]
 async fn a_stale_result_is_recomputed_and_due_views_are_refreshed() {
-    // Interval zero: always stale, so every read recomputes (same as unlisted).
-    let h = engine(&[("hot", Duration::ZERO)]).await;
+    // Interval and staleness bound zero: always stale, so every read
+    // recomputes (same as unlisted).
+    let h = engine_with(&[("hot", Duration::ZERO)], Duration::ZERO).await;
     ingest(&h, 0..2, 1).await;
     assert_eq!(devices(&h, "hot").await, 2);
     ingest(&h, 2..7, 2).await;
@@ -92,6 +99,38 @@ async fn a_stale_result_is_recomputed_and_due_views_are_refreshed() {
     ingest(&h, 7..8, 3).await;
     assert_eq!(h.refresh_due().await.unwrap(), vec!["hot".to_string()]);
     assert_eq!(devices(&h, "hot").await, 8);
+}
+
+#[tokio::test]
+async fn a_result_past_its_interval_is_served_until_the_staleness_bound() {
+    // Refreshed every millisecond, but the refresher is "behind" (not
+    // called): queries keep reading the last result rather than
+    // recomputing it, until it is older than the bound.
+    let bound = Duration::from_millis(400);
+    let h = engine_with(&[("hot", Duration::from_millis(1))], bound).await;
+    ingest(&h, 0..2, 1).await;
+    assert_eq!(devices(&h, "hot").await, 2);
+    let computed = std::time::Instant::now();
+    ingest(&h, 2..6, 2).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let served = devices(&h, "hot").await;
+    if computed.elapsed() < bound {
+        assert_eq!(
+            served, 2,
+            "past the interval, within the bound: the last result"
+        );
+    }
+    // The refresher brings it up to date without a query waiting.
+    assert_eq!(h.refresh_due().await.unwrap(), vec!["hot".to_string()]);
+    assert_eq!(devices(&h, "hot").await, 6);
+    // Past the bound a query recomputes on its own.
+    ingest(&h, 6..9, 3).await;
+    tokio::time::sleep(bound).await;
+    assert_eq!(
+        devices(&h, "hot").await,
+        9,
+        "older than the bound: recomputed"
+    );
 }
 
 #[tokio::test]
