@@ -3,9 +3,12 @@
 //! multi-threaded runtime it would stall the tasks queued behind it on that
 //! worker (HTTP and pgwire queries, Kafka I/O) and give queries a long
 //! latency tail. So the apply loop and the background view refresher run on
-//! a dedicated OS thread with a current-thread Tokio runtime (the way
-//! InfluxDB 3 keeps DataFusion work off its I/O runtime), while sources,
-//! servers and query execution stay on the main runtime. Tasks talk across
+//! a dedicated runtime of two `storepulse-engine` threads (the way InfluxDB 3
+//! keeps DataFusion work off its I/O runtime; two, so that an apply's
+//! partitioned DataFusion plans keep their parallelism), while sources,
+//! servers and query execution stay on the main runtime. The OS scheduler
+//! shares the cores between the two runtimes; a query task is never queued
+//! behind an apply on the same worker. Tasks talk across
 //! the two through channels and the engine's async lock, which work between
 //! runtimes.
 
@@ -14,7 +17,7 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::{runtime::Handle, sync::oneshot, task::JoinHandle};
 
-/// A dedicated thread running a current-thread runtime until dropped.
+/// Dedicated threads running the engine's runtime until dropped.
 pub(crate) struct EngineRuntime {
     handle: Handle,
     stop: Option<oneshot::Sender<()>>,
@@ -22,16 +25,18 @@ pub(crate) struct EngineRuntime {
 }
 
 impl EngineRuntime {
-    /// Starts the thread (named `storepulse-engine`).
+    /// Starts the runtime (threads named `storepulse-engine`).
     pub(crate) fn start() -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("storepulse-engine")
             .enable_all()
             .build()
             .context("cannot start the engine runtime")?;
         let handle = rt.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("storepulse-engine".into())
+            .name("storepulse-engine-main".into())
             .spawn(move || {
                 let _ = rt.block_on(stopped);
                 // Tasks still running (only after a failed start) are dropped.
