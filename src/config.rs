@@ -58,6 +58,10 @@ pub(crate) struct Config {
     /// (`[lake]`, `[lake.archive]`, `[lake.snapshots]`, `[[lake.retention]]`).
     #[serde(default)]
     pub(crate) lake: storepulse_lake::LakeConfig,
+    /// Periodic checkpoints of the engine's state, restored at start
+    /// (`[checkpoint]`).
+    #[serde(default)]
+    pub(crate) checkpoint: storepulse_lake::CheckpointConfig,
     /// Scheduled reports written to the lake (`[[reports]]`).
     #[serde(default)]
     pub(crate) reports: Vec<storepulse_lake::ReportConfig>,

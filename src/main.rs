@@ -1,6 +1,7 @@
 //! `storepulse`: the binary. Parses the command line, wires sources, the
 //! engine and the HTTP API together. `anyhow` lives here only.
 
+mod checkpoint;
 mod config;
 mod dashboard;
 mod engine_runtime;
@@ -415,11 +416,30 @@ async fn serve(
             "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"
         );
     }
+    let checkpoints = if cfg.checkpoint.enabled {
+        let store = storepulse_lake::CheckpointStore::open(&cfg.checkpoint, &cfg.data_dir)?;
+        let restored = checkpoint::restore(&mut engine, &store).await?;
+        Some((store, restored))
+    } else {
+        None
+    };
     let views = engine.views().len();
     let applied = engine.positions().clone();
     let alert_defs = engine.alerts().to_vec();
     let serving = engine.serving_context().clone();
     let handle = EngineHandle::new(engine);
+    let checkpointer = checkpoints.map(|(store, restored)| {
+        Arc::new(checkpoint::Checkpointer::new(
+            store,
+            handle.clone(),
+            cfg.checkpoint.interval,
+            restored.as_ref(),
+        ))
+    });
+    // With checkpoints, Kafka commits only what a checkpoint holds.
+    let commit = checkpointer
+        .as_ref()
+        .map_or_else(|| applied.clone(), |c| c.commit_positions());
     let alerts = if alert_defs.is_empty() {
         None
     } else {
@@ -453,6 +473,7 @@ async fn serve(
         cfg.pipeline.batch_size,
         cfg.until_eof,
         applied,
+        commit,
     )
     .await?;
     sources.gens.extend(gens_override);
@@ -470,6 +491,7 @@ async fn serve(
         metrics,
         kafka: sources.kafka.iter().map(|k| k.status()).collect(),
         alerts: alerts.clone(),
+        checkpoint: checkpointer.clone(),
     };
     let limits = cfg.serving.limits();
     let tls = |alpn: &[&[u8]]| {
@@ -509,6 +531,9 @@ async fn serve(
     // thread so that it never stalls the runtime serving queries.
     let engine_rt = engine_runtime::EngineRuntime::start()?;
     engine_rt.spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
+    if let Some(c) = &checkpointer {
+        engine_rt.spawn(c.clone().run(shutdown_rx.clone()));
+    }
     let alert_task = alerts
         .clone()
         .map(|m| tokio::spawn(m.run(shutdown_rx.clone())));
@@ -569,7 +594,7 @@ async fn serve(
     };
     let mut pipeline_result = None;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+        sig = stop_signal() => tracing::info!(signal = sig, "shutting down"),
         _ = deadline => tracing::info!("duration reached: shutting down"),
         r = &mut pipeline_task => {
             let r = r.context("pipeline task panicked")?;
@@ -579,7 +604,7 @@ async fn serve(
                 // fall through to shutdown
             } else {
                 tracing::info!("input finished; still serving queries until Ctrl-C");
-                let _ = tokio::signal::ctrl_c().await;
+                stop_signal().await;
             }
         }
     }
@@ -602,6 +627,20 @@ async fn serve(
     if pipeline_result.is_none() {
         pipeline_result = Some(pipeline_task.await.context("pipeline task panicked")?);
     }
+    if let Some(c) = &checkpointer {
+        // Sources are stopped and the last batch applied: the final state
+        // is what the next start resumes from.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        match c.take(Some(deadline)).await {
+            Ok(m) => {
+                tracing::info!(checkpoint = %m.id, bytes = m.bytes(), "final checkpoint written")
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "final checkpoint failed; the next start resumes from the previous one"
+            ),
+        }
+    }
     if let Some(l) = &lake {
         // Sources are stopped: everything the engine accepted goes to the
         // archive before exit.
@@ -621,6 +660,30 @@ async fn serve(
         }
     }
     pipeline_result.unwrap_or(Ok(()))
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and
+/// Kubernetes send): the start of a graceful shutdown.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }
 
 async fn demo(
@@ -667,6 +730,7 @@ async fn demo(
         retail: Default::default(),
         sources: Vec::<SourceConfig>::new(),
         lake: Default::default(),
+        checkpoint: Default::default(),
         reports: Vec::new(),
         serving: Default::default(),
         pg: storepulse_serve::PgConfig {

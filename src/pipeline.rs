@@ -58,7 +58,10 @@ pub(crate) struct Sources {
     pub(crate) kafka: Vec<KafkaSource>,
 }
 
-/// Expands the configured sources into runnable ones. Kafka sources connect
+/// Expands the configured sources into runnable ones. File sources resume
+/// at their position in `applied` (restored from a checkpoint); Kafka
+/// sources commit the offsets in `commit` (the engine's applied positions,
+/// or with checkpoints the last checkpoint's). Kafka sources connect
 /// here (bounded by their `connect_timeout`), so an unreachable broker, a
 /// bad property or a missing topic fails the start with a clear error.
 pub(crate) async fn build_sources(
@@ -66,19 +69,19 @@ pub(crate) async fn build_sources(
     batch_size: usize,
     until_eof: bool,
     applied: Arc<AppliedPositions>,
+    commit: Arc<AppliedPositions>,
 ) -> anyhow::Result<Sources> {
     let mut out = Sources::default();
     let (files, gens) = (&mut out.files, &mut out.gens);
     for (i, s) in sources.iter().enumerate() {
         match s {
             SourceConfig::Kafka(k) => {
-                let (k, applied) = (k.clone(), applied.clone());
-                let src = tokio::task::spawn_blocking(move || {
-                    KafkaSource::connect(k, until_eof, applied)
-                })
-                .await
-                .context("Kafka connect task panicked")?
-                .with_context(|| format!("sources[{i}] (kafka)"))?;
+                let (k, commit) = (k.clone(), commit.clone());
+                let src =
+                    tokio::task::spawn_blocking(move || KafkaSource::connect(k, until_eof, commit))
+                        .await
+                        .context("Kafka connect task panicked")?
+                        .with_context(|| format!("sources[{i}] (kafka)"))?;
                 out.kafka.push(src);
             }
             SourceConfig::File {
@@ -93,6 +96,7 @@ pub(crate) async fn build_sources(
                     None => FileFormat::from_path(path)?,
                 },
                 batch_size,
+                resume_from: applied.get(&path.display().to_string()).unwrap_or(0),
             }),
             SourceConfig::Dataset { dir } => {
                 let mut found = 0;
@@ -100,11 +104,13 @@ pub(crate) async fn build_sources(
                     let path = dir.join(format!("{}.jsonl", k.name()));
                     if path.is_file() {
                         found += 1;
+                        let resume_from = applied.get(&path.display().to_string()).unwrap_or(0);
                         files.push(FileSource {
                             stream: k,
                             path,
                             format: FileFormat::Jsonl,
                             batch_size,
+                            resume_from,
                         });
                     }
                 }

@@ -42,6 +42,8 @@ pub(crate) struct AppState {
     pub(crate) alerts: Option<Arc<storepulse_alerts::AlertManager>>,
     /// The lake (`None` with `[lake] enabled = false`).
     pub(crate) lake: Option<Arc<crate::lake::LakeParts>>,
+    /// The checkpointer (`None` with `[checkpoint] enabled = false`).
+    pub(crate) checkpoint: Option<Arc<crate::checkpoint::Checkpointer>>,
 }
 
 /// Who a request is.
@@ -515,6 +517,7 @@ async fn health(State(app): State<AppState>) -> Response {
         })).collect::<Vec<_>>(),
         "positions": engine.positions().snapshot(),
         "lake": app.lake.as_ref().map(|l| l.lake.status().to_json(&l.lake.url())),
+        "checkpoint": app.checkpoint.as_ref().map(|c| c.status()),
     }))
     .into_response()
 }

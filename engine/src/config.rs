@@ -43,6 +43,12 @@ pub struct EngineConfig {
     /// path in the common case.
     #[serde(with = "humantime_serde")]
     pub refresh_max_staleness: Duration,
+    /// Upper bound of the engine's state (every view's groups plus the
+    /// de-duplication sets), e.g. `"2GiB"`. A micro-batch that takes the
+    /// state past it fails the pipeline with an error naming the largest
+    /// view (a key explosion stops with a clear message instead of the
+    /// process being OOM-killed); unset is unbounded.
+    pub max_state_bytes: Option<bytesize::ByteSize>,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
@@ -64,6 +70,7 @@ impl Default for EngineConfig {
             as_of: None,
             refresh: BTreeMap::new(),
             refresh_max_staleness: Duration::from_secs(30),
+            max_state_bytes: None,
             data_dir: None,
             query_memory_limit: None,
         }

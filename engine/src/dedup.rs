@@ -38,6 +38,31 @@ impl Deduplicator {
         }
     }
 
+    /// Every remembered id hash (high and low 64 bits) with its event
+    /// time, for a checkpoint.
+    pub fn export(&self) -> (Vec<u64>, Vec<u64>, Vec<i64>) {
+        let n = self.seen.len();
+        let (mut hi, mut lo, mut ts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (h, t) in &self.seen {
+            hi.push((h >> 64) as u64);
+            lo.push(*h as u64);
+            ts.push(*t);
+        }
+        (hi, lo, ts)
+    }
+
+    /// Adds ids exported by [`Self::export`].
+    pub fn import(&mut self, hi: &[u64], lo: &[u64], ts: &[i64]) {
+        self.seen.reserve(ts.len());
+        for ((h, l), t) in hi.iter().zip(lo).zip(ts) {
+            self.seen.insert(((*h as u128) << 64) | *l as u128, *t);
+        }
+    }
+
     /// Forgets ids older than `watermark - horizon`. Cheap to call often: it
     /// only sweeps when the watermark moved by a tenth of the horizon.
     pub fn evict(&mut self, watermark_ms: i64) {

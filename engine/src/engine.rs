@@ -36,7 +36,7 @@ use tokio::sync::Mutex;
 use crate::{
     config::EngineConfig,
     dims::{DimensionData, DimensionKind, DimensionPartition, DimensionTable},
-    error::{user_err, Result},
+    error::{user_err, EngineError, Result},
     gate::StreamGate,
     late::LateEvents,
     refresh::RefreshedView,
@@ -470,6 +470,7 @@ impl Engine {
                     }
                     self.floor.set(None);
                     self.slots[&b.stream].set(Vec::new());
+                    self.check_state_limit()?;
                 }
                 self.epoch += 1;
                 self.positions.record(&b.position);
@@ -485,6 +486,154 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// A consistent image of the engine's state (views, de-duplication,
+    /// watermarks, late rows, source positions) at the current epoch,
+    /// taken between micro-batches (see [`crate::checkpoint`]).
+    pub fn checkpoint(&mut self) -> Result<crate::checkpoint::EngineCheckpoint> {
+        use crate::checkpoint::{
+            dedup_batch, CheckpointMeta, StreamMeta, ViewMeta, FORMAT_VERSION,
+        };
+        let mut views = Vec::with_capacity(self.views.len());
+        let mut view_meta = Vec::with_capacity(self.views.len());
+        for v in self.views.iter_mut() {
+            let state = v.export()?;
+            view_meta.push(ViewMeta {
+                name: v.name.clone(),
+                sql: v.sql.clone(),
+                rows_applied: v.rows_applied,
+                groups: state.num_rows() as u64,
+            });
+            views.push((v.name.clone(), state));
+        }
+        let mut streams = Vec::with_capacity(self.gates.len());
+        let mut dedup = Vec::with_capacity(self.gates.len());
+        for (kind, g) in &self.gates {
+            let (wm, parts) = g.watermark.export();
+            let (hi, lo, ts) = g.dedup.export();
+            dedup.push((kind.name().to_string(), dedup_batch(hi, lo, ts)?));
+            streams.push(StreamMeta {
+                stream: kind.name().to_string(),
+                watermark: match wm {
+                    Watermark::At(t) => Some(t),
+                    Watermark::Final => g.watermark.max_ts(),
+                    Watermark::None => None,
+                },
+                watermark_final: wm == Watermark::Final,
+                partitions: parts.into_iter().map(|(k, t)| (k.to_string(), t)).collect(),
+                accepted_events: g.accepted_events,
+                duplicate_events: g.duplicate_events,
+                late_events: g.late_events,
+            });
+        }
+        Ok(crate::checkpoint::EngineCheckpoint {
+            meta: CheckpointMeta {
+                format_version: FORMAT_VERSION,
+                epoch: self.epoch,
+                views: view_meta,
+                streams,
+                late_total: self.late.total(),
+                positions: self
+                    .positions
+                    .snapshot()
+                    .into_iter()
+                    .map(|p| (p.partition.to_string(), p.next_offset))
+                    .collect(),
+            },
+            views,
+            dedup,
+            late: self.late.batches(),
+        })
+    }
+
+    /// Restores a checkpoint into this engine, which must have its views
+    /// defined (the same SQL as when the checkpoint was taken) and nothing
+    /// applied yet. A view of the checkpoint that no longer exists, or
+    /// whose state does not fit its current definition, is an error naming
+    /// it; a view new since the checkpoint starts empty (logged).
+    pub fn restore(&mut self, cp: crate::checkpoint::EngineCheckpoint, now_ms: i64) -> Result<()> {
+        use crate::checkpoint::check_view_schema;
+        if !self.positions.snapshot().is_empty() || self.views.iter().any(|v| v.groups() > 0) {
+            return Err(EngineError::Checkpoint(
+                "restore into an engine that already applied input".into(),
+            ));
+        }
+        let mut states: HashMap<String, RecordBatch> = cp.views.into_iter().collect();
+        for m in &cp.meta.views {
+            let Some(v) = self.views.iter_mut().find(|v| v.name == m.name) else {
+                return Err(EngineError::Checkpoint(format!(
+                    "view {} is in the checkpoint but no longer defined; restore it, or remove \
+                     the checkpoints to start from empty state",
+                    m.name
+                )));
+            };
+            let state = states
+                .remove(&m.name)
+                .ok_or_else(|| EngineError::Checkpoint(format!("view {}: no state", m.name)))?;
+            check_view_schema(&m.name, &state, &v.partial_schema())?;
+            if normalize_sql(&v.sql) != normalize_sql(&m.sql) {
+                tracing::warn!(view = %m.name, "view SQL differs from the checkpoint's (same state schema): restoring its state");
+            }
+            v.import(&state, m.rows_applied)?;
+        }
+        for v in &self.views {
+            if !cp.meta.views.iter().any(|m| m.name == v.name) {
+                tracing::warn!(view = %v.name, "view is new since the checkpoint: it starts empty");
+            }
+        }
+        let dedup: HashMap<String, RecordBatch> = cp.dedup.into_iter().collect();
+        for s in &cp.meta.streams {
+            let Some((_, gate)) = self.gates.iter_mut().find(|(k, _)| k.name() == s.stream) else {
+                return Err(EngineError::Checkpoint(format!(
+                    "unknown stream {}",
+                    s.stream
+                )));
+            };
+            let parts: Vec<(Arc<str>, i64)> = s
+                .partitions
+                .iter()
+                .map(|(k, t)| (Arc::from(k.as_str()), *t))
+                .collect();
+            gate.watermark.import(s.watermark(), &parts, now_ms);
+            if let Some(b) = dedup.get(&s.stream) {
+                let (hi, lo, ts) = crate::checkpoint::dedup_columns(b)?;
+                gate.dedup.import(hi, lo, ts);
+            }
+            gate.accepted_events = s.accepted_events;
+            gate.duplicate_events = s.duplicate_events;
+            gate.late_events = s.late_events;
+        }
+        self.late.import(cp.late, cp.meta.late_total);
+        for (partition, next_offset) in &cp.meta.positions {
+            self.positions.record(&storepulse_ingest::Position {
+                partition: Arc::from(partition.as_str()),
+                next_offset: *next_offset,
+            });
+        }
+        self.epoch = self.epoch.max(cp.meta.epoch);
+        self.snapshot_epoch = None;
+        Ok(())
+    }
+
+    /// Fails with [`EngineError::StateLimit`] when the state is over
+    /// `[engine] max_state_bytes`.
+    fn check_state_limit(&self) -> Result<()> {
+        let Some(limit) = self.cfg.max_state_bytes else {
+            return Ok(());
+        };
+        let bytes = self.state_bytes();
+        if (bytes as u64) <= limit.as_u64() {
+            return Ok(());
+        }
+        let largest = self.views.iter().max_by_key(|v| v.state_bytes());
+        Err(EngineError::StateLimit {
+            bytes,
+            limit,
+            view: largest.map_or_else(|| "(none)".into(), |v| v.name.clone()),
+            groups: largest.map_or(0, |v| v.groups()),
+            view_bytes: largest.map_or(0, |v| v.state_bytes()),
+        })
     }
 
     /// The source positions whose effects are applied (what sources may
@@ -755,6 +904,11 @@ async fn run_query(
 ) -> Result<QueryOutput> {
     let plan = ctx.state().statement_to_plan(stmt).await?;
     run_plan(ctx, plan, snap).await
+}
+
+/// SQL with whitespace runs collapsed (to compare definitions).
+fn normalize_sql(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The materialized views (by name) a plan reads, through query-time views

@@ -35,6 +35,28 @@ pub enum EngineError {
     /// The result has more rows than the serving row limit.
     #[error("the result has more than {0} rows ([serving] max_rows); add a LIMIT or aggregate")]
     TooManyRows(usize),
+    /// The state grew past `[engine] max_state_bytes`.
+    #[error(
+        "engine state is {bytes} bytes, over [engine] max_state_bytes = {limit}; the largest view \
+         is {view} ({groups} groups, {view_bytes} bytes): raise the limit, give the view fewer \
+         keys, or window it"
+    )]
+    StateLimit {
+        /// State bytes after the batch.
+        bytes: usize,
+        /// The configured limit.
+        limit: bytesize::ByteSize,
+        /// The largest view.
+        view: String,
+        /// Its groups.
+        groups: usize,
+        /// Its bytes.
+        view_bytes: usize,
+    },
+    /// A checkpoint cannot be read or does not fit the engine (a view's
+    /// definition changed since it was taken).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// File system errors (late-events log, data dir).
     #[error("{path}: {source}")]
     Io {

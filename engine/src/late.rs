@@ -136,6 +136,22 @@ impl LateEvents {
         Ok(batch)
     }
 
+    /// Restores rows and the total from a checkpoint (not logged again:
+    /// the log already has them).
+    pub fn import(&mut self, batches: Vec<RecordBatch>, total: u64) {
+        for b in batches {
+            self.rows += b.num_rows();
+            self.batches.push_back(b);
+        }
+        while self.rows > self.capacity {
+            let Some(old) = self.batches.pop_front() else {
+                break;
+            };
+            self.rows -= old.num_rows();
+        }
+        self.total = total;
+    }
+
     /// The rows kept in memory.
     pub fn batches(&self) -> Vec<RecordBatch> {
         self.batches.iter().cloned().collect()

@@ -17,6 +17,7 @@
 //!    (one engine epoch), through table providers in a DataFusion
 //!    `SessionContext` that also holds plain views and dimension tables.
 
+pub mod checkpoint;
 pub mod config;
 pub mod dedup;
 pub mod dims;
@@ -30,6 +31,7 @@ pub mod state;
 pub mod view;
 pub mod watermark;
 
+pub use checkpoint::EngineCheckpoint;
 pub use config::EngineConfig;
 pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
 pub use engine::{

@@ -18,29 +18,111 @@
 //! old the result is, `storepulse_engine_view_stale_reads_total{view}` how
 //! often a result older than the interval was served.
 //!
-//! Filters are not pushed into a refreshed view (it is read whole from
-//! memory), so a point lookup costs a scan of the cached rows.
+//! Point lookups are indexed: the result is kept as one batch, and an
+//! equality filter `column = literal` on it (a `WHERE store_id = $1 AND sku
+//! = $2` lookup) is answered from a hash index of that column instead of a
+//! scan of every cached row. An index is built the first time a column is
+//! looked up and then rebuilt with every refresh (off the query path). The
+//! index only narrows the rows; DataFusion still applies the filters
+//! (pushdown is `Inexact`), so an index can never change an answer.
 
 use std::{
-    sync::{Arc, RwLock},
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use datafusion::{
-    arrow::{array::RecordBatch, datatypes::SchemaRef},
+    arrow::{
+        array::{RecordBatch, UInt32Array},
+        compute::{concat_batches, take_record_batch},
+        datatypes::SchemaRef,
+    },
     catalog::{Session, TableProvider},
-    common::Result,
+    common::{Result, ScalarValue},
     datasource::TableType,
-    logical_expr::{Expr, LogicalPlan},
+    logical_expr::{
+        utils::split_conjunction, BinaryExpr, Expr, LogicalPlan, Operator,
+        TableProviderFilterPushDown,
+    },
     physical_plan::{collect, ExecutionPlan},
 };
+
+/// Row numbers of `Computed::rows` by the value of one column.
+type KeyIndex = HashMap<ScalarValue, Vec<u32>>;
 
 /// One computed result.
 #[derive(Debug)]
 struct Computed {
     at: Instant,
-    batches: Arc<Vec<RecordBatch>>,
+    /// Every row of the result, in one batch (so that an index addresses
+    /// rows by number; scans read slices of it).
+    rows: RecordBatch,
+    /// Hash indexes by column number, built on first lookup of a column.
+    indexes: Mutex<HashMap<usize, Arc<KeyIndex>>>,
+}
+
+impl Computed {
+    fn new(at: Instant, rows: RecordBatch, hot: &BTreeSet<usize>) -> Result<Self> {
+        let mut indexes = HashMap::new();
+        for &c in hot {
+            indexes.insert(c, Arc::new(build_index(&rows, c)?));
+        }
+        Ok(Self {
+            at,
+            rows,
+            indexes: Mutex::new(indexes),
+        })
+    }
+
+    fn index(&self, column: usize) -> Result<Arc<KeyIndex>> {
+        if let Some(i) = self.indexes.lock().expect("index lock").get(&column) {
+            return Ok(i.clone());
+        }
+        let built = Arc::new(build_index(&self.rows, column)?);
+        self.indexes
+            .lock()
+            .expect("index lock")
+            .insert(column, built.clone());
+        Ok(built)
+    }
+}
+
+fn build_index(rows: &RecordBatch, column: usize) -> Result<KeyIndex> {
+    let col = rows.column(column);
+    let mut index: KeyIndex = HashMap::new();
+    for i in 0..rows.num_rows() {
+        if col.is_null(i) {
+            // `column = literal` is never true for a null.
+            continue;
+        }
+        index
+            .entry(ScalarValue::try_from_array(col, i)?)
+            .or_default()
+            .push(i as u32);
+    }
+    Ok(index)
+}
+
+/// `column = literal` (either way round) on a column of `schema`: the
+/// column's number and the literal cast to the column's type.
+fn equality(expr: &Expr, schema: &SchemaRef) -> Option<(usize, ScalarValue)> {
+    let Expr::BinaryExpr(BinaryExpr {
+        left,
+        op: Operator::Eq,
+        right,
+    }) = expr
+    else {
+        return None;
+    };
+    let (col, lit) = match (left.as_ref(), right.as_ref()) {
+        (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => (c, v),
+        _ => return None,
+    };
+    let i = schema.index_of(&col.name).ok()?;
+    let v = lit.cast_to(schema.field(i).data_type()).ok()?;
+    Some((i, v))
 }
 
 /// A query-time view served from a periodically refreshed result.
@@ -52,7 +134,9 @@ pub struct RefreshedView {
     interval: Duration,
     /// Older than this, a query recomputes (≥ `interval`).
     max_age: Duration,
-    cache: RwLock<Option<Computed>>,
+    cache: RwLock<Option<Arc<Computed>>>,
+    /// Columns point lookups have used: indexed at every refresh.
+    hot: Mutex<BTreeSet<usize>>,
     /// Serialises recomputation (one at a time per view).
     computing: tokio::sync::Mutex<()>,
 }
@@ -74,6 +158,7 @@ impl RefreshedView {
             interval,
             max_age: max_staleness.max(interval),
             cache: RwLock::new(None),
+            hot: Mutex::new(BTreeSet::new()),
             computing: tokio::sync::Mutex::new(()),
         }
     }
@@ -112,7 +197,11 @@ impl RefreshedView {
     /// Recomputes the result with `state` (whose pinned snapshot it reads).
     /// Unless `force`, a result computed meanwhile by another query is
     /// returned instead.
-    pub async fn compute(&self, state: &dyn Session, force: bool) -> Result<Arc<Vec<RecordBatch>>> {
+    pub async fn compute(&self, state: &dyn Session, force: bool) -> Result<()> {
+        self.computed(state, force).await.map(|_| ())
+    }
+
+    async fn computed(&self, state: &dyn Session, force: bool) -> Result<Arc<Computed>> {
         let _one = self.computing.lock().await;
         if !force {
             if let Some(b) = self.cached() {
@@ -121,19 +210,20 @@ impl RefreshedView {
         }
         let t = Instant::now();
         let physical = state.create_physical_plan(&self.plan).await?;
-        let batches = Arc::new(collect(physical, state.task_ctx()).await?);
+        let batches = collect(physical, state.task_ctx()).await?;
+        let rows = concat_batches(&self.schema, &batches)?;
+        drop(batches);
+        let hot = self.hot.lock().expect("hot columns lock").clone();
+        let computed = Arc::new(Computed::new(t, rows, &hot)?);
         let secs = t.elapsed().as_secs_f64();
         metrics::histogram!("storepulse_engine_view_refresh_seconds", "view" => self.name.clone())
             .record(secs);
         tracing::debug!(view = %self.name, seconds = secs, "view refreshed");
-        *self.cache.write().expect("refresh cache lock") = Some(Computed {
-            at: t,
-            batches: batches.clone(),
-        });
-        Ok(batches)
+        *self.cache.write().expect("refresh cache lock") = Some(computed.clone());
+        Ok(computed)
     }
 
-    fn cached(&self) -> Option<Arc<Vec<RecordBatch>>> {
+    fn cached(&self) -> Option<Arc<Computed>> {
         let cache = self.cache.read().expect("refresh cache lock");
         let c = cache.as_ref()?;
         let age = c.at.elapsed();
@@ -144,7 +234,35 @@ impl RefreshedView {
             metrics::counter!("storepulse_engine_view_stale_reads_total", "view" => self.name.clone())
                 .increment(1);
         }
-        Some(c.batches.clone())
+        Some(c.clone())
+    }
+
+    /// The rows an equality filter among `filters` narrows the result to
+    /// (the fewest, if several columns are compared); `None` if no filter
+    /// is an equality on a column.
+    fn lookup(&self, c: &Computed, filters: &[Expr]) -> Result<Option<RecordBatch>> {
+        let mut best: Option<Vec<u32>> = None;
+        for (column, value) in filters
+            .iter()
+            .flat_map(split_conjunction)
+            .filter_map(|e| equality(e, &self.schema))
+        {
+            self.hot.lock().expect("hot columns lock").insert(column);
+            let rows = if value.is_null() {
+                Vec::new()
+            } else {
+                c.index(column)?.get(&value).cloned().unwrap_or_default()
+            };
+            if best.as_ref().is_none_or(|b| rows.len() < b.len()) {
+                best = Some(rows);
+            }
+        }
+        let Some(rows) = best else {
+            return Ok(None);
+        };
+        metrics::counter!("storepulse_engine_view_index_lookups_total", "view" => self.name.clone())
+            .increment(1);
+        Ok(Some(take_record_batch(&c.rows, &UInt32Array::from(rows))?))
     }
 }
 
@@ -160,18 +278,29 @@ impl TableProvider for RefreshedView {
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let batches = match self.cached() {
-            Some(b) => b,
-            None => self.compute(state, false).await?,
+        let computed = match self.cached() {
+            Some(c) => c,
+            None => self.computed(state, false).await?,
         };
+        if let Some(rows) = self.lookup(&computed, filters)? {
+            return crate::snapshot::memory_exec(&[rows], self.schema.clone(), projection, 1);
+        }
         crate::snapshot::memory_exec(
-            &batches,
+            std::slice::from_ref(&computed.rows),
             self.schema.clone(),
             projection,
             state.config().target_partitions(),
         )
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // The index narrows; DataFusion still applies every filter.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 }

@@ -180,6 +180,21 @@ struct Sessions {
 }
 
 impl Sessions {
+    /// Row-format keys of the group columns other than the session column
+    /// (`None` if there are none).
+    fn other_keys(&self, groups: &[ArrayRef]) -> Result<Option<datafusion::arrow::row::Rows>> {
+        let Some(conv) = &self.others else {
+            return Ok(None);
+        };
+        let other: Vec<ArrayRef> = groups
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.spec.col)
+            .map(|(_, c)| c.clone())
+            .collect();
+        Ok(Some(conv.convert_columns(&other)?))
+    }
+
     fn root(&self, mut g: u32) -> u32 {
         while self.parent[g as usize] != g {
             g = self.parent[g as usize];
@@ -357,18 +372,7 @@ impl GroupState {
             use datafusion::arrow::{array::AsArray, datatypes::TimestampMillisecondType};
             let groups = &partial.columns()[..self.num_group_cols];
             let ts = groups[sess.spec.col].as_primitive::<TimestampMillisecondType>();
-            let rows = match &sess.others {
-                Some(conv) => {
-                    let other: Vec<ArrayRef> = groups
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i != sess.spec.col)
-                        .map(|(_, c)| c.clone())
-                        .collect();
-                    Some(conv.convert_columns(&other)?)
-                }
-                None => None,
-            };
+            let rows = sess.other_keys(groups)?;
             for i in 0..n {
                 let key: &[u8] = rows.as_ref().map_or(&[], |r| r.row(i).data());
                 indices.push(sess.assign(key, ts.value(i)) as usize);
@@ -428,6 +432,136 @@ impl GroupState {
             }
         }
         self.scratch = indices;
+        Ok(())
+    }
+
+    /// The whole state as partial-aggregate columns (`partial_schema`:
+    /// group columns, then each aggregate's state columns), one row per
+    /// group in group order, for a checkpoint. Session views append two
+    /// columns (`__session_end`, `__session_parent`) that [`Self::import`]
+    /// needs to rebuild the session bookkeeping. Aggregates are drained
+    /// with `state(EmitTo::All)` and merged straight back, so the state is
+    /// unchanged.
+    pub fn export(&mut self, partial_schema: &SchemaRef) -> Result<RecordBatch> {
+        use datafusion::arrow::{
+            array::{Int64Array, TimestampMillisecondArray, UInt32Array},
+            datatypes::{DataType, Field, Schema},
+        };
+        let total = self.num_groups();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(partial_schema.fields().len() + 2);
+        let mut fields: Vec<Arc<Field>> = partial_schema.fields().iter().cloned().collect();
+        if self.sessions.is_some() {
+            fields.push(Arc::new(Field::new(
+                "__session_end",
+                DataType::Int64,
+                false,
+            )));
+            fields.push(Arc::new(Field::new(
+                "__session_parent",
+                DataType::UInt32,
+                false,
+            )));
+        }
+        if total == 0 {
+            // Accumulators cannot emit an empty state.
+            return Ok(RecordBatch::new_empty(Arc::new(Schema::new(fields))));
+        }
+        if let Some(sess) = &self.sessions {
+            let others = match &sess.others {
+                Some(conv) => {
+                    let parser = conv.parser();
+                    conv.convert_rows(
+                        sess.group_key
+                            .iter()
+                            .map(|k| parser.parse(&sess.key_bytes[*k as usize])),
+                    )?
+                }
+                None => Vec::new(),
+            };
+            let mut others = others.into_iter();
+            for i in 0..self.num_group_cols {
+                if i == sess.spec.col {
+                    let start = TimestampMillisecondArray::from(sess.start.clone());
+                    let dt = partial_schema.field(i).data_type();
+                    columns.push(datafusion::arrow::compute::cast(&start, dt)?);
+                } else {
+                    columns.push(others.next().expect("one column per other key"));
+                }
+            }
+        } else if let Some(conv) = &self.converter {
+            let parser = conv.parser();
+            columns.extend(conv.convert_rows((0..total).map(|g| parser.parse(self.key(g))))?);
+        }
+        let all: Vec<usize> = (0..total).collect();
+        for acc in self.accs.iter_mut() {
+            let acc = acc.get();
+            let state = acc.state(EmitTo::All)?;
+            acc.merge_batch(&state, &all, total)?;
+            columns.extend(state);
+        }
+        if let Some(sess) = &self.sessions {
+            columns.push(Arc::new(Int64Array::from(sess.end.clone())));
+            columns.push(Arc::new(UInt32Array::from(sess.parent.clone())));
+        }
+        let options =
+            datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(total));
+        Ok(RecordBatch::try_new_with_options(
+            Arc::new(Schema::new(fields)),
+            columns,
+            &options,
+        )?)
+    }
+
+    /// Loads a state written by [`Self::export`] into this (empty) state.
+    pub fn import(&mut self, batch: &RecordBatch) -> Result<()> {
+        use datafusion::arrow::{
+            array::AsArray,
+            datatypes::{Int64Type, TimestampMillisecondType, UInt32Type},
+        };
+        if self.num_groups() != 0 {
+            return datafusion::common::internal_err!("import into a non-empty view state");
+        }
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let Some(sess) = &mut self.sessions else {
+            return self.merge(batch);
+        };
+        let n = batch.num_rows();
+        let cols = batch.columns();
+        let ts = datafusion::arrow::compute::cast(
+            &cols[sess.spec.col],
+            &datafusion::arrow::datatypes::DataType::Timestamp(
+                datafusion::arrow::datatypes::TimeUnit::Millisecond,
+                None,
+            ),
+        )?;
+        let ts = ts.as_primitive::<TimestampMillisecondType>();
+        let end = cols[cols.len() - 2].as_primitive::<Int64Type>();
+        let parent = cols[cols.len() - 1].as_primitive::<UInt32Type>();
+        let rows = sess.other_keys(&cols[..self.num_group_cols])?;
+        for g in 0..n {
+            let key: &[u8] = rows.as_ref().map_or(&[], |r| r.row(g).data());
+            let next_key = sess.key_bytes.len() as u32;
+            let (key_id, roots) = sess
+                .by_key
+                .entry_ref(key)
+                .or_insert_with(|| (next_key, Vec::new()));
+            if *key_id == next_key {
+                sess.key_bytes.push(key.into());
+            }
+            if parent.value(g) == g as u32 {
+                roots.push(g as u32);
+            }
+            sess.group_key.push(*key_id);
+            sess.start.push(ts.value(g));
+            sess.end.push(end.value(g));
+            sess.parent.push(parent.value(g));
+        }
+        let all: Vec<usize> = (0..n).collect();
+        for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
+            acc.get().merge_batch(&cols[range.clone()], &all, n)?;
+        }
         Ok(())
     }
 

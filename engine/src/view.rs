@@ -479,6 +479,25 @@ impl ContinuousView {
         Ok(())
     }
 
+    /// The view's state as partial-aggregate rows, for a checkpoint (see
+    /// [`GroupState::export`]).
+    pub fn export(&mut self) -> Result<RecordBatch> {
+        Ok(self.state.export(&self.partial.schema())?)
+    }
+
+    /// The schema [`Self::export`] writes (without session columns).
+    pub fn partial_schema(&self) -> SchemaRef {
+        self.partial.schema()
+    }
+
+    /// Loads exported state into this (new, empty) view.
+    pub fn import(&mut self, state: &RecordBatch, rows_applied: u64) -> Result<()> {
+        self.state.import(state)?;
+        self.version += 1;
+        self.rows_applied = rows_applied;
+        Ok(())
+    }
+
     /// The last evaluation, current or not.
     pub fn cached(&self) -> Option<Arc<Vec<RecordBatch>>> {
         self.evaluated.as_ref().map(|(_, b)| b.clone())

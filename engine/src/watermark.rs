@@ -150,6 +150,42 @@ impl WatermarkTracker {
         self.current
     }
 
+    /// The tracker's state for a checkpoint: the stream watermark and
+    /// `(partition, largest event time)` per partition.
+    pub fn export(&self) -> (Watermark, Vec<(Arc<str>, i64)>) {
+        let parts = self
+            .partitions
+            .iter()
+            .map(|(k, p)| (k.clone(), p.max_ts))
+            .collect();
+        (self.current, parts)
+    }
+
+    /// Restores a state from [`Self::export`]; partitions count as seen at
+    /// `now_ms` (idleness restarts with the process). Bounded inputs are
+    /// read again from their positions after a restart and report their
+    /// end again, so a `Final` watermark comes back as the largest event
+    /// time and no partition as finished.
+    pub fn import(&mut self, current: Watermark, partitions: &[(Arc<str>, i64)], now_ms: i64) {
+        for (k, max_ts) in partitions {
+            self.partitions.insert(
+                k.clone(),
+                Partition {
+                    max_ts: *max_ts,
+                    last_seen_ms: now_ms,
+                    finished: false,
+                },
+            );
+        }
+        self.current = match current {
+            Watermark::Final => match self.max_ts() {
+                Some(t) => Watermark::At(t),
+                None => Watermark::None,
+            },
+            w => w,
+        };
+    }
+
     /// `(partition, partition watermark, finished, idle)` for status pages.
     pub fn partitions(&self, now_ms: i64) -> Vec<(Arc<str>, Option<i64>, bool, bool)> {
         self.partitions

@@ -32,15 +32,30 @@ pub struct DeadLetter {
     pub received_at_ms: i64,
 }
 
+/// Longest raw record kept in a dead letter (bytes).
+pub const MAX_RAW_BYTES: usize = 16 << 10;
+
 impl DeadLetter {
-    /// Builds a dead letter stamped with the current time.
+    /// Builds a dead letter stamped with the current time. The raw record
+    /// is kept up to [`MAX_RAW_BYTES`] (a hostile giant record does not
+    /// fill the dead-letter store); longer ones end with a note of their
+    /// size.
     pub fn new(stream: &str, source: Arc<str>, position: u64, reason: String, raw: &[u8]) -> Self {
+        let raw = if raw.len() > MAX_RAW_BYTES {
+            format!(
+                "{}... [truncated: {} bytes]",
+                String::from_utf8_lossy(&raw[..MAX_RAW_BYTES]),
+                raw.len()
+            )
+        } else {
+            String::from_utf8_lossy(raw).into_owned()
+        };
         Self {
             stream: stream.to_string(),
             source,
             position,
             reason,
-            raw: String::from_utf8_lossy(raw).into_owned(),
+            raw,
             received_at_ms: chrono::Utc::now().timestamp_millis(),
         }
     }

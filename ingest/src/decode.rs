@@ -25,6 +25,85 @@ use crate::{
     schema::{StreamKind, MOVEMENT_KINDS},
 };
 
+/// Largest record accepted (bytes); larger ones are dead letters.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// Deepest nesting of objects and arrays accepted (a receipt needs 3).
+pub const MAX_DEPTH: usize = 32;
+/// Longest string value or key accepted (bytes, as written).
+pub const MAX_STRING_BYTES: usize = 64 << 10;
+
+/// Event times at or after this (2200-01-01, epoch ms) are rejected.
+pub const MAX_TS_MS: i64 = 7_258_118_400_000;
+
+/// Hostile-input guard, run on every record before it is decoded: the
+/// record's size, nesting depth and string lengths against the caps above,
+/// and duplicate keys in the top-level object (which a JSON parser would
+/// silently resolve to one of the values). One pass over the bytes, no
+/// allocation; the reason names the cap.
+pub fn check_limits(b: &[u8]) -> Option<String> {
+    if b.len() > MAX_RECORD_BYTES {
+        return Some(format!(
+            "record exceeds the {MAX_RECORD_BYTES}-byte limit (at least {} bytes)",
+            b.len()
+        ));
+    }
+    const KEYS: usize = 32;
+    let mut keys = [(0usize, 0usize); KEYS];
+    let mut n_keys = 0;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                let end = i.min(b.len());
+                if end - start > MAX_STRING_BYTES {
+                    return Some(format!(
+                        "a string of {} bytes at byte {start}, over the {MAX_STRING_BYTES}-byte limit",
+                        end - start
+                    ));
+                }
+                if depth == 1 {
+                    let mut j = i + 1;
+                    while j < b.len() && b[j].is_ascii_whitespace() {
+                        j += 1;
+                    }
+                    if j < b.len() && b[j] == b':' {
+                        let key = &b[start..end];
+                        if keys[..n_keys].iter().any(|&(s, e)| &b[s..e] == key) {
+                            return Some(format!(
+                                "duplicate key '{}' in the object",
+                                String::from_utf8_lossy(key)
+                            ));
+                        }
+                        if n_keys < KEYS {
+                            keys[n_keys] = (start, end);
+                            n_keys += 1;
+                        }
+                    }
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(format!("nesting deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// One undecoded record and where it came from.
 #[derive(Debug, Clone, Copy)]
 pub struct RawRecord<'a> {
@@ -127,6 +206,9 @@ impl EventDecoder {
     /// Fast path: the whole chunk through one decoder. `None` if any record
     /// is bad (the caller then isolates it).
     fn decode_chunk(&self, records: &[RawRecord<'_>]) -> Result<Option<RecordBatch>> {
+        if records.iter().any(|r| check_limits(r.bytes).is_some()) {
+            return Ok(None);
+        }
         let mut decoder = self.new_decoder(records.len())?;
         for r in records {
             if decoder.decode(r.bytes).is_err() || decoder.decode(b"\n").is_err() {
@@ -160,6 +242,9 @@ impl EventDecoder {
     }
 
     fn decode_single(&self, bytes: &[u8]) -> std::result::Result<RecordBatch, String> {
+        if let Some(reason) = check_limits(bytes) {
+            return Err(reason);
+        }
         // Diagnose with serde_json first: its messages name line and column,
         // and we can name missing fields ourselves.
         if let Some(reason) = diagnose(self.stream, bytes) {
@@ -180,6 +265,22 @@ impl EventDecoder {
     /// Row-level rules the JSON schema cannot express.
     fn validate(&self, batch: &RecordBatch) -> Result<Vec<(usize, String)>> {
         let mut bad = Vec::new();
+        // An event time out of range (an overflowing number parses to a
+        // saturated one) would move the watermark to the end of time.
+        if let Some(ts) = batch.column_by_name("ts") {
+            if let Some(ts) = ts.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>() {
+                for (row, t) in ts.iter().enumerate() {
+                    if let Some(t) = t.filter(|t| !(0..MAX_TS_MS).contains(t)) {
+                        bad.push((
+                            row,
+                            format!(
+                                "field 'ts': {t} ms is out of range (1970-01-01 to 2200-01-01)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         match self.stream {
             StreamKind::StockMovements => {
                 let kinds = batch
@@ -215,6 +316,9 @@ impl EventDecoder {
             }
             _ => {}
         }
+        // One reason per record (the first found).
+        bad.sort_by_key(|(row, _)| *row);
+        bad.dedup_by_key(|(row, _)| *row);
         Ok(bad)
     }
 

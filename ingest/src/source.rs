@@ -26,6 +26,7 @@ use arrow::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::decode::MAX_RECORD_BYTES;
 use crate::{
     dead_letter::{record_dead_letters, DeadLetterSink},
     decode::{EventDecoder, RawRecord},
@@ -197,6 +198,10 @@ pub struct FileSource {
     pub format: FileFormat,
     /// Events per batch.
     pub batch_size: usize,
+    /// Position to resume from (a restored checkpoint's `next_offset` for
+    /// this file; 0 reads it whole). Records before it were applied
+    /// before the restart and are skipped.
+    pub resume_from: u64,
 }
 
 impl FileSource {
@@ -238,16 +243,41 @@ impl FileSource {
                 let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
                 let mut spans: Vec<(usize, usize, u64)> = Vec::with_capacity(self.batch_size);
                 let mut line_no = 0u64;
+                // Lines before the resume position were applied before a
+                // restart (positions name the next line to read).
+                while line_no + 1 < self.resume_from {
+                    buf.clear();
+                    if reader.read_until(b'\n', &mut buf).map_err(io)? == 0 {
+                        break;
+                    }
+                    line_no += 1;
+                }
                 loop {
                     buf.clear();
                     spans.clear();
                     while spans.len() < self.batch_size {
                         let start = buf.len();
-                        let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+                        let (n, truncated) =
+                            read_line_capped(&mut reader, &mut buf, MAX_RECORD_BYTES)
+                                .map_err(io)?;
                         if n == 0 {
                             break;
                         }
                         line_no += 1;
+                        if truncated {
+                            let letter = crate::DeadLetter::new(
+                                self.stream.name(),
+                                partition.clone(),
+                                line_no,
+                                format!(
+                                    "line is {n} bytes, over the {MAX_RECORD_BYTES}-byte record limit"
+                                ),
+                                &buf[start..],
+                            );
+                            buf.truncate(start);
+                            record_dead_letters(dead_letters, &[letter])?;
+                            continue;
+                        }
                         let mut end = buf.len();
                         while end > start && matches!(buf[end - 1], b'\n' | b'\r') {
                             end -= 1;
@@ -312,10 +342,15 @@ impl FileSource {
                         path: self.path.clone(),
                         message: e.to_string(),
                     })?;
+                    // Data row j of this batch is line rows + 1 + j.
+                    let skip = self.resume_from.saturating_sub(rows + 1);
                     rows += batch.num_rows() as u64;
                     if *shutdown.borrow() {
                         return Ok(());
                     }
+                    let Some(batch) = skip_rows(batch, skip) else {
+                        continue;
+                    };
                     let batch = conform(&self.path, self.stream, &batch)?;
                     send(self.flat_batch(batch, &partition, rows + 1))?;
                 }
@@ -331,10 +366,15 @@ impl FileSource {
                 let mut rows = 0u64;
                 for batch in reader {
                     let batch = batch?;
+                    // Row j of this batch is row rows + j of the file.
+                    let skip = self.resume_from.saturating_sub(rows);
                     rows += batch.num_rows() as u64;
                     if *shutdown.borrow() {
                         return Ok(());
                     }
+                    let Some(batch) = skip_rows(batch, skip) else {
+                        continue;
+                    };
                     let batch = conform(&self.path, self.stream, &batch)?;
                     send(self.flat_batch(batch, &partition, rows))?;
                 }
@@ -365,6 +405,62 @@ impl FileSource {
                 next_offset: next,
             },
         })
+    }
+}
+
+/// Appends one line (through `\n`) of `reader` to `buf`, keeping at most
+/// `cap` bytes of it and discarding the rest, so a hostile file with a
+/// giant line cannot make us allocate it (the kept prefix goes into the
+/// caller's dead letter). Returns the bytes consumed (0 at the end) and
+/// whether the line was longer than `cap`.
+fn read_line_capped<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<(usize, bool)> {
+    let mut consumed = 0;
+    let mut kept = 0;
+    let mut content = 0; // line bytes without the newline
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok((consumed, content > cap));
+        }
+        let (line, done) = match memchr_newline(chunk) {
+            Some(i) => (&chunk[..=i], true),
+            None => (chunk, false),
+        };
+        let take = line.len().min((cap + 2).saturating_sub(kept));
+        buf.extend_from_slice(&line[..take]);
+        kept += take;
+        let n = line.len();
+        content += n - usize::from(done);
+        reader.consume(n);
+        consumed += n;
+        if done {
+            return Ok((
+                consumed,
+                content.saturating_sub(usize::from(line_ends_cr(buf))) > cap,
+            ));
+        }
+    }
+}
+
+fn line_ends_cr(buf: &[u8]) -> bool {
+    buf.ends_with(b"\r\n")
+}
+
+fn memchr_newline(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+/// `batch` without its first `skip` rows (`None` if nothing is left).
+fn skip_rows(batch: RecordBatch, skip: u64) -> Option<RecordBatch> {
+    let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+    match skip {
+        0 => Some(batch),
+        s if s >= batch.num_rows() => None,
+        s => Some(batch.slice(s, batch.num_rows() - s)),
     }
 }
 
@@ -553,6 +649,7 @@ mod tests {
             path,
             format: FileFormat::Csv,
             batch_size: 100,
+            resume_from: 0,
         })
         .unwrap();
         let SourceMessage::Batch(b) = &msgs[0] else {
@@ -583,6 +680,7 @@ mod tests {
             path,
             format: FileFormat::Csv,
             batch_size: 100,
+            resume_from: 0,
         })
         .unwrap_err()
         .to_string();
@@ -592,6 +690,26 @@ mod tests {
         );
     }
 
+    /// Reads an IoT JSONL file: its dead letters and the messages sent.
+    fn read_iot_jsonl(
+        path: PathBuf,
+        batch_size: usize,
+    ) -> (Vec<crate::DeadLetter>, mpsc::Receiver<SourceMessage>) {
+        let sink = MemoryDeadLetterSink::default();
+        let (tx, rx) = mpsc::channel(8);
+        let (_stop, shutdown) = watch::channel(false);
+        FileSource {
+            stream: StreamKind::IotReadings,
+            path,
+            format: FileFormat::Jsonl,
+            batch_size,
+            resume_from: 0,
+        }
+        .run_blocking(&tx, &sink, &shutdown)
+        .unwrap();
+        (sink.letters(), rx)
+    }
+
     #[test]
     fn jsonl_positions_are_line_numbers_and_blank_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
@@ -599,24 +717,103 @@ mod tests {
         let rec =
             r#"{"event_id":"a","ts":1,"store_id":"S","device_id":"d","metric":"m","value":1}"#;
         std::fs::write(&path, format!("{rec}\n\n{}\n{rec}\n", "{bad")).unwrap();
-        let sink = MemoryDeadLetterSink::default();
-        let (tx, mut rx) = mpsc::channel(8);
-        let (_stop, shutdown) = watch::channel(false);
-        FileSource {
-            stream: StreamKind::IotReadings,
-            path,
-            format: FileFormat::Jsonl,
-            batch_size: 2,
-        }
-        .run_blocking(&tx, &sink, &shutdown)
-        .unwrap();
-        let dead = sink.letters();
+        let (dead, mut rx) = read_iot_jsonl(path, 2);
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].position, 3);
         let SourceMessage::Batch(b) = rx.try_recv().unwrap() else {
             panic!()
         };
         assert_eq!(b.batch.num_rows(), 1);
+        assert_eq!(b.position.next_offset, 4);
+    }
+
+    #[test]
+    fn a_resumed_file_continues_at_its_position() {
+        // After a restart from a checkpoint, a file source resumes at the
+        // checkpoint's position: the rest equals the tail of a whole read.
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("iot.jsonl");
+        let csv = dir.path().join("iot.csv");
+        let mut j = String::new();
+        let mut c = String::from("event_id,ts,store_id,device_id,metric,value\n");
+        for i in 0..7 {
+            j.push_str(&format!(
+                r#"{{"event_id":"e{i}","ts":{i},"store_id":"S","device_id":"d","metric":"m","value":{i}}}"#
+            ));
+            j.push('\n');
+            c.push_str(&format!("e{i},1970-01-01T00:00:0{i}Z,S,d,m,{i}\n"));
+        }
+        std::fs::write(&jsonl, j).unwrap();
+        std::fs::write(&csv, c).unwrap();
+        for (path, format) in [(jsonl, FileFormat::Jsonl), (csv, FileFormat::Csv)] {
+            let src = |resume_from| FileSource {
+                stream: StreamKind::IotReadings,
+                path: path.clone(),
+                format,
+                batch_size: 3,
+                resume_from,
+            };
+            let batches = |msgs: Vec<SourceMessage>| -> Vec<(Vec<String>, u64)> {
+                msgs.into_iter()
+                    .filter_map(|m| match m {
+                        SourceMessage::Batch(b) => Some((
+                            b.batch
+                                .column(0)
+                                .as_string::<i32>()
+                                .iter()
+                                .map(|s| s.unwrap().to_string())
+                                .collect(),
+                            b.position.next_offset,
+                        )),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let whole = batches(read_all(src(0)).unwrap());
+            let ids: Vec<String> = whole.iter().flat_map(|(ids, _)| ids.clone()).collect();
+            assert_eq!(ids.len(), 7, "{format:?}");
+            // Resume at each batch boundary: the rest is exactly what followed.
+            for (k, (_, pos)) in whole.iter().enumerate() {
+                let rest = batches(read_all(src(*pos)).unwrap());
+                let want: Vec<String> =
+                    whole[k + 1..].iter().flat_map(|(i, _)| i.clone()).collect();
+                let got: Vec<String> = rest.iter().flat_map(|(i, _)| i.clone()).collect();
+                assert_eq!(got, want, "{format:?} resumed at {pos}");
+                assert_eq!(
+                    rest.last().map(|r| r.1),
+                    whole.last().filter(|_| k + 1 < whole.len()).map(|w| w.1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_giant_line_is_dead_lettered_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iot.jsonl");
+        let rec =
+            r#"{"event_id":"a","ts":1,"store_id":"S","device_id":"d","metric":"m","value":1}"#;
+        let giant = format!(r#"{{"event_id":"{}"}}"#, "x".repeat(3 << 20));
+        std::fs::write(
+            &path,
+            format!("{rec}\n{giant}\r\n{}\n", rec.replace("\"a\"", "\"b\"")),
+        )
+        .unwrap();
+        let (dead, mut rx) = read_iot_jsonl(path, 10);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].position, 2);
+        assert!(
+            dead[0]
+                .reason
+                .contains("over the 1048576-byte record limit"),
+            "{}",
+            dead[0].reason
+        );
+        assert!(dead[0].raw.len() < 20 << 10, "raw kept short");
+        let SourceMessage::Batch(b) = rx.try_recv().unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.batch.num_rows(), 2, "both good lines decoded");
         assert_eq!(b.position.next_offset, 4);
     }
 }

@@ -8,12 +8,16 @@
 //! <lake>/reports/<name>/date=YYYY-MM-DD/<name>-<time>.<ext>       scheduled reports (report.rs)
 //! ```
 //!
+//! The same plumbing stores the engine's checkpoints (checkpoint.rs,
+//! `<data_dir>/checkpoints/ckpt-<n>/...` by default, manifest last).
+//!
 //! `history.<stream>` and `snapshots.<view>` make it queryable in the same
 //! SQL session (tables.rs); retention deletes old date partitions
 //! (retention.rs). Every write is one atomic object PUT, retried with
 //! backoff (store.rs); health and counters are in [`LakeStatus`].
 
 pub mod archive;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod report;
@@ -24,6 +28,7 @@ pub mod store;
 pub mod tables;
 
 pub use archive::Archiver;
+pub use checkpoint::{CheckpointConfig, CheckpointStore, Manifest as CheckpointManifest};
 pub use config::{
     ArchiveConfig, LakeConfig, ReportConfig, ReportFormat, RetentionRule, S3Config, SnapshotConfig,
 };

@@ -682,3 +682,128 @@ fn bad_lake_urls_are_named() {
         "{e}"
     );
 }
+
+/// Applies `lines` to the engine only.
+async fn apply(h: &EngineHandle, lines: &[String], seq: u64) {
+    let msg = storepulse_testkit::json_message(StreamKind::IotReadings, lines, "p0", seq)
+        .unwrap()
+        .unwrap();
+    h.lock().await.apply(msg, 0).await.unwrap();
+}
+
+async fn temps(h: &EngineHandle) -> Vec<String> {
+    let out = h
+        .query("SELECT device_id, readings, hottest FROM temps ORDER BY device_id")
+        .await
+        .unwrap();
+    storepulse_testkit::normalize(&out[0].batches)
+}
+
+#[tokio::test]
+async fn checkpoints_keep_the_newest_and_skip_incomplete_or_damaged_ones() {
+    use storepulse_lake::{CheckpointConfig, CheckpointStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::open(
+        &CheckpointConfig {
+            keep: 2,
+            ..Default::default()
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let h = engine().await;
+    let mut states = Vec::new();
+    for i in 0..4u64 {
+        apply(
+            &h,
+            &readings(i, T0 + i as i64 * HOUR, 5, 3 + i as usize),
+            i + 1,
+        )
+        .await;
+        let cp = h.lock().await.checkpoint().unwrap();
+        let m = store.write(&cp, None).await.unwrap();
+        assert_eq!(m.sequence, i + 1);
+        assert_eq!(m.positions, vec![("p0".to_string(), i + 1)]);
+        states.push(temps(&h).await);
+    }
+    let listed = store.list().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        vec![4, 3],
+        "keep = 2"
+    );
+    let root = dir.path().join("checkpoints");
+    // A crash while writing the 5th: files but no manifest. Ignored.
+    std::fs::create_dir_all(root.join("ckpt-000000000005/views")).unwrap();
+    std::fs::write(root.join("ckpt-000000000005/engine.json"), b"{").unwrap();
+    let (m, cp) = store.latest().await.unwrap().unwrap();
+    assert_eq!(m.sequence, 4);
+    let restored = engine().await;
+    restored.lock().await.restore(cp, 0).unwrap();
+    assert_eq!(temps(&restored).await, states[3]);
+    // The newest is damaged (a view file cut short): the one before is used.
+    let view = root.join("ckpt-000000000004/views/temps.arrow");
+    let bytes = std::fs::read(&view).unwrap();
+    std::fs::write(&view, &bytes[..bytes.len() / 2]).unwrap();
+    let (m, cp) = store.latest().await.unwrap().unwrap();
+    assert_eq!(m.sequence, 3, "damaged checkpoint skipped");
+    let restored = engine().await;
+    restored.lock().await.restore(cp, 0).unwrap();
+    assert_eq!(temps(&restored).await, states[2]);
+    assert_eq!(restored.lock().await.positions().get("p0"), Some(3));
+    // The next checkpoint takes sequence 6 and prunes the incomplete 5.
+    let cp = h.lock().await.checkpoint().unwrap();
+    assert_eq!(store.write(&cp, None).await.unwrap().sequence, 6);
+    assert!(!root.join("ckpt-000000000005").join("engine.json").exists());
+}
+
+#[tokio::test]
+async fn a_checkpoint_into_a_changed_view_is_refused_naming_it() {
+    let h = engine().await;
+    apply(&h, &readings(0, T0, 3, 2), 1).await;
+    let cp = h.lock().await.checkpoint().unwrap();
+    let mut other = Engine::new(EngineConfig::default()).unwrap();
+    other
+        .execute_sql(
+            "CREATE MATERIALIZED VIEW temps AS SELECT device_id, avg(value) AS mean FROM iot_readings GROUP BY device_id",
+        )
+        .await
+        .unwrap();
+    let err = other.restore(cp, 0).unwrap_err().to_string();
+    assert!(
+        err.contains("view temps") && err.contains("definition changed"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_fails_checkpoints_until_it_returns() {
+    use storepulse_lake::CheckpointStore;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    std::fs::create_dir_all(&root).unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: LocalFileSystem::new(),
+        down: AtomicBool::new(true),
+        failed: AtomicUsize::new(0),
+    });
+    let lake = Lake::with_store(
+        flaky.clone(),
+        url::Url::parse("file:///").unwrap(),
+        Path::from_absolute_path(std::fs::canonicalize(&root).unwrap()).unwrap(),
+        Duration::from_millis(20),
+    );
+    let store = CheckpointStore::with_lake(lake, 2);
+    let h = engine().await;
+    apply(&h, &readings(0, T0, 3, 2), 1).await;
+    let cp = h.lock().await.checkpoint().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    let err = store.write(&cp, Some(deadline)).await.unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert!(flaky.failed.load(Ordering::SeqCst) >= 2, "retried");
+    assert!(store.latest().await.unwrap().is_none(), "nothing complete");
+    flaky.down.store(false, Ordering::SeqCst);
+    let m = store.write(&cp, None).await.unwrap();
+    let (latest, _) = store.latest().await.unwrap().unwrap();
+    assert_eq!(latest, m);
+}

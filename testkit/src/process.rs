@@ -47,6 +47,8 @@ pub struct Server {
     /// `127.0.0.1:PORT` of the Postgres wire listener, if `[pg]` is on.
     pub pg: Option<String>,
     stderr: mpsc::Receiver<String>,
+    /// Lines read while waiting for the address line, not yet drained.
+    early: std::sync::Mutex<Vec<String>>,
 }
 
 impl Server {
@@ -71,10 +73,14 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut early = Vec::new();
         let (base, pg) = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("server did not report its address");
+                .unwrap_or_else(|_| {
+                    panic!("server did not report its address:\n{}", early.join("\n"))
+                });
+            early.push(line.clone());
             if let Some(i) = line.find("url=http") {
                 let url = line[i + 4..].split_whitespace().next().expect("url");
                 let pg = line
@@ -90,12 +96,15 @@ impl Server {
             base,
             pg,
             stderr: rx,
+            early: std::sync::Mutex::new(early),
         }
     }
 
-    /// Log lines printed so far (drains them).
+    /// Log lines printed so far, from the start (drains them).
     pub fn log_lines(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let mut lines = std::mem::take(&mut *self.early.lock().expect("log lines"));
+        lines.extend(self.stderr.try_iter());
+        lines
     }
 
     /// GET a JSON endpoint.
@@ -146,11 +155,23 @@ impl Server {
     }
 
     /// Stops the server with SIGINT and waits for it.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_with("-INT").0
+    }
+
+    /// Sends `signal` (`-INT`, `-TERM`), waits for the exit and returns it
+    /// with the log lines printed meanwhile (until the process closed its
+    /// stderr).
+    pub fn stop_with(mut self, signal: &str) -> (ExitStatus, Vec<String>) {
         let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status();
-        self.child.wait().expect("wait")
+        let status = self.child.wait().expect("wait");
+        let mut lines = self.log_lines();
+        while let Ok(l) = self.stderr.recv_timeout(Duration::from_secs(5)) {
+            lines.push(l);
+        }
+        (status, lines)
     }
 }
 
