@@ -416,6 +416,11 @@ async fn serve(
             "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"
         );
     }
+    if let Some(name) = engine.unknown_state_ttl_views().first() {
+        anyhow::bail!(
+            "engine.state_ttl: no materialized view named '{name}' (CREATE MATERIALIZED VIEW {name} ... in the loaded scripts)"
+        );
+    }
     let checkpoints = if cfg.checkpoint.enabled {
         let store = storepulse_lake::CheckpointStore::open(&cfg.checkpoint, &cfg.data_dir)?;
         let restored = checkpoint::restore(&mut engine, &store).await?;

@@ -500,9 +500,43 @@ async fn alerts(State(app): State<AppState>) -> Response {
 }
 
 async fn health(State(app): State<AppState>) -> Response {
+    // What is failing now (the engine keeps serving meanwhile): "degraded"
+    // with one line per fault, so a probe or a person sees it at once.
+    let mut faults: Vec<String> = Vec::new();
+    for k in &app.kafka {
+        if let Some((0, known)) = k.brokers_up().filter(|(_, known)| *known > 0) {
+            let last = k.last_error().map(|(_, m)| m).unwrap_or_default();
+            faults.push(format!(
+                "kafka {}: none of {known} brokers reachable (librdkafka retries; last error: {last})",
+                k.brokers
+            ));
+        }
+    }
+    let sinks = app
+        .alerts
+        .as_ref()
+        .map(|a| a.sink_health())
+        .unwrap_or_default();
+    for h in sinks.iter().filter(|h| h.consecutive_failures > 0) {
+        faults.push(format!(
+            "alert sink {}: {} failed deliveries in a row (retrying; notifications wait in the outbox): {}",
+            h.name,
+            h.consecutive_failures,
+            h.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(e) = app.lake.as_ref().and_then(|l| l.lake.status().last_error()) {
+        faults.push(format!("lake {}: {}", e.op, e.message));
+    }
+    let checkpoint = app.checkpoint.as_ref().map(|c| c.status());
+    if let Some(e) = checkpoint.as_ref().and_then(|c| c.error.as_ref()) {
+        faults.push(format!("checkpoint: {e} (retried at the next interval)"));
+    }
+    let outbox_pending = app.alerts.as_ref().and_then(|a| a.outbox().pending().ok());
     let engine = app.engine.lock().await;
     Json(json!({
-        "status": "ok",
+        "status": if faults.is_empty() { "ok" } else { "degraded" },
+        "faults": faults,
         "pipeline": app.pipeline.name(),
         "epoch": engine.epoch(),
         "state_bytes": engine.state_bytes(),
@@ -510,14 +544,21 @@ async fn health(State(app): State<AppState>) -> Response {
         "kafka": app.kafka.iter().map(|k| json!({
             "brokers": k.brokers,
             "group_id": k.group_id,
+            "brokers_up": k.brokers_up().map(|(u, _)| u),
+            "brokers_known": k.brokers_up().map(|(_, n)| n),
+            "last_error": k.last_error().map(|(at, m)| json!({"at_ms": at, "message": m})),
             "assigned": k.assigned(),
             "paused": k.paused(),
             "pending_batches": k.pending_batches(),
             "lag_messages": k.lag_messages(),
         })).collect::<Vec<_>>(),
+        "alerts": app.alerts.as_ref().map(|_| json!({
+            "outbox_pending": outbox_pending,
+            "sinks": sinks,
+        })),
         "positions": engine.positions().snapshot(),
         "lake": app.lake.as_ref().map(|l| l.lake.status().to_json(&l.lake.url())),
-        "checkpoint": app.checkpoint.as_ref().map(|c| c.status()),
+        "checkpoint": checkpoint,
     }))
     .into_response()
 }

@@ -176,6 +176,7 @@ format = "csv"
     assert!(total > 5_000, "a real dataset: {total}");
     let health = wait_archived(&s, Duration::from_secs(60));
     assert_eq!(health["lake"]["healthy"], true, "{}", health["lake"]);
+    assert_eq!(health["status"], "ok", "recovered: {}", health["faults"]);
     assert_archived_once(&s, &per_stream, late, &health);
 
     let (status, manifest) = post(&s.base, "/api/v1/snapshots");
@@ -381,6 +382,18 @@ format = "parquet"
     );
     assert_eq!(fault["lake"]["archive"]["rows"], 0);
     assert!(fault["lake"]["archive"]["buffered_bytes"].as_u64() > Some(0));
+    assert_eq!(fault["status"], "degraded", "{fault}");
+    assert!(
+        fault["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().starts_with("lake ")),
+        "{}",
+        fault["faults"]
+    );
+    // Queries are still answered during the outage.
+    assert!(!s.rows("SELECT * FROM stock_on_hand LIMIT 5").is_empty());
     let (status, err) = post(&s.base, "/api/v1/snapshots");
     assert_eq!(status, 503, "{err}");
     assert!(

@@ -16,6 +16,14 @@
 //! The alert id is a hash of (rule, key, episode start): stable across
 //! re-notifications, resolution and restarts (the state is serializable and
 //! restored with the outbox), new for the next episode of the same key.
+//!
+//! The lifecycle never goes back in event time: it remembers the clock of
+//! its last evaluation, and an evaluation at an earlier `now` changes
+//! nothing. After a crash the engine restores its last checkpoint and
+//! replays the events since, while the lifecycle (committed with every
+//! notification) is already past them: the replay must not fire, resolve or
+//! re-fire alerts the sinks were already told about. Evaluation resumes
+//! once the engine's clock is back where the lifecycle left off.
 
 use std::collections::BTreeMap;
 
@@ -94,6 +102,10 @@ pub struct Lifecycle {
     /// Notifications sent per episode id (for `sequence`).
     #[serde(default)]
     pub sent: BTreeMap<String, u32>,
+    /// Event time of the last evaluation that changed the state; an
+    /// evaluation at an earlier time is a replay and changes nothing.
+    #[serde(default)]
+    pub evaluated_at: Option<i64>,
 }
 
 fn ms(d: std::time::Duration) -> i64 {
@@ -106,8 +118,17 @@ impl Lifecycle {
         self.keys.iter()
     }
 
+    /// The event time of the last evaluation if `now` is before it: an
+    /// evaluation at `now` would be a replay of what the lifecycle has
+    /// already seen (after a restore) and is skipped.
+    pub fn ahead_of(&self, now: i64) -> Option<i64> {
+        self.evaluated_at.filter(|t| now < *t)
+    }
+
     /// One evaluation at event time `now` with the rows whose condition
-    /// holds (key → row). Returns the notifications to send, in key order.
+    /// holds (key → row). Returns the notifications to send, in key order;
+    /// none, and no change, if `now` is before the last evaluation
+    /// ([`Self::ahead_of`]).
     pub fn evaluate(
         &mut self,
         rule: &AlertRule,
@@ -115,6 +136,10 @@ impl Lifecycle {
         holding: BTreeMap<String, serde_json::Value>,
     ) -> Vec<Notification> {
         let mut out = Vec::new();
+        if self.ahead_of(now).is_some() {
+            return out;
+        }
+        self.evaluated_at = Some(now);
         let severity = rule.severity.as_str().to_string();
         let mut notify = |sent: &mut BTreeMap<String, u32>, key: &str, s: &KeyState, state| {
             let id = alert_id(&rule.name, key, s.since);
@@ -299,6 +324,39 @@ mod tests {
         assert_eq!(a.len(), 3); // firing, resolved, firing (new episode)
         assert_eq!(a[0].alert_id, a[1].alert_id);
         assert_ne!(a[0].alert_id, a[2].alert_id);
+    }
+
+    #[test]
+    fn a_replay_behind_the_last_evaluation_changes_nothing() {
+        let r = rule(0, 0, 0);
+        let mut l = Lifecycle::default();
+        let fired = l.evaluate(&r, 10 * M, rows(&["a"]));
+        assert_eq!(fired.len(), 1);
+        assert!(l.evaluate(&r, 20 * M, rows(&["a"])).is_empty());
+        // Restart: the engine restored an older checkpoint and replays from
+        // 5m, where "a" did not hold yet and "b" held for a moment.
+        let mut restored: Lifecycle =
+            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        let before = restored.clone();
+        assert_eq!(restored.ahead_of(5 * M), Some(20 * M));
+        for t in [5, 12, 19] {
+            assert!(
+                restored.evaluate(&r, t * M, rows(&["b"])).is_empty(),
+                "replayed history fires nothing"
+            );
+        }
+        assert_eq!(restored.keys, before.keys, "and resolves nothing");
+        // Caught up: evaluation resumes from where it left off.
+        assert_eq!(restored.ahead_of(20 * M), None);
+        let n = restored.evaluate(&r, 21 * M, rows(&["b"]));
+        assert_eq!(
+            states(&n),
+            vec![
+                ("a".into(), AlertState::Resolved, 2),
+                ("b".into(), AlertState::Firing, 1)
+            ]
+        );
+        assert_eq!(n[0].alert_id, fired[0].alert_id);
     }
 
     #[test]

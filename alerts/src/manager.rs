@@ -191,6 +191,29 @@ pub struct ActiveAlert {
     pub row: serde_json::Value,
 }
 
+/// Delivery state of one sink (for `/api/v1/health`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkHealth {
+    /// Sink name.
+    pub name: String,
+    /// Notifications delivered since start.
+    pub delivered: u64,
+    /// Failed attempts in a row (0: healthy).
+    pub consecutive_failures: u64,
+    /// Wall clock (Unix ms) of the first failure of the current streak.
+    pub failing_since_ms: Option<i64>,
+    /// The last failure's message (kept after recovery).
+    pub last_error: Option<String>,
+    /// Wall clock (Unix ms) of the last successful delivery.
+    pub last_delivery_ms: Option<i64>,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Evaluates rules and delivers their notifications.
 pub struct AlertManager {
     engine: EngineHandle,
@@ -201,6 +224,11 @@ pub struct AlertManager {
     cfg: AlertsConfig,
     committed: watch::Sender<u64>,
     acked: watch::Sender<u64>,
+    /// Rules whose evaluation waits for the engine to replay up to their
+    /// last evaluation (after a restore), to log the start and the end once.
+    deferred: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Delivery state per sink, in configuration order.
+    sink_health: std::sync::Mutex<Vec<SinkHealth>>,
 }
 
 impl std::fmt::Debug for AlertManager {
@@ -265,7 +293,29 @@ impl AlertManager {
             cfg,
             committed,
             acked,
+            deferred: Default::default(),
+            sink_health: std::sync::Mutex::new(
+                names
+                    .iter()
+                    .map(|n| SinkHealth {
+                        name: n.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
         })
+    }
+
+    /// Delivery state of every sink.
+    pub fn sink_health(&self) -> Vec<SinkHealth> {
+        self.sink_health.lock().expect("not poisoned").clone()
+    }
+
+    fn update_sink(&self, name: &str, f: impl FnOnce(&mut SinkHealth)) {
+        let mut all = self.sink_health.lock().expect("not poisoned");
+        if let Some(h) = all.iter_mut().find(|h| h.name == name) {
+            f(h);
+        }
     }
 
     /// The rules.
@@ -313,6 +363,30 @@ impl AlertManager {
             message,
         })?;
         let mut state = self.state.lock().await;
+        if let Some(at) = state.get(&rule.name).and_then(|l| l.ahead_of(now)) {
+            metrics::counter!("storepulse_alerts_evaluations_deferred_total", "rule" => rule.name.clone())
+                .increment(1);
+            if self
+                .deferred
+                .lock()
+                .expect("not poisoned")
+                .insert(rule.name.clone())
+            {
+                tracing::info!(rule = %rule.name, engine_clock_ms = now, rule_clock_ms = at,
+                    "alert evaluation deferred: the engine is replaying events this rule has \
+                     already evaluated (restored from a checkpoint); it resumes when the \
+                     engine's clock catches up");
+            }
+            return Ok(Vec::new());
+        }
+        if self
+            .deferred
+            .lock()
+            .expect("not poisoned")
+            .remove(&rule.name)
+        {
+            tracing::info!(rule = %rule.name, engine_clock_ms = now, "alert evaluation resumed: the engine caught up");
+        }
         let mut next = state.get(&rule.name).cloned().unwrap_or_default();
         let notes = next.evaluate(rule, now, holding);
         if !notes.is_empty() || state.get(&rule.name).is_none_or(|l| l.keys != next.keys) {
@@ -462,6 +536,13 @@ impl AlertManager {
                     Err(e) => {
                         metrics::counter!("storepulse_alerts_delivery_errors_total", "sink" => name.clone())
                             .increment(1);
+                        self.update_sink(&name, |h| {
+                            h.consecutive_failures += 1;
+                            h.failing_since_ms.get_or_insert_with(unix_ms);
+                            h.last_error = Some(e.to_string());
+                        });
+                        metrics::gauge!("storepulse_alerts_sink_failing", "sink" => name.clone())
+                            .set(1.0);
                         let delay = backoff.next().unwrap_or(self.cfg.retry_max_delay);
                         tracing::warn!(sink = %name, error = %e, retry_in = ?delay, notifications = notes.len(), "alert delivery failed; retrying");
                         tokio::select! {
@@ -473,6 +554,16 @@ impl AlertManager {
             }
             metrics::counter!("storepulse_alerts_delivered_total", "sink" => name.clone())
                 .increment(notes.len() as u64);
+            metrics::gauge!("storepulse_alerts_sink_failing", "sink" => name.clone()).set(0.0);
+            self.update_sink(&name, |h| {
+                if h.consecutive_failures > 0 {
+                    tracing::info!(sink = %name, failures = h.consecutive_failures, "alert sink recovered");
+                }
+                h.delivered += notes.len() as u64;
+                h.consecutive_failures = 0;
+                h.failing_since_ms = None;
+                h.last_delivery_ms = Some(unix_ms());
+            });
             if let Err(e) = self.outbox.ack(&name, upto) {
                 tracing::error!(sink = %name, error = %e, "acknowledging delivered alerts failed (they may be delivered again)");
             }

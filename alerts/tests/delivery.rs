@@ -164,6 +164,31 @@ async fn webhook_gets_every_alert_once_signed_despite_failures_and_a_restart() {
     let h = engine().await;
     ingest(&h, 0..5, 0).await;
     let (m, stop, task) = start(&h, &url, dir.path()).await;
+    // The receiver refuses: the sink reports it (health) while it retries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let failing = loop {
+        let hook = m
+            .sink_health()
+            .into_iter()
+            .find(|s| s.name == "hook")
+            .unwrap();
+        if hook.consecutive_failures > 0 {
+            break hook;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failures not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(failing.failing_since_ms.is_some());
+    assert!(
+        failing
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("503")),
+        "{failing:?}"
+    );
     // Five devices warm: five firing alerts, delivered after three refused requests.
     until_accepted(&rx, 5).await;
     // d0..d2 reach three readings: their condition stops holding → resolved.
@@ -171,6 +196,21 @@ async fn webhook_gets_every_alert_once_signed_despite_failures_and_a_restart() {
     ingest(&h, 0..3, 2).await;
     until_accepted(&rx, 8).await;
     assert!(m.drain(Duration::from_secs(10)).await, "outbox drained");
+    // Drained = acknowledged, which follows the health update.
+    let hook = m
+        .sink_health()
+        .into_iter()
+        .find(|s| s.name == "hook")
+        .unwrap();
+    assert_eq!(hook.consecutive_failures, 0, "recovered: {hook:?}");
+    assert!(
+        hook.failing_since_ms.is_none() && hook.delivered >= 8,
+        "{hook:?}"
+    );
+    assert!(
+        hook.last_error.is_some(),
+        "the last error is kept after recovery"
+    );
     let active = m.active().await;
     assert_eq!(active.len(), 2);
     assert!(active.iter().all(|a| a.state == AlertState::Firing));

@@ -49,6 +49,16 @@ pub struct EngineConfig {
     /// view (a key explosion stops with a clear message instead of the
     /// process being OOM-killed); unset is unbounded.
     pub max_state_bytes: Option<bytesize::ByteSize>,
+    /// Idle-key eviction per materialized view (view name → TTL, e.g.
+    /// `member_activity = "30d"`): a group (key) that received no event
+    /// while the view's event-time clock (the largest watermark of its
+    /// streams) advanced by the TTL is dropped from the state and from the
+    /// view. If the key comes back it starts again from that event. Bounds
+    /// the state of views over an ever-growing key space (members, devices,
+    /// hourly windows) without an error; never evicts before the TTL, at
+    /// most a 64th of it later. Not for hop() or session() window views. A
+    /// name that no `CREATE MATERIALIZED VIEW` defines is an error.
+    pub state_ttl: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]
     pub data_dir: Option<PathBuf>,
@@ -71,6 +81,7 @@ impl Default for EngineConfig {
             refresh: BTreeMap::new(),
             refresh_max_staleness: Duration::from_secs(30),
             max_state_bytes: None,
+            state_ttl: BTreeMap::new(),
             data_dir: None,
             query_memory_limit: None,
         }

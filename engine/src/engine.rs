@@ -350,6 +350,12 @@ impl Engine {
                 }
                 self.serving
                     .register_table(name.as_str(), Arc::new(table))?;
+                let mut view = view;
+                if let Some(ttl) = self.cfg.state_ttl.get(&name) {
+                    if let Err(e) = view.set_state_ttl(**ttl) {
+                        return user_err(e);
+                    }
+                }
                 tracing::info!(view = %name, streams = ?view.streams, "materialized view created");
                 self.views.push(view);
                 self.snapshot_epoch = None;
@@ -470,6 +476,7 @@ impl Engine {
                     }
                     self.floor.set(None);
                     self.slots[&b.stream].set(Vec::new());
+                    self.expire_idle_groups()?;
                     self.check_state_limit()?;
                 }
                 self.epoch += 1;
@@ -614,6 +621,34 @@ impl Engine {
         self.epoch = self.epoch.max(cp.meta.epoch);
         self.snapshot_epoch = None;
         Ok(())
+    }
+
+    /// Evicts idle groups of the views with a `state_ttl`.
+    fn expire_idle_groups(&mut self) -> Result<()> {
+        for v in self.views.iter_mut().filter(|v| v.has_state_ttl()) {
+            let clock = v
+                .streams
+                .iter()
+                .filter_map(|k| self.gates[k].reached())
+                .max();
+            let n = v.expire(clock)?;
+            if n > 0 {
+                metrics::counter!("storepulse_engine_view_evicted_groups_total", "view" => v.name.clone())
+                    .increment(n as u64);
+                tracing::debug!(view = %v.name, groups = n, remaining = v.groups(), "idle groups evicted (state_ttl)");
+            }
+        }
+        Ok(())
+    }
+
+    /// `[engine] state_ttl` entries that name no materialized view.
+    pub fn unknown_state_ttl_views(&self) -> Vec<String> {
+        self.cfg
+            .state_ttl
+            .keys()
+            .filter(|n| !self.views.iter().any(|v| &v.name == *n))
+            .cloned()
+            .collect()
     }
 
     /// Fails with [`EngineError::StateLimit`] when the state is over

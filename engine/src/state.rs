@@ -152,6 +152,10 @@ pub struct GroupState {
     scratch: Vec<usize>,
     hop: Option<HopPanes>,
     sessions: Option<Sessions>,
+    /// With a state TTL: per group, the batch number of its last merge.
+    touched: Option<Vec<u64>>,
+    /// The number merges stamp into `touched` (see [`Self::next_batch`]).
+    batch_no: u64,
 }
 
 /// Session windows: group column `col` is `session(ts, gap)`.
@@ -303,7 +307,59 @@ impl GroupState {
             scratch: Vec::new(),
             hop: None,
             sessions: None,
+            touched: None,
+            batch_no: 0,
         })
+    }
+
+    /// Tracks, per group, the batch that last touched it, so that idle
+    /// groups can be evicted ([`Self::evict_touched_up_to`]). Plain and
+    /// tumbling-window group keys only: hop panes and session windows keep
+    /// bookkeeping across groups.
+    pub fn enable_ttl(&mut self) -> Result<()> {
+        if self.hop.is_some() || self.sessions.is_some() {
+            return datafusion::common::plan_err!(
+                "a state TTL is not supported on hop() or session() window views"
+            );
+        }
+        self.touched = Some(vec![self.batch_no; self.num_groups()]);
+        Ok(())
+    }
+
+    /// Starts a new batch: the groups the next merges touch are stamped
+    /// with the returned number.
+    pub fn next_batch(&mut self) -> u64 {
+        self.batch_no += 1;
+        self.batch_no
+    }
+
+    /// Drops every group last touched in batch `upto` or before (with
+    /// [`Self::enable_ttl`]); returns how many. The kept groups are
+    /// exported, filtered and imported into a fresh state (the memory of
+    /// the accumulators is released; the kept state is briefly held
+    /// twice), and the next evaluation is a full one.
+    pub fn evict_touched_up_to(&mut self, upto: u64, partial_schema: &SchemaRef) -> Result<usize> {
+        use datafusion::arrow::{array::BooleanArray, compute::filter_record_batch};
+        let Some(touched) = &self.touched else {
+            return Ok(0);
+        };
+        let keep = BooleanArray::from(touched.iter().map(|t| *t > upto).collect::<Vec<bool>>());
+        let evicted = keep.false_count();
+        if evicted == 0 {
+            return Ok(0);
+        }
+        let kept_touched: Vec<u64> = touched.iter().copied().filter(|t| *t > upto).collect();
+        let all = self.export(partial_schema)?;
+        let kept = filter_record_batch(&all, &keep)?;
+        drop(all);
+        let mut fresh =
+            GroupState::try_new(partial_schema, self.num_group_cols, self.aggs.clone())?;
+        fresh.batch_no = self.batch_no;
+        fresh.import(&kept)?;
+        debug_assert_eq!(fresh.num_groups(), kept_touched.len());
+        fresh.touched = Some(kept_touched);
+        *self = fresh;
+        Ok(evicted)
     }
 
     /// Maintains group column `spec.col` as session windows.
@@ -354,6 +410,7 @@ impl GroupState {
             + self.key_offsets.capacity() * 8
             + self.table.capacity() * 16
             + self.accs.iter().map(Acc::size).sum::<usize>()
+            + self.touched.as_ref().map_or(0, |t| t.capacity() * 8)
     }
 
     fn key(&self, g: usize) -> &[u8] {
@@ -420,6 +477,12 @@ impl GroupState {
         for (acc, range) in self.accs.iter_mut().zip(&self.layout) {
             acc.get()
                 .merge_batch(&partial.columns()[range.clone()], &indices, total)?;
+        }
+        if let Some(t) = &mut self.touched {
+            t.resize(total, self.batch_no);
+            for &g in &indices {
+                t[g] = self.batch_no;
+            }
         }
         if self.hop.is_none() {
             let inc = &mut self.inc;

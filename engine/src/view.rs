@@ -73,6 +73,18 @@ pub struct ContinuousView {
     evaluated: Option<(u64, Arc<Vec<RecordBatch>>)>,
     /// Rows applied so far.
     pub rows_applied: u64,
+    ttl: Option<StateTtl>,
+}
+
+/// Idle-group eviction of one view (`[engine] state_ttl`).
+#[derive(Debug)]
+struct StateTtl {
+    ttl_ms: i64,
+    /// Smallest clock step between two marks (a 64th of the TTL): bounds
+    /// the marks kept and how late past the TTL a group is evicted.
+    step_ms: i64,
+    /// (batch number, the view's clock after that batch), oldest first.
+    marks: std::collections::VecDeque<(u64, i64)>,
 }
 
 fn node_name(p: &LogicalPlan) -> &'static str {
@@ -371,6 +383,7 @@ pub async fn plan_view(
         version: 0,
         evaluated: None,
         rows_applied: 0,
+        ttl: None,
     })
 }
 
@@ -467,6 +480,67 @@ fn traces_to_hop(plan: &LogicalPlan, name: &str) -> bool {
 }
 
 impl ContinuousView {
+    /// Evicts groups that received no row while the view's event-time
+    /// clock (the largest watermark of its streams) advanced by `ttl`.
+    /// Errors for hop() and session() window views.
+    pub fn set_state_ttl(&mut self, ttl: std::time::Duration) -> std::result::Result<(), String> {
+        self.state.enable_ttl().map_err(|e| {
+            let reason = match e {
+                datafusion::error::DataFusionError::Plan(m) => m,
+                e => e.strip_backtrace(),
+            };
+            format!("engine.state_ttl: view '{}': {reason}", self.name)
+        })?;
+        let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as i64;
+        self.ttl = Some(StateTtl {
+            ttl_ms,
+            step_ms: (ttl_ms / 64).max(1),
+            marks: Default::default(),
+        });
+        Ok(())
+    }
+
+    /// True if the view has a state TTL.
+    pub fn has_state_ttl(&self) -> bool {
+        self.ttl.is_some()
+    }
+
+    /// After a batch: records the view's clock and evicts the groups last
+    /// touched before `clock - ttl` (never earlier; at most a 64th of the
+    /// TTL later). Returns the number of groups evicted.
+    pub fn expire(&mut self, clock: Option<i64>) -> Result<usize> {
+        let (Some(ttl), Some(clock)) = (&mut self.ttl, clock) else {
+            return Ok(0);
+        };
+        let batch = self.state.next_batch() - 1;
+        if ttl
+            .marks
+            .back()
+            .is_none_or(|(_, t)| clock >= t + ttl.step_ms)
+        {
+            ttl.marks.push_back((batch, clock));
+        }
+        let cutoff = clock.saturating_sub(ttl.ttl_ms);
+        let mut upto = None;
+        while let Some(&(b, t)) = ttl.marks.front() {
+            if t >= cutoff {
+                break;
+            }
+            upto = Some(b);
+            ttl.marks.pop_front();
+        }
+        let Some(upto) = upto else {
+            return Ok(0);
+        };
+        let n = self
+            .state
+            .evict_touched_up_to(upto, &self.partial.schema())?;
+        if n > 0 {
+            self.version += 1;
+        }
+        Ok(n)
+    }
+
     /// Applies the micro-batch currently in the stream's slot.
     pub async fn apply(&mut self, task_ctx: Arc<TaskContext>, rows: usize) -> Result<()> {
         let plan = reset_plan_states(self.partial.clone())?;

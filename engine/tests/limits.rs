@@ -47,3 +47,160 @@ async fn a_key_explosion_hits_the_state_limit_with_a_clear_error() {
     );
     assert!(e.state_bytes() < 4 * 256 * 1024, "stopped near the limit");
 }
+
+/// The TTL test's view: count, hottest and last reading per device.
+const PER_DEVICE: &str =
+    "SELECT device_id, count(*) AS n, max(value) AS hottest, max(ts) AS last_ts \
+     FROM iot_readings GROUP BY device_id";
+
+/// The readings of the TTL test, in batches of 100 one second apart: five
+/// "hot" devices report every 50 s, every other reading comes from a new
+/// device that never reports again (90,000 of them).
+fn ttl_batches() -> Vec<storepulse_ingest::SourceMessage> {
+    (0..1000u64)
+        .map(|chunk| {
+            let lines: Vec<String> = (0..100)
+                .map(|i| {
+                    let d = chunk * 100 + i;
+                    let device = if d % 10 == 0 {
+                        format!("hot-{}", (d / 10) % 5)
+                    } else {
+                        format!("device-{d}")
+                    };
+                    format!(
+                        r#"{{"event_id":"e{d}","ts":{},"store_id":"S1","device_id":"{device}","metric":"fridge_temp_c","value":{}}}"#,
+                        1_767_600_000_000i64 + d as i64 * 1000,
+                        (d % 97) as f64 / 10.0
+                    )
+                })
+                .collect();
+            storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", chunk + 1)
+                .unwrap()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn by_device(
+    batches: &[datafusion::arrow::array::RecordBatch],
+) -> std::collections::BTreeMap<String, (i64, f64, i64)> {
+    use datafusion::arrow::{array::AsArray, datatypes::*};
+    let mut out = std::collections::BTreeMap::new();
+    for b in batches {
+        let ts = datafusion::arrow::compute::cast(b.column(3), &DataType::Int64).unwrap();
+        for i in 0..b.num_rows() {
+            out.insert(
+                b.column(0).as_string::<i32>().value(i).to_string(),
+                (
+                    b.column(1).as_primitive::<Int64Type>().value(i),
+                    b.column(2).as_primitive::<Float64Type>().value(i),
+                    ts.as_primitive::<Int64Type>().value(i),
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
+    const TTL_MS: i64 = 10 * 60_000;
+    let mut e = Engine::new(EngineConfig {
+        // Without the TTL, 90,000 devices would pass this limit (the test
+        // above): the TTL keeps the state bounded without an error.
+        max_state_bytes: Some(bytesize::ByteSize::kib(256)),
+        // The de-duplication set is state too, bounded by its horizon.
+        dedup_horizon: std::time::Duration::from_secs(300),
+        state_ttl: [(
+            "per_device".to_string(),
+            std::time::Duration::from_millis(TTL_MS as u64).into(),
+        )]
+        .into(),
+        ..Default::default()
+    })
+    .unwrap();
+    e.execute_sql(&format!(
+        "CREATE MATERIALIZED VIEW per_device AS {PER_DEVICE}"
+    ))
+    .await
+    .unwrap();
+    let msgs = ttl_batches();
+    let mut events = Vec::new();
+    let mut most_groups = 0;
+    for msg in msgs {
+        if let storepulse_ingest::SourceMessage::Batch(b) = &msg {
+            events.push(b.batch.clone());
+        }
+        e.apply(msg, 0).await.expect("bounded by the TTL");
+        let out = e
+            .execute_sql("SELECT count(*) FROM per_device")
+            .await
+            .unwrap();
+        use datafusion::arrow::array::AsArray;
+        let n = out[0].batches[0]
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0);
+        most_groups = most_groups.max(n);
+    }
+    // ~600 s of one-off devices live at a time (plus a batch and the step).
+    assert!(most_groups < 1000, "at most {most_groups} groups");
+
+    // The batch oracle: the same SQL by plain DataFusion over every event.
+    let ctx = datafusion::prelude::SessionContext::new();
+    let table =
+        datafusion::datasource::MemTable::try_new(events[0].schema(), vec![events]).unwrap();
+    ctx.register_table("iot_readings", std::sync::Arc::new(table))
+        .unwrap();
+    let oracle = by_device(&ctx.sql(PER_DEVICE).await.unwrap().collect().await.unwrap());
+    let live = by_device(&e.execute_sql("SELECT * FROM per_device").await.unwrap()[0].batches);
+    assert_eq!(oracle.len(), 90_005);
+    let watermark = oracle.values().map(|(_, _, ts)| *ts).max().unwrap();
+    let (mut kept, mut evicted) = (0, 0);
+    for (device, want) in &oracle {
+        let last = want.2;
+        if last >= watermark - TTL_MS {
+            // Active within the TTL: present, and exactly the oracle's row
+            // (the hot devices were never evicted, so they count every event).
+            assert_eq!(live.get(device), Some(want), "{device} is active");
+            kept += 1;
+        } else if last < watermark - TTL_MS - 2 * 60_000 {
+            // Idle for the TTL plus a batch (100 s) and the step (TTL / 64).
+            assert!(!live.contains_key(device), "{device} idle since {last}");
+            evicted += 1;
+        }
+    }
+    assert!(live.keys().all(|d| oracle.contains_key(d)));
+    assert_eq!(live["hot-0"].0, 2_000, "hot devices count every reading");
+    assert!(
+        kept > 500 && evicted > 80_000,
+        "kept {kept}, evicted {evicted}"
+    );
+}
+
+#[tokio::test]
+async fn a_state_ttl_on_a_session_view_is_refused_naming_the_view() {
+    let mut e = Engine::new(EngineConfig {
+        state_ttl: [(
+            "visits".to_string(),
+            std::time::Duration::from_secs(60).into(),
+        )]
+        .into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = e
+        .execute_sql(
+            "CREATE MATERIALIZED VIEW visits AS
+             SELECT member_id, session(ts, INTERVAL '30 minutes') AS visit_start, count(*) AS n
+             FROM sales GROUP BY member_id, session(ts, INTERVAL '30 minutes')",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("engine.state_ttl") && err.contains("visits") && err.contains("session()"),
+        "{err}"
+    );
+    assert_eq!(e.unknown_state_ttl_views(), vec!["visits".to_string()]);
+}

@@ -100,6 +100,11 @@ impl Server {
         }
     }
 
+    /// The process id (for /proc readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Log lines printed so far, from the start (drains them).
     pub fn log_lines(&self) -> Vec<String> {
         let mut lines = std::mem::take(&mut *self.early.lock().expect("log lines"));

@@ -61,6 +61,12 @@ pub(crate) struct Shared {
     /// Messages behind the high watermarks, from the last statistics
     /// (-1 until known).
     pub(crate) lag: std::sync::atomic::AtomicI64,
+    /// Brokers in state `UP` and brokers known, from the last statistics
+    /// (-1 until known).
+    pub(crate) brokers_up: std::sync::atomic::AtomicI64,
+    pub(crate) brokers_known: std::sync::atomic::AtomicI64,
+    /// The last client error: wall clock (Unix ms) and message.
+    pub(crate) last_error: Mutex<Option<(i64, String)>>,
 }
 
 impl Shared {
@@ -76,6 +82,9 @@ impl Shared {
             paused: Default::default(),
             pending: Default::default(),
             lag: std::sync::atomic::AtomicI64::new(-1),
+            brokers_up: std::sync::atomic::AtomicI64::new(-1),
+            brokers_known: std::sync::atomic::AtomicI64::new(-1),
+            last_error: Mutex::default(),
         }
     }
 
@@ -171,9 +180,21 @@ impl ClientContext for SourceContext {
         }
         metrics::counter!("storepulse_kafka_client_errors_total").increment(1);
         tracing::warn!(error = %error, reason, "Kafka client error (librdkafka retries)");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        *lock(&self.shared.last_error) = Some((now, format!("{error}: {reason}")));
     }
 
     fn stats(&self, stats: Statistics) {
+        // Real brokers only (bootstrap entries have node id -1).
+        let brokers = stats.brokers.values().filter(|b| b.nodeid >= 0);
+        let (up, known) = brokers.fold((0i64, 0i64), |(u, k), b| {
+            (u + i64::from(b.state == "UP"), k + 1)
+        });
+        metrics::gauge!("storepulse_kafka_brokers_up").set(up as f64);
+        self.shared.brokers_up.store(up, Ordering::Relaxed);
+        self.shared.brokers_known.store(known, Ordering::Relaxed);
         let mut total = 0i64;
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {

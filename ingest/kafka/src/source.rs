@@ -96,6 +96,24 @@ impl KafkaStatus {
         Some(self.shared.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
     }
 
+    /// Brokers up and brokers known, from librdkafka's last statistics
+    /// (`None` until the first statistics arrive).
+    pub fn brokers_up(&self) -> Option<(u64, u64)> {
+        let up = self.shared.brokers_up.load(Ordering::Relaxed);
+        let known = self.shared.brokers_known.load(Ordering::Relaxed);
+        (up >= 0 && known >= 0).then_some((up as u64, known as u64))
+    }
+
+    /// The last client error (wall clock in Unix ms, message); librdkafka
+    /// retries on its own, so this is a report, not a stop.
+    pub fn last_error(&self) -> Option<(i64, String)> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Decoded batches waiting for the engine (bounded by
     /// `max_pending_batches` plus what was already fetched when the pause
     /// took effect).

@@ -27,7 +27,7 @@ use storepulse_kafka::{
     config::{topic_name, DEFAULT_DEAD_LETTER_TOPIC},
     replay::{dataset_inputs, replay, ReplayOptions},
     source::headers,
-    KafkaSource, KafkaSourceConfig, KafkaSourceError,
+    KafkaSource, KafkaSourceConfig, KafkaSourceError, KafkaStatus,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -173,10 +173,11 @@ async fn consume(
     cfg: KafkaSourceConfig,
     until_eof: bool,
     stop_after: Option<usize>,
-    mut on_progress: impl FnMut(usize),
+    mut on_progress: impl FnMut(usize, &KafkaStatus),
 ) -> usize {
     let applied = handle.lock().await.positions().clone();
     let src = connect(cfg, until_eof, applied).await.unwrap();
+    let status = src.status();
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(2);
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(src.run(tx, stop_rx));
@@ -192,7 +193,7 @@ async fn consume(
                 handle.lock().await.apply(msg, EngineHandle::now_ms()).await.unwrap();
                 if is_batch {
                     batches += 1;
-                    on_progress(batches);
+                    on_progress(batches, &status);
                     if stop_after == Some(batches) {
                         stop_tx.send(true).unwrap();
                     }
@@ -200,7 +201,7 @@ async fn consume(
             }
             _ = tick.tick() => {
                 handle.lock().await.tick(EngineHandle::now_ms());
-                on_progress(batches);
+                on_progress(batches, &status);
             }
         }
     }
@@ -298,7 +299,14 @@ async fn a_replayed_dataset_consumed_from_kafka_matches_the_batch_oracle() {
     dataset(dir.path(), 3);
     let published = publish(&brokers, dir.path());
     let handle = EngineHandle::new(engine().await);
-    let batches = consume(&handle, source_config(&brokers, "g1"), true, None, |_| {}).await;
+    let batches = consume(
+        &handle,
+        source_config(&brokers, "g1"),
+        true,
+        None,
+        |_, _| {},
+    )
+    .await;
     assert!(batches > 5, "micro-batches were assembled per partition");
     let accepted = assert_matches_oracle(&handle, dir.path()).await;
     assert!(accepted > 1000, "{accepted}");
@@ -333,7 +341,7 @@ async fn broker_outages_and_request_errors_lose_and_double_nothing() {
     // then fetch and commit errors.
     let mut fault: Option<Instant> = None;
     let mut phase = 0;
-    consume(&handle, cfg, true, None, |n| {
+    consume(&handle, cfg, true, None, |n, _| {
         if n == 10 && phase == 0 {
             c.broker_down(1).unwrap();
             c.request_errors(
@@ -368,6 +376,51 @@ async fn broker_outages_and_request_errors_lose_and_double_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broker_down_is_reported_and_consumption_resumes_after() {
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), 9);
+    publish(&brokers, dir.path());
+    let handle = EngineHandle::new(engine().await);
+    let mut cfg = source_config(&brokers, "g-outage");
+    cfg.batch_max_messages = 100;
+    cfg.max_pending_batches = 1;
+    cfg.properties
+        .insert("statistics.interval.ms".into(), "100".into());
+    // After the 5th batch the whole cluster goes down; it comes back once
+    // the source has reported the outage (no broker up, the client's error)
+    // and the engine answered a query meanwhile.
+    let mut phase = 0;
+    let mut reported = None;
+    consume(&handle, cfg, true, None, |n, status| {
+        if n >= 5 && phase == 0 {
+            for b in 1..=3 {
+                c.broker_down(b).unwrap();
+            }
+            phase = 1;
+        }
+        if phase == 1 {
+            if let (Some((0, known)), Some(err)) = (status.brokers_up(), status.last_error()) {
+                if known > 0 {
+                    reported = Some((known, err.1));
+                    for b in 1..=3 {
+                        c.broker_up(b).unwrap();
+                    }
+                    phase = 2;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(phase, 2, "the outage was reported while it lasted");
+    let (known, err) = reported.unwrap();
+    assert_eq!(known, 3, "{err}");
+    assert!(!err.is_empty());
+    assert_matches_oracle(&handle, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_consumer_resumes_at_the_committed_offsets() {
     let c = cluster();
     let brokers = c.bootstrap_servers();
@@ -378,14 +431,14 @@ async fn a_restarted_consumer_resumes_at_the_committed_offsets() {
     // First run: stopped after 8 batches (commits what was applied).
     let mut cfg = source_config(&brokers, "g3");
     cfg.batch_max_messages = 200;
-    consume(&handle, cfg.clone(), true, Some(8), |_| {}).await;
+    consume(&handle, cfg.clone(), true, Some(8), |_, _| {}).await;
     let after_first = committed(&brokers, "g3");
     assert!(
         after_first > 0 && (after_first as u64) < published,
         "{after_first}"
     );
     // Second run, same group, same engine state: picks up exactly there.
-    consume(&handle, cfg, true, None, |_| {}).await;
+    consume(&handle, cfg, true, None, |_, _| {}).await;
     assert_eq!(committed(&brokers, "g3") as u64, published);
     let dup: u64 = handle
         .lock()
@@ -427,7 +480,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_headers() {
     let handle = EngineHandle::new(engine().await);
     let mut cfg = source_config(&brokers, "g4");
     cfg.streams = vec![StreamKind::StockMovements];
-    consume(&handle, cfg, true, None, |_| {}).await;
+    consume(&handle, cfg, true, None, |_, _| {}).await;
     assert_eq!(accepted(&handle).await, 1, "the good message is applied");
     // The dead letters: original bytes, key, and headers.
     let dlq: BaseConsumer = ClientConfig::new()
