@@ -415,8 +415,14 @@ async fn every_broker_down_is_reported_and_consumption_resumes_after() {
     .await;
     assert_eq!(phase, 2, "the outage was reported while it lasted");
     let (known, err) = reported.unwrap();
-    assert_eq!(known, 3, "{err}");
-    assert!(!err.is_empty());
+    // librdkafka lists the brokers it has learned of (1 to 3 here).
+    assert!((1..=3).contains(&known), "{known} brokers known: {err}");
+    assert!(
+        ["127.0.0.1", "broker", "Broker"]
+            .iter()
+            .any(|w| err.contains(w)),
+        "the error says what is down: {err}"
+    );
     assert_matches_oracle(&handle, dir.path()).await;
 }
 
