@@ -208,12 +208,6 @@ pub struct SinkHealth {
     pub last_delivery_ms: Option<i64>,
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Evaluates rules and delivers their notifications.
 pub struct AlertManager {
     engine: EngineHandle,
@@ -538,7 +532,7 @@ impl AlertManager {
                             .increment(1);
                         self.update_sink(&name, |h| {
                             h.consecutive_failures += 1;
-                            h.failing_since_ms.get_or_insert_with(unix_ms);
+                            h.failing_since_ms.get_or_insert_with(EngineHandle::now_ms);
                             h.last_error = Some(e.to_string());
                         });
                         metrics::gauge!("storepulse_alerts_sink_failing", "sink" => name.clone())
@@ -562,7 +556,7 @@ impl AlertManager {
                 h.delivered += notes.len() as u64;
                 h.consecutive_failures = 0;
                 h.failing_since_ms = None;
-                h.last_delivery_ms = Some(unix_ms());
+                h.last_delivery_ms = Some(EngineHandle::now_ms());
             });
             if let Err(e) = self.outbox.ack(&name, upto) {
                 tracing::error!(sink = %name, error = %e, "acknowledging delivered alerts failed (they may be delivered again)");
