@@ -4,8 +4,14 @@
 //! * Evaluation: every rule on its `every` timer, and also when the engine
 //!   reports applied batches (so an urgent condition fires within about
 //!   `min_interval` of the event), never more often than `min_interval` per
-//!   rule. Evaluation reads a snapshot like any query; it never holds the
-//!   engine while sinks deliver.
+//!   rule, nor than nine times the rule's last evaluation time (alerting
+//!   over thousands of keys must not starve ingestion). Evaluation reads a
+//!   snapshot like any query; it never holds the engine while sinks
+//!   deliver.
+//! * Persistence: notifications are committed to the outbox together with
+//!   the lifecycle that produced them; lifecycle changes without a
+//!   notification are committed at most once per rule `every` and at
+//!   [`AlertManager::drain`].
 //! * Delivery: each sink reads the outbox from its cursor, delivers up to
 //!   `batch_max` notifications, retries failures with exponential backoff
 //!   and jitter (up to `retry_max_delay` apart, forever: nothing is dropped)
@@ -30,6 +36,10 @@ use crate::{
     sink::{build, Sink, SinkConfig, SinkError},
 };
 
+/// Data-triggered evaluations of a rule are at least this many times its
+/// last evaluation's duration apart (see `AlertManager::run`).
+const EVAL_GAP_FACTOR: u32 = 9;
+
 /// The `[alerts]` configuration table.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -41,7 +51,10 @@ pub struct AlertsConfig {
     /// Rows kept in `alert_history`.
     pub history_capacity: u64,
     /// Smallest gap between two evaluations of one rule triggered by new
-    /// data (the `every` timer runs regardless).
+    /// data (the `every` timer runs regardless). A rule whose evaluation
+    /// takes longer than a ninth of this waits nine times its last
+    /// evaluation instead, so alerting stays under a tenth of a core per
+    /// rule.
     #[serde(with = "humantime_serde")]
     pub min_interval: Duration,
     /// Notifications per delivery (a webhook request carries this many).
@@ -223,6 +236,8 @@ pub struct AlertManager {
     deferred: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Delivery state per sink, in configuration order.
     sink_health: std::sync::Mutex<Vec<SinkHealth>>,
+    /// When each rule's lifecycle was last committed.
+    persisted: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for AlertManager {
@@ -288,6 +303,7 @@ impl AlertManager {
             committed,
             acked,
             deferred: Default::default(),
+            persisted: Default::default(),
             sink_health: std::sync::Mutex::new(
                 names
                     .iter()
@@ -381,18 +397,45 @@ impl AlertManager {
         {
             tracing::info!(rule = %rule.name, engine_clock_ms = now, "alert evaluation resumed: the engine caught up");
         }
-        let mut next = state.get(&rule.name).cloned().unwrap_or_default();
-        let notes = next.evaluate(rule, now, holding);
-        if !notes.is_empty() || state.get(&rule.name).is_none_or(|l| l.keys != next.keys) {
-            self.outbox.commit(&rule.name, &next, &notes, &rule.sinks)?;
+        // Evaluated in place (no copy of a lifecycle of thousands of keys).
+        // Notifications are committed together with the lifecycle that
+        // produced them; changes without a notification (`last_seen`, the
+        // latest rows, pending keys) are persisted at most once per `every`:
+        // committing the whole lifecycle at every evaluation was most of
+        // the cost of alerting with thousands of active keys. A crash loses
+        // at most `every` of such changes; the replay restores them.
+        let lifecycle = state.entry(rule.name.clone()).or_default();
+        let notes = lifecycle.evaluate(rule, now, holding);
+        let mut persisted = self.persisted.lock().expect("not poisoned");
+        let due = persisted
+            .get(&rule.name)
+            .is_none_or(|t| t.elapsed() >= rule.every);
+        if !notes.is_empty() || due {
+            if let Err(e) = self
+                .outbox
+                .commit(&rule.name, lifecycle, &notes, &rule.sinks)
+            {
+                // Not committed: go back to the last committed lifecycle, so
+                // that the next evaluation produces these notifications again.
+                let committed = self
+                    .outbox
+                    .lifecycles()
+                    .ok()
+                    .and_then(|mut all| all.remove(&rule.name))
+                    .unwrap_or_default();
+                *lifecycle = committed;
+                return Err(e.into());
+            }
+            persisted.insert(rule.name.clone(), Instant::now());
         }
+        drop(persisted);
         for n in &notes {
             metrics::counter!("storepulse_alerts_notifications_total",
                 "rule" => rule.name.clone(), "state" => format!("{:?}", n.state).to_lowercase())
             .increment(1);
         }
         let (mut pending, mut firing) = (0, 0);
-        for s in next.keys.values() {
+        for s in lifecycle.keys.values() {
             match s.state {
                 AlertState::Pending => pending += 1,
                 _ => firing += 1,
@@ -402,7 +445,6 @@ impl AlertManager {
             .set(pending as f64);
         metrics::gauge!("storepulse_alerts_active", "rule" => rule.name.clone(), "state" => "firing")
             .set(firing as f64);
-        state.insert(rule.name.clone(), next);
         drop(state);
         if !notes.is_empty() {
             self.committed.send_modify(|v| *v += 1);
@@ -417,6 +459,18 @@ impl AlertManager {
         for i in 0..self.rules.len() {
             if let Err(e) = self.evaluate(i).await {
                 tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
+            }
+        }
+        // The lifecycles as they are now (evaluations commit changes without
+        // a notification only once per `every`).
+        {
+            let state = self.state.lock().await;
+            for r in &self.rules {
+                if let Some(l) = state.get(&r.name) {
+                    if let Err(e) = self.outbox.commit(&r.name, l, &[], &r.sinks) {
+                        tracing::warn!(rule = %r.name, error = %e, "alert lifecycle not saved");
+                    }
+                }
             }
         }
         let mut acked = self.acked.subscribe();
@@ -449,15 +503,26 @@ impl AlertManager {
         let mut last: Vec<Option<Instant>> = vec![None; n];
         // New data since the rule's last evaluation.
         let mut dirty = vec![false; n];
-        let gate = |last: Option<Instant>| last.map_or(start, |t| t + self.cfg.min_interval);
+        // What the rule's last evaluation took: data-triggered evaluations
+        // of a rule keep at least `EVAL_GAP_FACTOR` times that apart, so a
+        // rule over thousands of keys spends at most a tenth of a core and
+        // does not starve ingestion (`min_interval` is the floor).
+        let mut cost = vec![Duration::ZERO; n];
+        let gate = |last: Option<Instant>, cost: Duration| {
+            last.map_or(start, |t| {
+                t + self.cfg.min_interval.max(cost * EVAL_GAP_FACTOR)
+            })
+        };
         loop {
             let now = Instant::now();
             for i in 0..n {
-                if now >= next_due[i] || (dirty[i] && now >= gate(last[i])) {
+                if now >= next_due[i] || (dirty[i] && now >= gate(last[i], cost[i])) {
                     last[i] = Some(now);
                     dirty[i] = false;
                     next_due[i] = now + self.rules[i].every;
-                    if let Err(e) = self.evaluate(i).await {
+                    let result = self.evaluate(i).await;
+                    cost[i] = now.elapsed();
+                    if let Err(e) = result {
                         metrics::counter!("storepulse_alerts_evaluation_errors_total",
                             "rule" => self.rules[i].name.clone())
                         .increment(1);
@@ -469,7 +534,7 @@ impl AlertManager {
             let wake = (0..n)
                 .map(|i| {
                     if dirty[i] {
-                        next_due[i].min(gate(last[i]))
+                        next_due[i].min(gate(last[i], cost[i]))
                     } else {
                         next_due[i]
                     }

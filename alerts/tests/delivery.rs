@@ -343,3 +343,53 @@ async fn kafka_sink_produces_keyed_json_to_the_mock_cluster() {
         );
     }
 }
+
+/// Lifecycle changes without a notification (a firing key's `last_seen`
+/// and row) are committed at most once per rule `every`, and at `drain`;
+/// notifications are committed with the lifecycle that produced them.
+#[tokio::test]
+async fn quiet_lifecycle_changes_are_committed_once_per_every_and_at_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    e.execute_sql(
+        "CREATE MATERIALIZED VIEW temps AS
+         SELECT device_id, max(value) AS max_c, max(ts) AS last_ts FROM iot_readings GROUP BY device_id;
+         CREATE ALERT warm AS SELECT device_id, last_ts FROM temps WHERE max_c > 8
+         WITH (key = 'device_id', every = '1h', for = '0s', keep_firing_for = '1h');",
+    )
+    .await
+    .unwrap();
+    let h = EngineHandle::new(e);
+    let defs = h.lock().await.alerts().to_vec();
+    let m = AlertManager::new(h.clone(), &defs, AlertsConfig::default(), dir.path()).unwrap();
+    let saved = |m: &AlertManager| {
+        m.outbox().lifecycles().unwrap()["warm"]
+            .evaluated_at
+            .expect("evaluated")
+    };
+
+    ingest(&h, 0..3, 0).await;
+    let notes = m.evaluate(0).await.unwrap();
+    assert_eq!(notes.len(), 3, "three keys fire");
+    assert_eq!(saved(&m), T0, "committed with the notifications");
+
+    ingest(&h, 0..3, 60).await;
+    assert!(
+        m.evaluate(0).await.unwrap().is_empty(),
+        "still firing: no notification"
+    );
+    assert_eq!(saved(&m), T0, "a quiet change waits for `every`");
+    assert_eq!(m.active().await.len(), 3);
+
+    m.drain(Duration::from_millis(50)).await;
+    assert_eq!(
+        saved(&m),
+        T0 + 60_000,
+        "drain commits the lifecycle as it is"
+    );
+    let lc = &m.outbox().lifecycles().unwrap()["warm"];
+    assert!(
+        lc.keys.values().all(|k| k.last_seen == T0 + 60_000),
+        "{lc:?}"
+    );
+}

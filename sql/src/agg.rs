@@ -134,7 +134,8 @@ pub trait ReadableGroups: GroupsAccumulator {
 }
 
 /// The readable accumulator of `expr` if it is one of storepulse's kernel
-/// aggregates (`None` for DataFusion's own aggregates).
+/// aggregates or a `count(DISTINCT x)` (`None` for DataFusion's other
+/// aggregates).
 pub fn readable_groups_accumulator(
     expr: &AggregateFunctionExpr,
 ) -> Option<Result<Box<dyn ReadableGroups>>> {
@@ -157,6 +158,7 @@ pub fn readable_groups_accumulator(
         .or_else(|| readable::<DecayedSumFactory>(udaf, &args))
         .or_else(|| readable::<HourlyUnitsFactory>(udaf, &args))
         .or_else(|| readable::<DistinctDaysFactory>(udaf, &args))
+        .or_else(|| crate::distinct::for_expr(expr))
 }
 
 fn readable<F: KernelFactory>(

@@ -9,6 +9,8 @@
 //! * [`ledger`], [`velocity`] — the order-independent aggregates the retail
 //!   views are built from (`stock_ledger`, `stock_days`, `decayed_sum`,
 //!   `hourly_units`), on the small kernel framework in `agg`.
+//! * `distinct` — `count(DISTINCT x)` for every group of a view in one
+//!   hash table (DataFusion keeps a hash set per group for strings).
 //! * [`retail`] — scalar functions of the retail views (demand model,
 //!   decayed rates, `watermark_floor()`).
 //! * [`rank`] — `quintile_score(value, tiebreak) OVER ()`, the RFM
@@ -18,6 +20,7 @@
 
 mod agg;
 pub mod builtin;
+mod distinct;
 pub mod ledger;
 pub mod parse;
 pub mod rank;

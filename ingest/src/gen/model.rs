@@ -544,10 +544,22 @@ impl Simulator {
     }
 
     /// Morning deliveries, nightly waste and stock-takes.
+    ///
+    /// Deliveries come at 06:00 every day at intensity 1. A live generator
+    /// sped up to a target event rate sells a day's stock in a fraction of
+    /// a day, so its deliveries come that much more often (every
+    /// `DAY / intensity`, at least a minute apart): the shelves, and the
+    /// event rate, hold instead of emptying in the first minute.
     fn daily_routines(&mut self, s: usize, from: i64, to: i64) {
         let day_start = from.div_euclid(DAY_MS) * DAY_MS;
-        let delivery = day_start + 6 * HOUR_MS;
         let night = day_start + 22 * HOUR_MS;
+        let period = ((DAY_MS as f64 / self.chain.cfg.intensity.max(1.0)) as i64).max(60_000);
+        let delivery = (from - 6 * HOUR_MS).div_euclid(period) * period + 6 * HOUR_MS;
+        let delivery = if delivery < from {
+            delivery + period
+        } else {
+            delivery
+        };
         if from <= delivery && delivery < to {
             for a in 0..self.chain.stores[s].assortment.len() {
                 let p = self.chain.stores[s].assortment[a];
@@ -559,7 +571,7 @@ impl Simulator {
                     let want = (daily * 3.0).ceil() as i64 + 2 - on_hand;
                     let qty = (want + pack - 1) / pack * pack;
                     self.stores[s].on_hand[a] += qty;
-                    let ts = delivery + self.rng.random_range(0..30 * 60_000);
+                    let ts = delivery + self.rng.random_range(0..(30 * 60_000).min(period / 2));
                     let sku = self.chain.products[p].sku.clone();
                     self.movement(s, ts, &sku, "receipt", qty);
                 }
@@ -858,5 +870,41 @@ mod tests {
         ids.sort_by_key(|v| v.to_string());
         ids.dedup();
         assert!(ids.len() < n, "expected retransmitted duplicates");
+    }
+
+    /// A generator sped up 200 times after it was built (the live
+    /// generator's target rate) keeps selling: deliveries come 200 times as
+    /// often, so the shelves do not stay empty once the opening stock, a
+    /// few days' worth at the natural rate, is sold.
+    #[test]
+    fn a_sped_up_chain_is_restocked_and_keeps_selling() {
+        let cfg = ChainConfig {
+            stores: 5,
+            skus: 60,
+            members: 100,
+            start_ms: 1_767_600_000_000 + 4 * HOUR_MS, // a Monday, 12:00 UTC
+            ..Default::default()
+        };
+        let start = cfg.start_ms;
+        let mut sim = Simulator::new(Chain::new(cfg));
+        sim.set_intensity(200.0);
+        let (mut first, mut last, mut deliveries) = (0usize, 0usize, 0usize);
+        sim.advance(start + 40 * 60_000, &mut |e| {
+            let t = e.ts_ms - start;
+            if e.stream == StreamKind::Sales && t < 10 * 60_000 {
+                first += 1;
+            } else if e.stream == StreamKind::Sales && t >= 30 * 60_000 {
+                last += 1;
+            } else if e.stream == StreamKind::StockMovements
+                && e.json.contains(r#""kind":"receipt""#)
+            {
+                deliveries += 1;
+            }
+        });
+        assert!(deliveries > 0, "no delivery in 40 minutes at 200x");
+        assert!(
+            last * 2 > first,
+            "sales fell from {first} in the first 10 minutes to {last} in the last 10"
+        );
     }
 }
