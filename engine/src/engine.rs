@@ -431,6 +431,7 @@ impl Engine {
             }
             SourceMessage::Batch(b) => {
                 let started = Instant::now();
+                self.follow_idle_streams(now_ms);
                 let gate = self.gates.get_mut(&b.stream).expect("gate per stream");
                 let gated = gate.gate(&b.position.partition, &b.batch, now_ms)?;
                 let labels = [("stream", b.stream.name())];
@@ -683,7 +684,37 @@ impl Engine {
         for g in self.gates.values_mut() {
             g.watermark.advance(now_ms);
         }
+        self.follow_idle_streams(now_ms);
         self.report_state();
+    }
+
+    /// A stream whose every partition is idle (delivered nothing for
+    /// `idle_timeout`, e.g. stock counts between nightly stock-takes) moves
+    /// its watermark up to the slowest active stream's, as an idle
+    /// partition stops holding its stream back: otherwise a quiet stream
+    /// would hold back every view that reads it with others (the retail
+    /// ledgers fold rows only below the minimum over their streams, and
+    /// kept every row since the last stock count). Rows the quiet stream
+    /// delivers later are late if older than its watermark − allowed
+    /// lateness, as on any stream. Streams that never delivered are left
+    /// alone.
+    fn follow_idle_streams(&mut self, now_ms: i64) {
+        let quiet = |g: &StreamGate| g.watermark.all_idle(now_ms) && g.watermark.max_ts().is_some();
+        let Some(t) = self
+            .gates
+            .values()
+            .filter(|g| !quiet(g))
+            .filter_map(|g| g.watermark.current().as_ms())
+            .min()
+        else {
+            return;
+        };
+        for (k, g) in self.gates.iter_mut() {
+            if quiet(g) && g.watermark.current().as_ms().is_some_and(|w| w < t) {
+                g.watermark.follow(t);
+                tracing::debug!(stream = %k.name(), watermark_ms = t, "idle stream follows the others");
+            }
+        }
     }
 
     /// State size per view as gauges (on every tick and every read).

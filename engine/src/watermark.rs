@@ -150,6 +150,25 @@ impl WatermarkTracker {
         self.current
     }
 
+    /// True if every partition that is not finished has delivered nothing
+    /// for `idle_timeout` (and at least one is not finished): the whole
+    /// stream is quiet (stock counts between nightly stock-takes).
+    pub fn all_idle(&self, now_ms: i64) -> bool {
+        let mut open = self.partitions.values().filter(|p| !p.finished).peekable();
+        open.peek().is_some() && open.all(|p| now_ms - p.last_seen_ms >= self.idle_timeout_ms)
+    }
+
+    /// Moves the stream watermark up to `t` (never back): an idle stream
+    /// follows the engine's other streams, so it does not hold back what
+    /// depends on all of them (the retail ledgers' folding floor). Rows it
+    /// delivers later are late if older than `t` − allowed lateness, as on
+    /// any stream.
+    pub fn follow(&mut self, t: i64) {
+        if let Watermark::None | Watermark::At(_) = self.current {
+            self.current = self.current.max(Watermark::At(t));
+        }
+    }
+
     /// The tracker's state for a checkpoint: the stream watermark and
     /// `(partition, largest event time)` per partition.
     pub fn export(&self) -> (Watermark, Vec<(Arc<str>, i64)>) {

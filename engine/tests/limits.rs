@@ -252,3 +252,86 @@ async fn count_distinct_over_many_groups_costs_its_values() {
         assert!(e.state_bytes() < 8 << 20, "reading keeps the state small");
     }
 }
+
+/// A stream that goes quiet (stock counts between stock-takes) follows the
+/// other streams' watermark once idle for `idle_timeout`, so a view over
+/// both folds its old rows instead of keeping every row since the last
+/// count; a count that then arrives older than the followed watermark −
+/// allowed lateness is late (in `late_events`), not lost.
+#[tokio::test]
+async fn a_quiet_stream_follows_the_others_and_its_stragglers_are_late() {
+    use storepulse_engine::watermark::Watermark;
+    const T0: i64 = 1_767_600_000_000;
+    const MIN: i64 = 60_000;
+    let mut e = Engine::new(EngineConfig {
+        allowed_lateness: std::time::Duration::from_secs(600),
+        idle_timeout: std::time::Duration::from_secs(30),
+        ..Default::default()
+    })
+    .unwrap();
+    let count = |id: &str, t: i64| {
+        format!(r#"{{"event_id":"{id}","ts":{t},"store_id":"S1","sku":"A","on_hand":50}}"#)
+    };
+    let sale = |i: i64, t: i64| {
+        format!(
+            r#"{{"event_id":"r{i}","ts":{t},"store_id":"S1","receipt_id":"R{i}","lines":[{{"sku":"A","qty":1,"unit_price":1.0}}]}}"#
+        )
+    };
+    let msg = |k, lines: Vec<String>, off| {
+        storepulse_testkit::json_message(k, &lines, "p0", off)
+            .unwrap()
+            .unwrap()
+    };
+    let wm = |e: &Engine, k: StreamKind| {
+        e.streams()
+            .into_iter()
+            .find(|s| s.stream == k)
+            .unwrap()
+            .watermark
+    };
+    e.apply(msg(StreamKind::StockCounts, vec![count("c0", T0)], 1), 0)
+        .await
+        .unwrap();
+    // Sales for two hours of event time, over a minute of wall clock.
+    for i in 0..120 {
+        let now = i * 1000;
+        e.apply(
+            msg(StreamKind::Sales, vec![sale(i, T0 + i * MIN)], i as u64 + 1),
+            now,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(wm(&e, StreamKind::Sales), Watermark::At(T0 + 119 * MIN));
+    // Idle since wall clock 0: follows sales (as of the last batch).
+    assert!(
+        matches!(wm(&e, StreamKind::StockCounts), Watermark::At(t) if t >= T0 + 118 * MIN),
+        "{:?}",
+        wm(&e, StreamKind::StockCounts)
+    );
+    // A straggling count from the first hour is late; a fresh one is not.
+    e.apply(
+        msg(
+            StreamKind::StockCounts,
+            vec![count("c1", T0 + 30 * MIN), count("c2", T0 + 119 * MIN)],
+            2,
+        ),
+        121_000,
+    )
+    .await
+    .unwrap();
+    let s = e
+        .streams()
+        .into_iter()
+        .find(|s| s.stream == StreamKind::StockCounts)
+        .unwrap();
+    assert_eq!((s.accepted_events, s.late_events), (2, 1));
+    let late = e
+        .execute_sql("SELECT event_id FROM late_events")
+        .await
+        .unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&late[0].batches)
+        .unwrap()
+        .to_string();
+    assert!(text.contains("c1") && !text.contains("c2"), "{text}");
+}
