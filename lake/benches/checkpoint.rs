@@ -15,7 +15,8 @@
 //! restarted process re-reads them from its sources (broker fetch not
 //! included). Recovery time = restore + catch-up.
 //!
-//! `cargo bench -p storepulse-lake --bench checkpoint`
+//! `cargo bench --workspace --bench checkpoint` (`-p storepulse-lake` builds
+//! the dependencies again with that package's features)
 
 use std::time::{Duration, Instant};
 
