@@ -133,7 +133,7 @@ impl WatermarkTracker {
                 continue;
             }
             all_finished = false;
-            if now_ms - p.last_seen_ms >= self.idle_timeout_ms {
+            if self.idle(p, now_ms) {
                 continue; // idle: does not hold the watermark back
             }
             active_min = Some(active_min.map_or(p.max_ts, |m: i64| m.min(p.max_ts)));
@@ -150,12 +150,17 @@ impl WatermarkTracker {
         self.current
     }
 
+    /// True if partition `p` delivered nothing for `idle_timeout`.
+    fn idle(&self, p: &Partition, now_ms: i64) -> bool {
+        now_ms - p.last_seen_ms >= self.idle_timeout_ms
+    }
+
     /// True if every partition that is not finished has delivered nothing
     /// for `idle_timeout` (and at least one is not finished): the whole
     /// stream is quiet (stock counts between nightly stock-takes).
     pub fn all_idle(&self, now_ms: i64) -> bool {
         let mut open = self.partitions.values().filter(|p| !p.finished).peekable();
-        open.peek().is_some() && open.all(|p| now_ms - p.last_seen_ms >= self.idle_timeout_ms)
+        open.peek().is_some() && open.all(|p| self.idle(p, now_ms))
     }
 
     /// Moves the stream watermark up to `t` (never back): an idle stream
@@ -214,7 +219,7 @@ impl WatermarkTracker {
                     k.clone(),
                     (p.max_ts != i64::MIN).then_some(p.max_ts),
                     p.finished,
-                    now_ms - p.last_seen_ms >= self.idle_timeout_ms,
+                    self.idle(p, now_ms),
                 )
             })
             .collect()

@@ -70,6 +70,14 @@ fn bytes_like(t: &DataType) -> bool {
     )
 }
 
+/// The value bytes of pair `p` (`pair_end` holds each pair's end in
+/// `bytes`; it starts where the previous one ends).
+fn pair_bytes<'a>(pair_end: &[usize], bytes: &'a [u8], p: u32) -> &'a [u8] {
+    let p = p as usize;
+    let start = p.checked_sub(1).map_or(0, |q| pair_end[q]);
+    &bytes[start..pair_end[p]]
+}
+
 /// Every distinct (group, value) pair of one aggregate.
 pub(crate) struct DistinctCountGroups {
     /// The state list's item field (the argument's type).
@@ -101,12 +109,7 @@ impl DistinctCountGroups {
     }
 
     fn value(&self, pair: usize) -> &[u8] {
-        let start = if pair == 0 {
-            0
-        } else {
-            self.pair_end[pair - 1]
-        };
-        &self.bytes[start..self.pair_end[pair]]
+        pair_bytes(&self.pair_end, &self.bytes, pair as u32)
     }
 
     /// Adds `value` to `group` unless it is there already.
@@ -121,9 +124,7 @@ impl DistinctCountGroups {
         } = self;
         let found = table
             .find(h, |&p| {
-                let p = p as usize;
-                let start = if p == 0 { 0 } else { pair_end[p - 1] };
-                pair_group[p] == group && &bytes[start..pair_end[p]] == value
+                pair_group[p as usize] == group && pair_bytes(pair_end, bytes, p) == value
             })
             .is_some();
         if found {
@@ -136,20 +137,25 @@ impl DistinctCountGroups {
         pair_end.push(bytes.len());
         pair_group.push(group);
         table.insert_unique(h, id, |&p| {
-            let p = p as usize;
-            let start = if p == 0 { 0 } else { pair_end[p - 1] };
-            xxh3_64_with_seed(&bytes[start..pair_end[p]], u64::from(pair_group[p]))
+            xxh3_64_with_seed(
+                pair_bytes(pair_end, bytes, p),
+                u64::from(pair_group[p as usize]),
+            )
         });
         self.counts[group as usize] += 1;
         Ok(())
     }
 
-    fn rows(&self, values: &ArrayRef) -> Result<Rows> {
-        let values = match values.data_type() {
+    /// `values` in the item type (a dictionary argument is unpacked).
+    fn plain(&self, values: &ArrayRef) -> Result<ArrayRef> {
+        Ok(match values.data_type() {
             DataType::Dictionary(..) => cast(values, self.item.data_type())?,
             _ => Arc::clone(values),
-        };
-        Ok(self.converter.convert_columns(&[values])?)
+        })
+    }
+
+    fn rows(&self, values: &ArrayRef) -> Result<Rows> {
+        Ok(self.converter.convert_columns(&[self.plain(values)?])?)
     }
 
     fn grow(&mut self, total_num_groups: usize) {
@@ -161,16 +167,11 @@ impl DistinctCountGroups {
     /// Keeps the groups from `n` on, renumbered from 0.
     fn drop_first(&mut self, n: usize) {
         if n >= self.counts.len() {
-            *self = Self {
-                item: Arc::clone(&self.item),
-                converter: RowConverter::new(vec![SortField::new(self.item.data_type().clone())])
-                    .expect("the converter was built for this type before"),
-                table: HashTable::new(),
-                pair_group: Vec::new(),
-                pair_end: Vec::new(),
-                bytes: Vec::new(),
-                counts: Vec::new(),
-            };
+            self.table = HashTable::new();
+            self.pair_group = Vec::new();
+            self.pair_end = Vec::new();
+            self.bytes = Vec::new();
+            self.counts = Vec::new();
             return;
         }
         let old_group = std::mem::take(&mut self.pair_group);
@@ -191,13 +192,9 @@ impl DistinctCountGroups {
 
     /// The distinct values of groups `0..n` as one list per group.
     fn lists(&self, n: usize) -> Result<ArrayRef> {
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0usize);
-        for c in &self.counts[..n] {
-            offsets.push(offsets.last().copied().unwrap_or(0) + *c as usize);
-        }
-        let mut order = vec![0u32; offsets[n]];
-        let mut next: Vec<usize> = offsets[..n].to_vec();
+        let offsets = OffsetBuffer::from_lengths(self.counts[..n].iter().map(|&c| c as usize));
+        let mut order = vec![0u32; offsets[n] as usize];
+        let mut next: Vec<usize> = offsets[..n].iter().map(|&o| o as usize).collect();
         for (p, &g) in self.pair_group.iter().enumerate() {
             if let Some(slot) = next.get_mut(g as usize) {
                 order[*slot] = p as u32;
@@ -211,7 +208,6 @@ impl DistinctCountGroups {
         let Some(values) = values.pop() else {
             return internal_err!("count(DISTINCT): no value column");
         };
-        let offsets = OffsetBuffer::from_lengths(self.counts[..n].iter().map(|&c| c as usize));
         Ok(Arc::new(ListArray::try_new(
             Arc::clone(&self.item),
             offsets,
@@ -298,10 +294,7 @@ impl GroupsAccumulator for DistinctCountGroups {
         let Some(col) = values.first() else {
             return internal_err!("count(DISTINCT): no argument");
         };
-        let col = match col.data_type() {
-            DataType::Dictionary(..) => cast(col, self.item.data_type())?,
-            _ => Arc::clone(col),
-        };
+        let col = self.plain(col)?;
         // One list per row: the row's value, or empty if null or filtered.
         let keep: Vec<bool> = (0..col.len())
             .map(|r| !col.is_null(r) && opt_filter.is_none_or(|f| f.is_valid(r) && f.value(r)))
