@@ -227,7 +227,7 @@ pub(crate) enum SourceConfig {
     },
     /// Kafka topics (one per stream) read by a consumer group; see
     /// `storepulse_kafka::KafkaSourceConfig` for every key.
-    Kafka(storepulse_kafka::KafkaSourceConfig),
+    Kafka(Box<storepulse_kafka::KafkaSourceConfig>),
     /// The synthetic chain, live.
     Generator {
         /// Number of stores.

@@ -76,7 +76,7 @@ pub(crate) async fn build_sources(
     for (i, s) in sources.iter().enumerate() {
         match s {
             SourceConfig::Kafka(k) => {
-                let (k, commit) = (k.clone(), commit.clone());
+                let (k, commit) = ((**k).clone(), commit.clone());
                 let src =
                     tokio::task::spawn_blocking(move || KafkaSource::connect(k, until_eof, commit))
                         .await

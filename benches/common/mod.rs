@@ -123,3 +123,25 @@ pub(crate) fn decode_thread(lines: Arc<Vec<String>>) -> mpsc::Receiver<(SourceBa
     });
     rx
 }
+
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/PID/stat` (`pid` 0: this process). NaN when it is gone.
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
+    let path = if pid == 0 {
+        "/proc/self/stat".to_string()
+    } else {
+        format!("/proc/{pid}/stat")
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime
+    // 14 and stime 15, in USER_HZ (100 on Linux) ticks.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}

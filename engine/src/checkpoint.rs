@@ -154,7 +154,10 @@ fn corrupt(msg: impl Into<String>) -> EngineError {
 }
 
 fn ipc(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
+    // Sized up front: growing a buffer of hundreds of MB by doubling copies
+    // it several times and faults in fresh pages for every copy.
+    let size: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    let mut buf = Vec::with_capacity(size + 64 * 1024);
     let mut w = FileWriter::try_new(&mut buf, schema)?;
     for b in batches {
         w.write(b)?;

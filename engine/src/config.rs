@@ -56,8 +56,10 @@ pub struct EngineConfig {
     /// view. If the key comes back it starts again from that event. Bounds
     /// the state of views over an ever-growing key space (members, devices,
     /// hourly windows) without an error; never evicts before the TTL, at
-    /// most a 64th of it later. Not for hop() or session() window views. A
-    /// name that no `CREATE MATERIALIZED VIEW` defines is an error.
+    /// most a 64th of it later. On a hop() window view a window row goes
+    /// when none of its panes received an event for the TTL. Not for
+    /// session() window views. A name that no `CREATE MATERIALIZED VIEW`
+    /// defines is an error.
     pub state_ttl: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Directory for the late-events log (set by the binary from `data_dir`).
     #[serde(skip)]

@@ -156,6 +156,10 @@ pub struct GroupState {
     touched: Option<Vec<u64>>,
     /// The number merges stamp into `touched` (see [`Self::next_batch`]).
     batch_no: u64,
+    /// Hop views with a TTL: the `upto` of the last eviction. A window
+    /// whose panes were all last touched at or before it is gone from the
+    /// rows (its panes may stay while a neighbouring window needs them).
+    hop_floor: Option<u64>,
 }
 
 /// Session windows: group column `col` is `session(ts, gap)`.
@@ -309,17 +313,19 @@ impl GroupState {
             sessions: None,
             touched: None,
             batch_no: 0,
+            hop_floor: None,
         })
     }
 
     /// Tracks, per group, the batch that last touched it, so that idle
-    /// groups can be evicted ([`Self::evict_touched_up_to`]). Plain and
-    /// tumbling-window group keys only: hop panes and session windows keep
-    /// bookkeeping across groups.
+    /// groups can be evicted ([`Self::evict_touched_up_to`]). Plain,
+    /// tumbling and hop window views (for hop views a group is a pane; a
+    /// window row is idle when all its panes are); session windows keep
+    /// bookkeeping across groups and are refused.
     pub fn enable_ttl(&mut self) -> Result<()> {
-        if self.hop.is_some() || self.sessions.is_some() {
+        if self.sessions.is_some() {
             return datafusion::common::plan_err!(
-                "a state TTL is not supported on hop() or session() window views"
+                "a state TTL is not supported on session() window views"
             );
         }
         self.touched = Some(vec![self.batch_no; self.num_groups()]);
@@ -340,21 +346,44 @@ impl GroupState {
     /// twice), and the next evaluation is a full one.
     pub fn evict_touched_up_to(&mut self, upto: u64, partial_schema: &SchemaRef) -> Result<usize> {
         use datafusion::arrow::{array::BooleanArray, compute::filter_record_batch};
-        let Some(touched) = &self.touched else {
+        let Some(touched) = self.touched.take() else {
             return Ok(0);
         };
-        let keep = BooleanArray::from(touched.iter().map(|t| *t > upto).collect::<Vec<bool>>());
-        let evicted = keep.false_count();
+        let keep: Vec<bool> = match self.hop {
+            Some(hop) => {
+                // Windows go when all their panes are idle: from now on the
+                // rows leave them out, whether or not their panes stay.
+                self.hop_floor = Some(upto);
+                let Some(conv) = &self.converter else {
+                    self.touched = Some(touched);
+                    return Ok(0);
+                };
+                let parser = conv.parser();
+                let keys =
+                    conv.convert_rows((0..self.num_groups()).map(|g| parser.parse(self.key(g))))?;
+                hop_panes_to_keep(&keys, partial_schema, hop, &touched, upto)?
+            }
+            None => touched.iter().map(|t| *t > upto).collect(),
+        };
+        let evicted = keep.iter().filter(|k| !**k).count();
         if evicted == 0 {
+            self.touched = Some(touched);
             return Ok(0);
         }
-        let kept_touched: Vec<u64> = touched.iter().copied().filter(|t| *t > upto).collect();
+        let kept_touched: Vec<u64> = touched
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(t, _)| *t)
+            .collect();
         let all = self.export(partial_schema)?;
-        let kept = filter_record_batch(&all, &keep)?;
+        let kept = filter_record_batch(&all, &BooleanArray::from(keep))?;
         drop(all);
         let mut fresh =
             GroupState::try_new(partial_schema, self.num_group_cols, self.aggs.clone())?;
         fresh.batch_no = self.batch_no;
+        fresh.hop = self.hop;
+        fresh.hop_floor = self.hop_floor;
         fresh.import(&kept)?;
         debug_assert_eq!(fresh.num_groups(), kept_touched.len());
         fresh.touched = Some(kept_touched);
@@ -386,6 +415,11 @@ impl GroupState {
             parent: Vec::new(),
         });
         Ok(())
+    }
+
+    /// True for a hop window view (kept as panes).
+    pub fn is_hop(&self) -> bool {
+        self.hop.is_some()
     }
 
     /// Keeps hopping windows as panes (see [`HopPanes`]).
@@ -658,7 +692,8 @@ impl GroupState {
                 acc.merge_batch(&state, &all, total)?;
                 states.push(state);
             }
-            let columns = assemble_hop_windows(conv, &keys, &states, &self.aggs, hop)?;
+            let live = self.touched.as_deref().zip(self.hop_floor);
+            let columns = assemble_hop_windows(conv, &keys, &states, &self.aggs, hop, live)?;
             return Ok(vec![finish(columns, schema)?]);
         }
         self.evaluate_incremental(schema, total)
@@ -826,6 +861,7 @@ fn assemble_hop_windows(
     states: &[Vec<ArrayRef>],
     aggs: &[Arc<AggregateFunctionExpr>],
     hop: HopPanes,
+    live: Option<(&[u64], u64)>,
 ) -> Result<Vec<ArrayRef>> {
     use datafusion::arrow::{
         array::{Array, AsArray},
@@ -839,6 +875,8 @@ fn assemble_hop_windows(
         .map(new_groups_accumulator)
         .collect::<Result<Vec<_>>>()?;
     let mut indices = Vec::with_capacity(panes.len());
+    // With a TTL: per window, the last batch that touched any of its panes.
+    let mut last_touch: Vec<u64> = Vec::new();
     for k in 0..hop.windows {
         let shifted = panes.unary::<_, TimestampMillisecondType>(|p| p - k * hop.slide_ms);
         let shifted: ArrayRef = Arc::new(shifted.with_data_type(panes.data_type().clone()));
@@ -863,10 +901,80 @@ fn assemble_hop_windows(
         for (acc, state) in scratch.iter_mut().zip(states) {
             acc.merge_batch(state, &indices, total)?;
         }
+        if let Some((touched, _)) = live {
+            last_touch.resize(total, 0);
+            for (pane, &g) in indices.iter().enumerate() {
+                last_touch[g] = last_touch[g].max(touched[pane]);
+            }
+        }
     }
     let mut columns = conv.convert_rows(window_rows.iter())?;
     for mut acc in scratch {
         columns.push(acc.evaluate(EmitTo::All)?);
     }
+    if let Some((_, floor)) = live {
+        let keep = datafusion::arrow::array::BooleanArray::from(
+            last_touch.iter().map(|t| *t > floor).collect::<Vec<bool>>(),
+        );
+        if keep.false_count() > 0 {
+            columns = columns
+                .iter()
+                .map(|c| datafusion::arrow::compute::filter(c, &keep))
+                .collect::<std::result::Result<_, _>>()?;
+        }
+    }
     Ok(columns)
+}
+
+/// Which panes of a hop view survive an eviction at `upto`: a pane stays
+/// while some window containing it is live, i.e. while a pane of the same
+/// key within `(windows - 1) * slide` of it was touched after `upto`.
+fn hop_panes_to_keep(
+    keys: &[ArrayRef],
+    partial_schema: &SchemaRef,
+    hop: HopPanes,
+    touched: &[u64],
+    upto: u64,
+) -> Result<Vec<bool>> {
+    use datafusion::arrow::{
+        array::{Array, AsArray},
+        datatypes::TimestampMillisecondType,
+    };
+    let panes = keys[hop.col].as_primitive::<TimestampMillisecondType>();
+    let others: Vec<usize> = (0..keys.len()).filter(|i| *i != hop.col).collect();
+    let rows = if others.is_empty() {
+        None
+    } else {
+        let conv = RowConverter::new(
+            others
+                .iter()
+                .map(|i| SortField::new(partial_schema.field(*i).data_type().clone()))
+                .collect(),
+        )?;
+        let cols: Vec<ArrayRef> = others.iter().map(|i| keys[*i].clone()).collect();
+        Some(conv.convert_columns(&cols)?)
+    };
+    let key = |g: usize| rows.as_ref().map_or(&[][..], |r| r.row(g).data());
+    let mut active: hashbrown::HashMap<&[u8], Vec<i64>> = hashbrown::HashMap::new();
+    for (g, t) in touched.iter().enumerate() {
+        if *t > upto && panes.is_valid(g) {
+            active.entry(key(g)).or_default().push(panes.value(g));
+        }
+    }
+    for starts in active.values_mut() {
+        starts.sort_unstable();
+    }
+    let reach = (hop.windows - 1) * hop.slide_ms;
+    Ok((0..panes.len())
+        .map(|g| {
+            if touched[g] > upto || panes.is_null(g) {
+                return true;
+            }
+            let p = panes.value(g);
+            active.get(key(g)).is_some_and(|starts| {
+                let i = starts.partition_point(|q| *q < p - reach);
+                i < starts.len() && starts[i] <= p + reach
+            })
+        })
+        .collect())
 }

@@ -482,7 +482,7 @@ fn traces_to_hop(plan: &LogicalPlan, name: &str) -> bool {
 impl ContinuousView {
     /// Evicts groups that received no row while the view's event-time
     /// clock (the largest watermark of its streams) advanced by `ttl`.
-    /// Errors for hop() and session() window views.
+    /// Errors for session() window views.
     pub fn set_state_ttl(&mut self, ttl: std::time::Duration) -> std::result::Result<(), String> {
         self.state.enable_ttl().map_err(|e| {
             let reason = match e {
@@ -535,7 +535,9 @@ impl ContinuousView {
         let n = self
             .state
             .evict_touched_up_to(upto, &self.partial.schema())?;
-        if n > 0 {
+        // A hop view's rows also drop the windows that went idle while
+        // their panes stay for a neighbouring live window.
+        if n > 0 || self.state.is_hop() {
             self.version += 1;
         }
         Ok(n)

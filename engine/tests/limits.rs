@@ -178,6 +178,140 @@ async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
     );
 }
 
+const HOP_WINDOWS: &str = "SELECT device_id, window_start, count(*) AS n, sum(value) AS total, max(ts) AS last_ts \
+     FROM (SELECT *, unnest(hop(ts, INTERVAL '1 minute', INTERVAL '5 minutes')) AS window_start FROM iot_readings) \
+     GROUP BY device_id, window_start";
+
+/// Hop view rows as (device, window start) -> (n, total, last event ms).
+fn by_window(
+    batches: &[datafusion::arrow::array::RecordBatch],
+) -> std::collections::BTreeMap<(String, i64), (i64, f64, i64)> {
+    use datafusion::arrow::{array::AsArray, compute::cast, datatypes::*};
+    let mut out = std::collections::BTreeMap::new();
+    for b in batches {
+        let start = cast(b.column(1), &DataType::Int64).unwrap();
+        let last = cast(b.column(4), &DataType::Int64).unwrap();
+        for i in 0..b.num_rows() {
+            out.insert(
+                (
+                    b.column(0).as_string::<i32>().value(i).to_string(),
+                    start.as_primitive::<Int64Type>().value(i),
+                ),
+                (
+                    b.column(2).as_primitive::<Int64Type>().value(i),
+                    b.column(3).as_primitive::<Float64Type>().value(i),
+                    last.as_primitive::<Int64Type>().value(i),
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// A TTL on a hop() window view: a window row leaves once all its panes
+/// are idle for the TTL, a pane stays while a neighbouring window still
+/// needs it, and every row kept is exactly the batch oracle's.
+#[tokio::test]
+async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact() {
+    const TTL_MS: i64 = 10 * 60_000;
+    const BASE: i64 = 1_767_600_000_000;
+    let mut e = Engine::new(EngineConfig {
+        dedup_horizon: std::time::Duration::from_secs(300),
+        state_ttl: [(
+            "device_windows".to_string(),
+            std::time::Duration::from_millis(TTL_MS as u64).into(),
+        )]
+        .into(),
+        ..Default::default()
+    })
+    .unwrap();
+    e.execute_sql(&format!(
+        "CREATE MATERIALIZED VIEW device_windows AS {HOP_WINDOWS}"
+    ))
+    .await
+    .unwrap();
+    // 60,000 readings one second apart in batches of 100: five hot
+    // devices (every 50 s each), a "pair" device every 100 s that reports
+    // once more four minutes later (its two panes share one window), and
+    // one-off devices.
+    let device = |d: u64| match (d % 10, d % 100) {
+        (0, _) => format!("hot-{}", (d / 10) % 5),
+        (_, 5) => format!("pair-{}", d / 100),
+        (_, 45) if d >= 245 => format!("pair-{}", (d - 245) / 100),
+        _ => format!("device-{d}"),
+    };
+    let mut events = Vec::new();
+    let mut most_panes = 0;
+    for chunk in 0..600u64 {
+        let lines: Vec<String> = (0..100)
+            .map(|i| {
+                let d = chunk * 100 + i;
+                format!(
+                    r#"{{"event_id":"e{d}","ts":{},"store_id":"S1","device_id":"{}","metric":"fridge_temp_c","value":{}}}"#,
+                    BASE + d as i64 * 1000,
+                    device(d),
+                    // Halves: sums are exact in any order.
+                    (d % 97) as f64 + 0.5
+                )
+            })
+            .collect();
+        let msg =
+            storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", chunk + 1)
+                .unwrap()
+                .unwrap();
+        if let storepulse_ingest::SourceMessage::Batch(b) = &msg {
+            events.push(b.batch.clone());
+        }
+        e.apply(msg, 0).await.unwrap();
+        let groups = e
+            .views()
+            .into_iter()
+            .find(|v| v.name == "device_windows")
+            .and_then(|v| v.groups)
+            .unwrap();
+        most_panes = most_panes.max(groups);
+    }
+    // ~600 s of one-off devices (one pane each) live at a time, plus the
+    // hot devices' panes, a batch (100 s) and the step.
+    assert!(most_panes < 1500, "at most {most_panes} panes held");
+
+    let ctx = datafusion::prelude::SessionContext::new();
+    storepulse_sql::register(&ctx);
+    let table =
+        datafusion::datasource::MemTable::try_new(events[0].schema(), vec![events]).unwrap();
+    ctx.register_table("iot_readings", std::sync::Arc::new(table))
+        .unwrap();
+    let oracle = by_window(&ctx.sql(HOP_WINDOWS).await.unwrap().collect().await.unwrap());
+    let live = by_window(&e.execute_sql("SELECT * FROM device_windows").await.unwrap()[0].batches);
+    let watermark = BASE + 59_999 * 1000;
+    let (mut kept, mut gone) = (0, 0);
+    for (key, want) in &oracle {
+        let last = want.2;
+        if last >= watermark - TTL_MS {
+            assert_eq!(live.get(key), Some(want), "{key:?} is live");
+            kept += 1;
+        } else if last < watermark - TTL_MS - 2 * 60_000 {
+            assert!(!live.contains_key(key), "{key:?} idle since {last}");
+            gone += 1;
+        }
+    }
+    // Every row shown is exact: a live window never lost an evicted pane.
+    for (key, got) in &live {
+        assert_eq!(oracle.get(key), Some(got), "{key:?}");
+    }
+    // pair-592 reported 13.3 and 9.3 minutes before the end: the window
+    // holding both is live and counts both readings (its first pane was
+    // kept), the windows holding only the first are gone.
+    let first = BASE + 59_205 * 1000;
+    let pane = first - first.rem_euclid(60_000);
+    assert_eq!(
+        live.get(&("pair-592".to_string(), pane)).map(|r| r.0),
+        Some(2)
+    );
+    assert!(!live.contains_key(&("pair-592".to_string(), pane - 60_000)));
+    assert!(kept > 500 && gone > 200_000, "kept {kept}, gone {gone}");
+}
+
 #[tokio::test]
 async fn a_state_ttl_on_a_session_view_is_refused_naming_the_view() {
     let mut e = Engine::new(EngineConfig {

@@ -233,6 +233,11 @@ impl Tansu {
         }
         Tansu { child, addr }
     }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Tansu {

@@ -65,6 +65,18 @@ pub struct KafkaSourceConfig {
     /// How often applied offsets are committed (also on rebalance and stop).
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Watermark alignment (off unless set, e.g. `"1h"`): a partition whose
+    /// newest event time runs more than this ahead of the slowest partition
+    /// that still has messages to read is paused until that one catches
+    /// up. Partitions are fetched at about the same message rate, so when
+    /// the consumer is behind (a catch-up after an outage, more load than
+    /// it keeps up with) a partition dense in events (more stores) falls
+    /// days behind in event time, and every view that waits for the
+    /// slowest partition (the retail ledgers fold below the watermark)
+    /// holds those days. A partition with nothing left to read never holds
+    /// the others.
+    #[serde(default, with = "humantime_serde")]
+    pub max_watermark_drift: Option<Duration>,
     /// librdkafka properties passed through to the consumer and the
     /// dead-letter producer (TLS, SASL, fetch tuning), e.g.
     /// `"security.protocol" = "SASL_SSL"`. They override storepulse's
@@ -116,6 +128,7 @@ impl KafkaSourceConfig {
             dead_letter_topic: default_dead_letter_topic(),
             batch_max_messages: default_batch_max(),
             batch_linger: default_linger(),
+            max_watermark_drift: None,
             max_pending_batches: default_max_pending(),
             connect_timeout: default_connect_timeout(),
             commit_interval: default_commit_interval(),
@@ -173,7 +186,15 @@ impl KafkaSourceConfig {
                 },
             )
             .set("enable.partition.eof", "false")
-            .set("statistics.interval.ms", "5000")
+            // Watermark alignment reads each partition's lag from them.
+            .set(
+                "statistics.interval.ms",
+                if self.max_watermark_drift.is_some() {
+                    "1000"
+                } else {
+                    "5000"
+                },
+            )
             // Larger fetches for throughput at high rates; a fetch waits at
             // most 50 ms for them, which bounds the added latency at low
             // rates (see BENCHMARKS.md).

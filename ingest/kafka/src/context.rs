@@ -31,7 +31,7 @@ pub(crate) fn partition_name(topic: &str, partition: i32) -> Arc<str> {
     format!("{topic}/{partition}").into()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -61,6 +61,10 @@ pub(crate) struct Shared {
     /// Messages behind the high watermarks, from the last statistics
     /// (-1 until known).
     pub(crate) lag: std::sync::atomic::AtomicI64,
+    /// Per partition (topic, partition): messages between the last one
+    /// delivered to storepulse and the high watermark, from the last
+    /// statistics.
+    pub(crate) partition_lag: Mutex<std::collections::HashMap<(String, i32), i64>>,
     /// Brokers in state `UP` and brokers known, from the last statistics
     /// (-1 until known).
     pub(crate) brokers_up: std::sync::atomic::AtomicI64,
@@ -82,6 +86,7 @@ impl Shared {
             paused: Default::default(),
             pending: Default::default(),
             lag: std::sync::atomic::AtomicI64::new(-1),
+            partition_lag: Mutex::default(),
             brokers_up: std::sync::atomic::AtomicI64::new(-1),
             brokers_known: std::sync::atomic::AtomicI64::new(-1),
             last_error: Mutex::default(),
@@ -196,10 +201,21 @@ impl ClientContext for SourceContext {
         self.shared.brokers_up.store(up, Ordering::Relaxed);
         self.shared.brokers_known.store(known, Ordering::Relaxed);
         let mut total = 0i64;
+        let mut per_partition = std::collections::HashMap::new();
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
-                // -1 is librdkafka's internal UA partition; lag -1 = unknown.
-                if *p < 0 || part.consumer_lag < 0 {
+                // -1 is librdkafka's internal UA partition.
+                if *p < 0 {
+                    continue;
+                }
+                // Messages not yet delivered to storepulse: what watermark
+                // alignment asks (`consumer_lag` counts from the committed
+                // offset, which waits for the engine to apply).
+                if part.hi_offset >= 0 && part.app_offset >= 0 {
+                    per_partition.insert((topic.clone(), *p), part.hi_offset - part.app_offset);
+                }
+                // Lag -1: unknown (nothing committed yet).
+                if part.consumer_lag < 0 {
                     continue;
                 }
                 total += part.consumer_lag;
@@ -212,6 +228,7 @@ impl ClientContext for SourceContext {
         }
         metrics::gauge!("storepulse_kafka_consumer_lag_total_messages").set(total as f64);
         self.shared.lag.store(total, Ordering::Relaxed);
+        *lock(&self.shared.partition_lag) = per_partition;
     }
 }
 

@@ -3,10 +3,10 @@
 //! Each stream's JSONL file goes to its topic, one message per line, keyed
 //! by the record's `store_id` (so a store's events stay in order on one
 //! partition), through an idempotent producer (no duplicates from producer
-//! retries). Streams are interleaved by progress through their files, so a
-//! paced replay looks like live stores rather than one stream after the
-//! other. Lines are published as they are: a malformed line is the
-//! consumer's to dead-letter.
+//! retries). Streams are merged by event time (each file in its own order),
+//! so a paced replay looks like live stores rather than one stream after
+//! the other, and no topic runs days ahead of another. Lines are published
+//! as they are: a malformed line is the consumer's to dead-letter.
 
 use std::{
     borrow::Cow,
@@ -114,10 +114,32 @@ impl ProducerContext for ReplayContext {
     }
 }
 
+/// What the replay reads of a line: the key and the event time.
 #[derive(serde::Deserialize)]
-struct KeyOnly<'a> {
+struct Head<'a> {
     #[serde(borrow, default)]
     store_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts: Option<TsField>,
+}
+
+/// An event time as the contract allows it: Unix ms or RFC 3339.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TsField {
+    Ms(i64),
+    Text(String),
+}
+
+impl TsField {
+    fn millis(&self) -> Option<i64> {
+        match self {
+            TsField::Ms(ms) => Some(*ms),
+            TsField::Text(t) => chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .map(|d| d.timestamp_millis()),
+        }
+    }
 }
 
 struct Input {
@@ -125,9 +147,51 @@ struct Input {
     topic: String,
     reader: BufReader<File>,
     path: PathBuf,
-    size: u64,
-    read: u64,
-    done: bool,
+    /// The next line to publish (trimmed, not blank), its key and event
+    /// time (`i64::MIN` when it has none: published at once, the
+    /// consumer dead-letters it).
+    head: Option<Vec<u8>>,
+    head_key: Option<String>,
+    head_ts: i64,
+}
+
+impl Input {
+    /// Reads the next non-blank line into `head` (`None` at the end);
+    /// returns the bytes read.
+    fn advance(&mut self) -> Result<u64> {
+        let mut line = self.head.take().unwrap_or_default();
+        let mut read = 0u64;
+        loop {
+            line.clear();
+            let n = self.reader.read_until(b'\n', &mut line).map_err(|source| {
+                KafkaSourceError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+            if n == 0 {
+                return Ok(read);
+            }
+            read += n as u64;
+            while matches!(line.last(), Some(b'\n' | b'\r')) {
+                line.pop();
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let head = serde_json::from_slice::<Head<'_>>(&line).ok();
+            self.head_key = head
+                .as_ref()
+                .and_then(|h| h.store_id.as_deref())
+                .map(str::to_string);
+            self.head_ts = head
+                .and_then(|h| h.ts)
+                .and_then(|t| t.millis())
+                .unwrap_or(i64::MIN);
+            self.head = Some(line);
+            return Ok(read);
+        }
+    }
 }
 
 /// Publishes `inputs` and waits until every message is acknowledged.
@@ -143,24 +207,24 @@ pub fn replay(inputs: &[(StreamKind, PathBuf)], opts: &ReplayOptions) -> Result<
             .map_err(|e| KafkaSourceError::Config(format!("producer: {e}")))?;
     reach_brokers(producer.client(), &opts.brokers, opts.timeout)?;
     let mut files = Vec::new();
+    let mut total = 0u64;
     for (stream, path) in inputs {
         let io = |source| KafkaSourceError::Io {
             path: path.clone(),
             source,
         };
         let f = File::open(path).map_err(io)?;
-        let size = f.metadata().map_err(io)?.len().max(1);
+        total += f.metadata().map_err(io)?.len();
         files.push(Input {
             stream: *stream,
             topic: topic_name(&opts.topic_prefix, *stream),
             reader: BufReader::with_capacity(1 << 20, f),
             path: path.clone(),
-            size,
-            read: 0,
-            done: false,
+            head: None,
+            head_key: None,
+            head_ts: i64::MIN,
         });
     }
-    let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total)
     } else {
@@ -176,73 +240,55 @@ pub fn replay(inputs: &[(StreamKind, PathBuf)], opts: &ReplayOptions) -> Result<
     let started = Instant::now();
     let mut report = ReplayReport::default();
     let mut sent = 0u64;
-    let mut line = Vec::with_capacity(4096);
-    const CHUNK: usize = 256;
-    // The file furthest behind (by fraction read) goes next.
+    for f in &mut files {
+        bar.inc(f.advance()?);
+    }
+    // Streams are merged by event time (each file keeps its own order:
+    // offline uploads stay where the file has them), so every topic
+    // advances through the chain's time together, as live stores would.
     while let Some(f) = files
         .iter_mut()
-        .filter(|f| !f.done)
-        .min_by(|a, b| (a.read as f64 / a.size as f64).total_cmp(&(b.read as f64 / b.size as f64)))
+        .filter(|f| f.head.is_some())
+        .min_by_key(|f| f.head_ts)
     {
-        for _ in 0..CHUNK {
-            line.clear();
-            let n =
-                f.reader
-                    .read_until(b'\n', &mut line)
-                    .map_err(|source| KafkaSourceError::Io {
-                        path: f.path.clone(),
-                        source,
-                    })?;
-            if n == 0 {
-                f.done = true;
-                break;
-            }
-            f.read += n as u64;
-            bar.inc(n as u64);
-            while matches!(line.last(), Some(b'\n' | b'\r')) {
-                line.pop();
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let key = serde_json::from_slice::<KeyOnly<'_>>(&line)
-                .ok()
-                .and_then(|k| k.store_id);
-            let mut record = BaseRecord::<str, [u8]>::to(&f.topic).payload(&line);
-            if let Some(k) = key.as_deref() {
-                record = record.key(k);
-            }
-            let mut record = Some(record);
-            while let Some(r) = record.take() {
-                match producer.send(r) {
-                    Ok(()) => {}
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        producer.poll(Duration::from_millis(50));
-                        record = Some(r);
-                    }
-                    Err((e, _)) => {
-                        return Err(KafkaSourceError::Client {
-                            operation: "produce",
-                            source: e,
-                        })
-                    }
+        let line = f.head.as_deref().expect("a head");
+        let mut record = BaseRecord::<str, [u8]>::to(&f.topic).payload(line);
+        if let Some(k) = f.head_key.as_deref() {
+            record = record.key(k);
+        }
+        let mut record = Some(record);
+        while let Some(r) = record.take() {
+            match producer.send(r) {
+                Ok(()) => {}
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    producer.poll(Duration::from_millis(50));
+                    record = Some(r);
                 }
-            }
-            sent += 1;
-            report.bytes += line.len() as u64;
-            *report.per_stream.entry(f.stream).or_default() += 1;
-            if let Some(rate) = opts.rate {
-                let due = started + Duration::from_secs_f64(sent as f64 / rate);
-                let now = Instant::now();
-                if due > now + Duration::from_millis(2) {
-                    producer.poll(Duration::ZERO);
-                    // Pacing, not synchronisation: publish like live stores.
-                    std::thread::sleep(due - now);
+                Err((e, _)) => {
+                    return Err(KafkaSourceError::Client {
+                        operation: "produce",
+                        source: e,
+                    })
                 }
             }
         }
-        producer.poll(Duration::ZERO);
-        bar.set_message(format!("{sent} events"));
+        sent += 1;
+        report.bytes += line.len() as u64;
+        *report.per_stream.entry(f.stream).or_default() += 1;
+        bar.inc(f.advance()?);
+        if let Some(rate) = opts.rate {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            let now = Instant::now();
+            if due > now + Duration::from_millis(2) {
+                producer.poll(Duration::ZERO);
+                // Pacing, not synchronisation: publish like live stores.
+                std::thread::sleep(due - now);
+            }
+        }
+        if sent.is_multiple_of(256) {
+            producer.poll(Duration::ZERO);
+            bar.set_message(format!("{sent} events"));
+        }
     }
     producer
         .flush(opts.timeout.max(Duration::from_secs(30)))

@@ -366,6 +366,12 @@ struct PartitionBuf {
     end: Option<i64>,
     /// The engine has been told about this partition.
     announced: bool,
+    /// The newest event time (ms) this partition delivered.
+    max_ts: Option<i64>,
+    /// When it last delivered messages (flushed a micro-batch).
+    last_message_at: Option<Instant>,
+    /// Paused by watermark alignment (`max_watermark_drift`).
+    aligned_pause: bool,
     messages: metrics::Counter,
     bytes: metrics::Counter,
     dead_letters: metrics::Counter,
@@ -388,6 +394,13 @@ struct PollLoop {
     paused: bool,
     paused_generation: u64,
     ends_generation: u64,
+    /// The consumer generation the alignment pauses were made in.
+    aligned_generation: u64,
+    last_align: Instant,
+    /// A flush moved a partition's event time: re-align now.
+    align_due: bool,
+    /// When the current assignment was first seen by the alignment.
+    assigned_at: Instant,
     last_commit: Instant,
     last_report: Instant,
     report_messages: u64,
@@ -409,6 +422,10 @@ impl PollLoop {
             paused: false,
             paused_generation: 0,
             ends_generation: 0,
+            aligned_generation: 0,
+            last_align: Instant::now(),
+            align_due: false,
+            assigned_at: Instant::now(),
             last_commit: Instant::now(),
             last_report: Instant::now(),
             report_messages: 0,
@@ -489,6 +506,11 @@ impl PollLoop {
             // One clock read per poll for every time-based check.
             let now = Instant::now();
             self.flush_lingering(now)?;
+            if self.align_due || now.duration_since(self.last_align) >= ALIGN_EVERY {
+                self.align(now);
+                self.last_align = now;
+                self.align_due = false;
+            }
             if now.duration_since(self.last_commit) >= self.src.cfg.commit_interval {
                 self.commit(CommitMode::Async);
             }
@@ -557,12 +579,19 @@ impl PollLoop {
             })
             .collect();
         let out = b.decoder.decode(&records)?;
+        if let Some(t) = out.batch.as_ref().and_then(newest_event) {
+            if b.max_ts.is_none_or(|m| t > m) {
+                b.max_ts = Some(t);
+                self.align_due = true;
+            }
+        }
         let last = b.spans.last().expect("non-empty").offset;
+        let now = Instant::now();
+        b.last_message_at = Some(now);
         let position = Position {
             partition: b.name.clone(),
             next_offset: last as u64 + 1,
         };
-        let now = Instant::now();
         let mut dlq = Vec::with_capacity(out.dead_letters.len());
         for dl in &out.dead_letters {
             let Ok(i) = b
@@ -663,11 +692,11 @@ impl PollLoop {
         }
         let mut tpl = TopicPartitionList::new();
         for (t, p) in self.src.shared.assigned() {
-            let finished = self
+            let held = self
                 .bufs
                 .iter()
-                .any(|b| b.key.0 == t && b.key.1 == p && b.eof);
-            if want || !finished {
+                .any(|b| b.key.0 == t && b.key.1 == p && (b.eof || b.aligned_pause));
+            if want || !held {
                 tpl.add_partition(&t, p);
             }
         }
@@ -790,6 +819,128 @@ impl PollLoop {
             && self.bufs.iter().all(|b| b.eof && b.spans.is_empty())
     }
 
+    /// Watermark alignment (`max_watermark_drift`): pauses the partitions
+    /// whose newest event time is more than the drift ahead of the slowest
+    /// partition that still has messages to read (it delivered within
+    /// [`ALIGN_IDLE`] or is itself held), and resumes them once they are
+    /// within half the drift of it. A just-assigned partition that has
+    /// delivered nothing holds every other for up to [`ALIGN_GRACE`]
+    /// (unless the statistics show it empty). Pausing makes librdkafka
+    /// drop what it prefetched for the partition and fetch again from the
+    /// last message delivered, so nothing is skipped.
+    fn align(&mut self, now: Instant) {
+        let Some(drift) = self.src.cfg.max_watermark_drift else {
+            return;
+        };
+        if self.paused {
+            return; // backpressure holds everything already
+        }
+        let generation = self.src.shared.generation.load(Ordering::SeqCst);
+        if generation != self.aligned_generation {
+            // A new assignment starts unpaused.
+            for b in &mut self.bufs {
+                b.aligned_pause = false;
+            }
+            self.aligned_generation = generation;
+            self.assigned_at = now;
+        }
+        // The slowest event time among partitions with messages to read;
+        // one with messages but no event time yet holds every other.
+        let mut slowest: Option<i64> = None;
+        {
+            let lag = crate::context::lock(&self.src.shared.partition_lag);
+            for key in self.src.shared.assigned() {
+                let buf = self.bufs.iter().find(|b| b.key == key);
+                if buf.is_some_and(|b| b.eof) {
+                    continue;
+                }
+                match buf.and_then(|b| b.max_ts.map(|t| (b, t))) {
+                    // Reading: it delivered lately (an unpaused partition
+                    // with messages delivers within ALIGN_IDLE once the
+                    // others wait), or it is held itself.
+                    Some((b, t)) => {
+                        let reading = b.aligned_pause
+                            || b.last_message_at
+                                .is_some_and(|at| now.duration_since(at) < ALIGN_IDLE);
+                        if reading {
+                            slowest = Some(slowest.map_or(t, |s| s.min(t)));
+                        }
+                    }
+                    // Nothing delivered yet: it holds the others for the
+                    // grace after the assignment unless the statistics
+                    // already show it has nothing to read.
+                    None => {
+                        let empty = lag.get(&key).is_some_and(|l| *l <= 0);
+                        if !empty && now.duration_since(self.assigned_at) < ALIGN_GRACE {
+                            slowest = Some(i64::MIN);
+                        }
+                    }
+                }
+            }
+        }
+        let drift_ms = drift.as_millis().min(i64::MAX as u128) as i64;
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for b in &mut self.bufs {
+            // Hysteresis: a held partition resumes at half the drift, so
+            // it is not paused again at once (every pause makes librdkafka
+            // drop the partition's prefetched messages and fetch them
+            // again).
+            let limit = if b.aligned_pause {
+                drift_ms / 2
+            } else {
+                drift_ms
+            };
+            let ahead = match (slowest, b.max_ts) {
+                (Some(s), Some(t)) => t.saturating_sub(s) > limit,
+                _ => false,
+            };
+            let want = ahead && !b.eof;
+            if want != b.aligned_pause {
+                let list = if want { &mut pause } else { &mut resume };
+                list.add_partition(&b.key.0, b.key.1);
+            }
+        }
+        if pause.count() == 0 && resume.count() == 0 {
+            return;
+        }
+        for (list, paused) in [(&pause, true), (&resume, false)] {
+            if list.count() == 0 {
+                continue;
+            }
+            let result = if paused {
+                self.src.consumer.pause(list)
+            } else {
+                self.src.consumer.resume(list)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot pause/resume Kafka partitions for watermark alignment");
+                continue;
+            }
+            for e in list.elements() {
+                if let Some(b) = self
+                    .bufs
+                    .iter_mut()
+                    .find(|b| b.key.0 == e.topic() && b.key.1 == e.partition())
+                {
+                    b.aligned_pause = paused;
+                    // A resumed partition gets a fresh chance to deliver.
+                    if !paused {
+                        b.last_message_at = Some(now);
+                    }
+                }
+            }
+        }
+        let held = self.bufs.iter().filter(|b| b.aligned_pause).count();
+        metrics::gauge!("storepulse_kafka_aligned_paused_partitions").set(held as f64);
+        tracing::debug!(
+            held,
+            slowest_ms = slowest,
+            paused = pause.count(),
+            resumed = resume.count(),
+            "watermark alignment"
+        );
+    }
+
     /// Forgets buffers and unsent batches of revoked partitions: they were
     /// not committed, the next owner reads them.
     fn drop_revoked(&mut self) {
@@ -828,6 +979,26 @@ impl PollLoop {
 }
 
 /// The buffer of `topic/partition`, created on first use.
+/// How often watermark alignment is re-evaluated when no flush moved an
+/// event time (a partition going quiet releases the others).
+const ALIGN_EVERY: Duration = Duration::from_millis(50);
+/// A partition that delivered nothing for this long (and that statistics
+/// do not show lagging) has nothing to read and does not hold the others.
+const ALIGN_IDLE: Duration = Duration::from_secs(1);
+/// After an assignment, a partition that has delivered nothing holds the
+/// others until the statistics (every second with alignment on) say
+/// whether it has messages, at most this long.
+const ALIGN_GRACE: Duration = Duration::from_secs(3);
+
+/// The newest event time (ms) in a decoded batch.
+fn newest_event(batch: &arrow::array::RecordBatch) -> Option<i64> {
+    use arrow::array::AsArray;
+    let ts = batch
+        .column_by_name("ts")?
+        .as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>()?;
+    arrow::compute::max(ts)
+}
+
 fn buf_index(
     bufs: &mut Vec<PartitionBuf>,
     topics: &[(String, StreamKind)],
@@ -862,6 +1033,9 @@ fn buf_index(
         eof: false,
         end: None,
         announced: false,
+        max_ts: None,
+        last_message_at: None,
+        aligned_pause: false,
         messages: metrics::counter!("storepulse_kafka_messages_total", &labels),
         bytes: metrics::counter!("storepulse_kafka_bytes_total", &labels),
         dead_letters: metrics::counter!("storepulse_kafka_dead_letters_total", &labels),

@@ -674,3 +674,171 @@ async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() 
         .unwrap();
     assert_eq!(high - low, 1, "exactly one dead letter written");
 }
+
+/// Produces IoT readings to one partition: `n` readings from `base_ms`,
+/// `step_ms` apart.
+fn produce_readings(brokers: &str, partition: i32, n: i64, base_ms: i64, step_ms: i64) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let topic = topic_name("storepulse.", StreamKind::IotReadings);
+    for i in 0..n {
+        let payload = format!(
+            r#"{{"event_id":"p{partition}-{i}","ts":{},"store_id":"S{partition}","device_id":"f1","metric":"fridge_temp_c","value":4.5}}"#,
+            base_ms + i * step_ms
+        );
+        producer
+            .send(
+                BaseRecord::<str, str>::to(&topic)
+                    .payload(&payload)
+                    .partition(partition),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Watermark alignment: partition 0 covers 100 hours of event time and
+/// partition 1 ten hours in as many messages, so read at the same message
+/// rate partition 0 runs hours ahead. With `max_watermark_drift = 1h` it
+/// waits: no batch handed on is more than the drift (plus the batches in
+/// flight) ahead of partition 1 while partition 1 still has messages;
+/// nothing is lost, and partition 2 (empty) holds nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_far_ahead_in_event_time_waits_with_watermark_alignment() {
+    const BASE: i64 = 1_767_600_000_000;
+    const N: i64 = 6_000;
+    const DRIFT_MS: i64 = 3_600_000;
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    produce_readings(&brokers, 0, N, BASE, 60_000);
+    produce_readings(&brokers, 1, N, BASE, 6_000);
+    let mut cfg = source_config(&brokers, "g-align");
+    cfg.streams = vec![StreamKind::IotReadings];
+    cfg.batch_max_messages = 100;
+    cfg.max_watermark_drift = Some(Duration::from_millis(DRIFT_MS as u64));
+    let src = connect(cfg, true, Arc::new(AppliedPositions::default()))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel::<SourceMessage>(4);
+    let (_stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(src.run(tx, stop_rx));
+    let (mut newest, mut rows) = ([i64::MIN; 2], [0usize; 2]);
+    let mut worst = 0i64;
+    while let Some(msg) = rx.recv().await {
+        let SourceMessage::Batch(b) = msg else {
+            continue;
+        };
+        let p = usize::from(b.position.partition.ends_with("/1"));
+        let ts = b
+            .batch
+            .column_by_name("ts")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        newest[p] = newest[p].max(arrow::compute::max(ts).unwrap());
+        rows[p] += b.batch.num_rows();
+        // While partition 1 still has messages, partition 0 stays near it.
+        if rows[1] > 0 && (rows[1] as i64) < N {
+            worst = worst.max(newest[0].saturating_sub(newest[1]));
+        }
+    }
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        rows,
+        [N as usize, N as usize],
+        "every reading delivered once"
+    );
+    // Unaligned, partition 0 would be up to ~90 hours ahead. Aligned: the
+    // drift plus what was in flight when it paused (a few batches of 100
+    // minutes each).
+    assert!(
+        worst <= DRIFT_MS + 6 * 6_000_000,
+        "partition 0 ran {:.1} h ahead of partition 1",
+        worst as f64 / 3_600_000.0
+    );
+}
+
+/// Kafka timestamps (producer create time, ms) of every message of `topic`.
+fn create_times(brokers: &str, topic: &str, expected: usize) -> Vec<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "replay-order")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {expected}",
+            out.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push(m.timestamp().to_millis().unwrap());
+        }
+    }
+    out
+}
+
+/// `storepulse replay` merges the streams by event time: readings of day 1
+/// in one file and counts of day 2 in another are published day 1 first
+/// (interleaved by how far each file was read, as before, they went out
+/// together, and a topic could run days ahead of another).
+#[test]
+fn replay_publishes_the_streams_in_event_time_order() {
+    const BASE: i64 = 1_767_600_000_000;
+    const DAY: i64 = 86_400_000;
+    let c = cluster();
+    let brokers = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let readings: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"event_id":"r{i}","ts":{},"store_id":"S{}","device_id":"f1","metric":"fridge_temp_c","value":4.5}}"#, BASE + i * 1000, i % 4))
+        .collect();
+    let counts: Vec<String> = (0..300)
+        .map(|i| {
+            let ts = chrono::DateTime::from_timestamp_millis(BASE + DAY + i * 1000).unwrap();
+            format!(
+                r#"{{"event_id":"c{i}","ts":"{}","store_id":"S{}","sku":"A","on_hand":3}}"#,
+                ts.to_rfc3339(),
+                i % 4
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("iot_readings.jsonl"), readings.join("\n")).unwrap();
+    std::fs::write(dir.path().join("stock_counts.jsonl"), counts.join("\n")).unwrap();
+    let opts = ReplayOptions {
+        brokers: brokers.clone(),
+        topic_prefix: "storepulse.".into(),
+        rate: Some(2_000.0),
+        properties: Default::default(),
+        timeout: Duration::from_secs(10),
+        progress: false,
+    };
+    let report = replay(&dataset_inputs(dir.path()).unwrap(), &opts).unwrap();
+    assert_eq!(report.events, 600);
+    let day1 = create_times(
+        &brokers,
+        &topic_name("storepulse.", StreamKind::IotReadings),
+        300,
+    );
+    let day2 = create_times(
+        &brokers,
+        &topic_name("storepulse.", StreamKind::StockCounts),
+        300,
+    );
+    // 300 events at 2,000/s: 150 ms of readings, then the counts.
+    let (last1, first2) = (*day1.iter().max().unwrap(), *day2.iter().min().unwrap());
+    assert!(
+        last1 <= first2,
+        "day-2 counts went out at {first2}, before day-1 readings at {last1}"
+    );
+}
