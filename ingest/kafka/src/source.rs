@@ -837,9 +837,23 @@ impl PollLoop {
         }
         let generation = self.src.shared.generation.load(Ordering::SeqCst);
         if generation != self.aligned_generation {
-            // A new assignment starts unpaused.
+            // A new assignment: resume every assigned partition that has
+            // not finished (librdkafka may keep a partition's pause across a
+            // revoke and re-assign, and the revoked buffers that knew are
+            // gone), so that nothing stays paused that no one will resume.
+            let mut tpl = TopicPartitionList::new();
+            for key in self.src.shared.assigned() {
+                if !self.bufs.iter().any(|b| b.key == key && b.eof) {
+                    tpl.add_partition(&key.0, key.1);
+                }
+            }
             for b in &mut self.bufs {
                 b.aligned_pause = false;
+            }
+            if tpl.count() > 0 {
+                if let Err(e) = self.src.consumer.resume(&tpl) {
+                    tracing::warn!(error = %e, "cannot resume Kafka partitions after a rebalance");
+                }
             }
             self.aligned_generation = generation;
             self.assigned_at = now;
