@@ -908,7 +908,12 @@ impl PollLoop {
                 (Some(s), Some(t)) => t.saturating_sub(s) > limit,
                 _ => false,
             };
-            let want = ahead && !b.eof;
+            if b.eof {
+                // Finished (`until_eof`): paused for good by its finish.
+                b.aligned_pause = false;
+                continue;
+            }
+            let want = ahead;
             if want != b.aligned_pause {
                 let list = if want { &mut pause } else { &mut resume };
                 list.add_partition(&b.key.0, b.key.1);
