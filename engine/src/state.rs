@@ -346,28 +346,25 @@ impl GroupState {
     /// twice), and the next evaluation is a full one.
     pub fn evict_touched_up_to(&mut self, upto: u64, partial_schema: &SchemaRef) -> Result<usize> {
         use datafusion::arrow::{array::BooleanArray, compute::filter_record_batch};
-        let Some(touched) = self.touched.take() else {
+        if self.hop.is_some() && self.touched.is_some() {
+            // Windows go when all their panes are idle: from now on the
+            // rows leave them out, whether or not their panes stay.
+            self.hop_floor = Some(upto);
+        }
+        let Some(touched) = &self.touched else {
             return Ok(0);
         };
-        let keep: Vec<bool> = match self.hop {
-            Some(hop) => {
-                // Windows go when all their panes are idle: from now on the
-                // rows leave them out, whether or not their panes stay.
-                self.hop_floor = Some(upto);
-                let Some(conv) = &self.converter else {
-                    self.touched = Some(touched);
-                    return Ok(0);
-                };
+        let keep: Vec<bool> = match (self.hop, &self.converter) {
+            (Some(hop), Some(conv)) => {
                 let parser = conv.parser();
                 let keys =
                     conv.convert_rows((0..self.num_groups()).map(|g| parser.parse(self.key(g))))?;
-                hop_panes_to_keep(&keys, partial_schema, hop, &touched, upto)?
+                hop_panes_to_keep(&keys, hop, touched, upto)?
             }
-            None => touched.iter().map(|t| *t > upto).collect(),
+            _ => touched.iter().map(|t| *t > upto).collect(),
         };
         let evicted = keep.iter().filter(|k| !**k).count();
         if evicted == 0 {
-            self.touched = Some(touched);
             return Ok(0);
         }
         let kept_touched: Vec<u64> = touched
@@ -931,7 +928,6 @@ fn assemble_hop_windows(
 /// key within `(windows - 1) * slide` of it was touched after `upto`.
 fn hop_panes_to_keep(
     keys: &[ArrayRef],
-    partial_schema: &SchemaRef,
     hop: HopPanes,
     touched: &[u64],
     upto: u64,
@@ -948,7 +944,7 @@ fn hop_panes_to_keep(
         let conv = RowConverter::new(
             others
                 .iter()
-                .map(|i| SortField::new(partial_schema.field(*i).data_type().clone()))
+                .map(|i| SortField::new(keys[*i].data_type().clone()))
                 .collect(),
         )?;
         let cols: Vec<ArrayRef> = others.iter().map(|i| keys[*i].clone()).collect();

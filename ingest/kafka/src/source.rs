@@ -579,7 +579,14 @@ impl PollLoop {
             })
             .collect();
         let out = b.decoder.decode(&records)?;
-        if let Some(t) = out.batch.as_ref().and_then(newest_event) {
+        // Only watermark alignment reads a partition's newest event time.
+        let newest = self
+            .src
+            .cfg
+            .max_watermark_drift
+            .and(out.batch.as_ref())
+            .and_then(newest_event);
+        if let Some(t) = newest {
             if b.max_ts.is_none_or(|m| t > m) {
                 b.max_ts = Some(t);
                 self.align_due = true;
@@ -895,6 +902,11 @@ impl PollLoop {
         let drift_ms = drift.as_millis().min(i64::MAX as u128) as i64;
         let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
         for b in &mut self.bufs {
+            if b.eof {
+                // Finished (`until_eof`): paused for good by its finish.
+                b.aligned_pause = false;
+                continue;
+            }
             // Hysteresis: a held partition resumes at half the drift, so
             // it is not paused again at once (every pause makes librdkafka
             // drop the partition's prefetched messages and fetch them
@@ -904,16 +916,10 @@ impl PollLoop {
             } else {
                 drift_ms
             };
-            let ahead = match (slowest, b.max_ts) {
+            let want = match (slowest, b.max_ts) {
                 (Some(s), Some(t)) => t.saturating_sub(s) > limit,
                 _ => false,
             };
-            if b.eof {
-                // Finished (`until_eof`): paused for good by its finish.
-                b.aligned_pause = false;
-                continue;
-            }
-            let want = ahead;
             if want != b.aligned_pause {
                 let list = if want { &mut pause } else { &mut resume };
                 list.add_partition(&b.key.0, b.key.1);
@@ -997,12 +1003,11 @@ impl PollLoop {
     }
 }
 
-/// The buffer of `topic/partition`, created on first use.
 /// How often watermark alignment is re-evaluated when no flush moved an
 /// event time (a partition going quiet releases the others).
 const ALIGN_EVERY: Duration = Duration::from_millis(50);
-/// A partition that delivered nothing for this long (and that statistics
-/// do not show lagging) has nothing to read and does not hold the others.
+/// A partition that delivered nothing for this long has nothing to read
+/// and does not hold the others.
 const ALIGN_IDLE: Duration = Duration::from_secs(1);
 /// After an assignment, a partition that has delivered nothing holds the
 /// others until the statistics (every second with alignment on) say
@@ -1018,6 +1023,7 @@ fn newest_event(batch: &arrow::array::RecordBatch) -> Option<i64> {
     arrow::compute::max(ts)
 }
 
+/// The buffer of `topic/partition`, created on first use.
 fn buf_index(
     bufs: &mut Vec<PartitionBuf>,
     topics: &[(String, StreamKind)],
