@@ -605,6 +605,15 @@ async fn serve(
             let r = r.context("pipeline task panicked")?;
             let failed = r.is_err();
             pipeline_result = Some(r);
+            if !failed {
+                // Every batch is applied: the rules evaluate the final
+                // views before the health shows `finished`, so that the
+                // alerts a client then reads are final.
+                if let Some(m) = &alerts {
+                    m.evaluate_all().await;
+                }
+                state.finish();
+            }
             if failed || exit_when_done || !cfg.until_eof {
                 // fall through to shutdown
             } else {
@@ -614,9 +623,9 @@ async fn serve(
         }
     }
     if let (Some(m), Some(Ok(()))) = (&alerts, &pipeline_result) {
-        // Bounded run finished: evaluate on the final views and deliver
-        // what is in the outbox before stopping (the outbox keeps anything
-        // undelivered for the next start).
+        // Bounded run finished: deliver what is in the outbox before
+        // stopping (the outbox keeps anything undelivered for the next
+        // start).
         let timeout = cfg.alerts.retry_max_delay.max(Duration::from_secs(10));
         if !m.drain(timeout).await {
             tracing::warn!(

@@ -48,6 +48,13 @@ impl PipelineState {
     fn set(&self, v: u8) {
         self.0.store(v, Ordering::SeqCst);
     }
+
+    /// Marks a bounded run `finished`: every source ended, every batch is
+    /// applied and the alert rules evaluated the final views (so what
+    /// `/api/v1/alerts` shows then is final).
+    pub(crate) fn finish(&self) {
+        self.set(Self::FINISHED);
+    }
 }
 
 /// The runnable sources of a config.
@@ -370,7 +377,8 @@ pub(crate) async fn run(
     match &result {
         Ok(()) if *shutdown.borrow() => state.set(PipelineState::STOPPED),
         Ok(()) => {
-            state.set(PipelineState::FINISHED);
+            // `finished` is set by the caller once the alert rules have
+            // evaluated the final views ([`PipelineState::finish`]).
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(
                 events,

@@ -203,3 +203,102 @@ sinks = "file"
     );
     assert_eq!(ids(&rest), ids(&notes));
 }
+
+/// When a bounded run shows `finished`, its alerts are those of the final
+/// views: every `low_stock` key whose condition holds on them is firing in
+/// `/api/v1/alerts` and in the JSONL sink. Data-triggered evaluations are
+/// held off (`min_interval = "1h"`, the rule's timer is 10 s), so without
+/// the final evaluation the alerts would lag the views.
+#[test]
+fn a_finished_bounded_run_shows_the_alerts_of_its_final_views() {
+    use std::collections::BTreeSet;
+    use storepulse_testkit::process::Server;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gen");
+    gen(&data);
+    let jsonl = dir.path().join("alerts.jsonl");
+    let config = dir.path().join("storepulse.toml");
+    let d = data.display();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+[[dimensions]]
+name = "stores"
+path = "{d}/stores.csv"
+[[dimensions]]
+name = "products"
+path = "{d}/products.csv"
+[[dimensions]]
+name = "replenishment_policy"
+path = "{d}/replenishment_policy.csv"
+[[sources]]
+type = "dataset"
+dir = "{d}"
+[retail]
+low_stock_for = "0s"
+[alerts]
+min_interval = "1h"
+[[alerts.sinks]]
+name = "file"
+type = "jsonl"
+path = "{file}"
+"#,
+            state = dir.path().join("state").display(),
+            file = jsonl.display(),
+        ),
+    )
+    .unwrap();
+    let s = Server::start(BIN, &config);
+    s.wait_finished(std::time::Duration::from_secs(300));
+    let holding: BTreeSet<String> = s
+        .rows(
+            "SELECT store_id, sku FROM stockout_risk \
+             WHERE p_stockout > 0.8 AND suggested_order_qty > 0",
+        )
+        .iter()
+        .map(|r| {
+            format!(
+                "{}|{}",
+                r["store_id"].as_str().unwrap(),
+                r["sku"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let firing: BTreeSet<String> = s.get("/api/v1/alerts")["active"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["rule"] == "low_stock" && a["state"] == "firing")
+        .map(|a| a["alert_key"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        holding.len() > 5,
+        "the dataset makes low_stock hold: {holding:?}"
+    );
+    let missing: Vec<&String> = holding.difference(&firing).collect();
+    assert!(
+        missing.is_empty(),
+        "holding on the final views but not firing when finished: {missing:?}"
+    );
+    // Firing keys no longer holding are those kept by `keep_firing_for`.
+    let (status, log) = s.stop_with("-TERM");
+    assert!(status.success(), "{}", log.join("\n"));
+    let notified: BTreeSet<String> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|n| n["rule"] == "low_stock" && n["state"] == "firing")
+        .map(|n| n["alert_key"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        holding.is_subset(&notified),
+        "every holding key notified: {:?}",
+        holding.difference(&notified).collect::<Vec<_>>()
+    );
+}

@@ -238,6 +238,11 @@ pub struct AlertManager {
     sink_health: std::sync::Mutex<Vec<SinkHealth>>,
     /// When each rule's lifecycle was last committed.
     persisted: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// One per rule, held from a rule's query to its commit: two
+    /// evaluations of a rule (the loop's and [`AlertManager::drain`]'s) must
+    /// not interleave, or the one that read the older snapshot could commit
+    /// last and leave the lifecycle behind the views.
+    evaluating: Vec<Mutex<()>>,
 }
 
 impl std::fmt::Debug for AlertManager {
@@ -293,6 +298,7 @@ impl AlertManager {
         let state = outbox.lifecycles()?;
         let (committed, _) = watch::channel(0);
         let (acked, _) = watch::channel(0);
+        let evaluating = rules.iter().map(|_| Mutex::new(())).collect();
         Ok(Self {
             engine,
             outbox,
@@ -304,6 +310,7 @@ impl AlertManager {
             acked,
             deferred: Default::default(),
             persisted: Default::default(),
+            evaluating,
             sink_health: std::sync::Mutex::new(
                 names
                     .iter()
@@ -358,6 +365,7 @@ impl AlertManager {
     /// has arrived).
     pub async fn evaluate(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
         let rule = &self.rules[i];
+        let _serial = self.evaluating[i].lock().await;
         let qerr = |e: storepulse_engine::EngineError| AlertError::Query {
             rule: rule.name.clone(),
             message: e.to_string(),
@@ -456,8 +464,28 @@ impl AlertManager {
     /// the sinks delivered everything in the outbox; [`AlertManager::run`]
     /// must be running. True if the outbox is empty.
     pub async fn drain(&self, timeout: Duration) -> bool {
+        self.evaluate_all().await;
+        let mut acked = self.acked.subscribe();
+        let wait = async {
+            while self.outbox.pending().is_ok_and(|p| p > 0) {
+                if acked.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.outbox.pending().is_ok_and(|p| p == 0)
+    }
+
+    /// Evaluates every rule once (after any evaluation in progress) and
+    /// commits every lifecycle as it is then: at the end of a bounded run,
+    /// the alerts of the final views. Failures are logged and counted.
+    pub async fn evaluate_all(&self) {
         for i in 0..self.rules.len() {
             if let Err(e) = self.evaluate(i).await {
+                metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                    "rule" => self.rules[i].name.clone())
+                .increment(1);
                 tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
             }
         }
@@ -473,16 +501,6 @@ impl AlertManager {
                 }
             }
         }
-        let mut acked = self.acked.subscribe();
-        let wait = async {
-            while self.outbox.pending().is_ok_and(|p| p > 0) {
-                if acked.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(timeout, wait).await;
-        self.outbox.pending().is_ok_and(|p| p == 0)
     }
 
     /// Runs evaluation and delivery until `shutdown` becomes true.
