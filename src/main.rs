@@ -523,6 +523,8 @@ async fn serve(
         None
     };
     let scheme = if https.is_some() { "https" } else { "http" };
+    // From here on SIGINT / SIGTERM stop the process gracefully.
+    let mut signals = StopSignals::new()?;
     tracing::info!(
         url = %format!("{scheme}://{addr}/"),
         pg = %pg_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
@@ -599,16 +601,21 @@ async fn serve(
     };
     let mut pipeline_result = None;
     tokio::select! {
-        sig = stop_signal() => tracing::info!(signal = sig, "shutting down"),
+        sig = signals.recv() => tracing::info!(signal = sig, "shutting down"),
         _ = deadline => tracing::info!("duration reached: shutting down"),
         r = &mut pipeline_task => {
             let r = r.context("pipeline task panicked")?;
             let failed = r.is_err();
             pipeline_result = Some(r);
             if !failed {
-                // Every batch is applied: the rules evaluate the final
-                // views before the health shows `finished`, so that the
-                // alerts a client then reads are final.
+                // Every batch is applied: the refreshed views recompute and
+                // the rules evaluate the final views before the health
+                // shows `finished`, so that what a client then reads is
+                // final.
+                if let Err(e) = handle.refresh_all().await {
+                    metrics::counter!("storepulse_engine_view_refresh_errors_total").increment(1);
+                    tracing::warn!(error = %e, "refreshing a view failed");
+                }
                 if let Some(m) = &alerts {
                     m.evaluate_all().await;
                 }
@@ -618,7 +625,8 @@ async fn serve(
                 // fall through to shutdown
             } else {
                 tracing::info!("input finished; still serving queries until Ctrl-C");
-                stop_signal().await;
+                let sig = signals.recv().await;
+                tracing::info!(signal = sig, "shutting down");
             }
         }
     }
@@ -678,25 +686,45 @@ async fn serve(
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and
 /// Kubernetes send): the start of a graceful shutdown.
-async fn stop_signal() -> &'static str {
+/// The SIGINT / SIGTERM listeners, registered when created: a signal that
+/// arrives while nothing awaits it (say during the final alert evaluation
+/// of a bounded run) is kept for the next [`StopSignals::recv`] instead of
+/// being lost.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next stop signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.int.recv() => "SIGINT",
+                _ = self.term.recv() => "SIGTERM",
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 

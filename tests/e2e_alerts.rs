@@ -204,11 +204,12 @@ sinks = "file"
     assert_eq!(ids(&rest), ids(&notes));
 }
 
-/// When a bounded run shows `finished`, its alerts are those of the final
-/// views: every `low_stock` key whose condition holds on them is firing in
-/// `/api/v1/alerts` and in the JSONL sink. Data-triggered evaluations are
-/// held off (`min_interval = "1h"`, the rule's timer is 10 s), so without
-/// the final evaluation the alerts would lag the views.
+/// When a bounded run shows `finished`, what it serves is final: the
+/// refreshed `stockout_risk` (refreshed hourly here) reflects the final
+/// engine clock, and every `low_stock` key whose condition holds on it is
+/// firing in `/api/v1/alerts` and in the JSONL sink. Data-triggered
+/// evaluations are held off (`min_interval = "1h"`, the rule's timer is
+/// 10 s), so without the final refresh and evaluation both would lag.
 #[test]
 fn a_finished_bounded_run_shows_the_alerts_of_its_final_views() {
     use std::collections::BTreeSet;
@@ -240,6 +241,8 @@ path = "{d}/replenishment_policy.csv"
 [[sources]]
 type = "dataset"
 dir = "{d}"
+[engine]
+refresh = {{ stockout_risk = "1h" }}
 [retail]
 low_stock_for = "0s"
 [alerts]
@@ -256,6 +259,9 @@ path = "{file}"
     .unwrap();
     let s = Server::start(BIN, &config);
     s.wait_finished(std::time::Duration::from_secs(300));
+    let clock = s.rows("SELECT as_of FROM engine_clock");
+    let as_of = s.rows("SELECT DISTINCT as_of FROM stockout_risk");
+    assert_eq!(as_of, clock, "the refreshed view reflects the final clock");
     let holding: BTreeSet<String> = s
         .rows(
             "SELECT store_id, sku FROM stockout_risk \

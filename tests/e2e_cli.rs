@@ -499,3 +499,51 @@ fn dimension_files_are_checked_at_start_and_reloaded_when_they_change() {
     assert_eq!(count(&server), Some(3));
     assert!(server.stop().success());
 }
+
+/// A stop signal is never lost: a SIGINT that arrives while a bounded run
+/// evaluates its alert rules on the final views (here a rule that takes
+/// seconds) still stops the process gracefully once that is done.
+#[test]
+fn a_stop_signal_during_the_final_alert_evaluation_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.jsonl"), "").unwrap();
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+[[sources]]
+type = "file"
+stream = "sales"
+path = "{x}"
+[alerts]
+builtin = false
+[[alerts.sinks]]
+name = "log"
+type = "log"
+[[alerts.rules]]
+name = "slow"
+query = "SELECT 'all' AS k, count(*) AS n FROM range(300000000)"
+key = "k"
+"#,
+            state = dir.path().join("state").display(),
+            x = dir.path().join("x.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let server = Server::start(BIN, &config);
+    // The empty input ends at once; the final evaluation then takes seconds.
+    server.wait_for_log("all sources finished", Duration::from_secs(60));
+    let (status, log) = server.stop_with("-INT");
+    let log = log.join("\n");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.contains("signal=\"SIGINT\"") || log.contains("signal=SIGINT"),
+        "{log}"
+    );
+    assert!(log.contains("final checkpoint written"), "{log}");
+}

@@ -1314,6 +1314,17 @@ impl EngineHandle {
     /// [`RefreshedView::is_due`]); the binary calls this every second.
     /// Returns the views recomputed.
     pub async fn refresh_due(&self) -> Result<Vec<String>> {
+        self.refresh_where(RefreshedView::is_due).await
+    }
+
+    /// Recomputes every refreshed view now, e.g. when a bounded run has
+    /// applied its last batch (so that what they serve then is final).
+    /// Returns the views recomputed.
+    pub async fn refresh_all(&self) -> Result<Vec<String>> {
+        self.refresh_where(|_| true).await
+    }
+
+    async fn refresh_where(&self, pick: impl Fn(&RefreshedView) -> bool) -> Result<Vec<String>> {
         let due: Vec<Arc<RefreshedView>> = {
             let e = self.engine.lock().await;
             for r in &e.refreshed {
@@ -1322,7 +1333,7 @@ impl EngineHandle {
                         .set(age.as_secs_f64());
                 }
             }
-            e.refreshed.iter().filter(|r| r.is_due()).cloned().collect()
+            e.refreshed.iter().filter(|r| pick(r)).cloned().collect()
         };
         let mut done = Vec::new();
         for r in due {

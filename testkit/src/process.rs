@@ -10,6 +10,7 @@ use std::{
     sync::mpsc,
     time::{Duration, Instant},
 };
+use wait_timeout::ChildExt;
 
 /// Runs `bin gen` (stores, SKUs, members, days, seed) into `out`; panics
 /// with its stderr if it fails. Returns its stdout (the per-stream counts).
@@ -164,14 +165,49 @@ impl Server {
         self.stop_with("-INT").0
     }
 
+    /// Waits (at most `timeout`) for a log line containing `text` and
+    /// returns it; panics with the log so far otherwise. Lines read are
+    /// kept for [`Server::log_lines`].
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut early = self.early.lock().expect("log lines");
+        if let Some(l) = early.iter().find(|l| l.contains(text)) {
+            return l.clone();
+        }
+        loop {
+            match self
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => {
+                    early.push(l.clone());
+                    if l.contains(text) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no log line with {text:?}:\n{}", early.join("\n")),
+            }
+        }
+    }
+
     /// Sends `signal` (`-INT`, `-TERM`), waits for the exit and returns it
     /// with the log lines printed meanwhile (until the process closed its
-    /// stderr).
+    /// stderr). Panics (and kills the process) if it has not exited within
+    /// 120 s: a stop signal must never be lost.
     pub fn stop_with(mut self, signal: &str) -> (ExitStatus, Vec<String>) {
         let _ = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status();
-        let status = self.child.wait().expect("wait");
+        let Some(status) = self
+            .child
+            .wait_timeout(Duration::from_secs(120))
+            .expect("wait")
+        else {
+            panic!(
+                "storepulse did not exit within 120 s of {signal}:\n{}",
+                self.log_lines().join("\n")
+            );
+        };
         let mut lines = self.log_lines();
         while let Ok(l) = self.stderr.recv_timeout(Duration::from_secs(5)) {
             lines.push(l);
