@@ -495,8 +495,16 @@ impl AlertManager {
             let state = self.state.lock().await;
             for r in &self.rules {
                 if let Some(l) = state.get(&r.name) {
-                    if let Err(e) = self.outbox.commit(&r.name, l, &[], &r.sinks) {
-                        tracing::warn!(rule = %r.name, error = %e, "alert lifecycle not saved");
+                    match self.outbox.commit(&r.name, l, &[], &r.sinks) {
+                        Ok(_) => {
+                            self.persisted
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(r.name.clone(), Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::warn!(rule = %r.name, error = %e, "alert lifecycle not saved")
+                        }
                     }
                 }
             }
