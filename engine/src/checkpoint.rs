@@ -77,7 +77,31 @@ pub struct ViewMeta {
     pub rows_applied: u64,
     /// Groups held.
     pub groups: u64,
+    /// The view's `state_ttl` bookkeeping, if it has a TTL (older
+    /// checkpoints have none: a restore then treats every group as touched
+    /// at the restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<TtlMeta>,
 }
+
+/// A view's `state_ttl` bookkeeping in a checkpoint. The per-group stamps
+/// (the batch that last touched each group) are the state file's last
+/// column, [`TTL_TOUCHED_COLUMN`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TtlMeta {
+    /// The view's batch counter (the stamps' clock).
+    pub batch_no: u64,
+    /// Hop views: the `upto` of the last eviction (windows whose panes were
+    /// all last touched at or before it are not shown).
+    pub hop_floor: Option<u64>,
+    /// `(batch number, the view's event-time clock after it)`, oldest
+    /// first: how eviction maps event time to stamps.
+    pub marks: Vec<(u64, i64)>,
+}
+
+/// The state-file column holding a TTL view's per-group stamps.
+pub const TTL_TOUCHED_COLUMN: &str = "__ttl_touched";
 
 /// One stream in a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,6 +158,26 @@ pub fn dedup_batch(hi: Vec<u64>, lo: Vec<u64>, ts: Vec<i64>) -> Result<RecordBat
             Arc::new(UInt64Array::from(lo)),
             Arc::new(Int64Array::from(ts)),
         ],
+    )?)
+}
+
+/// A view's state batch with its TTL stamps appended as
+/// [`TTL_TOUCHED_COLUMN`] (one per group, in group order).
+pub fn with_ttl_column(state: RecordBatch, touched: Vec<u64>) -> Result<RecordBatch> {
+    let mut fields: Vec<Arc<Field>> = state.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new(
+        TTL_TOUCHED_COLUMN,
+        DataType::UInt64,
+        false,
+    )));
+    let mut columns = state.columns().to_vec();
+    columns.push(Arc::new(UInt64Array::from(touched)));
+    let options =
+        datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(state.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &options,
     )?)
 }
 

@@ -506,12 +506,20 @@ impl Engine {
         let mut views = Vec::with_capacity(self.views.len());
         let mut view_meta = Vec::with_capacity(self.views.len());
         for v in self.views.iter_mut() {
-            let state = v.export()?;
+            let mut state = v.export()?;
+            let ttl = match v.ttl_checkpoint() {
+                Some((touched, meta)) => {
+                    state = crate::checkpoint::with_ttl_column(state, touched)?;
+                    Some(meta)
+                }
+                None => None,
+            };
             view_meta.push(ViewMeta {
                 name: v.name.clone(),
                 sql: v.sql.clone(),
                 rows_applied: v.rows_applied,
                 groups: state.num_rows() as u64,
+                ttl,
             });
             views.push((v.name.clone(), state));
         }
@@ -584,6 +592,7 @@ impl Engine {
                 tracing::warn!(view = %m.name, "view SQL differs from the checkpoint's (same state schema): restoring its state");
             }
             v.import(&state, m.rows_applied)?;
+            v.restore_ttl(&state, m.ttl.as_ref())?;
         }
         for v in &self.views {
             if !cp.meta.views.iter().any(|m| m.name == v.name) {

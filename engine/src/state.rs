@@ -332,6 +332,42 @@ impl GroupState {
         Ok(())
     }
 
+    /// The TTL bookkeeping for a checkpoint (`None` without a TTL): per
+    /// group the batch that last touched it, the batch counter and a hop
+    /// view's floor.
+    pub fn ttl_export(&self) -> Option<(&[u64], u64, Option<u64>)> {
+        self.touched
+            .as_deref()
+            .map(|t| (t, self.batch_no, self.hop_floor))
+    }
+
+    /// Restores [`Self::ttl_export`] after [`Self::import`] (one stamp per
+    /// group, in group order). Without a TTL (removed since the
+    /// checkpoint) it is ignored.
+    pub fn ttl_import(
+        &mut self,
+        touched: Vec<u64>,
+        batch_no: u64,
+        hop_floor: Option<u64>,
+    ) -> Result<()> {
+        if self.touched.is_none() {
+            return Ok(());
+        }
+        if touched.len() != self.num_groups() {
+            return datafusion::common::internal_err!(
+                "{} TTL stamps for {} groups",
+                touched.len(),
+                self.num_groups()
+            );
+        }
+        self.touched = Some(touched);
+        self.batch_no = batch_no;
+        if self.hop.is_some() {
+            self.hop_floor = hop_floor;
+        }
+        Ok(())
+    }
+
     /// Starts a new batch: the groups the next merges touch are stamped
     /// with the returned number.
     pub fn next_batch(&mut self) -> u64 {

@@ -574,6 +574,55 @@ impl ContinuousView {
         Ok(())
     }
 
+    /// The `state_ttl` bookkeeping for a checkpoint: the per-group stamps
+    /// (the [`crate::checkpoint::TTL_TOUCHED_COLUMN`] of the state file)
+    /// and the rest. `None` without a TTL.
+    pub fn ttl_checkpoint(&self) -> Option<(Vec<u64>, crate::checkpoint::TtlMeta)> {
+        let ttl = self.ttl.as_ref()?;
+        let (touched, batch_no, hop_floor) = self.state.ttl_export()?;
+        Some((
+            touched.to_vec(),
+            crate::checkpoint::TtlMeta {
+                batch_no,
+                hop_floor,
+                marks: ttl.marks.iter().copied().collect(),
+            },
+        ))
+    }
+
+    /// Restores [`Self::ttl_checkpoint`] after [`Self::import`]: `state`
+    /// is the imported batch (its last column the stamps). Without either
+    /// (no TTL now, or none when the checkpoint was taken) every group
+    /// counts as touched at the restore.
+    pub fn restore_ttl(
+        &mut self,
+        state: &RecordBatch,
+        meta: Option<&crate::checkpoint::TtlMeta>,
+    ) -> Result<()> {
+        use datafusion::arrow::{array::AsArray, datatypes::UInt64Type};
+        let (Some(ttl), Some(meta)) = (&mut self.ttl, meta) else {
+            return Ok(());
+        };
+        let schema = state.schema();
+        let Some(last) = schema.fields().last() else {
+            return Ok(());
+        };
+        if last.name() != crate::checkpoint::TTL_TOUCHED_COLUMN {
+            return Ok(());
+        }
+        let Some(stamps) = state
+            .column(state.num_columns() - 1)
+            .as_primitive_opt::<UInt64Type>()
+        else {
+            return Ok(());
+        };
+        self.state
+            .ttl_import(stamps.values().to_vec(), meta.batch_no, meta.hop_floor)?;
+        ttl.marks = meta.marks.iter().copied().collect();
+        self.version += 1;
+        Ok(())
+    }
+
     /// The last evaluation, current or not.
     pub fn cached(&self) -> Option<Arc<Vec<RecordBatch>>> {
         self.evaluated.as_ref().map(|(_, b)| b.clone())

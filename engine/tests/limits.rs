@@ -208,18 +208,13 @@ fn by_window(
     out
 }
 
-/// A TTL on a hop() window view: a window row leaves once all its panes
-/// are idle for the TTL, a pane stays while a neighbouring window still
-/// needs it, and every row kept is exactly the batch oracle's.
-#[tokio::test]
-async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact() {
-    const TTL_MS: i64 = 10 * 60_000;
-    const BASE: i64 = 1_767_600_000_000;
+/// An engine with [`HOP_WINDOWS`] as `device_windows`, `state_ttl` `ttl_ms`.
+async fn hop_ttl_engine(ttl_ms: i64) -> Engine {
     let mut e = Engine::new(EngineConfig {
         dedup_horizon: std::time::Duration::from_secs(300),
         state_ttl: [(
             "device_windows".to_string(),
-            std::time::Duration::from_millis(TTL_MS as u64).into(),
+            std::time::Duration::from_millis(ttl_ms as u64).into(),
         )]
         .into(),
         ..Default::default()
@@ -230,6 +225,38 @@ async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact(
     ))
     .await
     .unwrap();
+    e
+}
+
+/// `device_windows`' rows and groups (panes held).
+async fn hop_rows(
+    e: &mut Engine,
+) -> (
+    std::collections::BTreeMap<(String, i64), (i64, f64, i64)>,
+    usize,
+) {
+    let rows = by_window(&e.execute_sql("SELECT * FROM device_windows").await.unwrap()[0].batches);
+    let groups = e
+        .views()
+        .into_iter()
+        .find(|v| v.name == "device_windows")
+        .and_then(|v| v.groups)
+        .unwrap();
+    (rows, groups)
+}
+
+/// A TTL on a hop() window view: a window row leaves once all its panes
+/// are idle for the TTL, a pane stays while a neighbouring window still
+/// needs it, and every row kept is exactly the batch oracle's. A
+/// checkpoint restored 50 batches before the end (through its file
+/// encoding) shows the same rows and then evicts the same panes as the
+/// uninterrupted engine.
+#[tokio::test]
+async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact() {
+    const TTL_MS: i64 = 10 * 60_000;
+    const BASE: i64 = 1_767_600_000_000;
+    let mut e = hop_ttl_engine(TTL_MS).await;
+    let mut restored: Option<Engine> = None;
     // 60,000 readings one second apart in batches of 100: five hot
     // devices (every 50 s each), a "pair" device every 100 s that reports
     // once more four minutes later (its two panes share one window), and
@@ -255,14 +282,16 @@ async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact(
                 )
             })
             .collect();
-        let msg =
+        let msg = || {
             storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", chunk + 1)
                 .unwrap()
-                .unwrap();
-        if let storepulse_ingest::SourceMessage::Batch(b) = &msg {
+                .unwrap()
+        };
+        let m = msg();
+        if let storepulse_ingest::SourceMessage::Batch(b) = &m {
             events.push(b.batch.clone());
         }
-        e.apply(msg, 0).await.unwrap();
+        e.apply(m, 0).await.unwrap();
         let groups = e
             .views()
             .into_iter()
@@ -270,6 +299,36 @@ async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact(
             .and_then(|v| v.groups)
             .unwrap();
         most_panes = most_panes.max(groups);
+        if let Some(r) = &mut restored {
+            r.apply(msg(), 0).await.unwrap();
+            assert!(
+                hop_rows(r).await == hop_rows(&mut e).await,
+                "the restored engine differs after batch {chunk}"
+            );
+        } else if chunk == 549 {
+            let files: std::collections::HashMap<String, bytes::Bytes> = e
+                .checkpoint()
+                .unwrap()
+                .encode()
+                .unwrap()
+                .into_iter()
+                .map(|(name, b)| (name, bytes::Bytes::from(b)))
+                .collect();
+            let cp = storepulse_engine::EngineCheckpoint::decode(&files).unwrap();
+            let mut r = hop_ttl_engine(TTL_MS).await;
+            r.restore(cp, 0).unwrap();
+            let (want, got) = (hop_rows(&mut e).await, hop_rows(&mut r).await);
+            assert_eq!(got.1, want.1, "panes restored");
+            let extra: Vec<_> = got.0.keys().filter(|k| !want.0.contains_key(*k)).collect();
+            assert!(
+                extra.is_empty(),
+                "windows shown after the restore only ({} of them): {:?}",
+                extra.len(),
+                &extra[..extra.len().min(5)]
+            );
+            assert!(got.0 == want.0, "the restored rows are the engine's");
+            restored = Some(r);
+        }
     }
     // ~600 s of one-off devices (one pane each) live at a time, plus the
     // hot devices' panes, a batch (100 s) and the step.
