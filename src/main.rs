@@ -684,12 +684,11 @@ async fn serve(
     pipeline_result.unwrap_or(Ok(()))
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and
-/// Kubernetes send): the start of a graceful shutdown.
-/// The SIGINT / SIGTERM listeners, registered when created: a signal that
-/// arrives while nothing awaits it (say during the final alert evaluation
-/// of a bounded run) is kept for the next [`StopSignals::recv`] instead of
-/// being lost.
+/// Ctrl-C (SIGINT) and SIGTERM (what `docker stop` and Kubernetes send)
+/// start a graceful shutdown. The listeners are registered when created: a
+/// signal that arrives while nothing awaits it (say during the final alert
+/// evaluation of a bounded run) is kept for the next [`StopSignals::recv`]
+/// instead of being lost.
 struct StopSignals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
