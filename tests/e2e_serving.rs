@@ -524,6 +524,40 @@ async fn pgwire(http: &Http, addr: &str, cities: &[String]) {
         .unwrap();
     assert_eq!(got, want);
 
+    // A cursor over the extended protocol (how psycopg's named cursors and
+    // drivers with a fetch size read): DECLARE, then FETCH in pieces.
+    let mut pg = pg;
+    {
+        let tx = pg.transaction().await.unwrap();
+        tx.execute(
+            "DECLARE risk CURSOR FOR SELECT store_id, sku FROM stockout_risk ORDER BY store_id, sku",
+            &[],
+        )
+        .await
+        .unwrap();
+        let mut keys = Vec::new();
+        loop {
+            let rows = tx.query("FETCH 50 FROM risk", &[]).await.unwrap();
+            keys.extend(
+                rows.iter()
+                    .map(|r| format!("{}|{}", r.get::<_, &str>(0), r.get::<_, &str>(1))),
+            );
+            if rows.len() < 50 {
+                break;
+            }
+        }
+        tx.execute("CLOSE risk", &[]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(keys.len() as i64, want, "every row through the cursor");
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "in the cursor's order"
+        );
+    }
+    let pg = pg;
+    let e = pg.simple_query("FETCH 1 FROM risk").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some(SqlState::INVALID_CURSOR_NAME), "{e}");
+
     // Extended protocol, prepared statement with parameters, binary rows.
     let sample = http.rows(
         "SELECT store_id, sku, on_hand, p_stockout, suggested_order_qty FROM stockout_risk ORDER BY p_stockout DESC, store_id, sku LIMIT 5",
@@ -757,6 +791,61 @@ fn psql(http: &Http, addr: &str) {
         .as_i64()
         .unwrap();
     assert_eq!(lines as i64, want);
+    // psql's FETCH_COUNT reads through a cursor (BEGIN; DECLARE ... NO
+    // SCROLL CURSOR FOR ...; FETCH FORWARD 7 ... until short; CLOSE;
+    // COMMIT): the same rows as without it.
+    let hourly = "SELECT store_id, window_start, receipts, revenue FROM sales_by_store_hourly \
+                  ORDER BY store_id, window_start";
+    let plain = run(&["-c", hourly], PASSWORD);
+    let fetched = run(&["-v", "FETCH_COUNT=7", "-c", hourly], PASSWORD);
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    let rows = String::from_utf8_lossy(&plain.stdout).lines().count();
+    assert!(rows > 7 * 3, "several FETCHes: {rows} rows");
+    assert_eq!(
+        String::from_utf8_lossy(&fetched.stdout),
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    // Explicit FETCH counts and CLOSE; a SCROLL cursor is refused clearly.
+    let out = run(
+        &[
+            "-c",
+            "BEGIN",
+            "-c",
+            &format!("DECLARE c NO SCROLL CURSOR FOR {hourly}"),
+            "-c",
+            "FETCH 2 FROM c",
+            "-c",
+            "FETCH FORWARD 3 FROM c",
+            "-c",
+            "CLOSE c",
+            "-c",
+            "COMMIT",
+        ],
+        PASSWORD,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (plain, out_text) = (
+        String::from_utf8_lossy(&plain.stdout).to_string(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    );
+    let first5: Vec<&str> = plain.lines().take(5).collect();
+    let got: Vec<&str> = out_text.lines().filter(|l| l.contains('|')).collect();
+    assert_eq!(got, first5, "FETCH 2 then 3: the first five rows");
+    let out = run(&["-c", "DECLARE s SCROLL CURSOR FOR SELECT 1"], PASSWORD);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SCROLL cursor is not supported"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["-c", "DROP VIEW stockout_risk"], PASSWORD);
     assert!(!out.status.success());
     assert!(

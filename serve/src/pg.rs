@@ -12,15 +12,35 @@
 //! statements with parameters; text and binary results) both end in the
 //! hook; for the extended one the portal's result format is carried to the
 //! hook in a task-local, because `QueryHook` does not receive the portal.
+//!
+//! Cursors (`DECLARE ... CURSOR FOR`, `FETCH`, `CLOSE`; what psql's
+//! `FETCH_COUNT`, psycopg's named cursors and drivers with a fetch size
+//! use), over both protocols: [`ServeHook`] runs the cursor's query at
+//! `DECLARE` like any other query (one snapshot, read-only, within the
+//! limits: the row limit bounds what a cursor holds) and keeps its Arrow
+//! rows per connection ([`Cursors`]); `FETCH` encodes the next rows in the
+//! result format asked for (an extended-protocol `FETCH` is described with
+//! the cursor's columns). Forward only; a connection's cursors go when it
+//! closes, at `CLOSE`, and after [`CURSOR_IDLE`] unused.
 
-use std::{fmt::Debug, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt::Debug,
+    net::SocketAddr,
+    sync::Arc,
+    time::Instant,
+};
 
 use async_trait::async_trait;
 use datafusion::{
-    common::ParamValues,
-    logical_expr::LogicalPlan,
+    arrow::{array::RecordBatch, datatypes::SchemaRef},
+    common::{DFSchema, ParamValues},
+    logical_expr::{EmptyRelation, LogicalPlan},
     prelude::SessionContext,
-    sql::{parser::Statement as DFStatement, sqlparser::ast::Statement},
+    sql::{
+        parser::Statement as DFStatement,
+        sqlparser::ast::{CloseCursor, Declare, DeclareType, FetchDirection, Statement, Value},
+    },
 };
 use datafusion_postgres::{
     arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch},
@@ -81,6 +101,138 @@ fn pg_error(e: &EngineError) -> PgWireError {
 struct ServeHook {
     engine: EngineHandle,
     limits: QueryLimits,
+    cursors: Arc<Cursors>,
+}
+
+/// Open cursors at most per connection.
+const CURSORS_PER_CONNECTION: usize = 16;
+/// A cursor unused this long is dropped (a client that neither closes it
+/// nor disconnects).
+const CURSOR_IDLE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// The open cursors of every connection, by (peer address, name).
+#[derive(Default)]
+struct Cursors(std::sync::Mutex<HashMap<(SocketAddr, String), Cursor>>);
+
+/// A declared cursor: its columns and the rows not fetched yet.
+struct Cursor {
+    schema: SchemaRef,
+    rows: VecDeque<RecordBatch>,
+    last_used: Instant,
+}
+
+impl Cursors {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, String), Cursor>> {
+        self.0.lock().expect("cursors lock")
+    }
+
+    /// Adds (or replaces) `name` of `peer`; drops idle cursors first.
+    fn declare(&self, peer: SocketAddr, name: &str, cursor: Cursor) -> PgWireResult<()> {
+        let mut all = self.lock();
+        all.retain(|_, c| c.last_used.elapsed() < CURSOR_IDLE);
+        let key = (peer, name.to_string());
+        if !all.contains_key(&key)
+            && all.keys().filter(|(p, _)| *p == peer).count() >= CURSORS_PER_CONNECTION
+        {
+            return Err(sql_error(
+                "54000",
+                format!("too many open cursors on this connection (at most {CURSORS_PER_CONNECTION}): CLOSE some"),
+            ));
+        }
+        all.insert(key, cursor);
+        metrics::gauge!("storepulse_pg_cursors").set(all.len() as f64);
+        Ok(())
+    }
+
+    /// The columns of `name` of `peer`.
+    fn schema(&self, peer: SocketAddr, name: &str) -> PgWireResult<SchemaRef> {
+        self.lock()
+            .get(&(peer, name.to_string()))
+            .map(|c| c.schema.clone())
+            .ok_or_else(|| no_cursor(name))
+    }
+
+    /// Takes up to `count` (all if `None`) of the next rows of `name`.
+    fn fetch(
+        &self,
+        peer: SocketAddr,
+        name: &str,
+        count: Option<usize>,
+    ) -> PgWireResult<(SchemaRef, Vec<RecordBatch>)> {
+        let mut all = self.lock();
+        let c = all
+            .get_mut(&(peer, name.to_string()))
+            .ok_or_else(|| no_cursor(name))?;
+        c.last_used = Instant::now();
+        let mut left = count.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        while left > 0 {
+            let Some(b) = c.rows.pop_front() else { break };
+            if b.num_rows() > left {
+                out.push(b.slice(0, left));
+                c.rows.push_front(b.slice(left, b.num_rows() - left));
+                break;
+            }
+            left -= b.num_rows();
+            out.push(b);
+        }
+        Ok((c.schema.clone(), out))
+    }
+
+    /// `CLOSE name` (`None`: `CLOSE ALL`) of `peer`.
+    fn close(&self, peer: SocketAddr, name: Option<&str>) -> PgWireResult<()> {
+        let mut all = self.lock();
+        match name {
+            Some(n) => {
+                all.remove(&(peer, n.to_string()))
+                    .ok_or_else(|| no_cursor(n))?;
+            }
+            None => all.retain(|(p, _), _| *p != peer),
+        }
+        metrics::gauge!("storepulse_pg_cursors").set(all.len() as f64);
+        Ok(())
+    }
+
+    /// Drops the cursors of a connection that ended.
+    fn close_connection(&self, peer: SocketAddr) {
+        let _ = self.close(peer, None);
+    }
+}
+
+/// An error with SQLSTATE `code`.
+fn sql_error(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        code.into(),
+        message,
+    )))
+}
+
+/// 34000 invalid_cursor_name, as Postgres answers.
+fn no_cursor(name: &str) -> PgWireError {
+    sql_error("34000", format!("cursor \"{name}\" does not exist"))
+}
+
+/// The rows a `FETCH` asks for (`None`: all); backward and absolute
+/// positions are refused (cursors scan forward only).
+fn fetch_count(direction: &FetchDirection) -> PgWireResult<Option<usize>> {
+    let number = |v: &Value| match v {
+        Value::Number(n, _) => n
+            .parse::<usize>()
+            .map_err(|_| sql_error("22023", format!("FETCH count {n} is not a row count"))),
+        other => Err(sql_error(
+            "22023",
+            format!("FETCH count {other} is not a row count"),
+        )),
+    };
+    match direction {
+        FetchDirection::Next | FetchDirection::Forward { limit: None } => Ok(Some(1)),
+        FetchDirection::Count { limit } | FetchDirection::Forward { limit: Some(limit) } => {
+            number(limit).map(Some)
+        }
+        FetchDirection::All | FetchDirection::ForwardAll => Ok(None),
+        other => Err(not_supported(&format!("FETCH {other}"))),
+    }
 }
 
 /// Session statements answered with their tag and no effect (clients send
@@ -98,6 +250,9 @@ fn session_noop(stmt: &Statement) -> Option<&'static str> {
 /// statement's kind in the message; reads still pass
 /// [`storepulse_engine::verify_read_only`].
 fn refused(stmt: &Statement) -> Option<EngineError> {
+    if is_cursor_statement(stmt) {
+        return None;
+    }
     write_kind(stmt).map(|kind| {
         EngineError::ReadOnly(format!(
             "{kind} is not allowed: storepulse serves read-only SQL over the Postgres protocol (views are defined in the server's SQL files)"
@@ -105,7 +260,109 @@ fn refused(stmt: &Statement) -> Option<EngineError> {
     })
 }
 
+/// `DECLARE`, `FETCH` or `CLOSE` (cursor statements; see the module docs).
+fn is_cursor_statement(stmt: &Statement) -> bool {
+    matches!(
+        stmt,
+        Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. }
+    )
+}
+
+/// A cursor feature storepulse does not have (SQLSTATE 0A000).
+fn not_supported(what: &str) -> PgWireError {
+    sql_error(
+        "0A000",
+        format!("{what} is not supported: storepulse's cursors are read-only, forward-only (DECLARE name [NO SCROLL] CURSOR [WITH[OUT] HOLD] FOR query; FETCH [FORWARD] [n | ALL])"),
+    )
+}
+
 impl ServeHook {
+    /// `DECLARE name CURSOR FOR query`: runs the query now, like any other
+    /// (one snapshot, read-only, within the limits: the row limit bounds
+    /// what a cursor holds), and parks the rows in the connection's portal
+    /// store for `FETCH`.
+    async fn declare(
+        &self,
+        stmts: &[Declare],
+        ctx: &SessionContext,
+        client: &dyn HookClient,
+    ) -> PgWireResult<Response> {
+        for d in stmts {
+            if d.declare_type != Some(DeclareType::Cursor) {
+                return Err(not_supported("DECLARE without CURSOR"));
+            }
+            if d.binary == Some(true) {
+                return Err(not_supported("a BINARY cursor"));
+            }
+            if d.scroll == Some(true) {
+                return Err(not_supported("a SCROLL cursor"));
+            }
+            let (Some(name), Some(query)) = (d.names.first(), &d.for_query) else {
+                return Err(not_supported("DECLARE without a name or a FOR query"));
+            };
+            let stmt = Statement::Query(query.clone());
+            let plan = self.plan(&stmt, ctx).await?;
+            let out = self.execute(plan, client).await?;
+            self.cursors.declare(
+                client.socket_addr(),
+                &name.value,
+                Cursor {
+                    schema: out.schema,
+                    rows: out.batches.into(),
+                    last_used: Instant::now(),
+                },
+            )?;
+        }
+        Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
+    }
+
+    /// `FETCH`: the next rows of a cursor, encoded in `format`.
+    fn fetch(
+        &self,
+        name: &str,
+        direction: &FetchDirection,
+        format: &Format,
+        client: &dyn HookClient,
+    ) -> PgWireResult<Response> {
+        let count = fetch_count(direction)?;
+        let (schema, batches) = self.cursors.fetch(client.socket_addr(), name, count)?;
+        let rows = batches.iter().map(|b| b.num_rows()).sum::<usize>();
+        let mut response = encode(schema, batches, format, client)?;
+        response.set_command_tag(&format!("FETCH {rows}"));
+        Ok(Response::Query(response))
+    }
+
+    /// Cursor statements, over either protocol (`format`: the result
+    /// format asked for); `None` for any other statement.
+    async fn cursor_statement(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        format: &Format,
+        client: &dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        Some(match statement {
+            Statement::Declare { stmts } => self.declare(stmts, ctx, client).await,
+            Statement::Fetch {
+                name,
+                direction,
+                into: None,
+                ..
+            } => self.fetch(&name.value, direction, format, client),
+            Statement::Fetch { .. } => Err(not_supported("FETCH ... INTO")),
+            Statement::Close { cursor } => {
+                let name = match cursor {
+                    CloseCursor::All => None,
+                    CloseCursor::Specific { name } => Some(name.value.as_str()),
+                };
+                self.cursors
+                    .close(client.socket_addr(), name)
+                    .map(|()| Response::Execution(Tag::new("CLOSE CURSOR")))
+            }
+            _ => return None,
+        })
+    }
+
     async fn plan(&self, stmt: &Statement, ctx: &SessionContext) -> PgWireResult<LogicalPlan> {
         ctx.state()
             .statement_to_plan(DFStatement::Statement(Box::new(stmt.clone())))
@@ -123,10 +380,24 @@ impl ServeHook {
         format: &Format,
         client: &(dyn ClientInfo + Send + Sync),
     ) -> PgWireResult<Response> {
+        let out = self.execute(plan, client).await?;
+        Ok(Response::Query(encode(
+            out.schema,
+            out.batches,
+            format,
+            client,
+        )?))
+    }
+
+    /// Runs a read within the limits (`SET statement_timeout` may lower
+    /// the server's timeout, never raise it).
+    async fn execute(
+        &self,
+        plan: LogicalPlan,
+        client: &(dyn ClientInfo + Send + Sync),
+    ) -> PgWireResult<storepulse_engine::QueryOutput> {
         let started = Instant::now();
         let mut limits = self.limits;
-        // `SET statement_timeout` (kept by the set/show hook) may lower the
-        // server's timeout, never raise it.
         if let Some(ms) = client
             .metadata()
             .get("statement_timeout_ms")
@@ -137,24 +408,29 @@ impl ServeHook {
         }
         let out = self.engine.run_read_only(plan, &limits).await;
         record(out.as_ref().map(|_| ()), started);
-        let out = out.map_err(|e| {
+        out.map_err(|e| {
             tracing::info!(error = %e, "pgwire query failed");
             pg_error(&e)
-        })?;
-        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-        let fields = Arc::new(arrow_schema_to_pg_fields(
-            &out.schema,
-            format,
-            Some(options),
-        )?);
-        let f = fields.clone();
-        let rows = futures::stream::iter(
-            out.batches
-                .into_iter()
-                .flat_map(move |b| encode_recordbatch(f.clone(), b)),
-        );
-        Ok(Response::Query(QueryResponse::new(fields, rows)))
+        })
     }
+}
+
+/// Rows as a query response in `format`.
+fn encode(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    format: &Format,
+    client: &(dyn ClientInfo + Send + Sync),
+) -> PgWireResult<QueryResponse> {
+    let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+    let fields = Arc::new(arrow_schema_to_pg_fields(&schema, format, Some(options))?);
+    let f = fields.clone();
+    let rows = futures::stream::iter(
+        batches
+            .into_iter()
+            .flat_map(move |b| encode_recordbatch(f.clone(), b)),
+    );
+    Ok(QueryResponse::new(fields, rows))
 }
 
 fn record(result: Result<(), &EngineError>, started: Instant) {
@@ -177,6 +453,12 @@ impl QueryHook for ServeHook {
         if let Some(tag) = session_noop(statement) {
             return Some(Ok(Response::Execution(Tag::new(tag))));
         }
+        if let Some(r) = self
+            .cursor_statement(statement, ctx, &Format::UnifiedText, &*client)
+            .await
+        {
+            return Some(r);
+        }
         if let Some(e) = refused(statement) {
             record(Err(&e), Instant::now());
             return Some(Err(pg_error(&e)));
@@ -192,10 +474,33 @@ impl QueryHook for ServeHook {
         &self,
         statement: &Statement,
         _ctx: &SessionContext,
-        _client: &(dyn ClientInfo + Send + Sync),
+        client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
         if session_noop(statement).is_some() {
             return None;
+        }
+        // Cursor statements are run at Execute; a FETCH is described with
+        // its cursor's columns, the others return no rows.
+        if is_cursor_statement(statement) {
+            let schema = match statement {
+                Statement::Fetch { name, .. } => {
+                    match self.cursors.schema(client.socket_addr(), &name.value) {
+                        Ok(s) => s,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                _ => Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+            };
+            return Some(
+                DFSchema::try_from(schema)
+                    .map(|schema| {
+                        LogicalPlan::EmptyRelation(EmptyRelation {
+                            produce_one_row: false,
+                            schema: Arc::new(schema),
+                        })
+                    })
+                    .map_err(|e| pg_error(&EngineError::from(e))),
+            );
         }
         // Writes fail at Parse (as Postgres does for a read-only
         // transaction); reads get the default planning, with parameter
@@ -211,11 +516,20 @@ impl QueryHook for ServeHook {
         statement: &Statement,
         plan: &LogicalPlan,
         params: &ParamValues,
-        _ctx: &SessionContext,
+        ctx: &SessionContext,
         client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
         if let Some(tag) = session_noop(statement) {
             return Some(Ok(Response::Execution(Tag::new(tag))));
+        }
+        let format = RESULT_FORMAT
+            .try_with(|f| f.clone())
+            .unwrap_or(Format::UnifiedText);
+        if let Some(r) = self
+            .cursor_statement(statement, ctx, &format, &*client)
+            .await
+        {
+            return Some(r);
         }
         if let Some(e) = refused(statement) {
             return Some(Err(pg_error(&e)));
@@ -388,6 +702,7 @@ impl PgWireServerHandlers for Handlers {
 pub struct PgServer {
     listener: TcpListener,
     handlers: Arc<Handlers>,
+    cursors: Arc<Cursors>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     max_connections: usize,
 }
@@ -414,6 +729,7 @@ impl PgServer {
                 "pg.tls = true needs [tls] cert and key".into(),
             ));
         }
+        let cursors = Arc::new(Cursors::default());
         let ctx = Arc::new(engine.serving_context().clone());
         if ctx
             .catalog("datafusion")
@@ -426,7 +742,11 @@ impl PgServer {
         let hooks: Vec<Arc<dyn QueryHook>> = vec![
             Arc::new(SetShowHook),
             Arc::new(TransactionStatementHook),
-            Arc::new(ServeHook { engine, limits }),
+            Arc::new(ServeHook {
+                engine,
+                limits,
+                cursors: cursors.clone(),
+            }),
         ];
         let service = Arc::new(DfSessionService::new_with_hooks(ctx, hooks));
         let connections = Arc::new(ConnectionManager::new());
@@ -452,6 +772,7 @@ impl PgServer {
         Ok(PgServer {
             listener,
             handlers,
+            cursors,
             tls: if cfg.tls {
                 tls.map(tokio_rustls::TlsAcceptor::from)
             } else {
@@ -490,6 +811,7 @@ impl PgServer {
             };
             let handlers = self.handlers.clone();
             let tls = self.tls.clone();
+            let cursors = self.cursors.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 metrics::gauge!("storepulse_pg_connections").increment(1.0);
@@ -498,6 +820,7 @@ impl PgServer {
                 {
                     tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
                 }
+                cursors.close_connection(peer);
                 metrics::gauge!("storepulse_pg_connections").decrement(1.0);
             });
         }
