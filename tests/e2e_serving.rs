@@ -557,6 +557,30 @@ async fn pgwire(http: &Http, addr: &str, cities: &[String]) {
     let pg = pg;
     let e = pg.simple_query("FETCH 1 FROM risk").await.unwrap_err();
     assert_eq!(sqlstate(&e), Some(SqlState::INVALID_CURSOR_NAME), "{e}");
+    // A cursor's rows are held in the serving memory pool (memory_limit
+    // 256 MiB here): cursors of ~90 MB each stop fitting with 53200, and
+    // closing one makes room again.
+    let big = "SELECT repeat('x', 30000) AS s FROM range(3000)";
+    let mut open = 0;
+    let full = loop {
+        match pg
+            .simple_query(&format!("DECLARE m{open} CURSOR FOR {big}"))
+            .await
+        {
+            Ok(_) => open += 1,
+            Err(e) => break e,
+        }
+        assert!(open < 6, "{open} cursors of ~90 MB within 256 MiB");
+    };
+    assert!(open >= 1, "one cursor fits: {full}");
+    assert_eq!(sqlstate(&full), Some(SqlState::OUT_OF_MEMORY), "{full}");
+    pg.simple_query("CLOSE m0").await.unwrap();
+    pg.simple_query(&format!("DECLARE again CURSOR FOR {big}"))
+        .await
+        .expect("room after CLOSE");
+    let rows = pg.simple_query("FETCH ALL FROM again").await.unwrap();
+    assert_eq!(row_count(&rows), 3000);
+    pg.simple_query("CLOSE ALL").await.unwrap();
 
     // Extended protocol, prepared statement with parameters, binary rows.
     let sample = http.rows(

@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use datafusion::{
     arrow::{array::RecordBatch, datatypes::SchemaRef},
     common::{DFSchema, ParamValues},
+    execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation},
     logical_expr::{EmptyRelation, LogicalPlan},
     prelude::SessionContext,
     sql::{
@@ -117,8 +118,42 @@ struct Cursors(std::sync::Mutex<HashMap<(SocketAddr, String), Cursor>>);
 /// A declared cursor: its columns and the rows not fetched yet.
 struct Cursor {
     schema: SchemaRef,
-    rows: VecDeque<RecordBatch>,
+    /// Rows not fetched yet, each batch with the bytes reserved for it.
+    rows: VecDeque<(RecordBatch, usize)>,
+    /// The rows' memory, reserved in the serving memory pool (`[serving]
+    /// memory_limit`, shared with the queries): released as batches are
+    /// fetched and when the cursor goes.
+    memory: MemoryReservation,
     last_used: Instant,
+}
+
+impl Cursor {
+    /// A cursor over `batches`, reserving their memory in `pool`; 53200
+    /// if the pool cannot hold them.
+    fn new(
+        name: &str,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        pool: &Arc<dyn MemoryPool>,
+    ) -> PgWireResult<Cursor> {
+        let rows: VecDeque<(RecordBatch, usize)> = batches
+            .into_iter()
+            .map(|b| {
+                let bytes = b.get_array_memory_size();
+                (b, bytes)
+            })
+            .collect();
+        let memory = MemoryConsumer::new(format!("pgwire cursor {name}")).register(pool);
+        memory
+            .try_grow(rows.iter().map(|(_, n)| n).sum())
+            .map_err(|e| pg_error(&EngineError::from(e)))?;
+        Ok(Cursor {
+            schema,
+            rows,
+            memory,
+            last_used: Instant::now(),
+        })
+    }
 }
 
 impl Cursors {
@@ -167,13 +202,18 @@ impl Cursors {
         let mut left = count.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         while left > 0 {
-            let Some(b) = c.rows.pop_front() else { break };
+            let Some((b, bytes)) = c.rows.pop_front() else {
+                break;
+            };
             if b.num_rows() > left {
+                // The rest keeps the whole batch's buffers (and bytes).
                 out.push(b.slice(0, left));
-                c.rows.push_front(b.slice(left, b.num_rows() - left));
+                c.rows
+                    .push_front((b.slice(left, b.num_rows() - left), bytes));
                 break;
             }
             left -= b.num_rows();
+            c.memory.shrink(bytes.min(c.memory.size()));
             out.push(b);
         }
         Ok((c.schema.clone(), out))
@@ -303,15 +343,10 @@ impl ServeHook {
             let stmt = Statement::Query(query.clone());
             let plan = self.plan(&stmt, ctx).await?;
             let out = self.execute(plan, client).await?;
-            self.cursors.declare(
-                client.socket_addr(),
-                &name.value,
-                Cursor {
-                    schema: out.schema,
-                    rows: out.batches.into(),
-                    last_used: Instant::now(),
-                },
-            )?;
+            let pool = ctx.runtime_env().memory_pool.clone();
+            let cursor = Cursor::new(&name.value, out.schema, out.batches, &pool)?;
+            self.cursors
+                .declare(client.socket_addr(), &name.value, cursor)?;
         }
         Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
     }
