@@ -631,11 +631,11 @@ async fn serve(
         }
     }
     if let (Some(m), Some(Ok(()))) = (&alerts, &pipeline_result) {
-        // Bounded run finished: deliver what is in the outbox before
-        // stopping (the outbox keeps anything undelivered for the next
-        // start).
+        // Bounded run finished (and its rules evaluated the final views
+        // then): deliver what is in the outbox before stopping (the outbox
+        // keeps anything undelivered for the next start).
         let timeout = cfg.alerts.retry_max_delay.max(Duration::from_secs(10));
-        if !m.drain(timeout).await {
+        if !m.wait_delivered(timeout).await {
             tracing::warn!(
                 pending = m.outbox().pending().unwrap_or(0),
                 "alerts not all delivered before exit; kept in the outbox"

@@ -465,6 +465,13 @@ impl AlertManager {
     /// must be running. True if the outbox is empty.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.evaluate_all().await;
+        self.wait_delivered(timeout).await
+    }
+
+    /// Waits (at most `timeout`) until the sinks delivered everything in
+    /// the outbox; [`AlertManager::run`] must be running. True if the
+    /// outbox is empty.
+    pub async fn wait_delivered(&self, timeout: Duration) -> bool {
         let mut acked = self.acked.subscribe();
         let wait = async {
             while self.outbox.pending().is_ok_and(|p| p > 0) {
