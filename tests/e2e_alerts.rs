@@ -220,7 +220,6 @@ fn a_finished_bounded_run_shows_the_alerts_of_its_final_views() {
     gen(&data);
     let jsonl = dir.path().join("alerts.jsonl");
     let config = dir.path().join("storepulse.toml");
-    let d = data.display();
     std::fs::write(
         &config,
         format!(
@@ -229,18 +228,7 @@ data_dir = "{state}"
 until_eof = true
 [http]
 listen = "127.0.0.1:0"
-[[dimensions]]
-name = "stores"
-path = "{d}/stores.csv"
-[[dimensions]]
-name = "products"
-path = "{d}/products.csv"
-[[dimensions]]
-name = "replenishment_policy"
-path = "{d}/replenishment_policy.csv"
-[[sources]]
-type = "dataset"
-dir = "{d}"
+{dataset}
 [engine]
 refresh = {{ stockout_risk = "1h" }}
 [retail]
@@ -254,6 +242,7 @@ path = "{file}"
 "#,
             state = dir.path().join("state").display(),
             file = jsonl.display(),
+            dataset = storepulse_testkit::process::dataset_toml(&data),
         ),
     )
     .unwrap();

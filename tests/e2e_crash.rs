@@ -36,7 +36,6 @@ async fn hook(State(got): State<Received>, body: Bytes) -> StatusCode {
 
 fn config(dir: &Path, data: &Path, state: &str, url: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{state}.toml"));
-    let d = data.display();
     std::fs::write(
         &path,
         format!(
@@ -50,18 +49,7 @@ batch_size = 50
 [checkpoint]
 interval = "200ms"
 keep = 2
-[[dimensions]]
-name = "stores"
-path = "{d}/stores.csv"
-[[dimensions]]
-name = "products"
-path = "{d}/products.csv"
-[[dimensions]]
-name = "replenishment_policy"
-path = "{d}/replenishment_policy.csv"
-[[sources]]
-type = "dataset"
-dir = "{d}"
+{dataset}
 [retail]
 low_stock_for = "0s"
 [alerts]
@@ -72,6 +60,7 @@ type = "webhook"
 url = "{url}"
 "#,
             state_dir = dir.join(state).display(),
+            dataset = storepulse_testkit::process::dataset_toml(data),
         ),
     )
     .unwrap();

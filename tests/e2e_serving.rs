@@ -779,38 +779,32 @@ fn psql(http: &Http, addr: &str) {
             .output()
             .expect("psql (Debian postgresql-client, installed by .ci/run)")
     };
-    let out = run(
-        &["-c", "SELECT count(*) FROM transfer_suggestions"],
-        PASSWORD,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Succeeds: its stdout.
+    let ok = |args: &[&str]| {
+        let out = run(args, PASSWORD);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // Fails: its stderr.
+    let fails = |args: &[&str], password: &str| {
+        let out = run(args, password);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let out = ok(&["-c", "SELECT count(*) FROM transfer_suggestions"]);
     let want = http.rows("SELECT count(*) AS n FROM transfer_suggestions")[0]["n"]
         .as_i64()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        want.to_string()
-    );
-    let out = run(
-        &[
-            "-c",
-            "SELECT segment, count(*) FROM member_rfm GROUP BY segment ORDER BY segment",
-        ],
-        PASSWORD,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains('|'))
-        .count();
+    assert_eq!(out.trim(), want.to_string());
+    let out = ok(&[
+        "-c",
+        "SELECT segment, count(*) FROM member_rfm GROUP BY segment ORDER BY segment",
+    ]);
+    let lines = out.lines().filter(|l| l.contains('|')).count();
     let want = http.rows("SELECT count(DISTINCT segment) AS n FROM member_rfm")[0]["n"]
         .as_i64()
         .unwrap();
@@ -820,66 +814,34 @@ fn psql(http: &Http, addr: &str) {
     // COMMIT): the same rows as without it.
     let hourly = "SELECT store_id, window_start, receipts, revenue FROM sales_by_store_hourly \
                   ORDER BY store_id, window_start";
-    let plain = run(&["-c", hourly], PASSWORD);
-    let fetched = run(&["-v", "FETCH_COUNT=7", "-c", hourly], PASSWORD);
-    assert!(
-        fetched.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
-    let rows = String::from_utf8_lossy(&plain.stdout).lines().count();
+    let plain = ok(&["-c", hourly]);
+    let fetched = ok(&["-v", "FETCH_COUNT=7", "-c", hourly]);
+    let rows = plain.lines().count();
     assert!(rows > 7 * 3, "several FETCHes: {rows} rows");
-    assert_eq!(
-        String::from_utf8_lossy(&fetched.stdout),
-        String::from_utf8_lossy(&plain.stdout)
-    );
+    assert_eq!(fetched, plain);
     // Explicit FETCH counts and CLOSE; a SCROLL cursor is refused clearly.
-    let out = run(
-        &[
-            "-c",
-            "BEGIN",
-            "-c",
-            &format!("DECLARE c NO SCROLL CURSOR FOR {hourly}"),
-            "-c",
-            "FETCH 2 FROM c",
-            "-c",
-            "FETCH FORWARD 3 FROM c",
-            "-c",
-            "CLOSE c",
-            "-c",
-            "COMMIT",
-        ],
-        PASSWORD,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (plain, out_text) = (
-        String::from_utf8_lossy(&plain.stdout).to_string(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    );
+    let out = ok(&[
+        "-c",
+        "BEGIN",
+        "-c",
+        &format!("DECLARE c NO SCROLL CURSOR FOR {hourly}"),
+        "-c",
+        "FETCH 2 FROM c",
+        "-c",
+        "FETCH FORWARD 3 FROM c",
+        "-c",
+        "CLOSE c",
+        "-c",
+        "COMMIT",
+    ]);
     let first5: Vec<&str> = plain.lines().take(5).collect();
-    let got: Vec<&str> = out_text.lines().filter(|l| l.contains('|')).collect();
+    let got: Vec<&str> = out.lines().filter(|l| l.contains('|')).collect();
     assert_eq!(got, first5, "FETCH 2 then 3: the first five rows");
-    let out = run(&["-c", "DECLARE s SCROLL CURSOR FOR SELECT 1"], PASSWORD);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("SCROLL cursor is not supported"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(&["-c", "DROP VIEW stockout_risk"], PASSWORD);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(&["-c", "SELECT 1"], "wrong");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    let err = fails(&["-c", "DECLARE s SCROLL CURSOR FOR SELECT 1"], PASSWORD);
+    assert!(err.contains("SCROLL cursor is not supported"), "{err}");
+    let err = fails(&["-c", "DROP VIEW stockout_risk"], PASSWORD);
+    assert!(err.contains("permission denied"), "{err}");
+    let err = fails(&["-c", "SELECT 1"], "wrong").to_lowercase();
     assert!(err.contains("password authentication failed"), "{err}");
 }
 

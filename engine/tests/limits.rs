@@ -1,6 +1,8 @@
 //! A key explosion stops at `[engine] max_state_bytes` with an error that
 //! names the view, instead of growing until the process is OOM-killed.
 
+mod common;
+
 use storepulse_engine::{Engine, EngineConfig, EngineError};
 use storepulse_ingest::StreamKind;
 
@@ -306,15 +308,7 @@ async fn a_state_ttl_on_a_hop_view_drops_idle_windows_and_keeps_live_ones_exact(
                 "the restored engine differs after batch {chunk}"
             );
         } else if chunk == 549 {
-            let files: std::collections::HashMap<String, bytes::Bytes> = e
-                .checkpoint()
-                .unwrap()
-                .encode()
-                .unwrap()
-                .into_iter()
-                .map(|(name, b)| (name, bytes::Bytes::from(b)))
-                .collect();
-            let cp = storepulse_engine::EngineCheckpoint::decode(&files).unwrap();
+            let cp = common::checkpoint_round_trip(&mut e);
             let mut r = hop_ttl_engine(TTL_MS).await;
             r.restore(cp, 0).unwrap();
             let (want, got) = (hop_rows(&mut e).await, hop_rows(&mut r).await);

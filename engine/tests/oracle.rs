@@ -6,6 +6,8 @@
 //! too: the same script run by DataFusion over all events, with the same
 //! dimension tables and `as_of`.
 
+mod common;
+
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use datafusion::{
@@ -152,15 +154,7 @@ async fn crash_and_restore(
     dims: &[(String, SchemaRef, Vec<RecordBatch>)],
     sql: &str,
 ) {
-    let files: std::collections::HashMap<String, bytes::Bytes> = engine
-        .checkpoint()
-        .unwrap()
-        .encode()
-        .unwrap()
-        .into_iter()
-        .map(|(name, b)| (name, bytes::Bytes::from(b)))
-        .collect();
-    let cp = storepulse_engine::EngineCheckpoint::decode(&files).unwrap();
+    let cp = common::checkpoint_round_trip(engine);
     let before: Vec<_> = engine.streams().iter().map(|s| s.accepted_events).collect();
     *engine = new_engine(s, dims, sql).await;
     engine.restore(cp, 0).unwrap();

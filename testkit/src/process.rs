@@ -12,6 +12,28 @@ use std::{
 };
 use wait_timeout::ChildExt;
 
+/// The `[[dimensions]]` and dataset `[[sources]]` tables of a config that
+/// runs the chain [`gen_dataset`] wrote to `data`.
+pub fn dataset_toml(data: &Path) -> String {
+    let d = data.display();
+    format!(
+        r#"
+[[dimensions]]
+name = "stores"
+path = "{d}/stores.csv"
+[[dimensions]]
+name = "products"
+path = "{d}/products.csv"
+[[dimensions]]
+name = "replenishment_policy"
+path = "{d}/replenishment_policy.csv"
+[[sources]]
+type = "dataset"
+dir = "{d}"
+"#
+    )
+}
+
 /// Runs `bin gen` (stores, SKUs, members, days, seed) into `out`; panics
 /// with its stderr if it fails. Returns its stdout (the per-stream counts).
 pub fn gen_dataset(bin: &str, out: &Path, chain: [usize; 4], seed: u64) -> String {
