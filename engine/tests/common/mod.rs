@@ -4,7 +4,7 @@ use storepulse_engine::{Engine, EngineCheckpoint};
 
 /// Takes a checkpoint of `engine` and reads it back through its file
 /// encoding (what a restart restores).
-pub fn checkpoint_round_trip(engine: &mut Engine) -> EngineCheckpoint {
+pub(crate) fn checkpoint_round_trip(engine: &mut Engine) -> EngineCheckpoint {
     let files: std::collections::HashMap<String, bytes::Bytes> = engine
         .checkpoint()
         .unwrap()
