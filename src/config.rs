@@ -80,6 +80,10 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
 }
 
+/// The secrets `docker/compose.yaml` falls back to: refused beyond loopback
+/// unless `STOREPULSE_INSECURE_DEFAULTS=1`.
+const EXAMPLE_SECRETS: &[&str] = &["analyst-token", "admin-token", "storepulse"];
+
 /// `[http]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +103,16 @@ pub(crate) struct HttpConfig {
     /// Serve HTTPS with `[tls]`.
     #[serde(default)]
     pub(crate) tls: bool,
+    /// Host names the server answers to (the `Host` header, without port;
+    /// `"*"`: any). Default: on a loopback `listen`, `localhost`,
+    /// `127.0.0.1` and `::1` only (so a web page cannot reach it through a
+    /// rebound DNS name); beyond loopback, any (tokens are required there).
+    #[serde(default)]
+    pub(crate) allowed_hosts: Option<Vec<String>>,
+    /// Origins of web pages allowed to call the API (CORS), e.g.
+    /// `["https://bi.example.com"]`. Default: none (same origin only).
+    #[serde(default)]
+    pub(crate) cors_allowed_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -108,6 +122,8 @@ impl Default for HttpConfig {
             token: None,
             admin_token: None,
             tls: false,
+            allowed_hosts: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -312,6 +328,42 @@ impl Config {
         }
     }
 
+    /// Refuses the example secrets of `docker/compose.yaml` on a listener
+    /// beyond loopback, unless `insecure` (`STOREPULSE_INSECURE_DEFAULTS=1`,
+    /// for a local try of the stack).
+    pub(crate) fn refuse_example_secrets(&self, insecure: bool) -> anyhow::Result<()> {
+        if insecure {
+            return Ok(());
+        }
+        let checks = [
+            (
+                "[http] token / STOREPULSE_HTTP_TOKEN",
+                !self.http.listen.ip().is_loopback(),
+                self.http.token.as_deref(),
+            ),
+            (
+                "[http] admin_token / STOREPULSE_ADMIN_TOKEN",
+                !self.http.listen.ip().is_loopback(),
+                self.http.admin_token.as_deref(),
+            ),
+            (
+                "[pg] password / STOREPULSE_PG_PASSWORD",
+                self.pg.listen.is_some_and(|a| !a.ip().is_loopback()),
+                self.pg.password.as_deref(),
+            ),
+        ];
+        for (what, exposed, secret) in checks {
+            if exposed && secret.is_some_and(|s| EXAMPLE_SECRETS.contains(&s)) {
+                bail!(
+                    "{what} is an example secret from docker/compose.yaml and the listener is reachable beyond \
+                     loopback: set your own (e.g. in docker/.env), or set STOREPULSE_INSECURE_DEFAULTS=1 to \
+                     accept it for a local try"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// `[http]`, `[pg]`, `[tls]`, `[serving]`: credentials beyond loopback,
     /// TLS files, sane limits.
     pub(crate) fn validate_serving(&self) -> anyhow::Result<()> {
@@ -320,6 +372,9 @@ impl Config {
             self.http.listen,
             self.http.token.is_some() || self.http.admin_token.is_some(),
             "[http] token (or STOREPULSE_HTTP_TOKEN)",
+        )?;
+        self.refuse_example_secrets(
+            std::env::var("STOREPULSE_INSECURE_DEFAULTS").as_deref() == Ok("1"),
         )?;
         if self.http.token.is_none() && self.http.admin_token.is_some() {
             bail!("http.admin_token is set but http.token is not: analysts would need no token at all; set both");
@@ -345,6 +400,8 @@ impl Config {
 
     /// Checks the configuration without starting anything.
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        // Exposure and secrets first: they are refused whatever else is wrong.
+        self.validate_serving()?;
         if self.sources.is_empty() {
             bail!("no [[sources]] configured: add a `file`, `dataset` or `generator` source");
         }
@@ -362,7 +419,6 @@ impl Config {
             }
         }
         self.retail.validate().map_err(anyhow::Error::msg)?;
-        self.validate_serving()?;
         self.lake.validate()?;
         storepulse_lake::config::validate_reports(&self.reports)?;
         if !self.reports.is_empty() && !self.lake.enabled {

@@ -226,10 +226,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Stack of the main runtime's threads. Client SQL is parsed and planned
+/// on the engine's SQL threads (`storepulse_engine::sqlrt`), but executing
+/// a legal statement near `[serving] max_expression_depth` (and
+/// `datafusion-postgres`' own parse of it) still recurses on these; 16 MiB
+/// of address space leaves a wide margin over the default 2 MiB.
+const WORKER_STACK_BYTES: usize = 16 << 20;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("storepulse")
+        .thread_stack_size(WORKER_STACK_BYTES)
         .build()
         .context("cannot start the async runtime")
 }
@@ -329,7 +337,7 @@ fn query(sql: &str, server: &str, format: OutputFormat, token: Option<&str>) -> 
     }
     let resp = req
         .header("Accept", accept)
-        .header("Content-Type", "text/plain")
+        .header("Content-Type", "application/sql")
         .config()
         .http_status_as_error(false)
         .build()
@@ -550,7 +558,12 @@ async fn serve(
             let _ = stop.wait_for(|s| *s).await;
         }))
     });
-    let router = server::router(app, server::Auth::from_config(&cfg.http), limits);
+    let router = server::router(
+        app,
+        server::Auth::from_config(&cfg.http),
+        limits,
+        server::Access::from_config(&cfg.http),
+    );
     let server_handle = axum_server::Handle::new();
     let server = {
         let h = server_handle.clone();

@@ -7,12 +7,22 @@
 //! views and trigger snapshots and reports. With no token configured (only
 //! allowed on loopback) every request is the operator's. The dashboard's
 //! static files, `/livez` and the OpenAPI document need no token.
+//!
+//! Browsers are kept out of the operator's powers ([`Access`]): a `Host`
+//! outside the allow-list is refused (DNS rebinding), so is a request whose
+//! `Origin` is neither this server nor a configured CORS origin, and view
+//! DDL runs only from a POST whose content type a page cannot send
+//! cross-site without a CORS preflight (`application/json`,
+//! `application/sql`), never from a GET.
 
 use std::{sync::Arc, time::Instant};
 
 use axum::{
     body::Bytes,
-    extract::{Path, Query, Request, State},
+    extract::{
+        rejection::{BytesRejection, QueryRejection},
+        DefaultBodyLimit, Path, Query, Request, State,
+    },
     http::{header, HeaderMap, StatusCode},
     middleware::Next,
     response::{Html, IntoResponse, Response},
@@ -23,7 +33,7 @@ use datafusion::{arrow::array::RecordBatch, datasource::TableType};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
-use storepulse_engine::{EngineError, EngineHandle, QueryLimits, QueryOutput};
+use storepulse_engine::{Ddl, EngineError, EngineHandle, QueryLimits, QueryOutput};
 
 use crate::pipeline::PipelineState;
 
@@ -138,11 +148,112 @@ fn require_admin(role: Role) -> Result<(), Box<Response>> {
     }
 }
 
+/// Which hosts and origins the server answers (`[http] allowed_hosts`,
+/// `cors_allowed_origins`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Access {
+    /// Host names (without port) accepted in `Host`; `None`: any.
+    hosts: Option<Vec<String>>,
+    /// Origins other pages may call the API from (CORS), exactly as
+    /// browsers send them (`https://bi.example.com`).
+    cors_origins: Vec<String>,
+}
+
+impl Access {
+    /// From `[http]`: the configured hosts, else loopback names when
+    /// listening on loopback (where no token may be set, so a rebound DNS
+    /// name must not reach it) and any host beyond it (tokens required).
+    pub(crate) fn from_config(c: &crate::config::HttpConfig) -> Self {
+        let hosts = match &c.allowed_hosts {
+            Some(h) if h.iter().any(|h| h == "*") => None,
+            Some(h) => Some(h.iter().map(|h| normalize_host(h)).collect()),
+            None if c.listen.ip().is_loopback() => Some(
+                ["localhost", "127.0.0.1", "::1"]
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect(),
+            ),
+            None => None,
+        };
+        Self {
+            hosts,
+            cors_origins: c.cors_allowed_origins.clone(),
+        }
+    }
+
+    fn host_allowed(&self, host: Option<&str>) -> bool {
+        match (&self.hosts, host) {
+            (None, _) => true,
+            (Some(list), Some(h)) => list.contains(&normalize_host(h)),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// `Host: [::1]:8080` → `::1`; `LocalHost:80` → `localhost`.
+fn normalize_host(h: &str) -> String {
+    let h = h.trim();
+    let name = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if h.matches(':').count() == 1 {
+        h.split(':').next().unwrap_or(h)
+    } else {
+        h
+    };
+    name.to_ascii_lowercase()
+}
+
+/// Refuses a `Host` outside the allow-list and a cross-site `Origin`.
+async fn check_access(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if !access.host_allowed(host.as_deref()) {
+        metrics::counter!("storepulse_http_refused_total", "reason" => "host").increment(1);
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed",
+            format!(
+                "Host {} is not served here ([http] allowed_hosts; on loopback only localhost, 127.0.0.1 and [::1])",
+                host.as_deref().unwrap_or("(none)")
+            ),
+        );
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let same = origin.split_once("://").is_some_and(|(_, authority)| {
+            Some(authority.to_ascii_lowercase()) == host.as_ref().map(|h| h.to_ascii_lowercase())
+        });
+        if !same && !access.cors_origins.iter().any(|o| o == origin) {
+            metrics::counter!("storepulse_http_refused_total", "reason" => "origin").increment(1);
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "requests from pages on {origin} are refused ([http] cors_allowed_origins)"
+                ),
+            );
+        }
+    }
+    next.run(req).await
+}
+
 /// The API's routes: `auth` guards everything but the dashboard's files,
-/// `/livez` and the OpenAPI document; `limits` bound every query.
-pub(crate) fn router(state: AppState, auth: Auth, limits: QueryLimits) -> Router {
+/// `/livez` and the OpenAPI document; `limits` bound every query; `access`
+/// checks `Host` and `Origin` on every route.
+pub(crate) fn router(state: AppState, auth: Auth, limits: QueryLimits, access: Access) -> Router {
+    // A JSON body escapes the SQL; room for that and the wrapper.
+    let body_limit = limits.sql.max_sql_bytes.saturating_mul(2).max(64 << 10);
     let guarded = Router::new()
-        .route("/api/v1/query", post(query).get(query_get))
+        .route(
+            "/api/v1/query",
+            post(query)
+                .get(query_get)
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
         .route("/api/v1/views", get(views))
         .route("/api/v1/health", get(health))
         .route("/api/v1/alerts", get(alerts))
@@ -151,13 +262,73 @@ pub(crate) fn router(state: AppState, auth: Auth, limits: QueryLimits) -> Router
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(auth, authenticate))
         .layer(Extension(limits));
-    Router::new()
+    let cors = (!access.cors_origins.is_empty()).then(|| {
+        let origins: Vec<header::HeaderValue> = access
+            .cors_origins
+            .iter()
+            .filter_map(|o| header::HeaderValue::from_str(o).ok())
+            .collect();
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
+    });
+    let router = Router::new()
         .route("/", get(index))
         .route("/assets/{file}", get(crate::dashboard::asset))
         .route("/livez", get(|| async { "ok" }))
         .route("/api/v1/openapi.json", get(openapi))
         .merge(guarded)
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (see /api/v1/openapi.json)".into(),
+            )
+        })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            check_access,
+        ));
+    match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    }
+}
+
+/// Whether this request may run view DDL: the admin's, by POST, with a
+/// content type a browser cannot send cross-site without a preflight.
+fn ddl_policy(role: Role, post: bool, headers: &HeaderMap) -> Ddl {
+    if role != Role::Admin {
+        return Ddl::Refused("it needs the admin token; this request is read-only");
+    }
+    if !post {
+        return Ddl::Refused("statements that change views need POST, never GET");
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ct.starts_with("application/json") || ct.starts_with("application/sql") {
+        Ddl::Allowed
+    } else {
+        Ddl::Refused(
+            "statements that change views need Content-Type: application/json or application/sql \
+             (a web page cannot send those to another site without a CORS preflight)",
+        )
+    }
+}
+
+/// A rejected query string or body, as a JSON error.
+fn rejection(status: StatusCode, what: &str, text: String) -> Response {
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "request_too_large"
+    } else {
+        "bad_request"
+    };
+    error(status, code, format!("{what}: {text}"))
 }
 
 #[derive(Deserialize)]
@@ -218,14 +389,18 @@ fn format_of(headers: &HeaderMap, param: Option<&str>) -> Result<Format, Box<Res
 }
 
 /// `GET /api/v1/query?sql=...&format=...` (links, spreadsheets' web
-/// queries): the same as the POST.
+/// queries): the same as the POST, read-only for everyone.
 async fn query_get(
     State(app): State<AppState>,
     Extension(role): Extension<Role>,
     Extension(limits): Extension<QueryLimits>,
-    Query(params): Query<QueryParams>,
+    params: Result<Query<QueryParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
+    let params = match params {
+        Ok(Query(p)) => p,
+        Err(e) => return rejection(e.status(), "query string", e.body_text()),
+    };
     let Some(sql) = params.sql.clone() else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -233,7 +408,8 @@ async fn query_get(
             "missing ?sql=".into(),
         );
     };
-    run_query(&app, role, &limits, sql, &headers, params.format.as_deref()).await
+    let ddl = ddl_policy(role, false, &headers);
+    run_query(&app, ddl, &limits, sql, &headers, params.format.as_deref()).await
 }
 
 /// `POST /api/v1/query`: the SQL as `{"sql": ...}` (JSON) or the plain body.
@@ -241,10 +417,18 @@ async fn query(
     State(app): State<AppState>,
     Extension(role): Extension<Role>,
     Extension(limits): Extension<QueryLimits>,
-    Query(params): Query<QueryParams>,
+    params: Result<Query<QueryParams>, QueryRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(Query(p)) => p,
+        Err(e) => return rejection(e.status(), "query string", e.body_text()),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return rejection(e.status(), "request body", e.body_text()),
+    };
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -272,7 +456,8 @@ async fn query(
             }
         }
     };
-    run_query(&app, role, &limits, sql, &headers, params.format.as_deref()).await
+    let ddl = ddl_policy(role, true, &headers);
+    run_query(&app, ddl, &limits, sql, &headers, params.format.as_deref()).await
 }
 
 /// HTTP status and error code of a failed query.
@@ -281,15 +466,20 @@ fn status_of(e: &EngineError) -> (StatusCode, &'static str) {
         "read_only" => (StatusCode::FORBIDDEN, "read_only"),
         "timeout" => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
         "row_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
+        "result_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "result_limit"),
+        "too_complex" => (StatusCode::BAD_REQUEST, "too_complex"),
         "memory_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
         "user_error" => (StatusCode::BAD_REQUEST, "user_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
 
+/// Runs a request's SQL and encodes the last statement's rows, all within
+/// the request's one deadline; encoding runs on a blocking thread and stops
+/// at the deadline or the result-size limit.
 async fn run_query(
     app: &AppState,
-    role: Role,
+    ddl: Ddl,
     limits: &QueryLimits,
     sql: String,
     headers: &HeaderMap,
@@ -303,125 +493,156 @@ async fn run_query(
     if sql.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "bad_request", "empty SQL".into());
     }
-    let result = app
-        .engine
-        .query_with(&sql, limits, role == Role::Admin)
+    let limits = limits.start();
+    let result = limits
+        .within(async {
+            let out = app
+                .engine
+                .query_with(&sql, &limits, ddl)
+                .await?
+                .pop()
+                .ok_or(EngineError::Sql(storepulse_sql::SqlError::Empty))?;
+            tokio::task::spawn_blocking(move || encode(out, format, started, &limits))
+                .await
+                .map_err(|e| EngineError::Internal(format!("encoding the answer: {e}")))?
+        })
         .await;
     metrics::histogram!("storepulse_query_duration_seconds", "interface" => "http")
         .record(started.elapsed().as_secs_f64());
-    let out = match result {
-        Ok(mut outs) => outs.pop().expect("at least one statement"),
+    match result {
+        Ok(r) => r,
         Err(e) => {
             let (status, code) = status_of(&e);
             metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => e.kind())
                 .increment(1);
             tracing::info!(error = %e, code, "query failed");
-            return error(status, code, message(&e));
+            error(status, code, e.to_string())
         }
-    };
-    match encode(&out, format, started) {
-        Ok(r) => r,
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
     }
 }
 
-fn message(e: &EngineError) -> String {
-    e.to_string()
+/// A response body that refuses to grow past `[serving] max_result_bytes`.
+struct Body {
+    buf: Vec<u8>,
+    max: usize,
+    exceeded: bool,
 }
 
-fn encode(out: &QueryOutput, format: Format, started: Instant) -> anyhow::Result<Response> {
+impl std::io::Write for Body {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.max {
+            self.exceeded = true;
+            return Err(std::io::Error::other("result too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes `out` as `format`: checks the deadline between batches and the
+/// encoded size as it grows.
+fn encode(
+    out: QueryOutput,
+    format: Format,
+    started: Instant,
+    limits: &QueryLimits,
+) -> Result<Response, EngineError> {
+    let max = limits.max_result_bytes.unwrap_or(usize::MAX);
+    let mut body = Body {
+        buf: Vec::new(),
+        max,
+        exceeded: false,
+    };
+    let written = write_body(&out, format, started, limits, &mut body);
+    if body.exceeded {
+        return Err(EngineError::ResultTooLarge(max));
+    }
+    let content_type = written?;
+    Ok(([(header::CONTENT_TYPE, content_type)], body.buf).into_response())
+}
+
+/// Writes the answer into `body`; returns its content type.
+fn write_body(
+    out: &QueryOutput,
+    format: Format,
+    started: Instant,
+    limits: &QueryLimits,
+    body: &mut Body,
+) -> Result<&'static str, EngineError> {
     let batches: &[RecordBatch] = &out.batches;
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let fail =
+        |e: &dyn std::fmt::Display| EngineError::Internal(format!("encoding the answer: {e}"));
     Ok(match format {
         Format::Csv => {
-            let mut buf = Vec::new();
-            {
-                let mut w = arrow_csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut buf);
-                if batches.is_empty() {
-                    w.write(&RecordBatch::new_empty(out.schema.clone()))?;
-                }
-                for b in batches {
-                    w.write(b)?;
-                }
+            let mut w = arrow_csv::WriterBuilder::new()
+                .with_header(true)
+                .build(body);
+            if batches.is_empty() {
+                w.write(&RecordBatch::new_empty(out.schema.clone()))?;
             }
-            ([(header::CONTENT_TYPE, "text/csv")], buf).into_response()
+            for b in batches {
+                limits.check_deadline()?;
+                w.write(b)?;
+            }
+            "text/csv"
         }
         Format::Arrow => {
-            let mut buf = Vec::new();
-            {
-                let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut buf, &out.schema)?;
-                for b in batches {
-                    w.write(b)?;
-                }
-                w.finish()?;
+            let mut w = arrow_ipc::writer::StreamWriter::try_new(body, &out.schema)?;
+            for b in batches {
+                limits.check_deadline()?;
+                w.write(b)?;
             }
-            (
-                [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],
-                buf,
-            )
-                .into_response()
+            w.finish()?;
+            "application/vnd.apache.arrow.stream"
         }
         Format::Parquet => {
-            let mut buf = Vec::new();
-            {
-                let props = parquet::file::properties::WriterProperties::builder()
-                    .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-                    .build();
-                let mut w = parquet::arrow::ArrowWriter::try_new(
-                    &mut buf,
-                    out.schema.clone(),
-                    Some(props),
-                )?;
-                for b in batches {
-                    w.write(b)?;
-                }
-                w.close()?;
+            let props = parquet::file::properties::WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                .build();
+            let mut w = parquet::arrow::ArrowWriter::try_new(body, out.schema.clone(), Some(props))
+                .map_err(|e| fail(&e))?;
+            for b in batches {
+                limits.check_deadline()?;
+                w.write(b).map_err(|e| fail(&e))?;
             }
-            (
-                [(header::CONTENT_TYPE, "application/vnd.apache.parquet")],
-                buf,
-            )
-                .into_response()
+            w.close().map_err(|e| fail(&e))?;
+            "application/vnd.apache.parquet"
         }
         Format::Json => {
-            let mut rows_json = Vec::new();
-            {
-                let mut w = arrow_json::WriterBuilder::new()
-                    .with_explicit_nulls(true)
-                    .build::<_, arrow_json::writer::JsonArray>(&mut rows_json);
-                for b in batches {
-                    w.write(b)?;
-                }
-                w.finish()?;
-            }
-            if rows_json.is_empty() {
-                rows_json.extend_from_slice(b"[]");
-            }
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             let columns: Vec<_> = out
                 .schema
                 .fields()
                 .iter()
                 .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
                 .collect();
-            let mut body = Vec::with_capacity(rows_json.len() + 256);
-            body.extend_from_slice(b"{\"columns\":");
-            serde_json::to_writer(&mut body, &columns)?;
-            body.extend_from_slice(b",\"rows\":");
-            body.extend_from_slice(&rows_json);
-            body.extend_from_slice(
-                format!(
-                    ",\"row_count\":{rows},\"elapsed_ms\":{:.3}}}",
-                    started.elapsed().as_secs_f64() * 1000.0
-                )
-                .as_bytes(),
-            );
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            use std::io::Write;
+            body.write_all(b"{\"columns\":").map_err(|e| fail(&e))?;
+            serde_json::to_writer(&mut *body, &columns).map_err(|e| fail(&e))?;
+            body.write_all(b",\"rows\":").map_err(|e| fail(&e))?;
+            if rows == 0 {
+                body.write_all(b"[]").map_err(|e| fail(&e))?;
+            } else {
+                let mut w = arrow_json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow_json::writer::JsonArray>(&mut *body);
+                for b in batches {
+                    limits.check_deadline()?;
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            write!(
+                body,
+                ",\"row_count\":{rows},\"elapsed_ms\":{:.3}}}",
+                started.elapsed().as_secs_f64() * 1000.0
+            )
+            .map_err(|e| fail(&e))?;
+            "application/json"
         }
     })
 }
@@ -525,6 +746,22 @@ async fn health(State(app): State<AppState>) -> Response {
             h.last_error.as_deref().unwrap_or("")
         ));
     }
+    let rules = app
+        .alerts
+        .as_ref()
+        .map(|a| a.rule_health())
+        .unwrap_or_default();
+    for h in rules
+        .iter()
+        .filter(|h| h.consecutive_failures >= storepulse_alerts::RuleHealth::FAULT_AFTER)
+    {
+        faults.push(format!(
+            "alert rule {}: {} evaluations failed in a row (it fires nothing meanwhile): {}",
+            h.name,
+            h.consecutive_failures,
+            h.last_error.as_deref().unwrap_or("")
+        ));
+    }
     if let Some(e) = app.lake.as_ref().and_then(|l| l.lake.status().last_error()) {
         faults.push(format!("lake {}: {}", e.op, e.message));
     }
@@ -555,6 +792,7 @@ async fn health(State(app): State<AppState>) -> Response {
         "alerts": app.alerts.as_ref().map(|_| json!({
             "outbox_pending": outbox_pending,
             "sinks": sinks,
+            "rules": rules,
         })),
         "positions": engine.positions().snapshot(),
         "lake": app.lake.as_ref().map(|l| l.lake.status().to_json(&l.lake.url())),

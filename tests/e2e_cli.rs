@@ -373,6 +373,28 @@ fn the_docker_files_are_valid() {
         e.contains("dimensions[0].path: no such file /var/lib/storepulse/dataset/stores.csv"),
         "{e}"
     );
+    // The compose file's example secrets are refused (the container
+    // listens beyond loopback) unless STOREPULSE_INSECURE_DEFAULTS=1.
+    let run = |insecure: &str| {
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(dir.path().join("storepulse.toml"))
+            .env("STOREPULSE_HTTP_TOKEN", "analyst-token")
+            .env("STOREPULSE_ADMIN_TOKEN", "admin-token")
+            .env("STOREPULSE_PG_PASSWORD", "storepulse")
+            .env("STOREPULSE_INSECURE_DEFAULTS", insecure)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run("0");
+    assert!(
+        e.contains("STOREPULSE_HTTP_TOKEN is an example secret")
+            && e.contains("STOREPULSE_INSECURE_DEFAULTS=1"),
+        "{e}"
+    );
+    let e = run("1");
+    assert!(e.contains("dimensions[0].path: no such file"), "{e}");
     let compose = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/compose.yaml");
     let clients: [(&str, &[&str]); 2] = [("docker", &["compose"]), ("docker-compose", &[])];
     let mut checked = false;

@@ -66,7 +66,9 @@ impl Http {
                 r.config().http_status_as_error(false).build().call()
             }
             _ => {
-                let mut r = ureq::post(&url).header("Accept", accept);
+                let mut r = ureq::post(&url)
+                    .header("Accept", accept)
+                    .header("Content-Type", "application/sql");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }

@@ -25,7 +25,9 @@ pub mod sink;
 
 pub use history::HistoryTable;
 pub use lifecycle::{AlertState, Lifecycle, Notification};
-pub use manager::{ActiveAlert, AlertError, AlertManager, AlertsConfig, RuleConfig, SinkHealth};
+pub use manager::{
+    ActiveAlert, AlertError, AlertManager, AlertsConfig, RuleConfig, RuleHealth, SinkHealth,
+};
 pub use outbox::{Outbox, OutboxError};
 pub use rule::{AlertRule, RuleError, Severity};
 pub use sink::{signature, verify, Sink, SinkConfig, SinkError};

@@ -221,6 +221,27 @@ pub struct SinkHealth {
     pub last_delivery_ms: Option<i64>,
 }
 
+/// Evaluation state of one rule (for `/api/v1/health`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RuleHealth {
+    /// Rule name.
+    pub name: String,
+    /// Successful evaluations since start.
+    pub evaluations: u64,
+    /// Failed evaluations in a row (0: healthy).
+    pub consecutive_failures: u64,
+    /// Wall clock (Unix ms) of the first failure of the current streak.
+    pub failing_since_ms: Option<i64>,
+    /// The last failure's message (kept after recovery).
+    pub last_error: Option<String>,
+}
+
+impl RuleHealth {
+    /// Failed evaluations in a row from which the rule is a fault of the
+    /// server (`/api/v1/health` status `degraded`).
+    pub const FAULT_AFTER: u64 = 3;
+}
+
 /// Evaluates rules and delivers their notifications.
 pub struct AlertManager {
     engine: EngineHandle,
@@ -236,6 +257,8 @@ pub struct AlertManager {
     deferred: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Delivery state per sink, in configuration order.
     sink_health: std::sync::Mutex<Vec<SinkHealth>>,
+    /// Evaluation state per rule, in rule order.
+    rule_health: std::sync::Mutex<Vec<RuleHealth>>,
     /// When each rule's lifecycle was last committed.
     persisted: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// One per rule, held from a rule's query to its commit: two
@@ -302,7 +325,6 @@ impl AlertManager {
         Ok(Self {
             engine,
             outbox,
-            rules,
             state: Mutex::new(state),
             sinks,
             cfg,
@@ -311,6 +333,16 @@ impl AlertManager {
             deferred: Default::default(),
             persisted: Default::default(),
             evaluating,
+            rule_health: std::sync::Mutex::new(
+                rules
+                    .iter()
+                    .map(|r| RuleHealth {
+                        name: r.name.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            rules,
             sink_health: std::sync::Mutex::new(
                 names
                     .iter()
@@ -321,6 +353,11 @@ impl AlertManager {
                     .collect(),
             ),
         })
+    }
+
+    /// Evaluation state of every rule.
+    pub fn rule_health(&self) -> Vec<RuleHealth> {
+        self.rule_health.lock().expect("not poisoned").clone()
     }
 
     /// Delivery state of every sink.
@@ -362,8 +399,29 @@ impl AlertManager {
 
     /// Evaluates rule `i` once: query, lifecycle, commit. Returns the
     /// notifications committed (none if the clock is unknown yet: no event
-    /// has arrived).
+    /// has arrived). The outcome is counted in [`AlertManager::rule_health`].
     pub async fn evaluate(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
+        let result = self.evaluate_once(i).await;
+        let mut all = self.rule_health.lock().expect("not poisoned");
+        let h = &mut all[i];
+        match &result {
+            Ok(_) => {
+                h.evaluations += 1;
+                h.consecutive_failures = 0;
+                h.failing_since_ms = None;
+            }
+            Err(e) => {
+                if h.consecutive_failures == 0 {
+                    h.failing_since_ms = Some(EngineHandle::now_ms());
+                }
+                h.consecutive_failures += 1;
+                h.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    async fn evaluate_once(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
         let rule = &self.rules[i];
         let _serial = self.evaluating[i].lock().await;
         let qerr = |e: storepulse_engine::EngineError| AlertError::Query {

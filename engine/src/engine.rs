@@ -25,7 +25,7 @@ use datafusion::{
         runtime_env::RuntimeEnvBuilder,
     },
     logical_expr::LogicalPlan,
-    prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext},
+    prelude::{SessionConfig, SessionContext},
     sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
 };
 use serde::Serialize;
@@ -39,11 +39,13 @@ use crate::{
     error::{user_err, EngineError, Result},
     gate::StreamGate,
     late::LateEvents,
+    query::{self, df_write_kind, verify_read_only, Ddl, QueryLimits, QueryOutput},
     refresh::RefreshedView,
     snapshot::{
         BatchSlot, ClockTable, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot,
         SnapshotCell, StreamStub, ViewStateTable,
     },
+    sqlrt::on_sql_thread,
     view::{plan_view, ContinuousView},
     watermark::Watermark,
 };
@@ -100,15 +102,6 @@ pub struct StreamStatus {
     pub late_events: u64,
     /// Partitions: name, watermark (ms), finished, idle.
     pub partitions: Vec<(String, Option<i64>, bool, bool)>,
-}
-
-/// The result of one SQL statement.
-#[derive(Debug, Clone)]
-pub struct QueryOutput {
-    /// Result schema.
-    pub schema: SchemaRef,
-    /// Result rows.
-    pub batches: Vec<RecordBatch>,
 }
 
 /// The engine. See the crate docs for the data flow.
@@ -401,7 +394,7 @@ impl Engine {
                     if let Some(name) = created {
                         self.wrap_refreshed(&name).await?;
                     }
-                    return Ok(QueryOutput { schema, batches });
+                    return Ok(QueryOutput::new(schema, batches));
                 }
                 let snap = self.snapshot()?;
                 run_query(&self.serving, *statement, snap).await
@@ -935,10 +928,7 @@ fn evaluate_timed(
 }
 
 fn empty_output() -> QueryOutput {
-    QueryOutput {
-        schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
-        batches: Vec::new(),
-    }
+    QueryOutput::empty()
 }
 
 /// The name a `CREATE [OR REPLACE] VIEW` statement defines.
@@ -978,7 +968,7 @@ async fn run_query(
     snap: Arc<Snapshot>,
 ) -> Result<QueryOutput> {
     let plan = ctx.state().statement_to_plan(stmt).await?;
-    run_plan(ctx, plan, snap).await
+    query::execute(ctx, plan, snap, &QueryLimits::default()).await
 }
 
 /// SQL with whitespace runs collapsed (to compare definitions).
@@ -1015,137 +1005,6 @@ fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-}
-
-async fn run_plan(
-    ctx: &SessionContext,
-    plan: LogicalPlan,
-    snap: Arc<Snapshot>,
-) -> Result<QueryOutput> {
-    run_plan_limited(ctx, plan, snap, &QueryLimits::default()).await
-}
-
-/// Limits on one read-only query of the serving side (`[serving]`): each
-/// is answered with a typed error ([`EngineError::Timeout`],
-/// [`EngineError::TooManyRows`]); the memory limit is the serving
-/// context's memory pool ([`EngineConfig::query_memory_limit`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueryLimits {
-    /// Cancel the query after this long (planning, execution and
-    /// collecting the rows).
-    pub timeout: Option<std::time::Duration>,
-    /// Refuse results with more rows than this (execution stops as soon
-    /// as the limit is passed).
-    pub max_rows: Option<usize>,
-}
-
-/// The kind of a statement that is not a read (`CREATE TABLE`, `INSERT
-/// INTO`, `COPY`, `DROP VIEW`, ...), for the read-only error; `None` for
-/// queries, `EXPLAIN` and `SHOW`.
-pub fn write_kind(stmt: &SqlStatement) -> Option<String> {
-    if matches!(
-        stmt,
-        SqlStatement::Query(_) | SqlStatement::Explain { .. } | SqlStatement::ExplainTable { .. }
-    ) {
-        return None;
-    }
-    let text = stmt.to_string();
-    let words: Vec<&str> = text.split_whitespace().take(3).collect();
-    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
-    if words.first().is_some_and(|w| is(w, "SHOW")) {
-        return None;
-    }
-    let kind = match words.as_slice() {
-        [a, b, c, ..]
-            if is(a, "CREATE")
-                && ["MATERIALIZED", "EXTERNAL", "OR", "TEMPORARY", "UNIQUE"]
-                    .iter()
-                    .any(|k| is(b, k)) =>
-        {
-            format!("{a} {b} {c}")
-        }
-        [a, b, ..]
-            if ["CREATE", "DROP", "ALTER", "INSERT", "TRUNCATE", "GRANT"]
-                .iter()
-                .any(|k| is(a, k)) =>
-        {
-            format!("{a} {b}")
-        }
-        [a, ..] => a.to_string(),
-        [] => "this statement".into(),
-    };
-    Some(kind.to_uppercase())
-}
-
-/// [`write_kind`] for DataFusion's statements (`CREATE EXTERNAL TABLE` and
-/// `COPY ... TO` are its own).
-fn df_write_kind(stmt: &DFStatement) -> Option<String> {
-    match stmt {
-        DFStatement::Statement(s) => write_kind(s),
-        DFStatement::CreateExternalTable(_) => Some("CREATE EXTERNAL TABLE".into()),
-        DFStatement::CopyTo(_) => Some("COPY".into()),
-        DFStatement::Explain(_) => None,
-        _ => Some("this statement".into()),
-    }
-}
-
-/// Checks that `plan` only reads: DDL (`CREATE TABLE`, `CREATE EXTERNAL
-/// TABLE`), DML (`INSERT`, `COPY`) and statements (`SET`, transactions)
-/// are refused with [`EngineError::ReadOnly`].
-pub fn verify_read_only(plan: &LogicalPlan) -> Result<()> {
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(plan)
-        .map_err(|e| {
-            let what = match e.find_root() {
-                datafusion::error::DataFusionError::Plan(m) => m.clone(),
-                other => other.to_string(),
-            };
-            crate::EngineError::ReadOnly(format!(
-                "storepulse serves read-only SQL ({what}); views are defined in the server's SQL files"
-            ))
-        })
-}
-
-async fn run_plan_limited(
-    ctx: &SessionContext,
-    plan: LogicalPlan,
-    snap: Arc<Snapshot>,
-    limits: &QueryLimits,
-) -> Result<QueryOutput> {
-    verify_read_only(&plan)?;
-    let mut state = ctx.state();
-    state
-        .config_mut()
-        .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
-    let df = DataFrame::new(state, plan);
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let collect = async {
-        let Some(max_rows) = limits.max_rows else {
-            return Ok::<_, crate::EngineError>(df.collect().await?);
-        };
-        use futures::StreamExt;
-        let mut stream = df.execute_stream().await?;
-        let (mut rows, mut batches) = (0usize, Vec::new());
-        while let Some(b) = stream.next().await {
-            let b = b?;
-            rows += b.num_rows();
-            if rows > max_rows {
-                return Err(crate::EngineError::TooManyRows(max_rows));
-            }
-            batches.push(b);
-        }
-        Ok(batches)
-    };
-    let batches = match limits.timeout {
-        Some(t) => tokio::time::timeout(t, collect)
-            .await
-            .map_err(|_| crate::EngineError::Timeout(t))??,
-        None => collect.await?,
-    };
-    Ok(QueryOutput { schema, batches })
 }
 
 /// A cloneable handle: the engine behind a lock plus its serving context.
@@ -1192,19 +1051,13 @@ impl EngineHandle {
     /// Runs one read-only query and returns its rows with the event time
     /// the snapshot it read is "as of" (`engine_clock.as_of`).
     pub async fn query_at(&self, sql: &str) -> Result<(QueryOutput, Option<i64>)> {
-        let mut stmts = parse_script(sql)?;
-        let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop()) else {
-            return user_err("expected one query".to_string());
-        };
-        if is_view_ddl(&statement) {
-            return user_err("expected a query, not DDL".to_string());
-        }
-        let plan = self.serving.state().statement_to_plan(*statement).await?;
+        let plan = self.plan_one_query(sql).await?;
         let mut needed = HashSet::new();
         referenced_views(&plan, &mut needed);
         let snap = self.engine.lock().await.snapshot_for(&needed)?;
         let as_of = snap.as_of;
-        Ok((run_plan(&self.serving, plan, snap).await?, as_of))
+        let out = query::execute(&self.serving, plan, snap, &QueryLimits::default()).await?;
+        Ok((out, as_of))
     }
 
     /// Runs several read-only queries on one snapshot (one engine epoch), so
@@ -1217,15 +1070,7 @@ impl EngineHandle {
         let mut plans = Vec::with_capacity(sqls.len());
         let mut needed = HashSet::new();
         for sql in sqls {
-            let mut stmts = parse_script(sql)?;
-            let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop())
-            else {
-                return user_err(format!("expected one query: {sql}"));
-            };
-            if is_view_ddl(&statement) {
-                return user_err(format!("expected a query, not DDL: {sql}"));
-            }
-            let plan = self.serving.state().statement_to_plan(*statement).await?;
+            let plan = self.plan_one_query(sql).await?;
             referenced_views(&plan, &mut needed);
             plans.push(plan);
         }
@@ -1233,9 +1078,24 @@ impl EngineHandle {
         let (as_of, epoch) = (snap.as_of, snap.epoch);
         let mut out = Vec::with_capacity(plans.len());
         for plan in plans {
-            out.push(run_plan(&self.serving, plan, snap.clone()).await?);
+            out.push(
+                query::execute(&self.serving, plan, snap.clone(), &QueryLimits::default()).await?,
+            );
         }
         Ok((out, as_of, epoch))
+    }
+
+    /// Plans `sql`, which must be exactly one query (not DDL), on a SQL
+    /// thread.
+    async fn plan_one_query(&self, sql: &str) -> Result<LogicalPlan> {
+        let mut stmts = parse_script(sql)?;
+        let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop()) else {
+            return user_err(format!("expected one query: {sql}"));
+        };
+        if is_view_ddl(&statement) {
+            return user_err(format!("expected a query, not DDL: {sql}"));
+        }
+        query::plan_statement(self.serving.state(), *statement).await
     }
 
     /// The serving context (catalog of views, dimensions, lake tables).
@@ -1248,26 +1108,41 @@ impl EngineHandle {
         self.engine.lock().await
     }
 
-    /// Runs a SQL script with view DDL allowed and no limits (the
-    /// operator's path: config scripts, the CLI on loopback). See
+    /// Runs a SQL script with view DDL allowed and the default structural
+    /// limits only (the operator's path: tests, tools). See
     /// [`EngineHandle::query_with`].
     pub async fn query(&self, sql: &str) -> Result<Vec<QueryOutput>> {
-        self.query_with(sql, &QueryLimits::default(), true).await
+        self.query_with(sql, &QueryLimits::default(), Ddl::Allowed)
+            .await
     }
 
-    /// Runs a SQL script. Read-only statements run on a pinned snapshot
-    /// without holding the engine lock, under `limits`; storepulse DDL
-    /// (`CREATE [MATERIALIZED] VIEW`, `DROP VIEW`, `CREATE ALERT`) goes
-    /// through the engine when `allow_ddl`, and is refused with
-    /// [`EngineError::ReadOnly`] otherwise (analysts' connections).
+    /// Runs a client's SQL script within `limits` (one deadline for the
+    /// whole script): parsed and checked on a SQL thread
+    /// ([`storepulse_sql::parse_script_with`]: size, statements, expression
+    /// depth) before anything runs. Read-only statements run on a pinned
+    /// snapshot without holding the engine lock; storepulse's view DDL
+    /// (`CREATE [MATERIALIZED] VIEW`, `DROP VIEW`) goes through the engine
+    /// when `ddl` allows it, and is refused with [`EngineError::ReadOnly`]
+    /// otherwise (analysts' connections, requests a browser could forge). `CREATE ALERT` is refused: rules
+    /// are configured at start, where their sinks are built and checked.
     pub async fn query_with(
         &self,
         sql: &str,
         limits: &QueryLimits,
-        allow_ddl: bool,
+        ddl: Ddl,
     ) -> Result<Vec<QueryOutput>> {
+        let limits = limits.start();
+        limits.within(self.script(sql, &limits, ddl)).await
+    }
+
+    async fn script(&self, sql: &str, limits: &QueryLimits, ddl: Ddl) -> Result<Vec<QueryOutput>> {
+        limits.sql.check_size(sql)?;
+        let (text, sql_limits) = (sql.to_owned(), limits.sql);
+        let stmts =
+            on_sql_thread(async move { storepulse_sql::parse_script_with(&text, &sql_limits) })
+                .await??;
         let mut out = Vec::new();
-        for stmt in parse_script(sql)? {
+        for stmt in stmts {
             match stmt {
                 Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
                     if let Some(kind) = df_write_kind(&statement) {
@@ -1275,21 +1150,28 @@ impl EngineHandle {
                             "{kind} is not allowed: storepulse serves read-only SQL (views are defined with CREATE [MATERIALIZED] VIEW)"
                         )));
                     }
-                    let plan = self.serving.state().statement_to_plan(*statement).await?;
+                    let plan = query::plan_statement(self.serving.state(), *statement).await?;
                     out.push(self.run_read_only(plan, limits).await?);
                 }
-                other if allow_ddl => {
-                    out.push(self.engine.lock().await.execute_statement(other).await?)
+                Statement::CreateAlert(a) => {
+                    return user_err(format!(
+                        "CREATE ALERT {} is not accepted at run time: alert rules are configured at start \
+                         (a SQL file in [sql] files, or [[alerts.rules]]), where their sinks are built and \
+                         checked; add it there and restart",
+                        a.name
+                    ));
                 }
                 other => {
-                    let kind = match other {
-                        Statement::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
-                        Statement::CreateAlert(_) => "CREATE ALERT",
-                        Statement::DataFusion { .. } => "CREATE VIEW / DROP VIEW",
-                    };
-                    return Err(crate::EngineError::ReadOnly(format!(
-                        "{kind} needs the admin token; this connection is read-only"
-                    )));
+                    if let Ddl::Refused(why) = ddl {
+                        let kind = match other {
+                            Statement::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
+                            _ => "CREATE VIEW / DROP VIEW",
+                        };
+                        return Err(crate::EngineError::ReadOnly(format!(
+                            "{kind} is not allowed: {why}"
+                        )));
+                    }
+                    out.push(self.engine.lock().await.execute_statement(other).await?)
                 }
             }
         }
@@ -1299,13 +1181,15 @@ impl EngineHandle {
     /// Runs one planned read-only query (pgwire plans with its own parser)
     /// on a snapshot pinned for it: only the materialized views the plan
     /// reads are evaluated. Refuses anything but reads
-    /// ([`verify_read_only`]) and enforces `limits`.
+    /// ([`verify_read_only`]) and enforces `limits` (the deadline too, if
+    /// [`QueryLimits::start`] set one for the whole request).
     pub async fn run_read_only(
         &self,
         plan: LogicalPlan,
         limits: &QueryLimits,
     ) -> Result<QueryOutput> {
         verify_read_only(&plan)?;
+        let limits = limits.start();
         let mut needed = HashSet::new();
         referenced_views(&plan, &mut needed);
         // A query that reads no materialized view and no live engine state
@@ -1314,9 +1198,11 @@ impl EngineHandle {
         let snap = if needed.is_empty() {
             self.cell.load()
         } else {
-            self.engine.lock().await.snapshot_for(&needed)?
+            limits
+                .within(async { self.engine.lock().await.snapshot_for(&needed) })
+                .await?
         };
-        run_plan_limited(&self.serving, plan, snap, limits).await
+        query::execute(&self.serving, plan, snap, &limits).await
     }
 
     /// Recomputes the refreshed views that are due (see

@@ -35,6 +35,12 @@ pub enum EngineError {
     /// The result has more rows than the serving row limit.
     #[error("the result has more than {0} rows ([serving] max_rows); add a LIMIT or aggregate")]
     TooManyRows(usize),
+    /// The result is larger than the serving result limit.
+    #[error("the result is larger than {} ([serving] max_result_bytes); select fewer columns or rows, or aggregate", bytesize::ByteSize(*.0 as u64))]
+    ResultTooLarge(usize),
+    /// A failure inside storepulse (a bug), not the caller's.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The state grew past `[engine] max_state_bytes`.
     #[error(
         "engine state is {bytes} bytes, over [engine] max_state_bytes = {limit}; the largest view \
@@ -77,7 +83,8 @@ impl EngineError {
             | EngineError::Sql(_)
             | EngineError::ReadOnly(_)
             | EngineError::Timeout(_)
-            | EngineError::TooManyRows(_) => true,
+            | EngineError::TooManyRows(_)
+            | EngineError::ResultTooLarge(_) => true,
             EngineError::DataFusion(e) => {
                 matches!(
                     e.find_root(),
@@ -96,13 +103,21 @@ impl EngineError {
 impl EngineError {
     /// The class of a failed query, shared by the HTTP status, the pgwire
     /// SQLSTATE and the `kind` label of `storepulse_query_errors_total`:
-    /// `read_only`, `timeout`, `row_limit`, `memory_limit`, `user_error` or
-    /// `internal_error`.
+    /// `read_only`, `timeout`, `row_limit`, `result_limit`, `memory_limit`,
+    /// `too_complex` (a statement over the SQL limits: text size,
+    /// statements, expression depth), `user_error` or `internal_error`.
     pub fn kind(&self) -> &'static str {
+        use storepulse_sql::SqlError;
         match self {
             EngineError::ReadOnly(_) => "read_only",
             EngineError::Timeout(_) => "timeout",
             EngineError::TooManyRows(_) => "row_limit",
+            EngineError::ResultTooLarge(_) => "result_limit",
+            EngineError::Sql(
+                SqlError::TooLarge { .. }
+                | SqlError::TooManyStatements { .. }
+                | SqlError::TooComplex { .. },
+            ) => "too_complex",
             _ if self.is_memory_limit() => "memory_limit",
             _ if self.is_user_error() => "user_error",
             _ => "internal_error",

@@ -25,8 +25,10 @@ pub mod engine;
 pub mod error;
 pub mod gate;
 pub mod late;
+pub mod query;
 pub mod refresh;
 pub mod snapshot;
+pub mod sqlrt;
 pub mod state;
 pub mod view;
 pub mod watermark;
@@ -34,9 +36,10 @@ pub mod watermark;
 pub use checkpoint::EngineCheckpoint;
 pub use config::EngineConfig;
 pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
-pub use engine::{
-    verify_read_only, write_kind, AlertDefinition, Engine, EngineHandle, IngestReport, QueryLimits,
-    QueryOutput, StreamStatus, ViewInfo,
-};
+pub use engine::{AlertDefinition, Engine, EngineHandle, IngestReport, StreamStatus, ViewInfo};
 pub use error::{EngineError, Result};
+pub use query::{
+    batch_bytes, verify_read_only, write_kind, Ddl, QueryLimits, QueryOutput, ResultMemory,
+};
 pub use snapshot::Snapshot;
+pub use storepulse_sql::SqlLimits;

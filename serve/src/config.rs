@@ -2,15 +2,22 @@
 //!
 //! ```toml
 //! [serving]
-//! timeout = "30s"          # per query, HTTP and pgwire
-//! max_rows = 1000000       # result rows per query
-//! memory_limit = "2 GiB"   # DataFusion memory pool shared by all queries
+//! timeout = "30s"             # per request (parse, plan, run, encode), HTTP and pgwire
+//! max_rows = 1000000          # result rows per query
+//! max_result_bytes = "256 MiB" # result size per query
+//! memory_limit = "2 GiB"      # DataFusion memory pool shared by all queries and results
+//! max_sql_bytes = "1 MiB"     # SQL text per request
+//! max_statements = 100        # statements per request
+//! max_expression_depth = 1000 # nesting of expressions and subqueries
 //!
 //! [pg]
 //! listen = "127.0.0.1:5433"
 //! user = "storepulse"
 //! password = "..."         # or STOREPULSE_PG_PASSWORD; required beyond loopback
 //! tls = true               # needs [tls]
+//! max_connections = 100    # authenticated sessions
+//! max_startup_connections = 256 # sockets still logging in
+//! startup_timeout = "10s"  # to finish TLS and authentication
 //!
 //! [tls]
 //! cert = "server.crt"      # PEM chain
@@ -21,27 +28,43 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use bytesize::ByteSize;
 use serde::Deserialize;
-use storepulse_engine::QueryLimits;
+use storepulse_engine::{QueryLimits, SqlLimits};
 
 use crate::ServeError;
 
-/// `[serving]`: limits of every analyst query (HTTP and pgwire). Each limit
-/// is answered with a clear error, never a crash.
+/// `[serving]`: limits of every analyst request (HTTP and pgwire). Each
+/// limit is answered with a clear error, never a crash; the server, ingest
+/// and other clients go on.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServingConfig {
-    /// A query running longer than this is cancelled (pgwire SQLSTATE
-    /// 57014, HTTP 408). A client's `SET statement_timeout` may lower it,
-    /// not raise it.
+    /// A request running longer than this is cancelled (pgwire SQLSTATE
+    /// 57014, HTTP 408): parsing, planning, execution and encoding the
+    /// answer, all statements of a script together. A pgwire client's `SET
+    /// statement_timeout` may lower it, not raise it.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// A result with more rows than this is refused (SQLSTATE 54000, HTTP
     /// 413); execution stops as soon as it is passed.
     pub max_rows: usize,
+    /// A result larger than this is refused (SQLSTATE 54000, HTTP 413):
+    /// its Arrow bytes while collecting, and over HTTP its encoded body.
+    /// Absent: unbounded (the memory limit still holds).
+    pub max_result_bytes: Option<ByteSize>,
     /// The memory pool of the serving context, shared by all concurrent
-    /// queries, reports and snapshots: a query needing more fails with
-    /// "Resources exhausted" (SQLSTATE 53200, HTTP 413). Absent: unbounded.
+    /// queries, their collected results (until encoded), cursors, reports
+    /// and snapshots: a query needing more fails with "Resources
+    /// exhausted" (SQLSTATE 53200, HTTP 413). Absent: unbounded.
     pub memory_limit: Option<ByteSize>,
+    /// SQL text longer than this is refused before parsing (SQLSTATE 54001,
+    /// HTTP 400 `too_complex`).
+    pub max_sql_bytes: ByteSize,
+    /// A request with more statements than this is refused before any runs
+    /// (SQLSTATE 54001, HTTP 400 `too_complex`).
+    pub max_statements: usize,
+    /// A statement whose expressions and subqueries nest deeper than this
+    /// is refused before planning (SQLSTATE 54001, HTTP 400 `too_complex`).
+    pub max_expression_depth: usize,
 }
 
 impl Default for ServingConfig {
@@ -49,25 +72,39 @@ impl Default for ServingConfig {
         Self {
             timeout: Duration::from_secs(30),
             max_rows: 1_000_000,
+            max_result_bytes: Some(ByteSize::mib(256)),
             memory_limit: Some(ByteSize::gib(2)),
+            max_sql_bytes: ByteSize::mib(1),
+            max_statements: SqlLimits::DEFAULT.max_statements,
+            max_expression_depth: SqlLimits::DEFAULT.max_expression_depth,
         }
     }
 }
 
 impl ServingConfig {
-    /// The per-query limits.
+    /// The per-request limits.
     pub fn limits(&self) -> QueryLimits {
         QueryLimits {
             timeout: Some(self.timeout),
             max_rows: Some(self.max_rows),
+            max_result_bytes: self.max_result_bytes.map(bytes),
+            sql: SqlLimits {
+                max_sql_bytes: bytes(self.max_sql_bytes),
+                max_statements: self.max_statements.max(1),
+                max_expression_depth: self.max_expression_depth.max(1),
+            },
+            deadline: None,
         }
     }
 
     /// The memory pool size in bytes.
     pub fn memory_limit_bytes(&self) -> Option<usize> {
-        self.memory_limit
-            .map(|b| usize::try_from(b.as_u64()).unwrap_or(usize::MAX))
+        self.memory_limit.map(bytes)
     }
+}
+
+fn bytes(b: ByteSize) -> usize {
+    usize::try_from(b.as_u64()).unwrap_or(usize::MAX)
 }
 
 /// `[pg]`: the Postgres wire protocol listener.
@@ -82,8 +119,17 @@ pub struct PgConfig {
     /// The password (SCRAM-SHA-256). `STOREPULSE_PG_PASSWORD` overrides it.
     /// Required when `listen` is not a loopback address.
     pub password: Option<String>,
-    /// Connections beyond this are refused.
+    /// Authenticated sessions at most; one more is refused with SQLSTATE
+    /// 53300 `too many connections` when it has authenticated (sockets
+    /// still logging in do not take these slots).
     pub max_connections: usize,
+    /// Sockets still negotiating TLS or authenticating at most; beyond it a
+    /// new socket gets 53300 at once.
+    pub max_startup_connections: usize,
+    /// A socket that has not finished TLS and authentication within this is
+    /// closed.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
     /// Offer TLS (needs `[tls]`); clients may still connect in clear text
     /// unless they require TLS (`sslmode=require`).
     pub tls: bool,
@@ -96,6 +142,8 @@ impl Default for PgConfig {
             user: "storepulse".into(),
             password: None,
             max_connections: 100,
+            max_startup_connections: 256,
+            startup_timeout: Duration::from_secs(10),
             tls: false,
         }
     }

@@ -22,6 +22,23 @@
 //! result format asked for (an extended-protocol `FETCH` is described with
 //! the cursor's columns). Forward only; a connection's cursors go when it
 //! closes, at `CLOSE`, and after [`CURSOR_IDLE`] unused.
+//!
+//! Hostile input (docs/serving.md, "Limits and isolation"):
+//! * Every request's text is checked on a SQL thread (size, statements,
+//!   expression depth; [`storepulse_engine::SqlLimits`]) before
+//!   `datafusion-postgres` parses it ([`Simple`], [`CheckedParser`]), and
+//!   reads are planned on the SQL threads, so no statement can overflow a
+//!   connection task's stack. One deadline covers the whole request
+//!   (the [`REQUEST`] task-local), including encoding the rows.
+//! * `SET` is answered per connection ([`SessionHook`]): the client
+//!   settings drivers send are kept in the connection's metadata; anything
+//!   that would change the shared serving context (limits, spilling, paths,
+//!   catalogs: every `datafusion.*` key) is refused with 42501.
+//! * A socket must finish TLS and authentication within `startup_timeout`;
+//!   sockets still logging in have their own cap (`max_startup_connections`)
+//!   and take a session slot (`max_connections`) only while their final
+//!   authentication message is processed, so silent sockets cannot lock real
+//!   clients out. Both caps answer 53300.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -60,36 +77,52 @@ use datafusion_postgres::{
             cancel::DefaultCancelHandler,
             portal::{Format, Portal},
             query::{ExtendedQueryHandler, SimpleQueryHandler},
+            results::FieldInfo,
             results::{QueryResponse, Response, Tag},
+            stmt::QueryParser,
             store::PortalStore,
-            ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers,
+            ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireConnectionState,
+            PgWireServerHandlers, Type,
         },
         error::{ErrorInfo, PgWireError, PgWireResult},
-        messages::{PgWireBackendMessage, PgWireFrontendMessage},
+        messages::{
+            data::DataRow, startup::ParameterStatus, PgWireBackendMessage, PgWireFrontendMessage,
+        },
         types::format::FormatOptions,
     },
     DfSessionService, Parser, QueryHook,
 };
 use futures::Sink;
-use storepulse_engine::{write_kind, EngineError, EngineHandle, QueryLimits};
-use tokio::{net::TcpListener, sync::Semaphore};
+use storepulse_engine::{
+    query::plan_statement, sqlrt::on_sql_thread, write_kind, EngineError, EngineHandle,
+    QueryLimits, ResultMemory,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use crate::{config::check_exposure, PgConfig, ServeError};
 
 tokio::task_local! {
     /// The result format of the extended-protocol portal being executed.
     static RESULT_FORMAT: Format;
+    /// The limits of the request being served, with its deadline (one per
+    /// simple-protocol message or extended-protocol execution).
+    static REQUEST: QueryLimits;
 }
 
 /// SQLSTATE and message for an engine error.
 fn pg_error(e: &EngineError) -> PgWireError {
     let code = match e.kind() {
-        "read_only" => "42501",    // insufficient_privilege
-        "timeout" => "57014",      // query_canceled
-        "row_limit" => "54000",    // program_limit_exceeded
-        "memory_limit" => "53200", // out_of_memory
-        "user_error" => "42000",   // syntax_error_or_access_rule_violation
-        _ => "XX000",              // internal_error
+        "read_only" => "42501",                  // insufficient_privilege
+        "timeout" => "57014",                    // query_canceled
+        "row_limit" | "result_limit" => "54000", // program_limit_exceeded
+        "too_complex" => "54001",                // statement_too_complex
+        "memory_limit" => "53200",               // out_of_memory
+        "user_error" => "42000",                 // syntax_error_or_access_rule_violation
+        _ => "XX000",                            // internal_error
     };
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
@@ -139,7 +172,7 @@ impl Cursor {
         let rows: VecDeque<(RecordBatch, usize)> = batches
             .into_iter()
             .map(|b| {
-                let bytes = b.get_array_memory_size();
+                let bytes = storepulse_engine::batch_bytes(&b);
                 (b, bytes)
             })
             .collect();
@@ -276,10 +309,9 @@ fn fetch_count(direction: &FetchDirection) -> PgWireResult<Option<usize>> {
 }
 
 /// Session statements answered with their tag and no effect (clients send
-/// them on connect; storepulse has no session state they could change).
+/// them on connect; `SET` is [`SessionHook`]'s).
 fn session_noop(stmt: &Statement) -> Option<&'static str> {
     match stmt {
-        Statement::Set(_) => Some("SET"),
         Statement::Discard { .. } => Some("DISCARD ALL"),
         Statement::Deallocate { .. } => Some("DEALLOCATE"),
         _ => None,
@@ -342,7 +374,7 @@ impl ServeHook {
             };
             let stmt = Statement::Query(query.clone());
             let plan = self.plan(&stmt, ctx).await?;
-            let out = self.execute(plan, client).await?;
+            let out = self.execute(plan, &self.request_limits(client)).await?;
             let pool = ctx.runtime_env().memory_pool.clone();
             let cursor = Cursor::new(&name.value, out.schema, out.batches, &pool)?;
             self.cursors
@@ -362,7 +394,15 @@ impl ServeHook {
         let count = fetch_count(direction)?;
         let (schema, batches) = self.cursors.fetch(client.socket_addr(), name, count)?;
         let rows = batches.iter().map(|b| b.num_rows()).sum::<usize>();
-        let mut response = encode(schema, batches, format, client)?;
+        let limits = self.request_limits(client);
+        let mut response = encode(
+            schema,
+            batches,
+            ResultMemory::default(),
+            limits,
+            format,
+            client,
+        )?;
         response.set_command_tag(&format!("FETCH {rows}"));
         Ok(Response::Query(response))
     }
@@ -398,12 +438,12 @@ impl ServeHook {
         })
     }
 
+    /// Plans a read on a SQL thread (deep expressions recurse there, not on
+    /// the connection's task).
     async fn plan(&self, stmt: &Statement, ctx: &SessionContext) -> PgWireResult<LogicalPlan> {
-        ctx.state()
-            .statement_to_plan(DFStatement::Statement(Box::new(stmt.clone())))
+        plan_statement(ctx.state(), DFStatement::Statement(Box::new(stmt.clone())))
             .await
             .map_err(|e| {
-                let e = EngineError::from(e);
                 record(Err(&e), Instant::now());
                 pg_error(&e)
             })
@@ -415,24 +455,20 @@ impl ServeHook {
         format: &Format,
         client: &(dyn ClientInfo + Send + Sync),
     ) -> PgWireResult<Response> {
-        let out = self.execute(plan, client).await?;
+        let limits = self.request_limits(client);
+        let out = self.execute(plan, &limits).await?;
+        let (schema, batches, memory) = out.into_parts();
         Ok(Response::Query(encode(
-            out.schema,
-            out.batches,
-            format,
-            client,
+            schema, batches, memory, limits, format, client,
         )?))
     }
 
-    /// Runs a read within the limits (`SET statement_timeout` may lower
-    /// the server's timeout, never raise it).
-    async fn execute(
-        &self,
-        plan: LogicalPlan,
-        client: &(dyn ClientInfo + Send + Sync),
-    ) -> PgWireResult<storepulse_engine::QueryOutput> {
-        let started = Instant::now();
-        let mut limits = self.limits;
+    /// The request's limits and deadline ([`REQUEST`]), lowered by the
+    /// client's `SET statement_timeout` (never raised).
+    fn request_limits(&self, client: &(dyn ClientInfo + Send + Sync)) -> QueryLimits {
+        let mut limits = REQUEST
+            .try_with(|l| *l)
+            .unwrap_or_else(|_| self.limits.start());
         if let Some(ms) = client
             .metadata()
             .get("statement_timeout_ms")
@@ -440,8 +476,20 @@ impl ServeHook {
         {
             let t = std::time::Duration::from_millis(ms);
             limits.timeout = Some(limits.timeout.map_or(t, |l| l.min(t)));
+            let at = tokio::time::Instant::now() + t;
+            limits.deadline = Some(limits.deadline.map_or(at, |d| d.min(at)));
         }
-        let out = self.engine.run_read_only(plan, &limits).await;
+        limits
+    }
+
+    /// Runs a read within `limits`.
+    async fn execute(
+        &self,
+        plan: LogicalPlan,
+        limits: &QueryLimits,
+    ) -> PgWireResult<storepulse_engine::QueryOutput> {
+        let started = Instant::now();
+        let out = self.engine.run_read_only(plan, limits).await;
         record(out.as_ref().map(|_| ()), started);
         out.map_err(|e| {
             tracing::info!(error = %e, "pgwire query failed");
@@ -450,22 +498,60 @@ impl ServeHook {
     }
 }
 
-/// Rows as a query response in `format`.
+/// Rows as a query response in `format`, encoded as the client reads them.
+/// `memory` (the rows' reservation) is held until the last row is encoded;
+/// past the request's deadline the next batch is an error (57014) instead.
 fn encode(
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
+    memory: ResultMemory,
+    limits: QueryLimits,
     format: &Format,
     client: &(dyn ClientInfo + Send + Sync),
 ) -> PgWireResult<QueryResponse> {
     let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
     let fields = Arc::new(arrow_schema_to_pg_fields(&schema, format, Some(options))?);
-    let f = fields.clone();
-    let rows = futures::stream::iter(
-        batches
-            .into_iter()
-            .flat_map(move |b| encode_recordbatch(f.clone(), b)),
-    );
-    Ok(QueryResponse::new(fields, rows))
+    let rows = Rows {
+        fields: fields.clone(),
+        batches: batches.into_iter(),
+        current: None,
+        limits,
+        done: false,
+        _memory: memory,
+    };
+    Ok(QueryResponse::new(fields, futures::stream::iter(rows)))
+}
+
+/// The data rows of a response, batch by batch (see [`encode`]).
+struct Rows {
+    fields: Arc<Vec<datafusion_postgres::pgwire::api::results::FieldInfo>>,
+    batches: std::vec::IntoIter<RecordBatch>,
+    current: Option<Box<dyn Iterator<Item = PgWireResult<DataRow>> + Send>>,
+    limits: QueryLimits,
+    done: bool,
+    _memory: ResultMemory,
+}
+
+impl Iterator for Rows {
+    type Item = PgWireResult<DataRow>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(row) = self.current.as_mut().and_then(|rows| rows.next()) {
+                return Some(row);
+            }
+            let batch = self.batches.next()?;
+            if let Err(e) = self.limits.check_deadline() {
+                self.done = true;
+                record(Err(&e), Instant::now());
+                return Some(Err(pg_error(&e)));
+            }
+            self.current = Some(Box::new(*encode_recordbatch(self.fields.clone(), batch)));
+        }
+    }
 }
 
 fn record(result: Result<(), &EngineError>, started: Instant) {
@@ -508,7 +594,7 @@ impl QueryHook for ServeHook {
     async fn handle_extended_parse_query(
         &self,
         statement: &Statement,
-        _ctx: &SessionContext,
+        ctx: &SessionContext,
         client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
         if session_noop(statement).is_some() {
@@ -538,12 +624,13 @@ impl QueryHook for ServeHook {
             );
         }
         // Writes fail at Parse (as Postgres does for a read-only
-        // transaction); reads get the default planning, with parameter
-        // type inference.
-        refused(statement).map(|e| {
+        // transaction); reads are planned on a SQL thread (parameter types
+        // are inferred from the plan).
+        if let Some(e) = refused(statement) {
             record(Err(&e), Instant::now());
-            Err(pg_error(&e))
-        })
+            return Some(Err(pg_error(&e)));
+        }
+        Some(self.plan(statement, ctx).await)
     }
 
     async fn handle_extended_query(
@@ -580,17 +667,120 @@ impl QueryHook for ServeHook {
     }
 }
 
-/// The extended-query handler: `datafusion-postgres`' own, with the
-/// portal's result format made visible to [`ServeHook`].
-struct Extended(Arc<DfSessionService>);
+/// Checks a request's text against the SQL limits on a SQL thread (the
+/// check parses, and a deep tree is built and dropped there), before
+/// `datafusion-postgres` parses it on the connection's task.
+async fn check_text(sql: &str, limits: &QueryLimits) -> PgWireResult<()> {
+    let refuse = |e: EngineError| {
+        record(Err(&e), Instant::now());
+        tracing::info!(error = %e, "pgwire request refused");
+        pg_error(&e)
+    };
+    limits.sql.check_size(sql).map_err(|e| refuse(e.into()))?;
+    let (text, sql_limits) = (sql.to_owned(), limits.sql);
+    on_sql_thread(async move { sql_limits.check_postgres_text(&text) })
+        .await
+        .map_err(refuse)?
+        .map_err(|e| refuse(e.into()))
+}
+
+/// Runs `fut` (one request) with [`REQUEST`] set and within its deadline.
+async fn within_request<T>(
+    limits: QueryLimits,
+    fut: impl std::future::Future<Output = PgWireResult<T>>,
+) -> PgWireResult<T> {
+    match limits
+        .within(async { Ok(REQUEST.scope(limits, fut).await) })
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            record(Err(&e), Instant::now());
+            Err(pg_error(&e))
+        }
+    }
+}
+
+/// The simple-query handler: `datafusion-postgres`' own, after the text
+/// passed the SQL limits, under one deadline for the whole message.
+struct Simple {
+    inner: Arc<DfSessionService>,
+    limits: QueryLimits,
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Simple {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let limits = self.limits.start();
+        check_text(query, &limits).await?;
+        within_request(
+            limits,
+            SimpleQueryHandler::do_query(&*self.inner, client, query),
+        )
+        .await
+    }
+}
+
+/// `datafusion-postgres`' parser for the extended protocol, after the text
+/// passed the SQL limits.
+struct CheckedParser {
+    inner: Arc<Parser>,
+    limits: QueryLimits,
+}
+
+#[async_trait]
+impl QueryParser for CheckedParser {
+    type Statement = <Parser as QueryParser>::Statement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<Self::Statement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let limits = self.limits.start();
+        check_text(sql, &limits).await?;
+        within_request(limits, self.inner.parse_sql(client, sql, types)).await
+    }
+
+    fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
+        self.inner.get_parameter_types(stmt)
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Self::Statement,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        self.inner.get_result_schema(stmt, column_format)
+    }
+}
+
+/// The extended-query handler: `datafusion-postgres`' own, with the checked
+/// parser, one deadline per execution, and the portal's result format made
+/// visible to [`ServeHook`].
+struct Extended {
+    inner: Arc<DfSessionService>,
+    parser: Arc<CheckedParser>,
+    limits: QueryLimits,
+}
 
 #[async_trait]
 impl ExtendedQueryHandler for Extended {
     type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
-    type QueryParser = Parser;
+    type QueryParser = CheckedParser;
 
-    fn query_parser(&self) -> Arc<Parser> {
-        self.0.query_parser()
+    fn query_parser(&self) -> Arc<CheckedParser> {
+        self.parser.clone()
     }
 
     async fn do_query<C>(
@@ -605,12 +795,249 @@ impl ExtendedQueryHandler for Extended {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        RESULT_FORMAT
-            .scope(
+        within_request(
+            self.limits.start(),
+            RESULT_FORMAT.scope(
                 portal.result_column_format.clone(),
-                ExtendedQueryHandler::do_query(&*self.0, client, portal, max_rows),
-            )
-            .await
+                ExtendedQueryHandler::do_query(&*self.inner, client, portal, max_rows),
+            ),
+        )
+        .await
+    }
+}
+
+/// What a `SET` does on a storepulse pgwire connection.
+enum SetAction {
+    /// `datafusion-postgres`' `SetShowHook` keeps it in the connection's
+    /// metadata (`statement_timeout`, `SET TIME ZONE`).
+    Delegate,
+    /// Kept in the connection's metadata by [`SessionHook`], with the
+    /// `ParameterStatus` name Postgres reports it under (if any).
+    Store {
+        key: &'static str,
+        value: String,
+        report: Option<&'static str>,
+    },
+    /// Accepted with no effect (Postgres client settings that mean nothing
+    /// to storepulse, `SET TRANSACTION ...`: every session is read-only).
+    Ignore,
+    /// Refused (42501, or the error given).
+    Refuse(PgWireError),
+}
+
+/// Client settings a session may change (kept per connection), with the
+/// `ParameterStatus` name Postgres reports.
+const CLIENT_SETTINGS: &[(&str, Option<&str>)] = &[
+    ("application_name", Some("application_name")),
+    ("datestyle", Some("DateStyle")),
+    ("intervalstyle", Some("IntervalStyle")),
+    ("extra_float_digits", Some("extra_float_digits")),
+    ("bytea_output", None),
+    ("timezone", Some("TimeZone")),
+];
+
+/// Postgres settings drivers send that change nothing in storepulse.
+const IGNORED_SETTINGS: &[&str] = &[
+    "client_min_messages",
+    "lc_messages",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "idle_in_transaction_session_timeout",
+    "lock_timeout",
+    "default_transaction_read_only",
+    "default_transaction_isolation",
+    "transaction_isolation",
+    "transaction_read_only",
+    "jit",
+];
+
+/// The settings named in the refusal.
+const SETTABLE: &str = "application_name, client_encoding (UTF8), DateStyle, IntervalStyle, \
+    extra_float_digits, bytea_output, search_path (existing schemas), TimeZone, statement_timeout";
+
+/// The text of a `SET` value: a string's contents, a word, a number.
+fn set_value(e: &datafusion::sql::sqlparser::ast::Expr) -> String {
+    use datafusion::sql::sqlparser::ast::Expr;
+    match e {
+        Expr::Value(v) => v.clone().into_string().unwrap_or_else(|| v.to_string()),
+        Expr::Identifier(i) => i.value.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The policy for `SET` statements over pgwire (see [`SessionHook`]);
+/// `None` for other statements.
+fn set_action(stmt: &Statement, ctx: &SessionContext) -> Option<SetAction> {
+    use datafusion::sql::sqlparser::ast::{ContextModifier, Set};
+    let Statement::Set(set) = stmt else {
+        return None;
+    };
+    let refuse = |what: &str| {
+        SetAction::Refuse(sql_error(
+            "42501",
+            format!(
+                "permission denied to set parameter \"{what}\": a storepulse session may set only {SETTABLE}; \
+                 the server's limits, memory, spilling and paths are set in storepulse.toml"
+            ),
+        ))
+    };
+    Some(match set {
+        Set::SingleAssignment {
+            scope,
+            hivevar,
+            variable,
+            values,
+        } => {
+            let var = variable.to_string().to_lowercase();
+            if *hivevar || matches!(scope, Some(ContextModifier::Global)) {
+                return Some(refuse(&var));
+            }
+            let value = values.iter().map(set_value).collect::<Vec<_>>().join(", ");
+            match var.as_str() {
+                "statement_timeout" => SetAction::Delegate,
+                "client_encoding" | "names" => encoding(&value),
+                "search_path" => search_path(&value, ctx),
+                "standard_conforming_strings" if value.eq_ignore_ascii_case("on") => {
+                    SetAction::Ignore
+                }
+                v if IGNORED_SETTINGS.contains(&v) => SetAction::Ignore,
+                v => match CLIENT_SETTINGS.iter().find(|(k, _)| *k == v) {
+                    Some((key, report)) => SetAction::Store {
+                        key,
+                        value,
+                        report: *report,
+                    },
+                    None => refuse(&var),
+                },
+            }
+        }
+        Set::SetTimeZone { .. } => SetAction::Delegate,
+        Set::SetNames { charset_name, .. } => encoding(&charset_name.value),
+        Set::SetTransaction { .. } => SetAction::Ignore,
+        other => refuse(&other.to_string()),
+    })
+}
+
+/// `SET client_encoding` / `SET NAMES`: storepulse speaks UTF8 only.
+fn encoding(value: &str) -> SetAction {
+    if ["utf8", "utf-8", "unicode"].contains(&value.to_lowercase().as_str()) {
+        SetAction::Store {
+            key: "client_encoding",
+            value: "UTF8".into(),
+            report: Some("client_encoding"),
+        }
+    } else {
+        SetAction::Refuse(sql_error(
+            "22023",
+            format!("invalid value for parameter \"client_encoding\": \"{value}\" (storepulse sends UTF8 only)"),
+        ))
+    }
+}
+
+/// `SET search_path`: every named schema must exist (unqualified names
+/// resolve in `public` whatever the path; the setting is kept for `SHOW`).
+fn search_path(value: &str, ctx: &SessionContext) -> SetAction {
+    let catalog = ctx.catalog("datafusion");
+    for name in value.split(',').map(|n| n.trim().trim_matches('"')) {
+        let known = name.is_empty()
+            || name == "$user"
+            || catalog.as_ref().is_some_and(|c| {
+                c.schema(name).is_some() || c.schema(&name.to_lowercase()).is_some()
+            });
+        if !known {
+            return SetAction::Refuse(sql_error(
+                "3F000",
+                format!("schema \"{name}\" does not exist"),
+            ));
+        }
+    }
+    SetAction::Store {
+        key: "search_path",
+        value: value.to_string(),
+        report: None,
+    }
+}
+
+/// `SET` over pgwire, per connection and never on the shared serving
+/// context (which `datafusion-postgres` would otherwise change for every
+/// client): placed before its `SetShowHook`.
+struct SessionHook;
+
+impl SessionHook {
+    async fn apply(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        match set_action(statement, ctx)? {
+            SetAction::Delegate => None,
+            SetAction::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
+            SetAction::Refuse(e) => {
+                metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => "read_only")
+                    .increment(1);
+                Some(Err(e))
+            }
+            SetAction::Store { key, value, report } => {
+                client.metadata_mut().insert(key.to_string(), value.clone());
+                if let Some(name) = report {
+                    let status = PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+                        name.to_string(),
+                        value,
+                    ));
+                    if let Err(e) = client.send_message(status).await {
+                        return Some(Err(e));
+                    }
+                }
+                Some(Ok(Response::Execution(Tag::new("SET"))))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl QueryHook for SessionHook {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        self.apply(statement, ctx, client).await
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        match set_action(statement, ctx)? {
+            SetAction::Delegate => None,
+            SetAction::Refuse(e) => Some(Err(e)),
+            SetAction::Store { .. } | SetAction::Ignore => Some(
+                DFSchema::try_from(datafusion::arrow::datatypes::Schema::empty())
+                    .map(|schema| {
+                        LogicalPlan::EmptyRelation(EmptyRelation {
+                            produce_one_row: false,
+                            schema: Arc::new(schema),
+                        })
+                    })
+                    .map_err(|e| pg_error(&EngineError::from(e))),
+            ),
+        }
+    }
+
+    async fn handle_extended_query(
+        &self,
+        statement: &Statement,
+        _plan: &LogicalPlan,
+        _params: &ParamValues,
+        ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        self.apply(statement, ctx, client).await
     }
 }
 
@@ -651,10 +1078,35 @@ impl NoopStartupHandler for Open {
     }
 }
 
-/// The startup handler of one connection.
-enum Startup {
+/// How a connection authenticates.
+enum Auth {
     Open(Open),
     Scram(SASLAuthStartupHandler<DefaultServerParameterProvider>),
+}
+
+/// The startup handler of one connection: authentication, then a session
+/// slot. A slot (`max_connections`) is taken only while a message that may
+/// complete authentication is handled and kept only if it did, so sockets
+/// that stall before logging in never hold one; without a free slot the
+/// client gets 53300 before `AuthenticationOk`, as from Postgres.
+struct Startup {
+    auth: Auth,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    /// The socket's place among those still logging in: released once
+    /// authenticated.
+    starting: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    authenticated: tokio::sync::watch::Sender<bool>,
+}
+
+/// 53300 too_many_connections, fatal (the connection closes).
+fn too_many_connections(message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".into(),
+        "53300".into(),
+        message,
+    )))
 }
 
 #[async_trait]
@@ -669,10 +1121,37 @@ impl StartupHandler for Startup {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        match self {
-            Startup::Open(h) => h.on_startup(client, message).await,
-            Startup::Scram(h) => h.on_startup(client, message).await,
+        let may_complete = matches!(
+            message,
+            PgWireFrontendMessage::Startup(_) | PgWireFrontendMessage::PasswordMessageFamily(_)
+        );
+        if may_complete {
+            let mut slot = self.slot.lock().expect("slot lock");
+            if slot.is_none() {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => *slot = Some(p),
+                    Err(_) => {
+                        metrics::counter!("storepulse_pg_connections_refused_total").increment(1);
+                        tracing::warn!(peer = %client.socket_addr(), max = self.max_connections, "pgwire connection refused: max_connections reached");
+                        return Err(too_many_connections(format!(
+                            "sorry, too many clients already ([pg] max_connections = {})",
+                            self.max_connections
+                        )));
+                    }
+                }
+            }
         }
+        let result = match &self.auth {
+            Auth::Open(h) => h.on_startup(client, message).await,
+            Auth::Scram(h) => h.on_startup(client, message).await,
+        };
+        if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            self.starting.lock().expect("starting lock").take();
+            self.authenticated.send_replace(true);
+        } else {
+            self.slot.lock().expect("slot lock").take();
+        }
+        result
     }
 }
 
@@ -689,39 +1168,65 @@ impl ErrorHandler for LogErrors {
 }
 
 struct Handlers {
-    simple: Arc<DfSessionService>,
+    simple: Arc<Simple>,
     extended: Arc<Extended>,
     credentials: Option<Arc<Credentials>>,
     connections: Arc<ConnectionManager>,
     cancel: Arc<DefaultCancelHandler>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
-impl PgWireServerHandlers for Handlers {
-    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.simple.clone()
-    }
+/// The handlers of one connection: the shared ones, and its own startup
+/// handler (authentication state, session slot).
+struct Connection {
+    shared: Arc<Handlers>,
+    startup: Arc<Startup>,
+}
 
-    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.extended.clone()
-    }
-
-    fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        // Called once per connection: the SASL handler holds the state of
-        // one exchange.
-        Arc::new(match &self.credentials {
-            None => Startup::Open(Open(self.connections.clone())),
+impl Connection {
+    fn new(
+        shared: Arc<Handlers>,
+        starting: OwnedSemaphorePermit,
+        authenticated: tokio::sync::watch::Sender<bool>,
+    ) -> Self {
+        let auth = match &shared.credentials {
+            None => Auth::Open(Open(shared.connections.clone())),
             Some(c) => {
                 let mut scram = ScramAuth::new(c.clone());
                 scram.set_iterations(SCRAM_ITERATIONS);
-                Startup::Scram(
+                Auth::Scram(
                     SASLAuthStartupHandler::new(
                         Arc::new(DefaultServerParameterProvider::default()),
                     )
                     .with_scram(scram)
-                    .with_connection_manager(self.connections.clone()),
+                    .with_connection_manager(shared.connections.clone()),
                 )
             }
-        })
+        };
+        let startup = Arc::new(Startup {
+            auth,
+            slots: shared.slots.clone(),
+            max_connections: shared.max_connections,
+            slot: std::sync::Mutex::new(None),
+            starting: std::sync::Mutex::new(Some(starting)),
+            authenticated,
+        });
+        Self { shared, startup }
+    }
+}
+
+impl PgWireServerHandlers for Connection {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.shared.simple.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.shared.extended.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
@@ -729,7 +1234,7 @@ impl PgWireServerHandlers for Handlers {
     }
 
     fn cancel_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::cancel::CancelHandler> {
-        self.cancel.clone()
+        self.shared.cancel.clone()
     }
 }
 
@@ -739,7 +1244,8 @@ pub struct PgServer {
     handlers: Arc<Handlers>,
     cursors: Arc<Cursors>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    max_connections: usize,
+    max_startup_connections: usize,
+    startup_timeout: std::time::Duration,
 }
 
 impl PgServer {
@@ -775,6 +1281,7 @@ impl PgServer {
                 .map_err(|e| ServeError::Config(format!("pg_catalog: {e}")))?;
         }
         let hooks: Vec<Arc<dyn QueryHook>> = vec![
+            Arc::new(SessionHook),
             Arc::new(SetShowHook),
             Arc::new(TransactionStatementHook),
             Arc::new(ServeHook {
@@ -785,9 +1292,22 @@ impl PgServer {
         ];
         let service = Arc::new(DfSessionService::new_with_hooks(ctx, hooks));
         let connections = Arc::new(ConnectionManager::new());
+        let max_connections = cfg.max_connections.max(1);
         let handlers = Arc::new(Handlers {
-            simple: service.clone(),
-            extended: Arc::new(Extended(service)),
+            simple: Arc::new(Simple {
+                inner: service.clone(),
+                limits,
+            }),
+            extended: Arc::new(Extended {
+                parser: Arc::new(CheckedParser {
+                    inner: service.query_parser(),
+                    limits,
+                }),
+                inner: service,
+                limits,
+            }),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
             credentials: cfg.password.as_ref().map(|p| {
                 Arc::new(Credentials {
                     user: cfg.user.clone(),
@@ -813,7 +1333,8 @@ impl PgServer {
             } else {
                 None
             },
-            max_connections: cfg.max_connections.max(1),
+            max_startup_connections: cfg.max_startup_connections.max(1),
+            startup_timeout: cfg.startup_timeout,
         })
     }
 
@@ -823,9 +1344,11 @@ impl PgServer {
     }
 
     /// Accepts connections until `shutdown` resolves; each connection is
-    /// served on its own task.
+    /// served on its own task. A socket must finish TLS and authentication
+    /// within `startup_timeout`; beyond `max_startup_connections` sockets
+    /// still logging in, a new one gets 53300 at once.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let limiter = Arc::new(Semaphore::new(self.max_connections));
+        let starting = Arc::new(Semaphore::new(self.max_startup_connections));
         tokio::pin!(shutdown);
         loop {
             let (socket, peer) = tokio::select! {
@@ -838,26 +1361,58 @@ impl PgServer {
                     }
                 },
             };
-            let Ok(permit) = limiter.clone().try_acquire_owned() else {
+            let Ok(permit) = starting.clone().try_acquire_owned() else {
                 metrics::counter!("storepulse_pg_connections_refused_total").increment(1);
-                tracing::warn!(%peer, max = self.max_connections, "pgwire connection refused: max_connections reached");
-                drop(socket);
+                tracing::warn!(%peer, max = self.max_startup_connections, "pgwire connection refused: max_startup_connections sockets are still logging in");
+                let max = self.max_startup_connections;
+                tokio::spawn(refuse(socket, max));
                 continue;
             };
-            let handlers = self.handlers.clone();
+            let (authenticated, logged_in) = tokio::sync::watch::channel(false);
+            let handlers = Connection::new(self.handlers.clone(), permit, authenticated);
             let tls = self.tls.clone();
             let cursors = self.cursors.clone();
+            let startup_timeout = self.startup_timeout;
             tokio::spawn(async move {
-                let _permit = permit;
                 metrics::gauge!("storepulse_pg_connections").increment(1.0);
-                if let Err(e) =
-                    datafusion_postgres::pgwire::tokio::process_socket(socket, tls, handlers).await
-                {
-                    tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
+                let conn =
+                    datafusion_postgres::pgwire::tokio::process_socket(socket, tls, handlers);
+                let expired = async {
+                    tokio::time::sleep(startup_timeout).await;
+                    if *logged_in.borrow() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
+                    },
+                    _ = expired => {
+                        metrics::counter!("storepulse_pg_startup_timeouts_total").increment(1);
+                        tracing::info!(%peer, timeout = ?startup_timeout, "pgwire connection closed: it did not log in within [pg] startup_timeout");
+                    }
                 }
                 cursors.close_connection(peer);
                 metrics::gauge!("storepulse_pg_connections").decrement(1.0);
             });
         }
+    }
+}
+
+/// Answers a socket over the startup cap with a fatal 53300 and closes it.
+async fn refuse(mut socket: tokio::net::TcpStream, max: usize) {
+    use datafusion_postgres::pgwire::messages::{response::ErrorResponse, Message};
+    let info = ErrorInfo::new(
+        "FATAL".into(),
+        "53300".into(),
+        format!("sorry, too many clients already: {max} connections are logging in ([pg] max_startup_connections)"),
+    );
+    let mut buf = bytes::BytesMut::new();
+    if ErrorResponse::from(info).encode(&mut buf).is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let _ = socket.write_all(&buf).await;
+            let _ = socket.shutdown().await;
+        })
+        .await;
     }
 }

@@ -4,6 +4,8 @@
 //!   statements storepulse adds or treats specially
 //!   (`CREATE MATERIALIZED VIEW`, `CREATE VIEW`), with errors that point at
 //!   the line and column.
+//! * [`guard`] — limits on clients' SQL (size, statements, expression
+//!   depth), checked while parsing, before anything plans it.
 //! * [`udf`] — window functions usable in `GROUP BY`: `tumble` and `hop`
 //!   (`date_bin` is a tumbling window too), `session`.
 //! * [`ledger`], [`velocity`] — the order-independent aggregates the retail
@@ -21,6 +23,7 @@
 mod agg;
 pub mod builtin;
 mod distinct;
+pub mod guard;
 pub mod ledger;
 pub mod parse;
 pub mod rank;
@@ -32,7 +35,8 @@ use datafusion::{logical_expr::AggregateUDF, prelude::SessionContext};
 
 pub use agg::{readable_groups_accumulator, ReadableGroups};
 pub use builtin::RetailParams;
-pub use parse::{parse_script, SqlError, Statement};
+pub use guard::SqlLimits;
+pub use parse::{parse_script, parse_script_with, SqlError, Statement};
 
 /// storepulse's aggregate functions.
 pub fn aggregate_functions() -> Vec<AggregateUDF> {
