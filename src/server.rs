@@ -33,7 +33,7 @@ use datafusion::{arrow::array::RecordBatch, datasource::TableType};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
-use storepulse_engine::{Ddl, EngineError, EngineHandle, QueryLimits, QueryOutput};
+use storepulse_engine::{Ddl, EngineError, EngineHandle, ErrorKind, QueryLimits, QueryOutput};
 
 use crate::pipeline::PipelineState;
 
@@ -463,14 +463,14 @@ async fn query(
 /// HTTP status and error code of a failed query.
 fn status_of(e: &EngineError) -> (StatusCode, &'static str) {
     match e.kind() {
-        "read_only" => (StatusCode::FORBIDDEN, "read_only"),
-        "timeout" => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
-        "row_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
-        "result_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "result_limit"),
-        "too_complex" => (StatusCode::BAD_REQUEST, "too_complex"),
-        "memory_limit" => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
-        "user_error" => (StatusCode::BAD_REQUEST, "user_error"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        ErrorKind::ReadOnly => (StatusCode::FORBIDDEN, "read_only"),
+        ErrorKind::Timeout => (StatusCode::REQUEST_TIMEOUT, "query_timeout"),
+        ErrorKind::RowLimit => (StatusCode::PAYLOAD_TOO_LARGE, "row_limit"),
+        ErrorKind::ResultLimit => (StatusCode::PAYLOAD_TOO_LARGE, "result_limit"),
+        ErrorKind::MemoryLimit => (StatusCode::PAYLOAD_TOO_LARGE, "memory_limit"),
+        ErrorKind::TooComplex => (StatusCode::BAD_REQUEST, "too_complex"),
+        ErrorKind::User => (StatusCode::BAD_REQUEST, "user_error"),
+        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
 
@@ -513,7 +513,7 @@ async fn run_query(
         Ok(r) => r,
         Err(e) => {
             let (status, code) = status_of(&e);
-            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => e.kind())
+            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => e.kind().as_str())
                 .increment(1);
             tracing::info!(error = %e, code, "query failed");
             error(status, code, e.to_string())

@@ -15,8 +15,7 @@ use std::{
 use datafusion::{
     arrow::{array::RecordBatch, datatypes::SchemaRef},
     catalog::{streaming::StreamingTable, TableProvider},
-    common::tree_node::TreeNodeRecursion,
-    datasource::{source_as_provider, view::ViewTable},
+    datasource::view::ViewTable,
     execution::{
         cache::cache_manager::CacheManagerConfig,
         context::SessionState,
@@ -31,7 +30,6 @@ use datafusion::{
 use serde::Serialize;
 use storepulse_ingest::{AppliedPositions, SourceMessage, StreamKind};
 use storepulse_sql::{parse_script, retail::FloorCell, Statement};
-use tokio::sync::Mutex;
 
 use crate::{
     config::EngineConfig,
@@ -39,13 +37,11 @@ use crate::{
     error::{user_err, EngineError, Result},
     gate::StreamGate,
     late::LateEvents,
-    query::{self, df_write_kind, verify_read_only, Ddl, QueryLimits, QueryOutput},
+    query::{self, QueryLimits, QueryOutput},
     refresh::RefreshedView,
     snapshot::{
-        BatchSlot, ClockTable, LateEventsTable, PinnedSnapshot, SlotPartition, Snapshot,
-        SnapshotCell, StreamStub, ViewStateTable,
+        BatchSlot, ClockTable, LateEventsTable, SlotPartition, Snapshot, SnapshotCell, StreamStub,
     },
-    sqlrt::on_sql_thread,
     view::{plan_view, ContinuousView},
     watermark::Watermark,
 };
@@ -108,13 +104,13 @@ pub struct StreamStatus {
 pub struct Engine {
     cfg: EngineConfig,
     planning: SessionContext,
-    serving: SessionContext,
+    pub(crate) serving: SessionContext,
     stream_tables: HashMap<String, StreamKind>,
     slots: BTreeMap<StreamKind, Arc<BatchSlot>>,
     gates: BTreeMap<StreamKind, StreamGate>,
     views: Vec<ContinuousView>,
     late: LateEvents,
-    cell: SnapshotCell,
+    pub(crate) cell: SnapshotCell,
     epoch: u64,
     snapshot_epoch: Option<u64>,
     snapshot_as_of: Option<i64>,
@@ -123,7 +119,7 @@ pub struct Engine {
     dimensions: HashMap<String, DimensionData>,
     last_evaluation: Vec<(String, f64)>,
     alerts: Vec<AlertDefinition>,
-    refreshed: Vec<Arc<RefreshedView>>,
+    pub(crate) refreshed: Vec<Arc<RefreshedView>>,
 }
 
 /// An alert rule created with `CREATE ALERT` (checked against the catalog).
@@ -144,7 +140,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -303,7 +299,7 @@ impl Engine {
         Ok(out)
     }
 
-    async fn execute_statement(&mut self, stmt: Statement) -> Result<QueryOutput> {
+    pub(crate) async fn execute_statement(&mut self, stmt: Statement) -> Result<QueryOutput> {
         match stmt {
             Statement::CreateMaterializedView {
                 name,
@@ -942,7 +938,7 @@ fn created_view_name(s: &DFStatement) -> Option<String> {
     }
 }
 
-fn is_view_ddl(s: &DFStatement) -> bool {
+pub(crate) fn is_view_ddl(s: &DFStatement) -> bool {
     match s {
         DFStatement::Statement(s) => match s.as_ref() {
             SqlStatement::CreateView(v) => !v.materialized,
@@ -974,279 +970,4 @@ async fn run_query(
 /// SQL with whitespace runs collapsed (to compare definitions).
 fn normalize_sql(sql: &str) -> String {
     sql.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The materialized views (by name) a plan reads, through query-time views
-/// and subqueries.
-/// Marker in [`referenced_views`]' output for `late_events` / `engine_clock`.
-const ENGINE_STATE: &str = "\0engine state";
-
-fn referenced_views(plan: &LogicalPlan, out: &mut HashSet<String>) {
-    let _ = plan.apply_with_subqueries(|p| {
-        if let LogicalPlan::TableScan(scan) = p {
-            if let Ok(provider) = source_as_provider(&scan.source) {
-                if let Some(v) = provider.downcast_ref::<ViewTable>() {
-                    referenced_views(v.logical_plan(), out);
-                } else if let Some(r) = provider.downcast_ref::<RefreshedView>() {
-                    // A fresh result is read from memory: nothing to evaluate.
-                    if r.is_stale() {
-                        referenced_views(r.plan(), out);
-                    }
-                } else if let Some(t) = provider.downcast_ref::<ViewStateTable>() {
-                    out.insert(t.view.clone());
-                } else if provider.downcast_ref::<LateEventsTable>().is_some()
-                    || provider.downcast_ref::<ClockTable>().is_some()
-                {
-                    // Live engine state, read from the pinned snapshot: the
-                    // query needs a current one (no view has this name).
-                    out.insert(ENGINE_STATE.to_string());
-                }
-            }
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-}
-
-/// A cloneable handle: the engine behind a lock plus its serving context.
-#[derive(Clone)]
-pub struct EngineHandle {
-    engine: Arc<Mutex<Engine>>,
-    serving: SessionContext,
-    /// The latest published snapshot, for queries that read no live state.
-    cell: SnapshotCell,
-    changed: Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-impl std::fmt::Debug for EngineHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle").finish_non_exhaustive()
-    }
-}
-
-impl EngineHandle {
-    /// Wraps an engine.
-    pub fn new(engine: Engine) -> Self {
-        let serving = engine.serving.clone();
-        let cell = engine.cell.clone();
-        let (changed, _) = tokio::sync::watch::channel(engine.epoch());
-        Self {
-            engine: Arc::new(Mutex::new(engine)),
-            serving,
-            cell,
-            changed: Arc::new(changed),
-        }
-    }
-
-    /// Announces that applied batches changed the views (the pipeline calls
-    /// this after applying; alert rules re-evaluate on it).
-    pub fn notify_changed(&self, epoch: u64) {
-        self.changed.send_replace(epoch);
-    }
-
-    /// Subscribes to [`EngineHandle::notify_changed`].
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// Runs one read-only query and returns its rows with the event time
-    /// the snapshot it read is "as of" (`engine_clock.as_of`).
-    pub async fn query_at(&self, sql: &str) -> Result<(QueryOutput, Option<i64>)> {
-        let plan = self.plan_one_query(sql).await?;
-        let mut needed = HashSet::new();
-        referenced_views(&plan, &mut needed);
-        let snap = self.engine.lock().await.snapshot_for(&needed)?;
-        let as_of = snap.as_of;
-        let out = query::execute(&self.serving, plan, snap, &QueryLimits::default()).await?;
-        Ok((out, as_of))
-    }
-
-    /// Runs several read-only queries on one snapshot (one engine epoch), so
-    /// their answers are mutually consistent; returns the rows, the
-    /// snapshot's `as_of` and its epoch. Used for lake snapshots.
-    pub async fn query_consistent(
-        &self,
-        sqls: &[String],
-    ) -> Result<(Vec<QueryOutput>, Option<i64>, u64)> {
-        let mut plans = Vec::with_capacity(sqls.len());
-        let mut needed = HashSet::new();
-        for sql in sqls {
-            let plan = self.plan_one_query(sql).await?;
-            referenced_views(&plan, &mut needed);
-            plans.push(plan);
-        }
-        let snap = self.engine.lock().await.snapshot_for(&needed)?;
-        let (as_of, epoch) = (snap.as_of, snap.epoch);
-        let mut out = Vec::with_capacity(plans.len());
-        for plan in plans {
-            out.push(
-                query::execute(&self.serving, plan, snap.clone(), &QueryLimits::default()).await?,
-            );
-        }
-        Ok((out, as_of, epoch))
-    }
-
-    /// Plans `sql`, which must be exactly one query (not DDL), on a SQL
-    /// thread.
-    async fn plan_one_query(&self, sql: &str) -> Result<LogicalPlan> {
-        let mut stmts = parse_script(sql)?;
-        let (1, Some(Statement::DataFusion { statement, .. })) = (stmts.len(), stmts.pop()) else {
-            return user_err(format!("expected one query: {sql}"));
-        };
-        if is_view_ddl(&statement) {
-            return user_err(format!("expected a query, not DDL: {sql}"));
-        }
-        query::plan_statement(self.serving.state(), *statement).await
-    }
-
-    /// The serving context (catalog of views, dimensions, lake tables).
-    pub fn serving_context(&self) -> &SessionContext {
-        &self.serving
-    }
-
-    /// Locks the engine (for applying batches or DDL).
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Engine> {
-        self.engine.lock().await
-    }
-
-    /// Runs a SQL script with view DDL allowed and the default structural
-    /// limits only (the operator's path: tests, tools). See
-    /// [`EngineHandle::query_with`].
-    pub async fn query(&self, sql: &str) -> Result<Vec<QueryOutput>> {
-        self.query_with(sql, &QueryLimits::default(), Ddl::Allowed)
-            .await
-    }
-
-    /// Runs a client's SQL script within `limits` (one deadline for the
-    /// whole script): parsed and checked on a SQL thread
-    /// ([`storepulse_sql::parse_script_with`]: size, statements, expression
-    /// depth) before anything runs. Read-only statements run on a pinned
-    /// snapshot without holding the engine lock; storepulse's view DDL
-    /// (`CREATE [MATERIALIZED] VIEW`, `DROP VIEW`) goes through the engine
-    /// when `ddl` allows it, and is refused with [`EngineError::ReadOnly`]
-    /// otherwise (analysts' connections, requests a browser could forge). `CREATE ALERT` is refused: rules
-    /// are configured at start, where their sinks are built and checked.
-    pub async fn query_with(
-        &self,
-        sql: &str,
-        limits: &QueryLimits,
-        ddl: Ddl,
-    ) -> Result<Vec<QueryOutput>> {
-        let limits = limits.start();
-        limits.within(self.script(sql, &limits, ddl)).await
-    }
-
-    async fn script(&self, sql: &str, limits: &QueryLimits, ddl: Ddl) -> Result<Vec<QueryOutput>> {
-        limits.sql.check_size(sql)?;
-        let (text, sql_limits) = (sql.to_owned(), limits.sql);
-        let stmts =
-            on_sql_thread(async move { storepulse_sql::parse_script_with(&text, &sql_limits) })
-                .await??;
-        let mut out = Vec::new();
-        for stmt in stmts {
-            match stmt {
-                Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
-                    if let Some(kind) = df_write_kind(&statement) {
-                        return Err(crate::EngineError::ReadOnly(format!(
-                            "{kind} is not allowed: storepulse serves read-only SQL (views are defined with CREATE [MATERIALIZED] VIEW)"
-                        )));
-                    }
-                    let plan = query::plan_statement(self.serving.state(), *statement).await?;
-                    out.push(self.run_read_only(plan, limits).await?);
-                }
-                Statement::CreateAlert(a) => {
-                    return user_err(format!(
-                        "CREATE ALERT {} is not accepted at run time: alert rules are configured at start \
-                         (a SQL file in [sql] files, or [[alerts.rules]]), where their sinks are built and \
-                         checked; add it there and restart",
-                        a.name
-                    ));
-                }
-                other => {
-                    if let Ddl::Refused(why) = ddl {
-                        let kind = match other {
-                            Statement::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
-                            _ => "CREATE VIEW / DROP VIEW",
-                        };
-                        return Err(crate::EngineError::ReadOnly(format!(
-                            "{kind} is not allowed: {why}"
-                        )));
-                    }
-                    out.push(self.engine.lock().await.execute_statement(other).await?)
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Runs one planned read-only query (pgwire plans with its own parser)
-    /// on a snapshot pinned for it: only the materialized views the plan
-    /// reads are evaluated. Refuses anything but reads
-    /// ([`verify_read_only`]) and enforces `limits` (the deadline too, if
-    /// [`QueryLimits::start`] set one for the whole request).
-    pub async fn run_read_only(
-        &self,
-        plan: LogicalPlan,
-        limits: &QueryLimits,
-    ) -> Result<QueryOutput> {
-        verify_read_only(&plan)?;
-        let limits = limits.start();
-        let mut needed = HashSet::new();
-        referenced_views(&plan, &mut needed);
-        // A query that reads no materialized view and no live engine state
-        // (fresh refreshed views, dimensions, the lake, catalogs) does not
-        // wait for the engine lock, which micro-batch applies hold.
-        let snap = if needed.is_empty() {
-            self.cell.load()
-        } else {
-            limits
-                .within(async { self.engine.lock().await.snapshot_for(&needed) })
-                .await?
-        };
-        query::execute(&self.serving, plan, snap, &limits).await
-    }
-
-    /// Recomputes the refreshed views that are due (see
-    /// [`RefreshedView::is_due`]); the binary calls this every second.
-    /// Returns the views recomputed.
-    pub async fn refresh_due(&self) -> Result<Vec<String>> {
-        self.refresh_where(RefreshedView::is_due).await
-    }
-
-    /// Recomputes every refreshed view now, e.g. when a bounded run has
-    /// applied its last batch (so that what they serve then is final).
-    /// Returns the views recomputed.
-    pub async fn refresh_all(&self) -> Result<Vec<String>> {
-        self.refresh_where(|_| true).await
-    }
-
-    async fn refresh_where(&self, pick: impl Fn(&RefreshedView) -> bool) -> Result<Vec<String>> {
-        let due: Vec<Arc<RefreshedView>> = {
-            let e = self.engine.lock().await;
-            for r in &e.refreshed {
-                if let Some(age) = r.age() {
-                    metrics::gauge!("storepulse_engine_view_refresh_age_seconds", "view" => r.name().to_string())
-                        .set(age.as_secs_f64());
-                }
-            }
-            e.refreshed.iter().filter(|r| pick(r)).cloned().collect()
-        };
-        let mut done = Vec::new();
-        for r in due {
-            let mut needed = HashSet::new();
-            referenced_views(r.plan(), &mut needed);
-            let snap = self.engine.lock().await.snapshot_for(&needed)?;
-            let mut state = self.serving.state();
-            state
-                .config_mut()
-                .set_extension(Arc::new(PinnedSnapshot(Some(snap))));
-            r.compute(&state, true).await?;
-            done.push(r.name().to_string());
-        }
-        Ok(done)
-    }
-
-    /// The wall clock used for watermark idleness.
-    pub fn now_ms() -> i64 {
-        now_ms()
-    }
 }

@@ -100,27 +100,83 @@ impl EngineError {
     }
 }
 
+/// The class of a failed query, shared by the HTTP status, the pgwire
+/// SQLSTATE and the `kind` label of `storepulse_query_errors_total`; each
+/// interface maps every variant (an exhaustive `match`, no fallback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Not a read, on a read-only connection (42501, HTTP 403).
+    ReadOnly,
+    /// Past the request's deadline (57014, HTTP 408).
+    Timeout,
+    /// More rows than `[serving] max_rows` (54000, HTTP 413).
+    RowLimit,
+    /// More bytes than `[serving] max_result_bytes` (54000, HTTP 413).
+    ResultLimit,
+    /// Over the serving memory pool (53200, HTTP 413).
+    MemoryLimit,
+    /// Over the SQL limits: text size, statements, expression depth
+    /// (54001, HTTP 400).
+    TooComplex,
+    /// The caller's SQL is wrong (42000, HTTP 400).
+    User,
+    /// A fault of the server (XX000, HTTP 500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The label: `read_only`, `timeout`, `row_limit`, `result_limit`,
+    /// `memory_limit`, `too_complex`, `user_error`, `internal_error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::ReadOnly => "read_only",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::RowLimit => "row_limit",
+            ErrorKind::ResultLimit => "result_limit",
+            ErrorKind::MemoryLimit => "memory_limit",
+            ErrorKind::TooComplex => "too_complex",
+            ErrorKind::User => "user_error",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    /// The Postgres SQLSTATE.
+    pub fn sqlstate(self) -> &'static str {
+        match self {
+            ErrorKind::ReadOnly => "42501", // insufficient_privilege
+            ErrorKind::Timeout => "57014",  // query_canceled
+            ErrorKind::RowLimit | ErrorKind::ResultLimit => "54000", // program_limit_exceeded
+            ErrorKind::MemoryLimit => "53200", // out_of_memory
+            ErrorKind::TooComplex => "54001", // statement_too_complex
+            ErrorKind::User => "42000",     // syntax_error_or_access_rule_violation
+            ErrorKind::Internal => "XX000", // internal_error
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl EngineError {
-    /// The class of a failed query, shared by the HTTP status, the pgwire
-    /// SQLSTATE and the `kind` label of `storepulse_query_errors_total`:
-    /// `read_only`, `timeout`, `row_limit`, `result_limit`, `memory_limit`,
-    /// `too_complex` (a statement over the SQL limits: text size,
-    /// statements, expression depth), `user_error` or `internal_error`.
-    pub fn kind(&self) -> &'static str {
+    /// The class of a failed query (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
         use storepulse_sql::SqlError;
         match self {
-            EngineError::ReadOnly(_) => "read_only",
-            EngineError::Timeout(_) => "timeout",
-            EngineError::TooManyRows(_) => "row_limit",
-            EngineError::ResultTooLarge(_) => "result_limit",
+            EngineError::ReadOnly(_) => ErrorKind::ReadOnly,
+            EngineError::Timeout(_) => ErrorKind::Timeout,
+            EngineError::TooManyRows(_) => ErrorKind::RowLimit,
+            EngineError::ResultTooLarge(_) => ErrorKind::ResultLimit,
             EngineError::Sql(
                 SqlError::TooLarge { .. }
                 | SqlError::TooManyStatements { .. }
                 | SqlError::TooComplex { .. },
-            ) => "too_complex",
-            _ if self.is_memory_limit() => "memory_limit",
-            _ if self.is_user_error() => "user_error",
-            _ => "internal_error",
+            ) => ErrorKind::TooComplex,
+            _ if self.is_memory_limit() => ErrorKind::MemoryLimit,
+            _ if self.is_user_error() => ErrorKind::User,
+            _ => ErrorKind::Internal,
         }
     }
 

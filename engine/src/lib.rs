@@ -36,10 +36,11 @@ pub mod watermark;
 pub use checkpoint::EngineCheckpoint;
 pub use config::EngineConfig;
 pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
-pub use engine::{AlertDefinition, Engine, EngineHandle, IngestReport, StreamStatus, ViewInfo};
-pub use error::{EngineError, Result};
+pub use engine::{AlertDefinition, Engine, IngestReport, StreamStatus, ViewInfo};
+pub use error::{EngineError, ErrorKind, Result};
 pub use query::{
-    batch_bytes, verify_read_only, write_kind, Ddl, QueryLimits, QueryOutput, ResultMemory,
+    batch_bytes, refuse_writes, verify_read_only, write_kind, Ddl, EngineHandle, QueryLimits,
+    QueryOutput, Reads, ResultMemory,
 };
 pub use snapshot::Snapshot;
 pub use storepulse_sql::SqlLimits;

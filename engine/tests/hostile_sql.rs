@@ -13,7 +13,7 @@ use datafusion::{
 };
 use proptest::prelude::*;
 use storepulse_engine::{
-    Ddl, Engine, EngineConfig, EngineError, EngineHandle, QueryLimits, SqlLimits,
+    Ddl, Engine, EngineConfig, EngineError, EngineHandle, ErrorKind, QueryLimits, SqlLimits,
 };
 use storepulse_ingest::StreamKind;
 
@@ -102,7 +102,7 @@ async fn deep_statements_are_refused_before_planning_and_the_engine_goes_on() {
     ];
     for sql in &deep {
         let e = h.query_with(sql, &limits(), READ_ONLY).await.unwrap_err();
-        assert_eq!(e.kind(), "too_complex", "{}...: {e}", &sql[..40]);
+        assert_eq!(e.kind(), ErrorKind::TooComplex, "{}...: {e}", &sql[..40]);
         assert!(
             e.to_string().contains("expression depth exceeds 1000"),
             "{e}"
@@ -127,7 +127,7 @@ async fn deep_statements_are_refused_before_planning_and_the_engine_goes_on() {
     ] {
         let e = h.query_with(&sql, &limits(), READ_ONLY).await.unwrap_err();
         assert!(
-            matches!(e.kind(), "too_complex" | "user_error"),
+            matches!(e.kind(), ErrorKind::TooComplex | ErrorKind::User),
             "{}...: {e}",
             &sql[..30]
         );
@@ -154,18 +154,18 @@ async fn size_statement_count_and_empty_requests_are_clear_errors() {
         .query_with(&"SELECT 1;".repeat(101), &limits(), READ_ONLY)
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), "too_complex");
+    assert_eq!(e.kind(), ErrorKind::TooComplex);
     assert!(
         e.to_string().contains("101 in one request exceed 100"),
         "{e}"
     );
     let big = format!("SELECT '{}'", "x".repeat(2 << 20));
     let e = h.query_with(&big, &limits(), READ_ONLY).await.unwrap_err();
-    assert_eq!(e.kind(), "too_complex");
+    assert_eq!(e.kind(), ErrorKind::TooComplex);
     assert!(e.to_string().contains("max_sql_bytes"), "{e}");
     for empty in [";", "-- only a comment", " ;; /* x */ "] {
         let e = h.query_with(empty, &limits(), READ_ONLY).await.unwrap_err();
-        assert_eq!(e.kind(), "user_error", "{empty:?}: {e}");
+        assert_eq!(e.kind(), ErrorKind::User, "{empty:?}: {e}");
         assert!(e.to_string().contains("no SQL statement"), "{e}");
     }
     // A higher cap lets a longer script run (splitting is one tokenizer
@@ -188,7 +188,7 @@ async fn create_alert_at_run_time_is_refused_with_where_rules_go() {
         )
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), "user_error");
+    assert_eq!(e.kind(), ErrorKind::User);
     assert!(
         e.to_string().contains("configured at start") && e.to_string().contains("hot"),
         "{e}"
@@ -247,7 +247,7 @@ async fn results_are_bounded_by_bytes_and_by_the_memory_pool_which_gets_its_memo
         ..limits()
     };
     let e = h.query_with(huge, &l, READ_ONLY).await.unwrap_err();
-    assert_eq!(e.kind(), "result_limit", "{e}");
+    assert_eq!(e.kind(), ErrorKind::ResultLimit, "{e}");
     assert!(e.to_string().contains("max_result_bytes"), "{e}");
     // ... and, without it, over the 64 MiB pool that holds results.
     let l = QueryLimits {
@@ -255,7 +255,7 @@ async fn results_are_bounded_by_bytes_and_by_the_memory_pool_which_gets_its_memo
         ..limits()
     };
     let e = h.query_with(huge, &l, READ_ONLY).await.unwrap_err();
-    assert_eq!(e.kind(), "memory_limit", "{e}");
+    assert_eq!(e.kind(), ErrorKind::MemoryLimit, "{e}");
     assert_eq!(pool.reserved(), 0, "a failed query gives its memory back");
     // A result that fits is held in the pool until it is dropped.
     let out = h
@@ -390,10 +390,10 @@ proptest! {
                 Ok(_) => {}
                 Err(e) => {
                     prop_assert!(
-                        matches!(e.kind(), "too_complex" | "user_error" | "result_limit"),
+                        matches!(e.kind(), ErrorKind::TooComplex | ErrorKind::User | ErrorKind::ResultLimit),
                         "depth {depth}: {}: {e}", &sql[..sql.len().min(60)]
                     );
-                    if e.kind() == "too_complex" {
+                    if e.kind() == ErrorKind::TooComplex {
                         prop_assert!(depth > 500, "refused a shallow statement: {e}");
                     }
                 }

@@ -94,7 +94,7 @@ use datafusion_postgres::{
 };
 use futures::Sink;
 use storepulse_engine::{
-    query::plan_statement, sqlrt::on_sql_thread, write_kind, EngineError, EngineHandle,
+    query::plan_statement, refuse_writes, sqlrt::on_sql_thread, EngineError, EngineHandle,
     QueryLimits, ResultMemory,
 };
 use tokio::{
@@ -115,18 +115,9 @@ tokio::task_local! {
 
 /// SQLSTATE and message for an engine error.
 fn pg_error(e: &EngineError) -> PgWireError {
-    let code = match e.kind() {
-        "read_only" => "42501",                  // insufficient_privilege
-        "timeout" => "57014",                    // query_canceled
-        "row_limit" | "result_limit" => "54000", // program_limit_exceeded
-        "too_complex" => "54001",                // statement_too_complex
-        "memory_limit" => "53200",               // out_of_memory
-        "user_error" => "42000",                 // syntax_error_or_access_rule_violation
-        _ => "XX000",                            // internal_error
-    };
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
-        code.into(),
+        e.kind().sqlstate().into(),
         e.to_string(),
     )))
 }
@@ -319,17 +310,14 @@ fn session_noop(stmt: &Statement) -> Option<&'static str> {
 }
 
 /// Statements that are not reads are refused before planning, with the
-/// statement's kind in the message; reads still pass
+/// statement's kind in the message (the engine's read-only rule,
+/// [`storepulse_engine::refuse_writes`]); reads still pass
 /// [`storepulse_engine::verify_read_only`].
 fn refused(stmt: &Statement) -> Option<EngineError> {
     if is_cursor_statement(stmt) {
         return None;
     }
-    write_kind(stmt).map(|kind| {
-        EngineError::ReadOnly(format!(
-            "{kind} is not allowed: storepulse serves read-only SQL over the Postgres protocol (views are defined in the server's SQL files)"
-        ))
-    })
+    refuse_writes(stmt).err()
 }
 
 /// `DECLARE`, `FETCH` or `CLOSE` (cursor statements; see the module docs).
@@ -338,6 +326,19 @@ fn is_cursor_statement(stmt: &Statement) -> bool {
         stmt,
         Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. }
     )
+}
+
+/// A plan that returns no rows with `schema`'s columns: how a statement
+/// answered at Execute is described at Parse.
+fn no_rows(schema: SchemaRef) -> PgWireResult<LogicalPlan> {
+    DFSchema::try_from(schema)
+        .map(|schema| {
+            LogicalPlan::EmptyRelation(EmptyRelation {
+                produce_one_row: false,
+                schema: Arc::new(schema),
+            })
+        })
+        .map_err(|e| pg_error(&EngineError::from(e)))
 }
 
 /// A cursor feature storepulse does not have (SQLSTATE 0A000).
@@ -558,7 +559,7 @@ fn record(result: Result<(), &EngineError>, started: Instant) {
     metrics::histogram!("storepulse_query_duration_seconds", "interface" => "pgwire")
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = result {
-        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => e.kind())
+        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => e.kind().as_str())
             .increment(1);
     }
 }
@@ -612,16 +613,7 @@ impl QueryHook for ServeHook {
                 }
                 _ => Arc::new(datafusion::arrow::datatypes::Schema::empty()),
             };
-            return Some(
-                DFSchema::try_from(schema)
-                    .map(|schema| {
-                        LogicalPlan::EmptyRelation(EmptyRelation {
-                            produce_one_row: false,
-                            schema: Arc::new(schema),
-                        })
-                    })
-                    .map_err(|e| pg_error(&EngineError::from(e))),
-            );
+            return Some(no_rows(schema));
         }
         // Writes fail at Parse (as Postgres does for a read-only
         // transaction); reads are planned on a SQL thread (parameter types
@@ -1016,16 +1008,9 @@ impl QueryHook for SessionHook {
         match set_action(statement, ctx)? {
             SetAction::Delegate => None,
             SetAction::Refuse(e) => Some(Err(e)),
-            SetAction::Store { .. } | SetAction::Ignore => Some(
-                DFSchema::try_from(datafusion::arrow::datatypes::Schema::empty())
-                    .map(|schema| {
-                        LogicalPlan::EmptyRelation(EmptyRelation {
-                            produce_one_row: false,
-                            schema: Arc::new(schema),
-                        })
-                    })
-                    .map_err(|e| pg_error(&EngineError::from(e))),
-            ),
+            SetAction::Store { .. } | SetAction::Ignore => Some(no_rows(Arc::new(
+                datafusion::arrow::datatypes::Schema::empty(),
+            ))),
         }
     }
 

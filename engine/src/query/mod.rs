@@ -1,11 +1,16 @@
-//! The read side's policy and execution: what a client may run, and the
-//! limits every analyst query runs under.
+//! The read side: what a client may run, the limits every analyst query
+//! runs under, and how a read executes. The engine (`engine.rs`) keeps
+//! applying batches, DDL and checkpoints.
 //!
+//! * [`EngineHandle`] (`handle.rs`): the front door for reads.
+//! * [`Reads`] (`reads.rs`): the views and live state a plan reads.
 //! * [`QueryLimits`]: one deadline per request (parse, plan, execution and
 //!   encoding), rows, result bytes, and the structural SQL limits
 //!   ([`SqlLimits`]: text size, statements, expression depth).
-//! * [`write_kind`] / [`verify_read_only`]: statements that are not reads
-//!   are refused (by kind before planning, by plan after).
+//! * `policy.rs`: the read-only rule of analysts' connections, one place
+//!   for both protocols: by statement kind before planning
+//!   ([`refuse_writes`], naming the statement) and by plan after
+//!   ([`verify_read_only`]).
 //! * [`execute`]: a planned read on a pinned snapshot; its physical plan is
 //!   built on the SQL threads ([`crate::sqlrt`]); collected batches are
 //!   reserved in the serving memory pool and held by the [`QueryOutput`]
@@ -21,13 +26,22 @@ use datafusion::{
     },
     logical_expr::LogicalPlan,
     physical_plan::execute_stream,
-    prelude::{SQLOptions, SessionContext},
-    sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
+    prelude::SessionContext,
+    sql::parser::Statement as DFStatement,
 };
 use storepulse_sql::SqlLimits;
 use tokio::time::Instant;
 
 use crate::{snapshot::PinnedSnapshot, sqlrt::on_sql_thread, EngineError, Result, Snapshot};
+
+mod handle;
+mod policy;
+mod reads;
+
+pub use handle::EngineHandle;
+pub(crate) use policy::refuse_df_writes;
+pub use policy::{refuse_writes, verify_read_only, write_kind};
+pub use reads::Reads;
 
 /// Limits on one request of the serving side (`[serving]`); each is
 /// answered with a typed error ([`EngineError::Timeout`],
@@ -158,76 +172,6 @@ pub fn batch_bytes(b: &RecordBatch) -> usize {
                 .unwrap_or_else(|_| c.get_array_memory_size())
         })
         .sum()
-}
-
-/// The kind of a statement that is not a read (`CREATE TABLE`, `INSERT
-/// INTO`, `COPY`, `DROP VIEW`, `SET`, ...), for the read-only error; `None`
-/// for queries, `EXPLAIN` and `SHOW`.
-pub fn write_kind(stmt: &SqlStatement) -> Option<String> {
-    if matches!(
-        stmt,
-        SqlStatement::Query(_) | SqlStatement::Explain { .. } | SqlStatement::ExplainTable { .. }
-    ) {
-        return None;
-    }
-    let text = stmt.to_string();
-    let words: Vec<&str> = text.split_whitespace().take(3).collect();
-    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
-    if words.first().is_some_and(|w| is(w, "SHOW")) {
-        return None;
-    }
-    let kind = match words.as_slice() {
-        [a, b, c, ..]
-            if is(a, "CREATE")
-                && ["MATERIALIZED", "EXTERNAL", "OR", "TEMPORARY", "UNIQUE"]
-                    .iter()
-                    .any(|k| is(b, k)) =>
-        {
-            format!("{a} {b} {c}")
-        }
-        [a, b, ..]
-            if ["CREATE", "DROP", "ALTER", "INSERT", "TRUNCATE", "GRANT"]
-                .iter()
-                .any(|k| is(a, k)) =>
-        {
-            format!("{a} {b}")
-        }
-        [a, ..] => a.to_string(),
-        [] => "this statement".into(),
-    };
-    Some(kind.to_uppercase())
-}
-
-/// [`write_kind`] for DataFusion's statements (`CREATE EXTERNAL TABLE` and
-/// `COPY ... TO` are its own).
-pub(crate) fn df_write_kind(stmt: &DFStatement) -> Option<String> {
-    match stmt {
-        DFStatement::Statement(s) => write_kind(s),
-        DFStatement::CreateExternalTable(_) => Some("CREATE EXTERNAL TABLE".into()),
-        DFStatement::CopyTo(_) => Some("COPY".into()),
-        DFStatement::Explain(_) => None,
-        _ => Some("this statement".into()),
-    }
-}
-
-/// Checks that `plan` only reads: DDL (`CREATE TABLE`, `CREATE EXTERNAL
-/// TABLE`), DML (`INSERT`, `COPY`) and statements (`SET`, transactions)
-/// are refused with [`EngineError::ReadOnly`].
-pub fn verify_read_only(plan: &LogicalPlan) -> Result<()> {
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(plan)
-        .map_err(|e| {
-            let what = match e.find_root() {
-                datafusion::error::DataFusionError::Plan(m) => m.clone(),
-                other => other.to_string(),
-            };
-            EngineError::ReadOnly(format!(
-                "storepulse serves read-only SQL ({what}); views are defined in the server's SQL files"
-            ))
-        })
 }
 
 /// Plans `stmt` against `state` on a SQL thread (see [`crate::sqlrt`]).
