@@ -11,6 +11,13 @@
 //! planning can await catalog lookups. It also keeps CPU-heavy planning off
 //! the async workers that serve connections, so one expensive statement
 //! does not stall other clients' I/O.
+//!
+//! Small work stays where it is ([`on_sql_thread_if`]): text under
+//! [`INLINE_SQL_BYTES`] cannot nest deeper than about half as many levels
+//! (each level takes a token), which any thread's stack holds and which
+//! plans in microseconds; a round trip to another runtime would cost more
+//! than the work (its p99 is hundreds of µs on a busy 2-core machine:
+//! BENCHMARKS.md, "Serving path checks").
 
 use std::{future::Future, sync::OnceLock};
 
@@ -21,6 +28,13 @@ use crate::{EngineError, Result};
 /// Stack of each SQL thread: the deepest tree 1 MiB of SQL text can parse
 /// into (`1+1+...`, ~500 K levels) is dropped in well under this.
 pub const STACK_BYTES: usize = 512 << 20;
+
+/// SQL text shorter than this is parsed and planned on the calling thread.
+pub const INLINE_SQL_BYTES: usize = 1024;
+
+/// Logical plans with more expression nodes than this are optimised and
+/// turned into physical plans on a SQL thread.
+pub const INLINE_PLAN_EXPRS: usize = 512;
 
 /// Threads of the SQL runtime.
 const THREADS: usize = 2;
@@ -50,6 +64,19 @@ where
         tracing::error!(error = %e, "a SQL thread task failed");
         EngineError::Internal(format!("planning failed: {e}"))
     })
+}
+
+/// [`on_sql_thread`] when `offload`, else `fut` right here.
+pub async fn on_sql_thread_if<F>(offload: bool, fut: F) -> Result<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if offload {
+        on_sql_thread(fut).await
+    } else {
+        Ok(fut.await)
+    }
 }
 
 #[cfg(test)]

@@ -94,8 +94,10 @@ use datafusion_postgres::{
 };
 use futures::Sink;
 use storepulse_engine::{
-    query::plan_statement, refuse_writes, sqlrt::on_sql_thread, EngineError, EngineHandle,
-    QueryLimits, ResultMemory,
+    query::plan_statement,
+    refuse_writes,
+    sqlrt::{on_sql_thread_if, INLINE_SQL_BYTES},
+    EngineError, EngineHandle, QueryLimits, ResultMemory,
 };
 use tokio::{
     io::AsyncWriteExt,
@@ -111,6 +113,8 @@ tokio::task_local! {
     /// The limits of the request being served, with its deadline (one per
     /// simple-protocol message or extended-protocol execution).
     static REQUEST: QueryLimits;
+    /// The length of the request's SQL text (short text is planned in place).
+    static REQUEST_BYTES: usize;
 }
 
 /// SQLSTATE and message for an engine error.
@@ -439,15 +443,20 @@ impl ServeHook {
         })
     }
 
-    /// Plans a read on a SQL thread (deep expressions recurse there, not on
-    /// the connection's task).
+    /// Plans a read; on a SQL thread unless the request's text is short
+    /// (deep expressions recurse there, not on the connection's task).
     async fn plan(&self, stmt: &Statement, ctx: &SessionContext) -> PgWireResult<LogicalPlan> {
-        plan_statement(ctx.state(), DFStatement::Statement(Box::new(stmt.clone())))
-            .await
-            .map_err(|e| {
-                record(Err(&e), Instant::now());
-                pg_error(&e)
-            })
+        let sql_bytes = REQUEST_BYTES.try_with(|n| *n).unwrap_or(usize::MAX);
+        plan_statement(
+            ctx.state(),
+            DFStatement::Statement(Box::new(stmt.clone())),
+            sql_bytes,
+        )
+        .await
+        .map_err(|e| {
+            record(Err(&e), Instant::now());
+            pg_error(&e)
+        })
     }
 
     async fn run(
@@ -670,10 +679,12 @@ async fn check_text(sql: &str, limits: &QueryLimits) -> PgWireResult<()> {
     };
     limits.sql.check_size(sql).map_err(|e| refuse(e.into()))?;
     let (text, sql_limits) = (sql.to_owned(), limits.sql);
-    on_sql_thread(async move { sql_limits.check_postgres_text(&text) })
-        .await
-        .map_err(refuse)?
-        .map_err(|e| refuse(e.into()))
+    on_sql_thread_if(sql.len() >= INLINE_SQL_BYTES, async move {
+        sql_limits.check_postgres_text(&text)
+    })
+    .await
+    .map_err(refuse)?
+    .map_err(|e| refuse(e.into()))
 }
 
 /// Runs `fut` (one request) with [`REQUEST`] set and within its deadline.
@@ -741,7 +752,8 @@ impl QueryParser for CheckedParser {
     {
         let limits = self.limits.start();
         check_text(sql, &limits).await?;
-        within_request(limits, self.inner.parse_sql(client, sql, types)).await
+        let parse = self.inner.parse_sql(client, sql, types);
+        within_request(limits, REQUEST_BYTES.scope(sql.len(), parse)).await
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {

@@ -20,7 +20,7 @@ use crate::{
     error::{user_err, Result},
     refresh::RefreshedView,
     snapshot::{PinnedSnapshot, SnapshotCell},
-    sqlrt::on_sql_thread,
+    sqlrt::{on_sql_thread_if, INLINE_SQL_BYTES},
 };
 
 /// A cloneable handle: the engine behind a lock plus its serving context.
@@ -108,7 +108,7 @@ impl EngineHandle {
         if is_view_ddl(&statement) {
             return user_err(format!("expected a query, not DDL: {sql}"));
         }
-        plan_statement(self.serving.state(), *statement).await
+        plan_statement(self.serving.state(), *statement, sql.len()).await
     }
 
     /// The serving context (catalog of views, dimensions, lake tables).
@@ -151,15 +151,21 @@ impl EngineHandle {
     async fn script(&self, sql: &str, limits: &QueryLimits, ddl: Ddl) -> Result<Vec<QueryOutput>> {
         limits.sql.check_size(sql)?;
         let (text, sql_limits) = (sql.to_owned(), limits.sql);
-        let stmts =
-            on_sql_thread(async move { storepulse_sql::parse_script_with(&text, &sql_limits) })
-                .await??;
+        let offload = sql.len() >= INLINE_SQL_BYTES;
+        let stmts = on_sql_thread_if(offload, async move {
+            storepulse_sql::parse_script_with(&text, &sql_limits)
+        })
+        .await??;
         let mut out = Vec::new();
         for stmt in stmts {
+            // Work that never waits (short statements planned in place, a
+            // CPU-bound stream) gives the timeout no chance to fire: the
+            // deadline is also checked between statements and batches.
+            limits.check_deadline()?;
             match stmt {
-                Statement::DataFusion { statement, .. } if !is_view_ddl(&statement) => {
+                Statement::DataFusion { statement, sql } if !is_view_ddl(&statement) => {
                     refuse_df_writes(&statement)?;
-                    let plan = plan_statement(self.serving.state(), *statement).await?;
+                    let plan = plan_statement(self.serving.state(), *statement, sql.len()).await?;
                     out.push(self.run_read_only(plan, limits).await?);
                 }
                 Statement::CreateAlert(a) => {

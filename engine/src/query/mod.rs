@@ -32,7 +32,11 @@ use datafusion::{
 use storepulse_sql::SqlLimits;
 use tokio::time::Instant;
 
-use crate::{snapshot::PinnedSnapshot, sqlrt::on_sql_thread, EngineError, Result, Snapshot};
+use crate::{
+    snapshot::PinnedSnapshot,
+    sqlrt::{on_sql_thread_if, INLINE_PLAN_EXPRS, INLINE_SQL_BYTES},
+    EngineError, Result, Snapshot,
+};
 
 mod handle;
 mod policy;
@@ -174,15 +178,43 @@ pub fn batch_bytes(b: &RecordBatch) -> usize {
         .sum()
 }
 
-/// Plans `stmt` against `state` on a SQL thread (see [`crate::sqlrt`]).
-pub async fn plan_statement(state: SessionState, stmt: DFStatement) -> Result<LogicalPlan> {
-    on_sql_thread(async move { state.statement_to_plan(stmt).await })
-        .await?
-        .map_err(EngineError::from)
+/// Plans `stmt` (from `sql_bytes` of text) against `state`: on a SQL thread
+/// unless the text is short (see [`crate::sqlrt`]).
+pub async fn plan_statement(
+    state: SessionState,
+    stmt: DFStatement,
+    sql_bytes: usize,
+) -> Result<LogicalPlan> {
+    on_sql_thread_if(sql_bytes >= INLINE_SQL_BYTES, async move {
+        state.statement_to_plan(stmt).await
+    })
+    .await?
+    .map_err(EngineError::from)
+}
+
+/// More than [`INLINE_PLAN_EXPRS`] expression nodes in `plan` (counting
+/// stops there).
+fn is_large(plan: &LogicalPlan) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut n = 0usize;
+    let _ = plan.apply_with_subqueries(|p| {
+        p.apply_expressions(|e| {
+            e.apply(|_| {
+                n += 1;
+                Ok(if n > INLINE_PLAN_EXPRS {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })
+    });
+    n > INLINE_PLAN_EXPRS
 }
 
 /// Runs a read-only `plan` of the serving context `ctx` on `snap`, within
-/// `limits`: the physical plan is built on a SQL thread, rows are collected
+/// `limits`: the physical plan is built on a SQL thread (for a large plan),
+/// rows are collected
 /// until the row, byte or memory limit (the serving pool) or the deadline.
 pub(crate) async fn execute(
     ctx: &SessionContext,
@@ -201,14 +233,17 @@ pub(crate) async fn execute(
         .within(async move {
             let schema = Arc::new(plan.schema().as_arrow().clone());
             let task = state.task_ctx();
-            let physical =
-                on_sql_thread(async move { state.create_physical_plan(&plan).await }).await??;
+            let physical = on_sql_thread_if(is_large(&plan), async move {
+                state.create_physical_plan(&plan).await
+            })
+            .await??;
             let mut stream = execute_stream(physical, task)?;
             let memory = MemoryConsumer::new("query result").register(&pool);
             let (mut rows, mut bytes, mut batches) = (0usize, 0usize, Vec::new());
             use futures::StreamExt;
             while let Some(b) = stream.next().await {
                 let b = b?;
+                limits.check_deadline()?;
                 rows += b.num_rows();
                 if limits.max_rows.is_some_and(|max| rows > max) {
                     return Err(EngineError::TooManyRows(limits.max_rows.unwrap_or(0)));
