@@ -48,7 +48,7 @@ listen = "127.0.0.1:0"
 password = "{PASSWORD}"
 max_connections = 4
 max_startup_connections = 12
-startup_timeout = "5s"
+startup_timeout = "8s"
 [serving]
 timeout = "10s"
 memory_limit = "512 MiB"
@@ -457,7 +457,7 @@ async fn hostile_queries_get_their_errors_and_the_server_keeps_ingesting() {
     assert_eq!(code(&e), SqlState::TOO_MANY_CONNECTIONS, "{e}");
     drop(sessions);
     // Past the startup cap (12 sockets logging in), 53300 at once; the
-    // others are closed at their startup timeout (5 s).
+    // others are closed at their startup timeout (8 s).
     let more: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(&pg_addr).unwrap())
         .collect();
