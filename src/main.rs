@@ -419,6 +419,15 @@ async fn serve(
             .await
             .with_context(|| format!("alerts.rules[{i}] ({})", rule.name))?;
     }
+    // Views created at run time (HTTP, pgwire) come back, in order.
+    if let Some(sql) = storepulse_engine::catalog::read(&cfg.data_dir)? {
+        engine.execute_sql(&sql).await.with_context(|| {
+            format!(
+                "{} (views created at run time; edit or remove the statement that fails)",
+                storepulse_engine::catalog::catalog_path(&cfg.data_dir).display()
+            )
+        })?;
+    }
     if let Some(name) = engine.unknown_refresh_views().first() {
         anyhow::bail!(
             "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"
@@ -546,6 +555,12 @@ async fn serve(
     // thread so that it never stalls the runtime serving queries.
     let engine_rt = engine_runtime::EngineRuntime::start()?;
     engine_rt.spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
+    if cfg.sql.builtin {
+        tokio::spawn(pipeline::watch_stock_quality(
+            handle.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     if let Some(c) = &checkpointer {
         engine_rt.spawn(c.clone().run(shutdown_rx.clone()));
     }

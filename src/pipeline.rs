@@ -200,6 +200,52 @@ pub(crate) async fn refresh_views(handle: EngineHandle, mut shutdown: watch::Rec
     }
 }
 
+/// How often [`watch_stock_quality`] reads `stock_on_hand`.
+const STOCK_QUALITY_EVERY: Duration = Duration::from_secs(60);
+
+/// Publishes the stock model's data-quality figures until `shutdown`:
+/// `storepulse_retail_stock_unknown_pairs` ((store, SKU) pairs with no count
+/// and no opening balance), `storepulse_retail_stock_anomaly_pairs` (pairs
+/// whose derived on-hand is below zero, see `stock_anomalies`) and
+/// `storepulse_retail_stock_anomaly_gap_units` (the units missing to bring
+/// them to zero). Built-in views only.
+pub(crate) async fn watch_stock_quality(handle: EngineHandle, mut shutdown: watch::Receiver<bool>) {
+    const SQL: &str = "SELECT count(*) FILTER (WHERE stock_status = 'unknown') AS unknown, \
+        count(*) FILTER (WHERE on_hand < 0) AS anomalies, \
+        coalesce(sum(-on_hand) FILTER (WHERE on_hand < 0), 0) AS gap FROM stock_on_hand";
+    loop {
+        match handle.query_at(SQL).await {
+            Ok((out, _)) => {
+                let value = |i: usize| -> f64 {
+                    out.batches
+                        .iter()
+                        .find(|b| b.num_rows() > 0)
+                        .and_then(|b| {
+                            datafusion::arrow::compute::cast(
+                                b.column(i),
+                                &datafusion::arrow::datatypes::DataType::Float64,
+                            )
+                            .ok()
+                        })
+                        .map_or(0.0, |a| {
+                            use datafusion::arrow::array::AsArray;
+                            a.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                                .value(0)
+                        })
+                };
+                metrics::gauge!("storepulse_retail_stock_unknown_pairs").set(value(0));
+                metrics::gauge!("storepulse_retail_stock_anomaly_pairs").set(value(1));
+                metrics::gauge!("storepulse_retail_stock_anomaly_gap_units").set(value(2));
+            }
+            Err(e) => tracing::debug!(error = %e, "stock quality figures unavailable"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STOCK_QUALITY_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Reloads changed dimension files until `shutdown`. A file that fails to
 /// load (or changes its columns) keeps the previous rows; the error is
 /// logged and counted in `storepulse_dimensions_reload_errors_total`.

@@ -94,6 +94,28 @@ pub fn alert_id(rule: &str, key: &str, since: i64) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
 }
 
+/// When a group (see `AlertRule::group_by`) may notify next.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupClock {
+    /// Event time a change of this group first waited (new group).
+    pub waiting_since: Option<i64>,
+    /// Event time of the group's last notification.
+    pub notified_at: Option<i64>,
+}
+
+/// What one evaluation produced.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    /// The notifications admitted (at most the budget), in key order.
+    pub notifications: Vec<Notification>,
+    /// Alert changes held back by the budget: they stay as they were and
+    /// come again at the next evaluation (same episode, same id).
+    pub held_back: usize,
+    /// Alert changes waiting for their group's `group_wait` or
+    /// `group_interval` (by design, not for lack of room).
+    pub waiting: usize,
+}
+
 /// The lifecycle of every key of one rule.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Lifecycle {
@@ -106,10 +128,29 @@ pub struct Lifecycle {
     /// evaluation at an earlier time is a replay and changes nothing.
     #[serde(default)]
     pub evaluated_at: Option<i64>,
+    /// Notification clocks of the groups (rules with `group_by` only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, GroupClock>,
 }
 
 fn ms(d: std::time::Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// The group of a row: the `group_by` columns' values joined by `|`.
+pub fn group_of(rule: &AlertRule, row: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (i, c) in rule.group_by.iter().enumerate() {
+        if i > 0 {
+            out.push('|');
+        }
+        match row.get(c) {
+            Some(serde_json::Value::String(s)) => out.push_str(s),
+            Some(serde_json::Value::Null) | None => {}
+            Some(v) => out.push_str(&v.to_string()),
+        }
+    }
+    out
 }
 
 impl Lifecycle {
@@ -125,32 +166,84 @@ impl Lifecycle {
         self.evaluated_at.filter(|t| now < *t)
     }
 
-    /// One evaluation at event time `now` with the rows whose condition
-    /// holds (key → row). Returns the notifications to send, in key order;
-    /// none, and no change, if `now` is before the last evaluation
-    /// ([`Self::ahead_of`]).
+    /// One evaluation without a budget (see [`Self::evaluate_within`]).
     pub fn evaluate(
         &mut self,
         rule: &AlertRule,
         now: i64,
         holding: BTreeMap<String, serde_json::Value>,
     ) -> Vec<Notification> {
-        let mut out = Vec::new();
+        self.evaluate_within(rule, now, holding, usize::MAX)
+            .notifications
+    }
+
+    /// One evaluation at event time `now` with the rows whose condition
+    /// holds (key → row), turning at most `budget` alert changes into
+    /// notifications (in key order: resolutions, then firings and
+    /// re-notifications). A change beyond the budget, or of a group whose
+    /// `group_wait` / `group_interval` has not passed, is not applied: the
+    /// key stays as it was and the change comes again at the next
+    /// evaluation, with the same episode start and id. None, and no change,
+    /// if `now` is before the last evaluation ([`Self::ahead_of`]).
+    pub fn evaluate_within(
+        &mut self,
+        rule: &AlertRule,
+        now: i64,
+        holding: BTreeMap<String, serde_json::Value>,
+        budget: usize,
+    ) -> Evaluation {
+        let mut out = Evaluation::default();
         if self.ahead_of(now).is_some() {
             return out;
         }
         self.evaluated_at = Some(now);
-        let severity = rule.severity.as_str().to_string();
-        let mut notify = |sent: &mut BTreeMap<String, u32>, key: &str, s: &KeyState, state| {
+        let severity = rule.severity.as_str();
+        let grouped = !rule.group_by.is_empty();
+        let (group_wait, group_interval) = (ms(rule.group_wait), ms(rule.group_interval));
+        let mut notified_groups: Vec<String> = Vec::new();
+        // Whether a change of `row`'s group may notify now (and room is left).
+        let mut admit = |groups: &mut BTreeMap<String, GroupClock>,
+                         out: &mut Evaluation,
+                         row: &serde_json::Value|
+         -> bool {
+            if grouped {
+                let g = group_of(rule, row);
+                let clock = groups.entry(g.clone()).or_default();
+                let due = match clock.notified_at {
+                    Some(t) => now - t >= group_interval,
+                    None => now - *clock.waiting_since.get_or_insert(now) >= group_wait,
+                };
+                if !due {
+                    out.waiting += 1;
+                    return false;
+                }
+                if out.notifications.len() >= budget {
+                    out.held_back += 1;
+                    return false;
+                }
+                notified_groups.push(g);
+                return true;
+            }
+            if out.notifications.len() >= budget {
+                out.held_back += 1;
+                return false;
+            }
+            true
+        };
+        let notify = |out: &mut Evaluation,
+                      sent: &mut BTreeMap<String, u32>,
+                      key: &str,
+                      s: &KeyState,
+                      state| {
             let id = alert_id(&rule.name, key, s.since);
             let seq = sent.entry(id.clone()).or_insert(0);
             *seq += 1;
-            out.push(Notification {
+            out.notifications.push(Notification {
                 alert_id: id,
                 rule: rule.name.clone(),
                 alert_key: key.to_string(),
                 state,
-                severity: severity.clone(),
+                severity: severity.to_string(),
                 first_seen: s.since,
                 last_seen: s.last_seen,
                 notified_at: now,
@@ -169,8 +262,11 @@ impl Lifecycle {
             let s = &self.keys[&key];
             match s.state {
                 AlertState::Firing if now - s.last_seen >= ms(rule.keep_firing_for) => {
+                    if !admit(&mut self.groups, &mut out, &s.row) {
+                        continue;
+                    }
                     let s = self.keys.remove(&key).expect("present");
-                    notify(&mut self.sent, &key, &s, AlertState::Resolved);
+                    notify(&mut out, &mut self.sent, &key, &s, AlertState::Resolved);
                     self.sent.remove(&alert_id(&rule.name, &key, s.since));
                 }
                 AlertState::Firing => {}
@@ -189,21 +285,36 @@ impl Lifecycle {
             });
             s.last_seen = s.last_seen.max(now);
             s.row = row;
-            match s.state {
-                AlertState::Pending if now - s.since >= ms(rule.for_) => {
-                    s.state = AlertState::Firing;
-                    s.notified_at = Some(now);
-                    notify(&mut self.sent, &key, s, AlertState::Firing);
+            // Fires (pending for `for`) or re-notifies (firing, `renotify` due).
+            let notifies = match s.state {
+                AlertState::Pending => now - s.since >= ms(rule.for_),
+                AlertState::Firing => {
+                    !rule.renotify.is_zero()
+                        && s.notified_at.is_some_and(|t| now - t >= ms(rule.renotify))
                 }
-                AlertState::Firing
-                    if !rule.renotify.is_zero()
-                        && s.notified_at.is_some_and(|t| now - t >= ms(rule.renotify)) =>
-                {
-                    s.notified_at = Some(now);
-                    notify(&mut self.sent, &key, s, AlertState::Firing);
-                }
-                _ => {}
+                AlertState::Resolved => false,
+            };
+            if !notifies || !admit(&mut self.groups, &mut out, &s.row) {
+                continue;
             }
+            s.state = AlertState::Firing;
+            s.notified_at = Some(now);
+            notify(&mut out, &mut self.sent, &key, s, AlertState::Firing);
+        }
+        if grouped {
+            for g in notified_groups {
+                if let Some(c) = self.groups.get_mut(&g) {
+                    c.notified_at = Some(now);
+                    c.waiting_since = None;
+                }
+            }
+            // A group quiet for a whole interval starts afresh (waits
+            // `group_wait` again), as in Alertmanager.
+            self.groups.retain(|_, c| {
+                c.waiting_since.is_some()
+                    || c.notified_at
+                        .is_some_and(|t| now - t < group_interval.max(1))
+            });
         }
         out
     }
@@ -228,6 +339,10 @@ mod tests {
             renotify: Duration::from_secs(renotify_m * 60),
             severity: Severity::Warning,
             sinks: vec![],
+            group_by: vec![],
+            group_wait: Duration::ZERO,
+            group_interval: Duration::ZERO,
+            max_notifications: usize::MAX,
         }
     }
 
@@ -374,5 +489,80 @@ mod tests {
             "same episode id after restore"
         );
         assert_eq!(n[0].state, AlertState::Resolved);
+    }
+
+    #[test]
+    fn a_storm_goes_out_in_slices_and_nothing_is_lost_or_doubled() {
+        let r = rule(0, 0, 0);
+        let mut l = Lifecycle::default();
+        let keys: Vec<String> = (0..25).map(|i| format!("k{i:02}")).collect();
+        let all = || {
+            keys.iter()
+                .map(|k| (k.clone(), serde_json::json!({ "k": k })))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut fired = Vec::new();
+        let mut t = 0;
+        loop {
+            let e = l.evaluate_within(&r, t * M, all(), 10);
+            assert!(e.notifications.len() <= 10);
+            fired.extend(e.notifications);
+            t += 1;
+            if e.held_back == 0 {
+                break;
+            }
+        }
+        assert_eq!(t, 3, "25 changes in slices of 10");
+        let mut ids: Vec<_> = fired.iter().map(|n| n.alert_key.clone()).collect();
+        ids.dedup();
+        assert_eq!(ids, keys, "every key fired once, in key order");
+        // Held-back keys kept their episode start (the first evaluation).
+        assert!(fired.iter().all(|n| n.first_seen == 0));
+        // Resolution of all 25 is sliced the same way.
+        let mut resolved = 0;
+        for t in 3..6 {
+            resolved += l
+                .evaluate_within(&r, t * M, BTreeMap::new(), 10)
+                .notifications
+                .len();
+        }
+        assert_eq!(resolved, 25);
+        assert!(l.keys.is_empty());
+    }
+
+    #[test]
+    fn groups_wait_then_notify_together_then_respect_the_interval() {
+        let mut r = rule(0, 0, 0);
+        r.group_by = vec!["store".into()];
+        r.group_wait = Duration::from_secs(60);
+        r.group_interval = Duration::from_secs(300);
+        let row = |store: &str, k: &str| {
+            (
+                format!("{store}|{k}"),
+                serde_json::json!({"store": store, "k": k}),
+            )
+        };
+        let mut l = Lifecycle::default();
+        let first: BTreeMap<_, _> = [row("S1", "a")].into_iter().collect();
+        let e = l.evaluate_within(&r, 0, first, usize::MAX);
+        assert!(
+            e.notifications.is_empty() && e.waiting == 1,
+            "new group waits group_wait"
+        );
+        let both: BTreeMap<_, _> = [row("S1", "a"), row("S1", "b")].into_iter().collect();
+        let e = l.evaluate_within(&r, M, both.clone(), usize::MAX);
+        assert_eq!(e.notifications.len(), 2, "after group_wait: both together");
+        assert_eq!(e.notifications[0].first_seen, 0, "a's episode began at 0");
+        let three: BTreeMap<_, _> = [row("S1", "a"), row("S1", "b"), row("S1", "c")]
+            .into_iter()
+            .collect();
+        let e = l.evaluate_within(&r, 2 * M, three.clone(), usize::MAX);
+        assert!(
+            e.notifications.is_empty() && e.waiting == 1,
+            "within group_interval"
+        );
+        let e = l.evaluate_within(&r, 6 * M, three, usize::MAX);
+        assert_eq!(e.notifications.len(), 1, "c after the interval");
+        assert_eq!(e.notifications[0].first_seen, 2 * M);
     }
 }

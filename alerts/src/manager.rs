@@ -30,7 +30,7 @@ use storepulse_engine::{AlertDefinition, EngineHandle};
 use tokio::sync::{watch, Mutex};
 
 use crate::{
-    lifecycle::{AlertState, KeyState, Lifecycle, Notification},
+    lifecycle::{alert_id, group_of, AlertState, Evaluation, KeyState, Lifecycle, Notification},
     outbox::{Outbox, OutboxError},
     rule::{AlertRule, RuleError},
     sink::{build, Sink, SinkConfig, SinkError},
@@ -102,6 +102,18 @@ pub struct RuleConfig {
     /// Sink names, comma separated.
     #[serde(default)]
     pub sinks: Option<String>,
+    /// Group columns, comma separated (one notification per group).
+    #[serde(default)]
+    pub group_by: Option<String>,
+    /// How long a new group waits before its first notification, e.g. `"30s"`.
+    #[serde(default)]
+    pub group_wait: Option<String>,
+    /// Smallest gap between two notifications of a group, e.g. `"5m"`.
+    #[serde(default)]
+    pub group_interval: Option<String>,
+    /// Alert changes one evaluation notifies at most (default 10000).
+    #[serde(default)]
+    pub max_notifications_per_evaluation: Option<u64>,
 }
 
 impl RuleConfig {
@@ -116,6 +128,13 @@ impl RuleConfig {
             ("renotify", &self.renotify),
             ("severity", &self.severity),
             ("sinks", &self.sinks),
+            ("group_by", &self.group_by),
+            ("group_wait", &self.group_wait),
+            ("group_interval", &self.group_interval),
+            (
+                "max_notifications_per_evaluation",
+                &self.max_notifications_per_evaluation.map(|n| n.to_string()),
+            ),
         ]
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {}", quote(v))))
@@ -421,6 +440,62 @@ impl AlertManager {
         result
     }
 
+    /// Turns one evaluation's admitted changes into outbox entries: one
+    /// per alert, or one per group with `group_by`; plus a summary when
+    /// changes were held back.
+    fn shape(
+        &self,
+        rule: &AlertRule,
+        now: i64,
+        e: Evaluation,
+        budget: usize,
+        room: u64,
+    ) -> Vec<Notification> {
+        let admitted = e.notifications.len();
+        let mut notes = if rule.group_by.is_empty() {
+            e.notifications
+        } else {
+            group_notifications(rule, now, e.notifications)
+        };
+        metrics::gauge!("storepulse_alerts_held_back_notifications", "rule" => rule.name.clone())
+            .set(e.held_back as f64);
+        if e.held_back > 0 {
+            metrics::counter!("storepulse_alerts_held_back_total", "rule" => rule.name.clone())
+                .increment(e.held_back as u64);
+            let reason = if budget == rule.max_notifications {
+                "max_notifications_per_evaluation"
+            } else {
+                "outbox_capacity"
+            };
+            tracing::warn!(rule = %rule.name, admitted, held_back = e.held_back,
+                limit = rule.max_notifications, outbox_room = room, reason,
+                "alert storm: changes beyond the limit wait for the next evaluations \
+                 (same episodes and ids)");
+            if room > 0 {
+                notes.push(Notification {
+                    alert_id: alert_id(&rule.name, "\0held_back", now),
+                    rule: rule.name.clone(),
+                    alert_key: "(held back)".into(),
+                    state: AlertState::Firing,
+                    severity: rule.severity.as_str().into(),
+                    first_seen: now,
+                    last_seen: now,
+                    notified_at: now,
+                    sequence: 1,
+                    row: serde_json::json!({
+                        "summary": true,
+                        "admitted": admitted,
+                        "held_back": e.held_back,
+                        "reason": reason,
+                        "limit": rule.max_notifications,
+                        "outbox_room": room,
+                    }),
+                });
+            }
+        }
+        notes
+    }
+
     async fn evaluate_once(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
         let rule = &self.rules[i];
         let _serial = self.evaluating[i].lock().await;
@@ -471,7 +546,17 @@ impl AlertManager {
         // the cost of alerting with thousands of active keys. A crash loses
         // at most `every` of such changes; the replay restores them.
         let lifecycle = state.entry(rule.name.clone()).or_default();
-        let notes = lifecycle.evaluate(rule, now, holding);
+        // Never more than the rule's limit, nor than the outbox has room
+        // for (one entry kept for the summary): a storm goes out in slices
+        // over the next evaluations instead of failing them all.
+        let room = self
+            .cfg
+            .outbox_capacity
+            .saturating_sub(self.outbox.pending()?)
+            .saturating_sub(1);
+        let budget = rule.max_notifications.min(room as usize);
+        let evaluation = lifecycle.evaluate_within(rule, now, holding, budget);
+        let notes = self.shape(rule, now, evaluation, budget, room);
         let mut persisted = self.persisted.lock().expect("not poisoned");
         let due = persisted
             .get(&rule.name)
@@ -797,6 +882,10 @@ mod tests {
             renotify: None,
             severity: Some("critical".into()),
             sinks: None,
+            group_by: None,
+            group_wait: None,
+            group_interval: None,
+            max_notifications_per_evaluation: None,
         };
         let sql = r.to_sql();
         assert_eq!(
@@ -813,4 +902,56 @@ mod tests {
             "SELECT store_id FROM t WHERE note = 'it''s hot'"
         );
     }
+}
+
+/// One notification per group: the group's columns, counts and its alerts.
+/// The id is stable for the (rule, group, evaluation time), so a replay of
+/// the same events gives the same ids.
+fn group_notifications(rule: &AlertRule, now: i64, notes: Vec<Notification>) -> Vec<Notification> {
+    let mut groups: BTreeMap<String, Vec<Notification>> = BTreeMap::new();
+    for n in notes {
+        groups.entry(group_of(rule, &n.row)).or_default().push(n);
+    }
+    groups
+        .into_iter()
+        .map(|(g, members)| {
+            let firing = members
+                .iter()
+                .filter(|n| n.state == AlertState::Firing)
+                .count();
+            let columns: serde_json::Map<String, serde_json::Value> = rule
+                .group_by
+                .iter()
+                .map(|c| {
+                    let v = members[0].row.get(c).cloned().unwrap_or_default();
+                    (c.clone(), v)
+                })
+                .collect();
+            Notification {
+                alert_id: alert_id(&rule.name, &format!("\0group\0{g}"), now),
+                rule: rule.name.clone(),
+                alert_key: g,
+                state: if firing > 0 {
+                    AlertState::Firing
+                } else {
+                    AlertState::Resolved
+                },
+                severity: rule.severity.as_str().into(),
+                first_seen: members.iter().map(|n| n.first_seen).min().unwrap_or(now),
+                last_seen: members.iter().map(|n| n.last_seen).max().unwrap_or(now),
+                notified_at: now,
+                sequence: 1,
+                row: serde_json::json!({
+                    "group": columns,
+                    "firing": firing,
+                    "resolved": members.len() - firing,
+                    "alerts": members.iter().map(|n| serde_json::json!({
+                        "alert_id": n.alert_id, "alert_key": n.alert_key,
+                        "state": n.state, "first_seen": n.first_seen,
+                        "last_seen": n.last_seen, "sequence": n.sequence, "row": n.row,
+                    })).collect::<Vec<_>>(),
+                }),
+            }
+        })
+        .collect()
 }

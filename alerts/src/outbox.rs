@@ -33,10 +33,13 @@ const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 pub enum OutboxError {
     /// Too many notifications not yet delivered everywhere.
     #[error(
-        "alert outbox full: {pending} notifications not yet delivered to every sink (capacity \
-         {capacity}); a sink is down or too slow — new notifications wait until it catches up"
+        "alert outbox full: {batch} new notifications do not fit beside the {pending} not yet \
+         delivered to every sink (capacity {capacity}); a sink is down or too slow — new \
+         notifications wait until it catches up"
     )]
     Full {
+        /// Notifications the commit tried to add.
+        batch: u64,
         /// Entries waiting.
         pending: u64,
         /// The configured bound.
@@ -175,6 +178,7 @@ impl Outbox {
             if !notifications.is_empty() && pending + notifications.len() as u64 > self.capacity {
                 metrics::counter!("storepulse_alerts_outbox_full_total").increment(1);
                 return Err(OutboxError::Full {
+                    batch: notifications.len() as u64,
                     pending,
                     capacity: self.capacity,
                 });
@@ -386,6 +390,7 @@ mod tests {
             matches!(
                 full,
                 OutboxError::Full {
+                    batch: 2,
                     pending: 2,
                     capacity: 3
                 }

@@ -92,10 +92,31 @@ pub struct AlertRule {
     pub severity: Severity,
     /// Sink names (empty: every configured sink).
     pub sinks: Vec<String>,
+    /// Group columns (a subset of the query's columns, e.g. `store_id`):
+    /// the alerts of one group that change in one evaluation go out as one
+    /// notification listing them (Alertmanager's `group_by`). Empty: one
+    /// notification per alert.
+    pub group_by: Vec<String>,
+    /// How long a new group waits before its first notification, so the
+    /// alerts that start together go out together (event time).
+    pub group_wait: Duration,
+    /// Smallest gap between two notifications of one group (event time);
+    /// changes in between wait and go out together.
+    pub group_interval: Duration,
+    /// Alert changes one evaluation turns into notifications at most; the
+    /// rest wait for the next evaluation (their episodes keep their start,
+    /// so nothing is lost and ids do not change) and one summary
+    /// notification says how many were held back.
+    pub max_notifications: usize,
 }
 
+/// Default of `max_notifications_per_evaluation`: a storm (every (store,
+/// SKU) turning true at once) reaches the sinks in slices of this size
+/// instead of filling the outbox.
+pub const DEFAULT_MAX_NOTIFICATIONS: usize = 10_000;
+
 /// Options `CREATE ALERT ... WITH (...)` accepts.
-pub const OPTIONS: [&str; 7] = [
+pub const OPTIONS: [&str; 11] = [
     "key",
     "every",
     "for",
@@ -103,6 +124,10 @@ pub const OPTIONS: [&str; 7] = [
     "renotify",
     "severity",
     "sinks",
+    "group_by",
+    "group_wait",
+    "group_interval",
+    "max_notifications_per_evaluation",
 ];
 
 fn list(v: &str) -> Vec<String> {
@@ -125,6 +150,10 @@ impl AlertRule {
             renotify: Duration::from_secs(6 * 3600),
             severity: Severity::Warning,
             sinks: Vec::new(),
+            group_by: Vec::new(),
+            group_wait: Duration::from_secs(30),
+            group_interval: Duration::from_secs(300),
+            max_notifications: DEFAULT_MAX_NOTIFICATIONS,
         };
         let mut seen: Vec<&str> = Vec::new();
         for (name, value, line, column) in &stmt.options {
@@ -170,6 +199,15 @@ impl AlertRule {
                     }
                 }
                 "sinks" => rule.sinks = list(value),
+                "group_by" => rule.group_by = list(value),
+                "group_wait" => rule.group_wait = duration()?,
+                "group_interval" => rule.group_interval = duration()?,
+                "max_notifications_per_evaluation" => {
+                    rule.max_notifications = match value.trim().parse::<usize>() {
+                        Ok(n) if n >= 1 => n,
+                        _ => return Err(err(format!("'{value}' is not a positive whole number"))),
+                    }
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown option (known: {})",
@@ -185,7 +223,7 @@ impl AlertRule {
                 columns: columns.join(", "),
             });
         }
-        for k in &rule.key {
+        for k in rule.key.iter().chain(&rule.group_by) {
             if !columns.iter().any(|c| c == k) {
                 return Err(RuleError::KeyColumn {
                     rule: rule.name.clone(),
@@ -233,6 +271,32 @@ mod tests {
             .unwrap();
         assert_eq!(d.key, vec!["x"]);
         assert_eq!(d.severity, Severity::Warning);
+    }
+
+    #[test]
+    fn grouping_and_storm_options() {
+        let s = parse(
+            "CREATE ALERT low AS SELECT store_id, sku, p_stockout FROM stockout_risk \
+             WITH (key = 'store_id, sku', group_by = 'store_id', group_wait = '1m', \
+             group_interval = '10m', max_notifications_per_evaluation = '500')",
+        );
+        let r = AlertRule::from_statement(&s, &cols()).unwrap();
+        assert_eq!(r.group_by, vec!["store_id"]);
+        assert_eq!(r.group_wait, Duration::from_secs(60));
+        assert_eq!(r.group_interval, Duration::from_secs(600));
+        assert_eq!(r.max_notifications, 500);
+        let s = parse("CREATE ALERT a AS SELECT store_id FROM t WITH (group_by = 'city')");
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key column 'city'"), "{e}");
+        let s = parse(
+            "CREATE ALERT a AS SELECT store_id FROM t WITH (max_notifications_per_evaluation = '0')",
+        );
+        let e = AlertRule::from_statement(&s, &cols())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a positive whole number"), "{e}");
     }
 
     #[test]

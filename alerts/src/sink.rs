@@ -402,16 +402,17 @@ impl Sink for Log {
         &self.0
     }
     async fn deliver(&self, batch: &[Notification]) -> Result<(), SinkError> {
+        // One short line per notification (critical at WARN, the rest at
+        // INFO); the condition row only at DEBUG (`alert_history` has it).
         for n in batch {
-            tracing::warn!(
-                alert_id = %n.alert_id,
-                rule = %n.rule,
-                key = %n.alert_key,
-                state = ?n.state,
-                severity = %n.severity,
-                row = %n.row,
-                "alert"
-            );
+            if n.severity == "critical" {
+                tracing::warn!(alert_id = %n.alert_id, rule = %n.rule, key = %n.alert_key,
+                    state = ?n.state, severity = %n.severity, "alert");
+            } else {
+                tracing::info!(alert_id = %n.alert_id, rule = %n.rule, key = %n.alert_key,
+                    state = ?n.state, severity = %n.severity, "alert");
+            }
+            tracing::debug!(alert_id = %n.alert_id, row = %n.row, "alert row");
         }
         Ok(())
     }

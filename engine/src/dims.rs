@@ -1,4 +1,5 @@
-//! Dimension tables: `stores`, `products`, `replenishment_policy` (and any
+//! Dimension tables: `stores`, `products`, `replenishment_policy`,
+//! `opening_stock` (and any
 //! other table a deployment adds), loaded from CSV or Parquet at a local path
 //! or an object-store URL, validated, and swapped in place when reloaded.
 //!
@@ -76,6 +77,10 @@ pub enum DimensionKind {
     /// `replenishment_policy(format, category, lead_time_hours,
     /// service_level, review_hours, min_stock)`, key `(format, category)`.
     ReplenishmentPolicy,
+    /// `opening_stock(store_id, sku, on_hand)`, key `(store_id, sku)`: the
+    /// on-hand of a (store, SKU) before the first event storepulse has for
+    /// it (a stock count, when one arrives, takes over).
+    OpeningStock,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,15 +104,17 @@ impl DimensionKind {
             "stores" => Some(Self::Stores),
             "products" => Some(Self::Products),
             "replenishment_policy" => Some(Self::ReplenishmentPolicy),
+            "opening_stock" => Some(Self::OpeningStock),
             _ => None,
         }
     }
 
     /// All known tables.
-    pub const ALL: [DimensionKind; 3] = [
+    pub const ALL: [DimensionKind; 4] = [
         DimensionKind::Stores,
         DimensionKind::Products,
         DimensionKind::ReplenishmentPolicy,
+        DimensionKind::OpeningStock,
     ];
 
     /// Table name.
@@ -116,6 +123,7 @@ impl DimensionKind {
             Self::Stores => "stores",
             Self::Products => "products",
             Self::ReplenishmentPolicy => "replenishment_policy",
+            Self::OpeningStock => "opening_stock",
         }
     }
 
@@ -156,6 +164,11 @@ impl DimensionKind {
                 ("review_hours", ANY),
                 ("min_stock", Col::Int { min: 0 }),
             ],
+            Self::OpeningStock => &[
+                ("store_id", Col::Text),
+                ("sku", Col::Text),
+                ("on_hand", Col::Int { min: 0 }),
+            ],
         }
     }
 
@@ -164,6 +177,7 @@ impl DimensionKind {
             Self::Stores => &["store_id"],
             Self::Products => &["sku"],
             Self::ReplenishmentPolicy => &["format", "category"],
+            Self::OpeningStock => &["store_id", "sku"],
         }
     }
 

@@ -8,13 +8,18 @@
 //!
 //! After decoding, rows are validated against rules the JSON schema cannot
 //! express (`stock_movements.kind` is one of [`MOVEMENT_KINDS`], a receipt
-//! has at least one line) and receipts are flattened to one row per line.
+//! has at least one line, money fits `Decimal(18, 6)` exactly) and receipts
+//! are flattened to one row per line.
 
 use std::sync::Arc;
 
 use arrow::{
-    array::{Array, ArrayRef, AsArray, BooleanArray, Int32Builder, RecordBatch, UInt32Builder},
+    array::{
+        Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Int32Builder, RecordBatch,
+        StructArray, UInt32Builder,
+    },
     compute::{concat_batches, filter_record_batch, take},
+    datatypes::{Decimal128Type, Int64Type},
     error::ArrowError,
 };
 use arrow_json::reader::{Decoder, ReaderBuilder};
@@ -22,8 +27,59 @@ use arrow_json::reader::{Decoder, ReaderBuilder};
 use crate::{
     dead_letter::DeadLetter,
     error::Result,
-    schema::{StreamKind, MOVEMENT_KINDS},
+    schema::{StreamKind, LINE_MONEY_FIELDS, MONEY, MONEY_SCALE, MOVEMENT_KINDS},
 };
+
+/// JSON money is read at this scale, kept at [`MONEY_SCALE`].
+const JSON_SCALE: u32 = 18;
+/// 10^(JSON_SCALE − MONEY_SCALE): a read value must be a multiple of it.
+const RESCALE: i128 = 10i128.pow(JSON_SCALE - MONEY_SCALE as u32);
+/// Largest money magnitude kept (Decimal128(18, 6)), at the JSON scale.
+const MONEY_MAX: i128 = (10i128.pow(18) - 1) * RESCALE;
+/// A line's `amount` may differ from qty × unit_price − discount by this
+/// much (one cent, at [`MONEY_SCALE`]) before it is counted as a mismatch.
+const AMOUNT_TOLERANCE: i128 = 10_000;
+
+/// Why a money value read at the JSON scale (18 decimals) cannot be kept
+/// exactly as `Decimal(18, 6)`, if it cannot.
+pub fn money_problem(v: i128) -> Option<String> {
+    let why = if v % RESCALE != 0 {
+        format!("has more than {MONEY_SCALE} decimal places")
+    } else if v.abs() > MONEY_MAX {
+        "is beyond 12 integer digits".to_string()
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} {why}: money is kept exactly as Decimal(18, {MONEY_SCALE}) and never rounded",
+        money_text(v)
+    ))
+}
+
+/// A money column read at the JSON scale, checked and rescaled to
+/// [`MONEY`]; the first value that does not fit is `Err((row, reason))`.
+pub fn rescale_money(a: &Decimal128Array) -> std::result::Result<Decimal128Array, (usize, String)> {
+    for (i, v) in a.iter().enumerate() {
+        if let Some(why) = v.and_then(money_problem) {
+            return Err((i, why));
+        }
+    }
+    Ok(a.unary::<_, Decimal128Type>(|v| v / RESCALE)
+        .with_data_type(MONEY))
+}
+
+/// A JSON-scale decimal as written (trailing zeros dropped).
+fn money_text(v: i128) -> String {
+    let scale = 10i128.pow(JSON_SCALE);
+    let (sign, a) = if v < 0 { ("-", -v) } else { ("", v) };
+    let frac = format!("{:018}", a % scale);
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{sign}{}", a / scale)
+    } else {
+        format!("{sign}{}.{frac}", a / scale)
+    }
+}
 
 /// Largest record accepted (bytes); larger ones are dead letters.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -305,12 +361,34 @@ impl EventDecoder {
                     .column_by_name("lines")
                     .expect("schema has lines")
                     .as_list::<i32>();
+                let items = lines.values().as_struct();
+                let offsets = lines.value_offsets();
                 for row in 0..lines.len() {
                     if lines.value_length(row) == 0 {
                         bad.push((
                             row,
                             "field 'lines': a receipt needs at least one line".into(),
                         ));
+                    }
+                    // Money is exact or refused: more than six decimals, or
+                    // more than twelve integer digits, is not representable.
+                    let first = offsets[row] as usize;
+                    for j in first..offsets[row + 1] as usize {
+                        for field in LINE_MONEY_FIELDS {
+                            let col = items
+                                .column_by_name(field)
+                                .expect("line has money")
+                                .as_primitive::<Decimal128Type>();
+                            if col.is_null(j) {
+                                continue;
+                            }
+                            if let Some(why) = money_problem(col.value(j)) {
+                                bad.push((
+                                    row,
+                                    format!("field 'lines[{}].{field}': {why}", j - first),
+                                ));
+                            }
+                        }
                     }
                 }
             }
@@ -422,8 +500,66 @@ pub fn flatten_sales(batch: &RecordBatch) -> Result<RecordBatch> {
     }
     columns.push(Arc::new(line_no.finish()));
     let items = lines.values().as_struct().slice(first, total);
-    columns.extend(items.columns().iter().cloned());
+    columns.extend(line_columns(&items)?);
     Ok(RecordBatch::try_new(StreamKind::Sales.schema(), columns)?)
+}
+
+/// The line struct's columns as the flat schema has them: money rescaled
+/// from the JSON scale (exact: [`EventDecoder`] refused anything else), and
+/// lines whose `amount` disagrees with qty × unit_price − discount by more
+/// than a cent counted in `storepulse_ingest_line_amount_mismatches_total`.
+fn line_columns(items: &StructArray) -> Result<Vec<ArrayRef>> {
+    let mut out = Vec::with_capacity(items.num_columns());
+    let mut money: Vec<Decimal128Array> = Vec::with_capacity(3);
+    for (f, col) in items.fields().iter().zip(items.columns()) {
+        if LINE_MONEY_FIELDS.contains(&f.name().as_str()) {
+            let a = col.as_primitive::<Decimal128Type>();
+            let scaled = a
+                .unary::<_, Decimal128Type>(|v| v / RESCALE)
+                .with_data_type(MONEY);
+            money.push(scaled.clone());
+            out.push(Arc::new(scaled) as ArrayRef);
+        } else {
+            out.push(col.clone());
+        }
+    }
+    let qty = items
+        .column_by_name("qty")
+        .expect("line has qty")
+        .as_primitive::<Int64Type>();
+    let mismatches = amount_mismatches(qty, &money[0], &money[1], &money[2]);
+    if mismatches > 0 {
+        metrics::counter!("storepulse_ingest_line_amount_mismatches_total")
+            .increment(mismatches as u64);
+    }
+    Ok(out)
+}
+
+/// Lines whose `amount` differs from qty × unit_price − discount by more
+/// than a cent (all at [`MONEY_SCALE`]).
+fn amount_mismatches(
+    qty: &arrow::array::Int64Array,
+    price: &Decimal128Array,
+    discount: &Decimal128Array,
+    amount: &Decimal128Array,
+) -> usize {
+    if amount.null_count() == amount.len() {
+        return 0;
+    }
+    (0..amount.len())
+        .filter(|&i| amount.is_valid(i) && qty.is_valid(i) && price.is_valid(i))
+        .filter(|&i| {
+            let d = if discount.is_valid(i) {
+                discount.value(i)
+            } else {
+                0
+            };
+            let net = (qty.value(i) as i128)
+                .saturating_mul(price.value(i))
+                .saturating_sub(d);
+            (net - amount.value(i)).abs() > AMOUNT_TOLERANCE
+        })
+        .count()
 }
 
 #[cfg(test)]
@@ -455,9 +591,9 @@ mod tests {
         let text = pretty_format_batches(&[out.batch.unwrap()])
             .unwrap()
             .to_string();
-        assert!(text.contains("| e1       | 2026-01-05T10:00:00Z | S1       | r1         | m1        |         | 0       | A   | 2   | 1.5000     |          |"), "{text}");
+        assert!(text.contains("| e1       | 2026-01-05T10:00:00Z | S1       | r1         | m1        |         | 0       | A   | 2   | 1.500000   |          |        |"), "{text}");
         assert!(
-            text.contains("| 1       | B   | -1  | 3.2500     | 0.2500   |"),
+            text.contains("| 1       | B   | -1  | 3.250000   | 0.250000 |        |"),
             "{text}"
         );
     }
@@ -538,5 +674,65 @@ mod tests {
             out.dead_letters[1].reason,
             "field 'lines': a receipt needs at least one line"
         );
+    }
+
+    #[test]
+    fn money_is_exact_to_six_decimals_or_refused() {
+        let sale = |id: &str, price: &str| {
+            format!(
+                r#"{{"event_id":"{id}","ts":"2026-01-05T10:00:00Z","store_id":"S1","receipt_id":"{id}","lines":[{{"sku":"A","qty":1,"unit_price":1}},{{"sku":"W","qty":250,"unit_price":{price}}}]}}"#
+            )
+        };
+        let lines = [
+            sale("g", "0.012990"),
+            sale("h", "\"0.01299\""),
+            sale("x", "0.0129999"),
+            sale("y", "1234567890123.5"),
+        ];
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let out = decode(StreamKind::Sales, &refs);
+        assert_eq!(out.events, 2, "{:?}", out.dead_letters);
+        let b = out.batch.unwrap();
+        let price = b
+            .column_by_name("unit_price")
+            .unwrap()
+            .as_primitive::<Decimal128Type>();
+        // 12.99 per kg is 0.01299 per gram, exactly: 250 g = 3.2475.
+        assert_eq!(price.value(1), 12_990);
+        assert_eq!(price.value(3), 12_990);
+        assert_eq!(b.column_by_name("unit_price").unwrap().data_type(), &MONEY);
+        let reasons: Vec<&str> = out.dead_letters.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "field 'lines[1].unit_price': 0.0129999 has more than 6 decimal places: money is kept exactly as Decimal(18, 6) and never rounded",
+                "field 'lines[1].unit_price': 1234567890123.5 is beyond 12 integer digits: money is kept exactly as Decimal(18, 6) and never rounded",
+            ]
+        );
+    }
+
+    #[test]
+    fn line_amount_is_optional_and_kept() {
+        let out = decode(
+            StreamKind::Sales,
+            &[
+                r#"{"event_id":"a","ts":"2026-01-05T10:00:00Z","store_id":"S1","receipt_id":"r","lines":[{"sku":"A","qty":3,"unit_price":0.333333,"amount":1.00},{"sku":"B","qty":1,"unit_price":2}]}"#,
+            ],
+        );
+        let b = out.batch.unwrap();
+        let amount = b
+            .column_by_name("amount")
+            .unwrap()
+            .as_primitive::<Decimal128Type>();
+        assert_eq!(amount.value(0), 1_000_000);
+        assert!(amount.is_null(1), "v1 lines have no amount");
+        // 3 × 0.333333 = 0.999999: within a cent of 1.00. 2.50 is not.
+        let qty = arrow::array::Int64Array::from(vec![3, 1, 1]);
+        let price =
+            Decimal128Array::from(vec![333_333, 2_000_000, 1_000_000]).with_data_type(MONEY);
+        let discount = Decimal128Array::from(vec![None, None, Some(100_000)]).with_data_type(MONEY);
+        let amount = Decimal128Array::from(vec![Some(1_000_000), Some(2_500_000), Some(900_000)])
+            .with_data_type(MONEY);
+        assert_eq!(amount_mismatches(&qty, &price, &discount, &amount), 1);
     }
 }

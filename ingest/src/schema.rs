@@ -7,8 +7,11 @@
 //!   receipt line with a `line_no`).
 //!
 //! Event time is `ts: Timestamp(Millisecond, "UTC")`; money is
-//! `Decimal128(18, 4)`; quantities are signed integers (weighed goods are
-//! counted in their smallest unit, e.g. grams).
+//! `Decimal128(18, 6)` (six decimals: a price per gram or millilitre is
+//! exact); quantities are signed integers (weighed goods are counted in
+//! their smallest unit, e.g. grams). JSON money is read at 18 decimals
+//! ([`JSON_MONEY`]) so that a value with more than six is refused (a dead
+//! letter), never truncated.
 
 use std::{fmt, str::FromStr, sync::Arc, sync::OnceLock};
 
@@ -18,8 +21,14 @@ use crate::error::IngestError;
 
 /// Timezone of every event-time column.
 pub const TS_TZ: &str = "UTC";
+/// Decimal places money keeps.
+pub const MONEY_SCALE: i8 = 6;
 /// Precision and scale of money columns.
-pub const MONEY: DataType = DataType::Decimal128(18, 4);
+pub const MONEY: DataType = DataType::Decimal128(18, MONEY_SCALE);
+/// How JSON money is read before it is checked and rescaled to [`MONEY`].
+pub const JSON_MONEY: DataType = DataType::Decimal128(38, 18);
+/// Money fields of a receipt line.
+pub const LINE_MONEY_FIELDS: [&str; 3] = ["unit_price", "discount", "amount"];
 
 /// The Arrow type of event-time columns.
 pub fn ts_type() -> DataType {
@@ -118,14 +127,22 @@ fn common(fields: &mut Vec<Field>) {
     fields.push(utf8("store_id", false));
 }
 
-/// The struct type of one receipt line.
-pub fn sales_line_fields() -> Fields {
+/// The struct type of one receipt line (`money`: the type of its money
+/// fields, [`MONEY`] or [`JSON_MONEY`]). `amount` is the net line amount as
+/// the till printed it (optional; when present it is the line's revenue).
+pub fn sales_line_fields_with(money: DataType) -> Fields {
     Fields::from(vec![
         utf8("sku", false),
         Field::new("qty", DataType::Int64, false),
-        Field::new("unit_price", MONEY, false),
-        Field::new("discount", MONEY, true),
+        Field::new("unit_price", money.clone(), false),
+        Field::new("discount", money.clone(), true),
+        Field::new("amount", money, true),
     ])
+}
+
+/// The struct type of one receipt line as the engine sees it.
+pub fn sales_line_fields() -> Fields {
+    sales_line_fields_with(MONEY)
 }
 
 fn build_json_schema(kind: StreamKind) -> SchemaRef {
@@ -141,7 +158,7 @@ fn build_json_schema(kind: StreamKind) -> SchemaRef {
         "lines",
         DataType::List(Arc::new(Field::new(
             "item",
-            DataType::Struct(sales_line_fields()),
+            DataType::Struct(sales_line_fields_with(JSON_MONEY)),
             false,
         ))),
         false,
@@ -244,7 +261,8 @@ mod tests {
                 "sku",
                 "qty",
                 "unit_price",
-                "discount"
+                "discount",
+                "amount"
             ]
         );
     }

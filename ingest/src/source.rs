@@ -327,6 +327,11 @@ impl FileSource {
                     names
                         .iter()
                         .map(|n| match target.field_with_name(n) {
+                            // Money is read at 18 decimals and checked in
+                            // `conform` (never truncated to the kept six).
+                            Ok(f) if f.data_type() == &crate::schema::MONEY => {
+                                Field::new(*n, crate::schema::JSON_MONEY, true)
+                            }
                             Ok(f) => Field::new(*n, f.data_type().clone(), true),
                             Err(_) => Field::new(*n, DataType::Utf8, true),
                         })
@@ -473,6 +478,32 @@ pub fn conform(path: &Path, stream: StreamKind, batch: &RecordBatch) -> Result<R
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for f in target.fields() {
         match batch.column_by_name(f.name()) {
+            Some(c) if f.data_type() == &crate::schema::MONEY && !c.data_type().is_floating() => {
+                // Exact or refused: read at 18 decimals, then checked.
+                let wide =
+                    cast(c, &crate::schema::JSON_MONEY).map_err(|e| IngestError::Format {
+                        path: path.to_path_buf(),
+                        message: format!("column '{}': {e}", f.name()),
+                    })?;
+                let c =
+                    crate::decode::rescale_money(wide.as_primitive()).map_err(|(row, why)| {
+                        IngestError::Format {
+                            path: path.to_path_buf(),
+                            message: format!(
+                                "column '{}', data row {} of this batch: {why}",
+                                f.name(),
+                                row + 1
+                            ),
+                        }
+                    })?;
+                if !f.is_nullable() && c.null_count() > 0 {
+                    return Err(IngestError::Format {
+                        path: path.to_path_buf(),
+                        message: format!("column '{}' is required but empty", f.name()),
+                    });
+                }
+                cols.push(Arc::new(c));
+            }
             Some(c) => {
                 let c = cast(c, f.data_type()).map_err(|e| IngestError::Format {
                     path: path.to_path_buf(),

@@ -17,6 +17,8 @@
 //!   and the measured variance, which counts multi-unit lines, is used).
 //!   `demand_model(mu)` names the branch: `none` (mu = 0), `poisson`,
 //!   `normal`.
+//! * `expected_shortage(on_hand, mu, var)` — E[(demand − on_hand)⁺], the
+//!   units a stock-out would lose over the lead time, same model.
 //! * `stock_days_until(days, as_of, keep)` — a `stock_days` list extended
 //!   with the quiet days up to the day holding `as_of` (the level holds), the
 //!   day holding `as_of` cut at `as_of`, and only the last `keep` days; adds
@@ -40,7 +42,7 @@ use datafusion::{
         ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
     },
 };
-use statrs::distribution::{ContinuousCDF, Normal};
+use statrs::distribution::{Continuous, ContinuousCDF, Normal};
 
 use crate::{
     agg::{as_f64, as_i64, struct_list_builder, struct_list_type, ts_millis, ts_type},
@@ -293,6 +295,60 @@ pub fn stockout_probability(on_hand: f64, mu: f64, var: f64) -> f64 {
     }
 }
 
+/// Expected units short over the lead time, E[(D − on_hand)⁺] (the sales a
+/// stock-out would lose), under the same demand model as
+/// [`stockout_probability`]: Poisson μ − Σ_{i<k} P(D > i), normal
+/// σ·(φ(z) − z·(1 − Φ(z))) with z = (on_hand − μ)/σ.
+pub fn expected_shortage(on_hand: f64, mu: f64, var: f64) -> f64 {
+    if mu <= 0.0 {
+        return 0.0;
+    }
+    let on_hand = on_hand.max(0.0);
+    if mu < NORMAL_FROM_MU {
+        let k = on_hand.floor() as u64;
+        if k > 400 {
+            return 0.0;
+        }
+        let mut term = (-mu).exp();
+        let mut cdf = term;
+        let mut covered = 0.0;
+        for i in 0..k {
+            covered += (1.0 - cdf).max(0.0);
+            term *= mu / (i + 1) as f64;
+            cdf += term;
+        }
+        (mu - covered).max(0.0)
+    } else {
+        let sigma = if var > 0.0 { var.sqrt() } else { mu.sqrt() };
+        let z = (on_hand - mu) / sigma;
+        let n = Normal::standard();
+        (sigma * (n.pdf(z) - z * (1.0 - n.cdf(z)))).max(0.0)
+    }
+}
+
+scalar_udf!(
+    ExpectedShortage,
+    "expected_shortage",
+    DataType::Float64,
+    3,
+    Volatility::Immutable
+);
+impl ExpectedShortage {
+    fn run(&self, a: &[ArrayRef], _n: usize) -> Result<ArrayRef> {
+        let (h, mu, var) = (as_f64(&a[0])?, as_f64(&a[1])?, as_f64(&a[2])?);
+        let out: Float64Array = (0..h.len())
+            .map(|i| {
+                if h.is_null(i) || mu.is_null(i) {
+                    return None;
+                }
+                let var = if var.is_null(i) { 0.0 } else { var.value(i) };
+                Some(expected_shortage(h.value(i), mu.value(i), var))
+            })
+            .collect();
+        Ok(Arc::new(out))
+    }
+}
+
 scalar_udf!(
     StockoutProbability,
     "stockout_probability",
@@ -455,6 +511,7 @@ pub fn scalar_functions() -> Vec<ScalarUDF> {
         UnitsIn::udf(),
         NormalQuantile::udf(),
         StockoutProbability::udf(),
+        ExpectedShortage::udf(),
         DemandModel::udf(),
         DaysUntil::udf(),
     ]
@@ -487,5 +544,30 @@ mod tests {
                 assert!((got - want).abs() < 1e-12, "mu {mu} k {k}: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn expected_shortage_matches_direct_sums() {
+        use statrs::distribution::{Discrete, Poisson};
+        // Poisson: E[(D − k)+] = Σ_{d>k} (d − k) P(D = d), summed directly.
+        for mu in [0.2, 1.0, 4.0, 12.0] {
+            let d = Poisson::new(mu).unwrap();
+            for k in [0.0, 1.0, 3.0, 10.0] {
+                let want: f64 = ((k as u64 + 1)..200)
+                    .map(|x| (x as f64 - k) * d.pmf(x))
+                    .sum();
+                let got = expected_shortage(k, mu, mu);
+                assert!((got - want).abs() < 1e-9, "mu {mu} k {k}: {got} vs {want}");
+            }
+        }
+        // Normal(100, 100) at x = 100: σ φ(0) = 10 / sqrt(2π).
+        let got = expected_shortage(100.0, 100.0, 100.0);
+        assert!(
+            (got - 10.0 / (2.0 * std::f64::consts::PI).sqrt()).abs() < 1e-9,
+            "{got}"
+        );
+        assert_eq!(expected_shortage(3.0, 0.0, 0.0), 0.0);
+        // Monotone: more stock, fewer lost units.
+        assert!(expected_shortage(2.0, 5.0, 5.0) > expected_shortage(3.0, 5.0, 5.0));
     }
 }

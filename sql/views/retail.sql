@@ -64,7 +64,7 @@ SELECT member_id AS card_id,
     max(ts) AS last_purchase_ts,
     count(*) FILTER (WHERE line_no = 0) AS receipts,
     distinct_days(ts) AS purchase_days,
-    sum(qty * unit_price - coalesce(discount, 0)) AS monetary
+    sum(coalesce(amount, qty * unit_price - coalesce(discount, 0))) AS monetary
 FROM sales
 WHERE member_id IS NOT NULL
 GROUP BY member_id;
@@ -77,14 +77,36 @@ SELECT local_member_id,
 FROM member_links
 GROUP BY local_member_id;
 
+-- Stock is known (counted), derived (a count or opening balance plus the
+-- movements and sales after it) or unknown (neither: on_hand is NULL).
 CREATE VIEW stock_on_hand AS
-SELECT a.store_id, a.sku,
-    a.ledger['on_hand'] AS on_hand,
-    a.ledger['last_count_ts'] AS last_count_ts,
-    a.ledger['last_count'] AS last_count,
-    a.ledger['last_ts'] AS last_event_ts,
-    c.as_of
-FROM sku_activity a CROSS JOIN engine_clock c;
+WITH l AS (
+    SELECT a.store_id, a.sku, a.ledger, o.on_hand AS opening_on_hand, c.as_of
+    FROM sku_activity a
+    CROSS JOIN engine_clock c
+    LEFT JOIN opening_stock o ON o.store_id = a.store_id AND o.sku = a.sku
+)
+SELECT store_id, sku,
+    CASE WHEN ledger['last_count_ts'] IS NOT NULL THEN ledger['on_hand']
+         ELSE opening_on_hand + ledger['on_hand'] END AS on_hand,
+    CASE WHEN ledger['last_count_ts'] IS NULL AND opening_on_hand IS NULL THEN 'unknown'
+         WHEN ledger['last_count_ts'] >= ledger['last_ts'] THEN 'counted'
+         ELSE 'derived' END AS stock_status,
+    ledger['last_count_ts'] AS last_count_ts,
+    ledger['last_count'] AS last_count,
+    opening_on_hand,
+    ledger['last_ts'] AS last_event_ts,
+    as_of
+FROM l;
+
+-- A derived on-hand below zero is not a stock-out but a data-quality signal:
+-- receipts that were never recorded, shrinkage, or a missed count.
+CREATE VIEW stock_anomalies AS
+SELECT store_id, sku, 'negative_on_hand' AS anomaly, on_hand,
+    -on_hand AS gap_units, stock_status, last_count_ts, last_count,
+    opening_on_hand, last_event_ts, as_of
+FROM stock_on_hand
+WHERE on_hand < 0;
 
 CREATE VIEW sales_velocity AS
 SELECT a.store_id, a.sku,
@@ -103,7 +125,12 @@ CREATE VIEW stockout_risk AS
 WITH base AS (
     SELECT a.store_id, a.sku, s.city, s.format, p.category,
         coalesce(p.case_pack, 1) AS case_pack,
-        a.ledger['on_hand'] AS on_hand,
+        CASE WHEN a.ledger['last_count_ts'] IS NOT NULL THEN a.ledger['on_hand']
+             ELSE o.on_hand + a.ledger['on_hand'] END AS on_hand,
+        CASE WHEN a.ledger['last_count_ts'] IS NULL AND o.on_hand IS NULL THEN 'unknown'
+             WHEN a.ledger['last_count_ts'] >= a.ledger['last_ts'] THEN 'counted'
+             ELSE 'derived' END AS stock_status,
+        a.ledger['last_count_ts'] AS last_count_ts,
         decayed_rate(a.units_decayed['sum'], a.units_decayed['at'], c.as_of,
                      ${velocity_half_life}) AS units_per_hour,
         decayed_rate(a.units_sq_decayed['sum'], a.units_sq_decayed['at'], c.as_of,
@@ -119,6 +146,7 @@ WITH base AS (
     LEFT JOIN stores s ON s.store_id = a.store_id
     LEFT JOIN products p ON p.sku = a.sku
     LEFT JOIN replenishment_policy r ON r.format = s.format AND r.category = p.category
+    LEFT JOIN opening_stock o ON o.store_id = a.store_id AND o.sku = a.sku
 ), demand AS (
     SELECT *,
         units_per_hour * lead_time_hours AS lead_time_demand,
@@ -135,8 +163,10 @@ WITH base AS (
 )
 SELECT store_id, sku, city, format, category,
     on_hand,
+    stock_status,
+    last_count_ts,
     units_per_hour,
-    CASE WHEN units_per_hour > 0 THEN greatest(on_hand, 0) / units_per_hour END AS hours_of_cover,
+    CASE WHEN units_per_hour > 0 AND on_hand >= 0 THEN on_hand / units_per_hour END AS hours_of_cover,
     lead_time_hours,
     review_hours,
     service_level,
@@ -146,8 +176,14 @@ SELECT store_id, sku, city, format, category,
     safety_stock,
     reorder_point,
     order_up_to,
-    stockout_probability(on_hand, lead_time_demand, lead_time_variance) AS p_stockout,
-    CASE WHEN on_hand <= reorder_point AND order_up_to > on_hand
+    -- Unknown stock, or a derived level below zero (a data-quality problem,
+    -- see stock_anomalies), gives no probability and no order.
+    CASE WHEN on_hand >= 0
+         THEN stockout_probability(on_hand, lead_time_demand, lead_time_variance) END AS p_stockout,
+    CASE WHEN on_hand >= 0 THEN expected_shortage(on_hand, lead_time_demand, lead_time_variance) END
+        AS expected_lost_units,
+    CASE WHEN on_hand < 0 OR on_hand IS NULL THEN CAST(NULL AS BIGINT)
+         WHEN on_hand <= reorder_point AND order_up_to > on_hand
          THEN CAST(ceil((order_up_to - on_hand) / case_pack) * case_pack AS BIGINT)
          ELSE CAST(0 AS BIGINT) END AS suggested_order_qty,
     case_pack,
@@ -159,7 +195,8 @@ FROM policy;
 CREATE VIEW slow_movers AS
 WITH s AS (
     SELECT a.store_id, a.sku, p.category,
-        a.ledger['on_hand'] AS on_hand,
+        CASE WHEN a.ledger['last_count_ts'] IS NOT NULL THEN a.ledger['on_hand']
+             ELSE o.on_hand + a.ledger['on_hand'] END AS on_hand,
         units_in(a.hourly, c.as_of, ${slow_mover_horizon_hours}) AS units_in_horizon,
         a.last_sale_ts,
         coalesce(p.unit_cost, 0) AS unit_cost,
@@ -167,6 +204,7 @@ WITH s AS (
     FROM sku_activity a
     CROSS JOIN engine_clock c
     LEFT JOIN products p ON p.sku = a.sku
+    LEFT JOIN opening_stock o ON o.store_id = a.store_id AND o.sku = a.sku
 )
 SELECT store_id, sku, category, on_hand, units_in_horizon,
     ${slow_mover_horizon_hours} / 24.0 AS horizon_days,
@@ -179,56 +217,81 @@ SELECT store_id, sku, category, on_hand, units_in_horizon,
 FROM s
 WHERE on_hand > 0 AND units_in_horizon <= ${slow_mover_max_units};
 
+-- Turnover per period: COGS over the time-weighted average inventory cost of
+-- the hours each SKU has data (from its first event, or the period start, to
+-- the period end or as_of), so a period that began before the data does not
+-- dilute the average. Only (store, SKU) pairs with a stock count: without
+-- one the level is unknown (see stock_on_hand).
 CREATE VIEW inventory_turnover AS
 WITH base AS (
-    SELECT x.store_id, coalesce(p.category, 'unknown') AS category,
-        coalesce(p.unit_cost, 0) AS unit_cost, c.as_of,
+    SELECT x.store_id, x.sku, coalesce(p.category, 'unknown') AS category,
+        coalesce(p.unit_cost, 0) AS unit_cost, c.as_of, a.first_seen,
         stock_days_until(x.days, c.as_of, ${turnover_days}) AS days
     FROM sku_stock_days x
+    JOIN sku_activity a ON a.store_id = x.store_id AND a.sku = x.sku
     CROSS JOIN engine_clock c
     LEFT JOIN products p ON p.sku = x.sku
+    WHERE a.ledger['last_count_ts'] IS NOT NULL
 ), d AS (
-    SELECT store_id, category, unit_cost, as_of, unnest(days) AS d FROM base
+    SELECT store_id, sku, category, unit_cost, as_of, first_seen, unnest(days) AS d FROM base
 ), f AS (
-    SELECT store_id, category, unit_cost, as_of,
+    SELECT store_id, sku, category, unit_cost, as_of,
         d['day'] AS day, d['begin_on_hand'] AS begin_on_hand,
         d['unit_hours'] AS unit_hours, d['units_sold'] AS units_sold,
-        d['received'] AS received
+        d['received'] AS received,
+        greatest(d['hours'] - greatest(extract(epoch FROM first_seen) - extract(epoch FROM d['day']), 0)
+                 / 3600.0, 0) AS covered_hours
     FROM d
 ), periods AS (
-    SELECT store_id, category, 'day' AS period, day AS period_start,
+    SELECT store_id, sku, category, 'day' AS period, day AS period_start,
         day + INTERVAL '1 day' AS period_end, day, unit_cost, as_of,
-        begin_on_hand, unit_hours, units_sold, received
+        begin_on_hand, unit_hours, units_sold, received, covered_hours
     FROM f
     UNION ALL
-    SELECT store_id, category, 'week',
+    SELECT store_id, sku, category, 'week',
         date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z'),
         date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z') + INTERVAL '7 days',
-        day, unit_cost, as_of, begin_on_hand, unit_hours, units_sold, received
+        day, unit_cost, as_of, begin_on_hand, unit_hours, units_sold, received, covered_hours
     FROM f
-), g AS (
-    SELECT store_id, category, period, period_start,
+), s AS (
+    -- Per SKU and period: its average inventory over the hours it has data.
+    SELECT store_id, category, sku, period, period_start,
         (extract(epoch FROM least(max(period_end), max(as_of))) - extract(epoch FROM period_start))
             / 3600.0 AS hours,
+        sum(covered_hours) AS covered_hours,
         sum(units_sold) AS units_sold,
         sum(units_sold * unit_cost) AS cogs,
-        sum(unit_hours * unit_cost) AS cost_hours,
-        sum(begin_on_hand) FILTER (WHERE day = period_start) AS begin_on_hand,
+        sum(unit_hours * unit_cost) / nullif(sum(covered_hours), 0) AS avg_inventory_cost,
+        -- On hand when the period (or the SKU's data) began.
+        first_value(begin_on_hand ORDER BY day) AS begin_on_hand,
         sum(received) AS received,
         max(as_of) AS as_of
     FROM periods
+    GROUP BY store_id, category, sku, period, period_start
+), g AS (
+    SELECT store_id, category, period, period_start,
+        max(hours) AS hours,
+        max(covered_hours) AS covered_hours,
+        sum(units_sold) AS units_sold,
+        sum(cogs) AS cogs,
+        sum(avg_inventory_cost) AS avg_inventory_cost,
+        sum(begin_on_hand) AS begin_on_hand,
+        sum(received) AS received,
+        max(as_of) AS as_of
+    FROM s
     GROUP BY store_id, category, period, period_start
 )
 SELECT store_id, category, period, period_start,
     units_sold,
     cogs,
-    CASE WHEN hours > 0 THEN cost_hours / hours END AS avg_inventory_cost,
-    CASE WHEN cost_hours > 0 AND hours > 0 THEN cogs / (cost_hours / hours) END AS turnover,
-    CASE WHEN cogs > 0 AND hours > 0 THEN (cost_hours / hours) / (cogs / (hours / 24.0)) END
-        AS days_of_inventory,
+    avg_inventory_cost,
+    CASE WHEN avg_inventory_cost > 0 THEN cogs / avg_inventory_cost END AS turnover,
+    CASE WHEN cogs > 0 AND covered_hours > 0
+         THEN avg_inventory_cost / (cogs / (covered_hours / 24.0)) END AS days_of_inventory,
     CASE WHEN coalesce(begin_on_hand, 0) + received > 0
          THEN CAST(units_sold AS DOUBLE) / (coalesce(begin_on_hand, 0) + received) END AS sell_through,
     hours / 24.0 AS elapsed_days,
+    covered_hours / 24.0 AS covered_days,
     as_of
 FROM g
 -- Only periods that start inside the kept days (a week that began before

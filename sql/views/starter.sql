@@ -11,7 +11,7 @@ SELECT
     date_bin(INTERVAL '1 hour', ts) + INTERVAL '1 hour' AS window_end,
     count(*) FILTER (WHERE line_no = 0) AS receipts,
     sum(qty) AS units,
-    sum(qty * unit_price - coalesce(discount, 0)) AS revenue
+    sum(coalesce(amount, qty * unit_price - coalesce(discount, 0))) AS revenue
 FROM sales
 GROUP BY store_id, date_bin(INTERVAL '1 hour', ts);
 
@@ -33,7 +33,7 @@ SELECT
     member_id,
     count(*) FILTER (WHERE line_no = 0) AS receipts,
     count(DISTINCT store_id) AS stores_visited,
-    sum(qty * unit_price - coalesce(discount, 0)) AS spend,
+    sum(coalesce(amount, qty * unit_price - coalesce(discount, 0))) AS spend,
     min(ts) AS first_seen,
     max(ts) AS last_seen,
     last_value(store_id ORDER BY ts) AS last_store
@@ -74,7 +74,7 @@ GROUP BY store_id, sku;
 CREATE MATERIALIZED VIEW sales_per_minute AS
 SELECT store_id, date_bin(INTERVAL '1 minute', ts) AS minute,
     count(*) FILTER (WHERE line_no = 0) AS receipts,
-    sum(qty * unit_price - coalesce(discount, 0)) AS revenue
+    sum(coalesce(amount, qty * unit_price - coalesce(discount, 0))) AS revenue
 FROM sales
 GROUP BY store_id, date_bin(INTERVAL '1 minute', ts);
 

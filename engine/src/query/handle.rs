@@ -186,7 +186,19 @@ impl EngineHandle {
                             "{kind} is not allowed: {why}"
                         )));
                     }
-                    out.push(self.engine.lock().await.execute_statement(other).await?)
+                    // Accepted at run time: recorded in the run-time
+                    // catalog, so the view comes back at the next start.
+                    let text = match &other {
+                        Statement::CreateMaterializedView { sql, .. }
+                        | Statement::DataFusion { sql, .. } => Some(sql.clone()),
+                        Statement::CreateAlert(_) => None,
+                    };
+                    let mut engine = self.engine.lock().await;
+                    let result = engine.execute_statement(other).await?;
+                    if let (Some(dir), Some(text)) = (engine.config().data_dir.as_deref(), text) {
+                        crate::catalog::append(dir, &text)?;
+                    }
+                    out.push(result)
                 }
             }
         }

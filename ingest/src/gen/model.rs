@@ -394,6 +394,23 @@ pub struct Simulator {
     stores: Vec<StoreRuntime>,
     linked: HashSet<(u32, u32)>,
     step: Vec<GenEvent>,
+    /// Part of every event id: the start in base-36 seconds.
+    run_tag: String,
+}
+
+/// `n` in base 36 (lower case).
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
 }
 
 impl Simulator {
@@ -416,6 +433,7 @@ impl Simulator {
             .collect();
         Self {
             now_ms: chain.cfg.start_ms,
+            run_tag: base36(chain.cfg.start_ms.max(0) as u64 / 1000),
             chain,
             rng,
             stores,
@@ -701,7 +719,7 @@ impl Simulator {
         let member = self.pick_member(s);
         let id = self.next_id(s, 'r');
         let store_id = &self.chain.stores[s].id;
-        let receipt_id = format!("{store_id}-{}", self.stores[s].seq);
+        let receipt_id = format!("{store_id}-{}-{}", self.run_tag, self.stores[s].seq);
         let mut j = self.head(&id, ts, s);
         let _ = write!(j, r#","receipt_id":"{receipt_id}""#);
         // At their home store members show the chain-wide card; elsewhere a
@@ -775,10 +793,17 @@ impl Simulator {
         }
     }
 
+    /// `{store}-{run}{tag}{seq}`: the run is the simulation's start (base
+    /// 36 seconds), so a restarted live generator (which starts at "now")
+    /// mints new ids instead of repeating the last run's, while a dataset
+    /// (fixed start) stays reproducible.
     fn next_id(&mut self, s: usize, tag: char) -> String {
         let rt = &mut self.stores[s];
         rt.seq += 1;
-        format!("{}-{tag}{:08}", self.chain.stores[s].id, rt.seq)
+        format!(
+            "{}-{}{tag}{:08}",
+            self.chain.stores[s].id, self.run_tag, rt.seq
+        )
     }
 
     /// `{"event_id":..,"ts":..,"store_id":..` (object left open).
