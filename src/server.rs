@@ -695,10 +695,24 @@ async fn views(State(app): State<AppState>) -> Response {
 
 /// `GET /api/v1/alerts`: pending and firing alerts, the rules and the
 /// outbox backlog.
-async fn alerts(State(app): State<AppState>) -> Response {
+/// Query of `GET /api/v1/alerts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    /// Active alerts listed at most (firing first; default 1000, at most
+    /// 100000); the totals are always exact.
+    limit: Option<usize>,
+}
+
+async fn alerts(
+    State(app): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<AlertsQuery>,
+) -> Response {
     let Some(m) = &app.alerts else {
-        return Json(json!({"active": [], "rules": [], "outbox_pending": 0})).into_response();
+        return Json(json!({"active": [], "active_total": 0, "rules": [], "outbox_pending": 0}))
+            .into_response();
     };
+    let limit = q.limit.unwrap_or(1_000).min(100_000);
     let rules: Vec<serde_json::Value> = m
         .rules()
         .iter()
@@ -709,11 +723,18 @@ async fn alerts(State(app): State<AppState>) -> Response {
                 "keep_firing_for_ms": r.keep_firing_for.as_millis() as u64,
                 "renotify_ms": r.renotify.as_millis() as u64,
                 "severity": r.severity.as_str(), "sinks": r.sinks,
+                "group_by": r.group_by, "group_wait_ms": r.group_wait.as_millis() as u64,
+                "group_interval_ms": r.group_interval.as_millis() as u64,
+                "max_notifications_per_evaluation": r.max_notifications,
             })
         })
         .collect();
+    let (active, pending, firing) = m.active_page(limit).await;
     Json(json!({
-        "active": m.active().await,
+        "active": active,
+        "active_total": pending + firing,
+        "active_pending": pending,
+        "active_firing": firing,
         "rules": rules,
         "outbox_pending": m.outbox().pending().unwrap_or(0),
     }))

@@ -297,3 +297,83 @@ path = "{file}"
         holding.difference(&notified).collect::<Vec<_>>()
     );
 }
+
+/// Cold start (#22): a chain that starts before its first stock-take sends
+/// sales only. Its stock is unknown, not minus the units sold: no
+/// probability, no order, no anomaly and no `low_stock` alert for any
+/// (store, SKU) — where the same dataset with its counts fires (the test
+/// above).
+#[test]
+fn a_chain_without_stock_counts_has_unknown_stock_and_no_replenishment_alerts() {
+    use storepulse_testkit::process::Server;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gen");
+    gen(&data);
+    for stream in ["stock_counts", "stock_movements"] {
+        std::fs::write(data.join(format!("{stream}.jsonl")), "").unwrap();
+    }
+    let jsonl = dir.path().join("alerts.jsonl");
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+{dataset}
+[retail]
+low_stock_for = "0s"
+[[alerts.sinks]]
+name = "file"
+type = "jsonl"
+path = "{file}"
+"#,
+            state = dir.path().join("state").display(),
+            file = jsonl.display(),
+            dataset = storepulse_testkit::process::dataset_toml(&data),
+        ),
+    )
+    .unwrap();
+    let s = Server::start(BIN, &config);
+    s.wait_finished(std::time::Duration::from_secs(300));
+    let r = &s.rows(
+        "SELECT count(*) AS pairs, count(*) FILTER (WHERE stock_status = 'unknown') AS unknown, \
+         count(on_hand) AS known, count(p_stockout) AS with_p, \
+         count(suggested_order_qty) AS with_order, min(units_per_hour) AS min_rate, \
+         max(units_per_hour) AS max_rate FROM stockout_risk",
+    )[0];
+    assert!(r["pairs"].as_u64().unwrap() > 50, "{r}");
+    assert_eq!(r["unknown"], r["pairs"], "{r}");
+    for c in ["known", "with_p", "with_order"] {
+        assert_eq!(r[c].as_u64(), Some(0), "{c}: {r}");
+    }
+    assert!(
+        r["max_rate"].as_f64().unwrap() > 0.0,
+        "the sales are there: {r}"
+    );
+    assert_eq!(
+        s.rows("SELECT count(*) AS n FROM stock_anomalies")[0]["n"].as_u64(),
+        Some(0),
+        "unknown stock is not an anomaly either"
+    );
+    let alerts = s.get("/api/v1/alerts");
+    assert!(
+        alerts["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["rule"] != "low_stock"),
+        "{alerts}"
+    );
+    let (status, log) = s.stop_with("-TERM");
+    assert!(status.success(), "{}", log.join("\n"));
+    let low = std::fs::read_to_string(&jsonl)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"low_stock\""))
+        .count();
+    assert_eq!(low, 0, "no replenishment alert on unknown stock");
+}

@@ -1001,6 +1001,11 @@ fn dashboard_in_headless_chromium(http: &Http) {
             .unwrap();
         assert!(n > 0, "{chart} = {n}");
     }
+    // The open minute is drawn as partial, not as a drop to zero.
+    assert!(
+        attr("data-sales-partial").is_some_and(|m| !m.is_empty()),
+        "open minute not marked: <body{body}>"
+    );
     let risk: usize = attr("data-risk-table-rows")
         .expect("risk rows")
         .parse()

@@ -43,8 +43,23 @@ pub enum AlertState {
     Resolved,
 }
 
+/// A condition row as compact JSON text: a storm holds hundreds of
+/// thousands of them, and a parsed `serde_json::Value` object costs ten
+/// times the bytes of its text.
+pub type Row = Box<serde_json::value::RawValue>;
+
+/// The JSON `null` row.
+pub fn null_row() -> Row {
+    serde_json::value::RawValue::from_string("null".into()).expect("valid JSON")
+}
+
+/// A row parsed into a value (for payloads).
+pub fn row_value(row: &serde_json::value::RawValue) -> serde_json::Value {
+    serde_json::from_str(row.get()).unwrap_or(serde_json::Value::Null)
+}
+
 /// One key's state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyState {
     /// Pending or firing.
     pub state: AlertState,
@@ -55,7 +70,19 @@ pub struct KeyState {
     /// Event time of the last notification (firing).
     pub notified_at: Option<i64>,
     /// The condition's latest row (JSON object).
-    pub row: serde_json::Value,
+    pub row: Row,
+}
+
+impl PartialEq for KeyState {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            self.state,
+            self.since,
+            self.last_seen,
+            self.notified_at,
+            self.row.get(),
+        ) == (o.state, o.since, o.last_seen, o.notified_at, o.row.get())
+    }
 }
 
 /// A notification to deliver.
@@ -171,7 +198,7 @@ impl Lifecycle {
         &mut self,
         rule: &AlertRule,
         now: i64,
-        holding: BTreeMap<String, serde_json::Value>,
+        holding: BTreeMap<String, Row>,
     ) -> Vec<Notification> {
         self.evaluate_within(rule, now, holding, usize::MAX)
             .notifications
@@ -189,7 +216,7 @@ impl Lifecycle {
         &mut self,
         rule: &AlertRule,
         now: i64,
-        holding: BTreeMap<String, serde_json::Value>,
+        holding: BTreeMap<String, Row>,
         budget: usize,
     ) -> Evaluation {
         let mut out = Evaluation::default();
@@ -204,10 +231,10 @@ impl Lifecycle {
         // Whether a change of `row`'s group may notify now (and room is left).
         let mut admit = |groups: &mut BTreeMap<String, GroupClock>,
                          out: &mut Evaluation,
-                         row: &serde_json::Value|
+                         row: &serde_json::value::RawValue|
          -> bool {
             if grouped {
-                let g = group_of(rule, row);
+                let g = group_of(rule, &row_value(row));
                 let clock = groups.entry(g.clone()).or_default();
                 let due = match clock.notified_at {
                     Some(t) => now - t >= group_interval,
@@ -248,7 +275,7 @@ impl Lifecycle {
                 last_seen: s.last_seen,
                 notified_at: now,
                 sequence: *seq,
-                row: s.row.clone(),
+                row: row_value(&s.row),
             });
         };
         // Keys that stopped holding.
@@ -281,7 +308,7 @@ impl Lifecycle {
                 since: now,
                 last_seen: now,
                 notified_at: None,
-                row: serde_json::Value::Null,
+                row: null_row(),
             });
             s.last_seen = s.last_seen.max(now);
             s.row = row;
@@ -346,9 +373,13 @@ mod tests {
         }
     }
 
-    fn rows(keys: &[&str]) -> BTreeMap<String, serde_json::Value> {
+    fn raw(v: serde_json::Value) -> Row {
+        serde_json::value::to_raw_value(&v).unwrap()
+    }
+
+    fn rows(keys: &[&str]) -> BTreeMap<String, Row> {
         keys.iter()
-            .map(|k| (k.to_string(), serde_json::json!({ "k": k })))
+            .map(|k| (k.to_string(), raw(serde_json::json!({ "k": k }))))
             .collect()
     }
 
@@ -498,7 +529,7 @@ mod tests {
         let keys: Vec<String> = (0..25).map(|i| format!("k{i:02}")).collect();
         let all = || {
             keys.iter()
-                .map(|k| (k.clone(), serde_json::json!({ "k": k })))
+                .map(|k| (k.clone(), raw(serde_json::json!({ "k": k }))))
                 .collect::<BTreeMap<_, _>>()
         };
         let mut fired = Vec::new();
@@ -539,7 +570,7 @@ mod tests {
         let row = |store: &str, k: &str| {
             (
                 format!("{store}|{k}"),
-                serde_json::json!({"store": store, "k": k}),
+                raw(serde_json::json!({"store": store, "k": k})),
             )
         };
         let mut l = Lifecycle::default();

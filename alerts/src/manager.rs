@@ -30,7 +30,10 @@ use storepulse_engine::{AlertDefinition, EngineHandle};
 use tokio::sync::{watch, Mutex};
 
 use crate::{
-    lifecycle::{alert_id, group_of, AlertState, Evaluation, KeyState, Lifecycle, Notification},
+    lifecycle::{
+        alert_id, group_of, row_value, AlertState, Evaluation, KeyState, Lifecycle, Notification,
+        Row,
+    },
     outbox::{Outbox, OutboxError},
     rule::{AlertRule, RuleError},
     sink::{build, Sink, SinkConfig, SinkError},
@@ -403,17 +406,39 @@ impl AlertManager {
 
     /// Pending and firing alerts, by rule and key.
     pub async fn active(&self) -> Vec<ActiveAlert> {
+        self.active_page(usize::MAX).await.0
+    }
+
+    /// At most `limit` active alerts (firing ones first, then by rule and
+    /// key) and the true totals: `(alerts, pending, firing)`. A storm keeps
+    /// hundreds of thousands of keys active; a listing must not copy them
+    /// all.
+    pub async fn active_page(&self, limit: usize) -> (Vec<ActiveAlert>, usize, usize) {
         let state = self.state.lock().await;
-        let mut out = Vec::new();
-        for r in &self.rules {
-            let Some(l) = state.get(&r.name) else {
-                continue;
-            };
-            for (key, s) in l.active() {
-                out.push(active(r, key, s));
+        let (mut pending, mut firing) = (0, 0);
+        for l in state.values() {
+            for (_, s) in l.active() {
+                match s.state {
+                    AlertState::Firing => firing += 1,
+                    _ => pending += 1,
+                }
             }
         }
-        out
+        let mut out = Vec::new();
+        for want in [AlertState::Firing, AlertState::Pending] {
+            for r in &self.rules {
+                let Some(l) = state.get(&r.name) else {
+                    continue;
+                };
+                for (key, s) in l.active().filter(|(_, s)| s.state == want) {
+                    if out.len() >= limit {
+                        return (out, pending, firing);
+                    }
+                    out.push(active(r, key, s));
+                }
+            }
+        }
+        (out, pending, firing)
     }
 
     /// Evaluates rule `i` once: query, lifecycle, commit. Returns the
@@ -824,7 +849,7 @@ fn active(r: &AlertRule, key: &str, s: &KeyState) -> ActiveAlert {
         severity: r.severity.as_str().to_string(),
         first_seen: s.since,
         last_seen: s.last_seen,
-        row: s.row.clone(),
+        row: row_value(&s.row),
     }
 }
 
@@ -833,23 +858,26 @@ fn active(r: &AlertRule, key: &str, s: &KeyState) -> ActiveAlert {
 fn keyed_rows(
     rule: &AlertRule,
     batches: &[datafusion::arrow::array::RecordBatch],
-) -> Result<BTreeMap<String, serde_json::Value>, String> {
+) -> Result<BTreeMap<String, Row>, String> {
     let mut out = BTreeMap::new();
+    let mut buf = Vec::new();
     for b in batches {
         if b.num_rows() == 0 {
             continue;
         }
-        let mut buf = Vec::new();
+        buf.clear();
         {
             let mut w = arrow_json::WriterBuilder::new()
                 .with_explicit_nulls(true)
-                .build::<_, arrow_json::writer::JsonArray>(&mut buf);
+                .build::<_, arrow_json::writer::LineDelimited>(&mut buf);
             w.write(b).map_err(|e| e.to_string())?;
             w.finish().map_err(|e| e.to_string())?;
         }
-        let rows: Vec<serde_json::Map<String, serde_json::Value>> =
-            serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
-        for row in rows {
+        // Each row is kept as its JSON text; it is parsed only to read the key.
+        for line in buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+            let text = std::str::from_utf8(line).map_err(|e| e.to_string())?;
+            let row: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(text).map_err(|e| e.to_string())?;
             let key = rule
                 .key
                 .iter()
@@ -860,7 +888,9 @@ fn keyed_rows(
                 })
                 .collect::<Vec<_>>()
                 .join("|");
-            out.insert(key, serde_json::Value::Object(row));
+            let raw = serde_json::value::RawValue::from_string(text.to_string())
+                .map_err(|e| e.to_string())?;
+            out.insert(key, raw);
         }
     }
     Ok(out)

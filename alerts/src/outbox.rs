@@ -27,6 +27,8 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("lifecycle");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+/// redb's page cache.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// Outbox failures.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,14 @@ impl Outbox {
             path: p.clone(),
             message: e.to_string(),
         };
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        // redb caches up to 1 GiB by default; the outbox is small and
+        // mostly appended and trimmed, so 32 MiB keeps a storm (whose
+        // lifecycle is rewritten at every evaluation) from growing the
+        // process by a gigabyte of cache.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| err(&e))?;
         let w = db.begin_write().map_err(|e| err(&e))?;
         {
             let entries = w.open_table(ENTRIES).map_err(|e| err(&e))?;

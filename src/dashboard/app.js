@@ -10,7 +10,7 @@ if (location.hash.startsWith("#token=")) {
   sessionStorage.setItem("storepulse.token", decodeURIComponent(location.hash.slice(7)));
   history.replaceState(null, "", location.pathname);
 }
-const state = { token: sessionStorage.getItem("storepulse.token") || "", charts: {}, lastCounts: null, epsSeries: {}, errors: 0, refreshes: 0 };
+const state = { token: sessionStorage.getItem("storepulse.token") || "", charts: {}, lastCounts: null, epsSeries: {}, errors: 0, refreshes: 0, storeCity: {} };
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -111,6 +111,7 @@ async function loadFilters() {
   const store = document.getElementById("store");
   for (const c of [...new Set(stores.map(s => s.city))]) city.add(new Option(c, c));
   for (const s of stores) store.add(new Option(`${s.store_id} · ${s.name || ""} (${s.city})`, s.store_id));
+  for (const s of stores) state.storeCity[s.store_id] = s.city;
   city.addEventListener("change", () => {
     for (const o of store.options) o.hidden = !!(o.value && city.value && !o.text.endsWith(`(${city.value})`));
     store.value = "";
@@ -130,9 +131,13 @@ async function refreshSales() {
     data: { labels: [], datasets: [] },
     options: { scales: { y: { beginAtZero: true, title: { display: true, text: "revenue" } }, y1: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false }, title: { display: true, text: "receipts" } } } },
   });
-  setSeries("chart-sales", rows.map(r => String(r.minute).slice(11, 16)), [
-    { label: "revenue", data: rows.map(r => r.revenue), borderColor: PALETTE[0], backgroundColor: PALETTE[0], yAxisID: "y", pointRadius: 0, tension: 0.2 },
-    { label: "receipts", data: rows.map(r => r.receipts), borderColor: PALETTE[1], backgroundColor: PALETTE[1], yAxisID: "y1", pointRadius: 0, tension: 0.2 },
+  // The last minute is still open: drawn dashed and labelled partial, not as a drop.
+  const open = rows.length - 1;
+  const partial = { borderDash: ctx => (ctx.p1DataIndex === open ? [5, 4] : undefined) };
+  document.body.dataset.salesPartial = rows.length ? String(rows[open].minute) : "";
+  setSeries("chart-sales", rows.map((r, i) => String(r.minute).slice(11, 16) + (i === open ? " (partial)" : "")), [
+    { label: "revenue", data: rows.map(r => r.revenue), borderColor: PALETTE[0], backgroundColor: PALETTE[0], yAxisID: "y", pointRadius: 0, tension: 0.2, segment: partial },
+    { label: "receipts", data: rows.map(r => r.receipts), borderColor: PALETTE[1], backgroundColor: PALETTE[1], yAxisID: "y1", pointRadius: 0, tension: 0.2, segment: partial },
   ]);
   const store = document.getElementById("store").value, city = document.getElementById("city").value;
   document.getElementById("sales-scope").textContent = store ? `store ${store}` : city ? city : "chain-wide";
@@ -166,10 +171,10 @@ async function refreshHealth() {
 
 async function refreshRisk() {
   const rows = await sql(`
-    SELECT store_id, sku, category, on_hand, hours_of_cover, p_stockout, suggested_order_qty
+    SELECT store_id, sku, category, on_hand, hours_of_cover, p_stockout, expected_lost_units, suggested_order_qty
     FROM stockout_risk r WHERE ${filter("r")} AND suggested_order_qty > 0
-    ORDER BY p_stockout DESC, hours_of_cover ASC NULLS LAST, store_id, sku LIMIT 15`);
-  fillTable("risk-table", rows, r => [[r.store_id], [r.sku], [r.category], [fmt(r.on_hand), "num"], [fmt(r.hours_of_cover, 1), "num"], [fmt(r.p_stockout, 3), "num"], [fmt(r.suggested_order_qty), "num"]]);
+    ORDER BY expected_lost_units DESC, p_stockout DESC, store_id, sku LIMIT 15`);
+  fillTable("risk-table", rows, r => [[r.store_id], [r.sku], [r.category], [fmt(r.on_hand), "num"], [fmt(r.hours_of_cover, 1), "num"], [fmt(r.p_stockout, 3), "num"], [fmt(r.expected_lost_units, 1), "num"], [fmt(r.suggested_order_qty), "num"]]);
 }
 
 async function refreshTransfers() {
@@ -181,9 +186,16 @@ async function refreshTransfers() {
 }
 
 async function refreshAlerts() {
-  const a = await api("/api/v1/alerts");
-  const store = document.getElementById("store").value;
-  const rows = (a.active || []).filter(x => !store || String(x.alert_key).includes(store)).slice(0, 20);
+  const a = await api("/api/v1/alerts?limit=2000");
+  const store = document.getElementById("store").value, city = document.getElementById("city").value;
+  // An alert belongs to the store in its row (or the first part of its key).
+  const storeOf = x => (x.row && x.row.store_id) || String(x.alert_key).split("|")[0];
+  const keep = x => (store ? storeOf(x) === store : !city || state.storeCity[storeOf(x)] === city);
+  const matching = (a.active || []).filter(keep);
+  const rows = matching.slice(0, 20);
+  document.getElementById("alert-total").textContent = store || city
+    ? `${fmt(matching.length)} here of ${fmt(a.active_total)} chain-wide`
+    : `${fmt(a.active_total)} active (${fmt(a.active_firing)} firing)`;
   fillTable("alert-table", rows, r => [[r.rule], [r.alert_key], [r.state, r.state === "firing" ? "firing" : ""], [r.severity]]);
 }
 
