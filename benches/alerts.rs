@@ -10,6 +10,13 @@
 //! 60 °C. The receiver records `arrival − event ts` per alert.
 //!
 //! `cargo bench --bench alerts` (BENCH_ALERTS_SECS=30, BENCH_ALERTS_RATE=50000)
+//!
+//! Storm (issue #22): `BENCH_ALERTS_SCENARIO=storm cargo bench --bench
+//! alerts` — a rule whose condition turns true for `BENCH_ALERTS_KEYS`
+//! (600,000) keys at once, the default `[alerts]` configuration (outbox
+//! 100,000, 10,000 notifications per evaluation), a webhook that takes
+//! `BENCH_ALERTS_SINK_MS` (5) ms per request: the time until every
+//! notification is delivered, the evaluations it took, and the peak RSS.
 
 mod common;
 
@@ -84,7 +91,117 @@ async fn apply(h: &EngineHandle, stream: StreamKind, lines: &[String], seq: u64)
     events
 }
 
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+#[derive(Clone, Default)]
+struct Delivered(Arc<Mutex<(usize, usize)>>);
+
+async fn slow_hook(State(d): State<Delivered>, body: Bytes) -> StatusCode {
+    tokio::time::sleep(Duration::from_millis(env("BENCH_ALERTS_SINK_MS", 5) as u64)).await;
+    let batch: Vec<Notification> = serde_json::from_slice(&body).unwrap_or_default();
+    let mut g = d.0.lock().expect("delivered");
+    for n in &batch {
+        if n.alert_key == "(held back)" {
+            g.1 += 1;
+        } else {
+            g.0 += 1;
+        }
+    }
+    StatusCode::OK
+}
+
+fn storm() {
+    let keys = env("BENCH_ALERTS_KEYS", 600_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let got = Delivered::default();
+        let app = Router::new()
+            .route("/hook", post(slow_hook))
+            .with_state(got.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        let mut e = Engine::new(EngineConfig::default()).expect("engine");
+        e.execute_sql(&format!(
+            "CREATE MATERIALIZED VIEW temps AS SELECT device_id, count(*) AS n FROM iot_readings GROUP BY device_id;
+             CREATE ALERT storm AS
+             SELECT concat('S', CAST(k % 3000 AS VARCHAR)) AS store_id, concat('P', CAST(k AS VARCHAR)) AS sku,
+                    0.95 AS p_stockout, 12 AS suggested_order_qty
+             FROM (SELECT unnest(range(0, {keys})) AS k) CROSS JOIN (SELECT count(*) AS n FROM temps)
+             WITH (key = 'store_id, sku', every = '1s', for = '0s', keep_firing_for = '1h', sinks = 'hook');"
+        ))
+        .await
+        .expect("rule");
+        let line = format!(
+            r#"{{"event_id":"e1","ts":{},"store_id":"S1","device_id":"d1","metric":"fridge_temp_c","value":4.0}}"#,
+            now_ms()
+        );
+        let defs = e.alerts().to_vec();
+        let h = EngineHandle::new(e);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = AlertsConfig {
+            sinks: vec![SinkConfig::Webhook {
+                name: "hook".into(),
+                url,
+                secret: None,
+                timeout: Duration::from_secs(30),
+                max_requests_per_second: 1000,
+            }],
+            ..Default::default()
+        };
+        let (capacity, per_eval) = (cfg.outbox_capacity, storepulse_alerts::DEFAULT_MAX_NOTIFICATIONS);
+        let m = Arc::new(AlertManager::new(h.clone(), &defs, cfg, dir.path()).expect("manager"));
+        let started = Instant::now();
+        apply(&h, StreamKind::IotReadings, &[line], 1).await;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(m.clone().run(stop_rx));
+        let mut max_pending = 0;
+        let first = loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            max_pending = max_pending.max(m.outbox().pending().unwrap_or(0));
+            if got.0.lock().expect("got").0 > 0 {
+                break started.elapsed();
+            }
+        };
+        while got.0.lock().expect("got").0 < keys {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            max_pending = max_pending.max(m.outbox().pending().unwrap_or(0));
+            assert!(started.elapsed() < Duration::from_secs(1800), "storm not delivered in 30 min");
+        }
+        let all = started.elapsed();
+        let evaluations = m.rule_health()[0].evaluations;
+        stop.send(true).expect("stop");
+        task.await.expect("manager");
+        let (alerts, summaries) = *got.0.lock().expect("got");
+        println!(
+            "storm: {keys} keys true at once; first notification after {:.1} s, all {alerts} delivered after {:.1} s ({:.0}/s) in {summaries} slices ({evaluations} evaluations); outbox peak {max_pending} of {capacity}, {per_eval} per evaluation; peak RSS {} MB",
+            first.as_secs_f64(),
+            all.as_secs_f64(),
+            alerts as f64 / all.as_secs_f64(),
+            peak_rss_mb()
+        );
+    });
+}
+
 fn main() {
+    if std::env::var("BENCH_ALERTS_SCENARIO").as_deref() == Ok("storm") {
+        return storm();
+    }
     let secs = env("BENCH_ALERTS_SECS", 30) as u64;
     let rate = env("BENCH_ALERTS_RATE", 50_000);
     let rt = tokio::runtime::Builder::new_multi_thread()

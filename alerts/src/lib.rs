@@ -29,5 +29,5 @@ pub use manager::{
     ActiveAlert, AlertError, AlertManager, AlertsConfig, RuleConfig, RuleHealth, SinkHealth,
 };
 pub use outbox::{Outbox, OutboxError};
-pub use rule::{AlertRule, RuleError, Severity};
+pub use rule::{AlertRule, RuleError, Severity, DEFAULT_MAX_NOTIFICATIONS};
 pub use sink::{signature, verify, Sink, SinkConfig, SinkError};

@@ -896,44 +896,6 @@ fn keyed_rows(
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_rules_become_statements() {
-        let r = RuleConfig {
-            name: "hot".into(),
-            query: "SELECT store_id FROM t WHERE note = 'it''s hot';".into(),
-            key: Some("store_id".into()),
-            every: None,
-            for_: Some("5m".into()),
-            keep_firing_for: None,
-            renotify: None,
-            severity: Some("critical".into()),
-            sinks: None,
-            group_by: None,
-            group_wait: None,
-            group_interval: None,
-            max_notifications_per_evaluation: None,
-        };
-        let sql = r.to_sql();
-        assert_eq!(
-            sql,
-            "CREATE ALERT hot AS\nSELECT store_id FROM t WHERE note = 'it''s hot'\nWITH (key = 'store_id', for = '5m', severity = 'critical')"
-        );
-        let parsed = storepulse_sql::parse_script(&sql).unwrap();
-        let storepulse_sql::Statement::CreateAlert(a) = &parsed[0] else {
-            panic!("{parsed:?}");
-        };
-        assert_eq!(a.options.len(), 3);
-        assert_eq!(
-            a.query_sql,
-            "SELECT store_id FROM t WHERE note = 'it''s hot'"
-        );
-    }
-}
-
 /// One notification per group: the group's columns, counts and its alerts.
 /// The id is stable for the (rule, group, evaluation time), so a replay of
 /// the same events gives the same ids.
@@ -984,4 +946,42 @@ fn group_notifications(rule: &AlertRule, now: i64, notes: Vec<Notification>) -> 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rules_become_statements() {
+        let r = RuleConfig {
+            name: "hot".into(),
+            query: "SELECT store_id FROM t WHERE note = 'it''s hot';".into(),
+            key: Some("store_id".into()),
+            every: None,
+            for_: Some("5m".into()),
+            keep_firing_for: None,
+            renotify: None,
+            severity: Some("critical".into()),
+            sinks: None,
+            group_by: None,
+            group_wait: None,
+            group_interval: None,
+            max_notifications_per_evaluation: None,
+        };
+        let sql = r.to_sql();
+        assert_eq!(
+            sql,
+            "CREATE ALERT hot AS\nSELECT store_id FROM t WHERE note = 'it''s hot'\nWITH (key = 'store_id', for = '5m', severity = 'critical')"
+        );
+        let parsed = storepulse_sql::parse_script(&sql).unwrap();
+        let storepulse_sql::Statement::CreateAlert(a) = &parsed[0] else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(a.options.len(), 3);
+        assert_eq!(
+            a.query_sql,
+            "SELECT store_id FROM t WHERE note = 'it''s hot'"
+        );
+    }
 }
