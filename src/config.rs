@@ -8,6 +8,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{bail, Context};
@@ -182,6 +183,18 @@ pub(crate) struct PipelineConfig {
     /// the sources (backpressure).
     #[serde(default = "default_channel")]
     pub(crate) channel_capacity: usize,
+    /// With `[alerts] bounded_evaluation = "event_time"`, a bounded run
+    /// reads its files aligned on event time: a file sends no run of rows
+    /// starting more than this ahead of the slowest unfinished file, so the
+    /// streams advance together as they did live and the rules see them
+    /// together. At most the rules' `every` for the same alert ids as live
+    /// operation; larger is faster and coarser.
+    #[serde(default = "default_replay_drift", with = "humantime_serde")]
+    pub(crate) replay_max_drift: Duration,
+}
+
+fn default_replay_drift() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_batch_size() -> usize {
@@ -196,6 +209,7 @@ impl Default for PipelineConfig {
         Self {
             batch_size: default_batch_size(),
             channel_capacity: default_channel(),
+            replay_max_drift: default_replay_drift(),
         }
     }
 }

@@ -493,6 +493,9 @@ async fn serve(
     let mut sources = pipeline::build_sources(
         &cfg.sources,
         cfg.pipeline.batch_size,
+        (cfg.until_eof
+            && cfg.alerts.bounded_evaluation == storepulse_alerts::BoundedEvaluation::EventTime)
+            .then_some(cfg.pipeline.replay_max_drift),
         cfg.until_eof,
         applied,
         commit,
@@ -620,6 +623,7 @@ async fn serve(
         shutdown_rx,
         state.clone(),
         lake.as_ref().and_then(|l| l.archiver.clone()),
+        alerts.clone().filter(|_| cfg.until_eof),
     ));
     let deadline = async {
         match stop_after {

@@ -74,6 +74,7 @@ pub(crate) struct Sources {
 pub(crate) async fn build_sources(
     sources: &[SourceConfig],
     batch_size: usize,
+    align: Option<Duration>,
     until_eof: bool,
     applied: Arc<AppliedPositions>,
     commit: Arc<AppliedPositions>,
@@ -104,6 +105,7 @@ pub(crate) async fn build_sources(
                 },
                 batch_size,
                 resume_from: applied.get(&path.display().to_string()).unwrap_or(0),
+                align: None,
             }),
             SourceConfig::Dataset { dir } => {
                 let mut found = 0;
@@ -118,6 +120,7 @@ pub(crate) async fn build_sources(
                             format: FileFormat::Jsonl,
                             batch_size,
                             resume_from,
+                            align: None,
                         });
                     }
                 }
@@ -142,6 +145,16 @@ pub(crate) async fn build_sources(
                 rate: *rate,
                 tick: Duration::from_millis(200),
             }),
+        }
+    }
+    // The files of a backtest advance together on event time.
+    if let Some(drift) = align.filter(|_| out.files.len() > 1) {
+        let a = storepulse_ingest::align::Alignment::new(out.files.len(), drift);
+        for (member, f) in out.files.iter_mut().enumerate() {
+            f.align = Some(storepulse_ingest::align::AlignSlot {
+                alignment: a.clone(),
+                member,
+            });
         }
     }
     Ok(out)
@@ -198,6 +211,16 @@ pub(crate) async fn refresh_views(handle: EngineHandle, mut shutdown: watch::Rec
             tracing::warn!(error = %e, "refreshing a view failed");
         }
     }
+}
+
+/// The largest event time of a batch message (`None` for other messages).
+fn max_event_time(msg: &SourceMessage) -> Option<i64> {
+    use datafusion::arrow::{array::AsArray, datatypes::TimestampMillisecondType};
+    let SourceMessage::Batch(b) = msg else {
+        return None;
+    };
+    let ts = b.batch.column_by_name("ts")?;
+    datafusion::arrow::compute::max(ts.as_primitive_opt::<TimestampMillisecondType>()?)
 }
 
 /// How often [`watch_stock_quality`] reads `stock_on_hand`.
@@ -346,6 +369,7 @@ pub(crate) async fn run(
     shutdown: watch::Receiver<bool>,
     state: Arc<PipelineState>,
     archive: Option<storepulse_lake::Archiver>,
+    event_time_alerts: Option<Arc<storepulse_alerts::AlertManager>>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(channel_capacity.max(1));
     let mut tasks = JoinSet::new();
@@ -385,6 +409,13 @@ pub(crate) async fn run(
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
+                    // A bounded run evaluates the rules along event time:
+                    // at the end of each `every` cell, before a batch that
+                    // may leave it (AlertManager::before_batch).
+                    if let (Some(m), Some(max_ts)) = (&event_time_alerts, max_event_time(&msg)) {
+                        let as_of = handle.lock().await.as_of();
+                        m.before_batch(as_of, max_ts).await;
+                    }
                     let (report, epoch) = {
                         let mut e = handle.lock().await;
                         let r = e.apply(msg, EngineHandle::now_ms()).await?;

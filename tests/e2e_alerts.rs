@@ -75,6 +75,8 @@ data_dir = "state"
 until_eof = true
 [http]
 listen = "127.0.0.1:0"
+[pipeline]
+replay_max_drift = "10m"
 [[dimensions]]
 name = "stores"
 path = "gen/stores.csv"
@@ -91,6 +93,7 @@ dir = "gen"
 low_stock_for = "0s"
 [alerts]
 retry_max_delay = "500ms"
+bounded_evaluation = "event_time"
 [[alerts.sinks]]
 name = "hook"
 type = "webhook"
@@ -152,6 +155,21 @@ sinks = "file"
         !low.is_empty(),
         "no low_stock alert in {} notifications:\n{log}",
         notes.len()
+    );
+    // A backtest (`bounded_evaluation = "event_time"`) evaluates along event
+    // time: alerts fire at the event times the data reached them, spread
+    // over the dataset, not all at its end.
+    let notified: std::collections::BTreeSet<i64> = notes
+        .iter()
+        .filter(|n| n["rule"] == "low_stock")
+        .map(|n| n["notified_at"].as_i64().unwrap())
+        .collect();
+    let (first, last) = (notified.first().unwrap(), notified.last().unwrap());
+    assert!(
+        notified.len() > 3 && last - first > 3_600_000,
+        "low_stock notified at {} distinct event times over {} h",
+        notified.len(),
+        (last - first) / 3_600_000
     );
     for n in &low {
         let r = &n["row"];

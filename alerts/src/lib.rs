@@ -26,7 +26,8 @@ pub mod sink;
 pub use history::HistoryTable;
 pub use lifecycle::{AlertState, Lifecycle, Notification};
 pub use manager::{
-    ActiveAlert, AlertError, AlertManager, AlertsConfig, RuleConfig, RuleHealth, SinkHealth,
+    rule_clock, ActiveAlert, AlertError, AlertManager, AlertsConfig, BoundedEvaluation, RuleConfig,
+    RuleHealth, SinkHealth,
 };
 pub use outbox::{Outbox, OutboxError};
 pub use rule::{AlertRule, RuleError, Severity, DEFAULT_MAX_NOTIFICATIONS};

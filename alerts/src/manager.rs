@@ -68,11 +68,40 @@ pub struct AlertsConfig {
     /// Shipped rules (`sql/alerts/builtin.sql`) are loaded with the
     /// built-in views.
     pub builtin: bool,
+    /// How a bounded run (`until_eof`) evaluates the rules: `end` (the
+    /// default: as the data arrives, like live operation at full speed, and
+    /// once on the final views — a backfill of history whose past alerts
+    /// nobody should receive, at full ingest speed) or `event_time` (a
+    /// backtest: the files are read aligned on event time and every rule is
+    /// evaluated at the end of every `every` of event time the data passes
+    /// through, so `for`, `renotify` and resolution happen at the event
+    /// times live operation gives them, with the same ids; it costs one
+    /// evaluation per rule per `every` of history).
+    pub bounded_evaluation: BoundedEvaluation,
     /// The sinks.
     pub sinks: Vec<SinkConfig>,
     /// Rules declared in the configuration instead of a SQL file
     /// (`[[alerts.rules]]`); each becomes a `CREATE ALERT` statement.
     pub rules: Vec<RuleConfig>,
+}
+
+/// See [`AlertsConfig::bounded_evaluation`].
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BoundedEvaluation {
+    /// Along event time: every `every` of it.
+    EventTime,
+    /// As the data arrives, and on the final views.
+    End,
+}
+
+/// The event-time clock of an evaluation: the engine's `as_of` rounded down
+/// to the rule's `every`. Live and replayed evaluations of the same events
+/// see the same clock values, so episodes start (and get their ids) at the
+/// same instants whether the data arrived live or from a file.
+pub fn rule_clock(as_of: i64, every: Duration) -> i64 {
+    let every = (every.as_millis() as i64).max(1);
+    as_of.div_euclid(every) * every
 }
 
 /// An alert rule in the configuration (`[[alerts.rules]]`): the same
@@ -164,6 +193,7 @@ impl Default for AlertsConfig {
             batch_max: 100,
             retry_max_delay: Duration::from_secs(60),
             builtin: true,
+            bounded_evaluation: BoundedEvaluation::End,
             sinks: vec![SinkConfig::Log { name: "log".into() }],
             rules: Vec::new(),
         }
@@ -288,6 +318,9 @@ pub struct AlertManager {
     /// not interleave, or the one that read the older snapshot could commit
     /// last and leave the lifecycle behind the views.
     evaluating: Vec<Mutex<()>>,
+    /// Per rule, the `every` cell of event time last evaluated by
+    /// [`AlertManager::before_batch`] (bounded runs).
+    cells: std::sync::Mutex<Vec<Option<i64>>>,
 }
 
 impl std::fmt::Debug for AlertManager {
@@ -344,6 +377,7 @@ impl AlertManager {
         let (committed, _) = watch::channel(0);
         let (acked, _) = watch::channel(0);
         let evaluating = rules.iter().map(|_| Mutex::new(())).collect();
+        let cells = std::sync::Mutex::new(vec![None; rules.len()]);
         Ok(Self {
             engine,
             outbox,
@@ -355,6 +389,7 @@ impl AlertManager {
             deferred: Default::default(),
             persisted: Default::default(),
             evaluating,
+            cells,
             rule_health: std::sync::Mutex::new(
                 rules
                     .iter()
@@ -445,7 +480,53 @@ impl AlertManager {
     /// notifications committed (none if the clock is unknown yet: no event
     /// has arrived). The outcome is counted in [`AlertManager::rule_health`].
     pub async fn evaluate(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
-        let result = self.evaluate_once(i).await;
+        self.evaluate_as(i, None).await
+    }
+
+    /// A bounded run's step along event time, called before each batch is
+    /// applied with the engine's `as_of` and the batch's largest event
+    /// time: every rule whose `every` cell of event time the batch may
+    /// leave is evaluated now, on the state at the end of that cell and on
+    /// that cell's clock ([`rule_clock`]). Live operation evaluates within
+    /// the cell on the same clock value, so both give an episode the same
+    /// start and id (for conditions that hold for whole cells). Does nothing
+    /// with `bounded_evaluation = "end"`.
+    pub async fn before_batch(&self, as_of: Option<i64>, batch_max_ts: i64) {
+        if self.cfg.bounded_evaluation != BoundedEvaluation::EventTime {
+            return;
+        }
+        let Some(as_of) = as_of else { return };
+        for i in 0..self.rules.len() {
+            let every = self.rules[i].every;
+            let cell = rule_clock(as_of, every);
+            if rule_clock(batch_max_ts, every) <= cell {
+                continue;
+            }
+            let due = {
+                let mut cells = self.cells.lock().expect("not poisoned");
+                cells[i].replace(cell) != Some(cell)
+            };
+            if !due {
+                continue;
+            }
+            metrics::counter!("storepulse_alerts_event_time_evaluations_total",
+                "rule" => self.rules[i].name.clone())
+            .increment(1);
+            if let Err(e) = self.evaluate_as(i, Some(cell)).await {
+                metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                    "rule" => self.rules[i].name.clone())
+                .increment(1);
+                tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
+            }
+        }
+    }
+
+    async fn evaluate_as(
+        &self,
+        i: usize,
+        clock: Option<i64>,
+    ) -> Result<Vec<Notification>, AlertError> {
+        let result = self.evaluate_once(i, clock).await;
         let mut all = self.rule_health.lock().expect("not poisoned");
         let h = &mut all[i];
         match &result {
@@ -521,7 +602,11 @@ impl AlertManager {
         notes
     }
 
-    async fn evaluate_once(&self, i: usize) -> Result<Vec<Notification>, AlertError> {
+    async fn evaluate_once(
+        &self,
+        i: usize,
+        clock: Option<i64>,
+    ) -> Result<Vec<Notification>, AlertError> {
         let rule = &self.rules[i];
         let _serial = self.evaluating[i].lock().await;
         let qerr = |e: storepulse_engine::EngineError| AlertError::Query {
@@ -531,9 +616,10 @@ impl AlertManager {
         let (out, as_of) = self.engine.query_at(&rule.sql).await.map_err(qerr)?;
         metrics::counter!("storepulse_alerts_evaluations_total", "rule" => rule.name.clone())
             .increment(1);
-        let Some(now) = as_of else {
+        let Some(as_of) = as_of else {
             return Ok(Vec::new());
         };
+        let now = clock.unwrap_or_else(|| rule_clock(as_of, rule.every));
         let holding = keyed_rows(rule, &out.batches).map_err(|message| AlertError::Query {
             rule: rule.name.clone(),
             message,

@@ -10,6 +10,7 @@
 //!   generator source, both producing [`SourceBatch`]es.
 //! * [`gen`] — the deterministic synthetic chain (`storepulse gen`, `demo`).
 
+pub mod align;
 pub mod dead_letter;
 pub mod decode;
 pub mod error;

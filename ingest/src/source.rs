@@ -202,6 +202,9 @@ pub struct FileSource {
     /// this file; 0 reads it whole). Records before it were applied
     /// before the restart and are skipped.
     pub resume_from: u64,
+    /// Event-time alignment with the other files of the run (`None`: read
+    /// as fast as the file allows).
+    pub align: Option<crate::align::AlignSlot>,
 }
 
 impl FileSource {
@@ -233,9 +236,62 @@ impl FileSource {
             path: self.path.clone(),
             source,
         };
+        // However this ends, the other aligned files stop waiting for it.
+        struct Done<'a>(Option<&'a crate::align::AlignSlot>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                if let Some(a) = self.0 {
+                    a.alignment.finished(a.member);
+                }
+            }
+        }
+        let _done = Done(self.align.as_ref());
         let file = File::open(&self.path).map_err(io)?;
         let partition = self.partition();
-        let send = |msg: SourceMessage| tx.blocking_send(msg).map_err(|_| IngestError::Closed);
+        // Aligned: a batch is cut into runs no longer than the drift in
+        // event time, and each run waits for its turn. Every run but the
+        // last carries the position before the batch (a restart re-reads
+        // the batch; de-duplication drops what was applied).
+        let last_position = std::cell::Cell::new(self.resume_from);
+        let send = |msg: SourceMessage| {
+            let (Some(a), SourceMessage::Batch(b)) = (&self.align, &msg) else {
+                return tx.blocking_send(msg).map_err(|_| IngestError::Closed);
+            };
+            let runs = crate::align::split_by_event_time(&b.batch, a.alignment.max_drift_ms());
+            let n = runs.len();
+            for (i, run) in runs.into_iter().enumerate() {
+                let Some((first, last)) = ts_span(&run) else {
+                    continue;
+                };
+                a.alignment
+                    .wait_turn(a.member, first, || *shutdown.borrow());
+                let part = if i + 1 == n {
+                    SourceBatch {
+                        events: events_in(b.stream, &run, b.events, b.batch.num_rows()),
+                        bytes: b.bytes * run.num_rows() / b.batch.num_rows().max(1),
+                        batch: run,
+                        stream: b.stream,
+                        position: b.position.clone(),
+                    }
+                } else {
+                    SourceBatch {
+                        events: events_in(b.stream, &run, b.events, b.batch.num_rows()),
+                        bytes: b.bytes * run.num_rows() / b.batch.num_rows().max(1),
+                        batch: run,
+                        stream: b.stream,
+                        position: Position {
+                            partition: b.position.partition.clone(),
+                            next_offset: last_position.get(),
+                        },
+                    }
+                };
+                tx.blocking_send(SourceMessage::Batch(part))
+                    .map_err(|_| IngestError::Closed)?;
+                a.alignment.sent(a.member, last);
+            }
+            last_position.set(b.position.next_offset);
+            Ok(())
+        };
         match self.format {
             FileFormat::Jsonl => {
                 let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -411,6 +467,29 @@ impl FileSource {
             },
         })
     }
+}
+
+/// Events in `run`, a slice of a batch of `rows` rows holding `events`
+/// events: receipts count once (their line 0), other streams per row.
+fn events_in(stream: StreamKind, run: &RecordBatch, events: usize, rows: usize) -> usize {
+    if run.num_rows() == rows {
+        return events;
+    }
+    match run
+        .column_by_name("line_no")
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int32Type>())
+    {
+        Some(l) if stream == StreamKind::Sales => l.iter().filter(|v| *v == Some(0)).count(),
+        _ => run.num_rows(),
+    }
+}
+
+/// The smallest and largest event time of a batch.
+fn ts_span(batch: &RecordBatch) -> Option<(i64, i64)> {
+    let ts = batch
+        .column_by_name("ts")?
+        .as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>()?;
+    Some((arrow::compute::min(ts)?, arrow::compute::max(ts)?))
 }
 
 /// Appends one line (through `\n`) of `reader` to `buf`, keeping at most
@@ -681,6 +760,7 @@ mod tests {
             format: FileFormat::Csv,
             batch_size: 100,
             resume_from: 0,
+            align: None,
         })
         .unwrap();
         let SourceMessage::Batch(b) = &msgs[0] else {
@@ -712,6 +792,7 @@ mod tests {
             format: FileFormat::Csv,
             batch_size: 100,
             resume_from: 0,
+            align: None,
         })
         .unwrap_err()
         .to_string();
@@ -735,6 +816,7 @@ mod tests {
             format: FileFormat::Jsonl,
             batch_size,
             resume_from: 0,
+            align: None,
         }
         .run_blocking(&tx, &sink, &shutdown)
         .unwrap();
@@ -783,6 +865,7 @@ mod tests {
                 format,
                 batch_size: 3,
                 resume_from,
+                align: None,
             };
             let batches = |msgs: Vec<SourceMessage>| -> Vec<(Vec<String>, u64)> {
                 msgs.into_iter()
