@@ -657,6 +657,8 @@ impl GeneratorSource {
         let now = chrono::Utc::now().timestamp_millis();
         let mut cfg = self.chain.clone();
         cfg.start_ms = now;
+        // A live chain restocks by its replenishment policy (a healthy demo).
+        cfg.restock_to_policy = true;
         let chain = Chain::new(cfg);
         // Receipts carry ~1.1 events (member links); IoT is a small fixed rate.
         let intensity_for = |chain: &Chain, t: i64| {

@@ -30,6 +30,13 @@ pub struct ChainConfig {
     pub intensity: f64,
     /// Probability that a store has an offline episode on a given day.
     pub offline_per_store_day: f64,
+    /// Restock the way a chain following its `replenishment_policy` does:
+    /// at every delivery, up to the demand over the policy's lead time plus
+    /// two delivery periods plus safety stock, so the shelves stay above
+    /// the reorder point the engine computes (the live demo). Off (the
+    /// datasets): a fixed two-to-three days of stock, which runs low often
+    /// enough to exercise the replenishment alerts.
+    pub restock_to_policy: bool,
 }
 
 impl Default for ChainConfig {
@@ -43,6 +50,7 @@ impl Default for ChainConfig {
             start_ms: 1_767_571_200_000,
             intensity: 1.0,
             offline_per_store_day: 0.08,
+            restock_to_policy: false,
         }
     }
 }
@@ -340,18 +348,24 @@ impl Chain {
             String::from("format,category,lead_time_hours,service_level,review_hours,min_stock\n");
         for f in Format::ALL {
             for c in f.categories() {
-                let (lead, sl, review, min) = match (f, *c) {
-                    (Format::Bakery, "bakery") => (12, 0.9, 24, 5),
-                    (_, "produce") | (_, "dairy") => (24, 0.95, 24, 6),
-                    (Format::Supermarket, _) => (48, 0.98, 72, 12),
-                    (Format::TeaShop, _) => (24, 0.95, 48, 4),
-                    (Format::Convenience, _) => (36, 0.97, 48, 6),
-                    (Format::Bakery, _) => (48, 0.9, 72, 4),
-                };
+                let (lead, sl, review, min) = policy(f, c);
                 let _ = writeln!(out, "{},{c},{lead},{sl},{review},{min}", f.name());
             }
         }
         out
+    }
+}
+
+/// `replenishment_policy` of (format, category): lead time (h), service
+/// level, review period (h), minimum stock.
+fn policy(f: Format, category: &str) -> (i64, f64, i64, i64) {
+    match (f, category) {
+        (Format::Bakery, "bakery") => (12, 0.9, 24, 5),
+        (_, "produce") | (_, "dairy") => (24, 0.95, 24, 6),
+        (Format::Supermarket, _) => (48, 0.98, 72, 12),
+        (Format::TeaShop, _) => (24, 0.95, 48, 4),
+        (Format::Convenience, _) => (36, 0.97, 48, 6),
+        (Format::Bakery, _) => (48, 0.9, 72, 4),
     }
 }
 
@@ -582,11 +596,27 @@ impl Simulator {
             for a in 0..self.chain.stores[s].assortment.len() {
                 let p = self.chain.stores[s].assortment[a];
                 let daily = self.chain.stores[s].daily_units[a];
-                let reorder_level = (daily * 2.0).ceil() as i64 + 2;
+                let (reorder_level, order_up_to) = if self.chain.cfg.restock_to_policy {
+                    let store = &self.chain.stores[s];
+                    let (lead_h, _, _, min) =
+                        policy(store.format, &self.chain.products[p].category);
+                    // Demand per ms of event time at the current intensity.
+                    let per_ms = daily * self.chain.cfg.intensity.max(1.0) / DAY_MS as f64;
+                    let cover = per_ms * (lead_h * HOUR_MS + 2 * period) as f64;
+                    let lead = per_ms * (lead_h * HOUR_MS) as f64;
+                    let safety = 3.0 * lead.sqrt() + 2.0;
+                    let level = (cover + safety).ceil() as i64 + min;
+                    (level, level)
+                } else {
+                    (
+                        (daily * 2.0).ceil() as i64 + 2,
+                        (daily * 3.0).ceil() as i64 + 2,
+                    )
+                };
                 let on_hand = self.stores[s].on_hand[a];
                 if on_hand < reorder_level {
                     let pack = self.chain.products[p].case_pack;
-                    let want = (daily * 3.0).ceil() as i64 + 2 - on_hand;
+                    let want = order_up_to - on_hand;
                     let qty = (want + pack - 1) / pack * pack;
                     self.stores[s].on_hand[a] += qty;
                     let ts = delivery + self.rng.random_range(0..(30 * 60_000).min(period / 2));
