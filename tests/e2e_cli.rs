@@ -647,3 +647,69 @@ path = "{sales}"
     let (status, log) = server.stop_with("-TERM");
     assert!(status.success(), "{}", log.join("\n"));
 }
+
+/// Money is exact or refused (#22): a weighed good at 12.99 per kg is
+/// 0.01299 per gram and its revenue is exact; a price with more than six
+/// decimals is a dead letter naming the line and field, never truncated; a
+/// till's own line `amount` is the revenue when given.
+#[test]
+fn money_is_exact_to_six_decimals_or_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let sales = dir.path().join("sales.jsonl");
+    std::fs::write(
+        &sales,
+        [
+            r#"{"event_id":"w1","ts":"2026-03-02T10:00:00Z","store_id":"S1","receipt_id":"r1","lines":[{"sku":"CHEESE","qty":250,"unit_price":0.01299}]}"#,
+            r#"{"event_id":"w2","ts":"2026-03-02T10:01:00Z","store_id":"S1","receipt_id":"r2","lines":[{"sku":"A","qty":1,"unit_price":1},{"sku":"HAM","qty":300,"unit_price":0.0129999}]}"#,
+            r#"{"event_id":"w3","ts":"2026-03-02T10:02:00Z","store_id":"S1","receipt_id":"r3","lines":[{"sku":"B","qty":3,"unit_price":0.333333,"amount":1.00}]}"#,
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+[[sources]]
+type = "file"
+stream = "sales"
+path = "{sales}"
+"#,
+            state = dir.path().join("state").display(),
+            sales = sales.display(),
+        ),
+    )
+    .unwrap();
+    let server = Server::start(BIN, &config);
+    server.wait_finished(Duration::from_secs(60));
+    // 250 g × 0.01299 = 3.2475 exactly; r3 counts its printed 1.00.
+    let rows = server.rows(
+        "SELECT CAST(sum(revenue) AS VARCHAR) AS revenue, sum(receipts) AS receipts \
+         FROM sales_by_store_hourly",
+    );
+    assert_eq!(rows[0]["receipts"].as_i64(), Some(2), "{rows:?}");
+    assert_eq!(rows[0]["revenue"].as_str(), Some("4.247500"), "{rows:?}");
+    let (status, log) = server.stop_with("-TERM");
+    assert!(status.success(), "{}", log.join("\n"));
+    let dl = std::fs::read_to_string(dir.path().join("state/dead_letters.jsonl")).unwrap();
+    let letters: Vec<serde_json::Value> = dl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{dl}");
+    assert_eq!(
+        letters[0]["reason"].as_str(),
+        Some(
+            "field 'lines[1].unit_price': 0.0129999 has more than 6 decimal places: money is kept \
+             exactly as Decimal(18, 6) and never rounded"
+        ),
+        "{dl}"
+    );
+    assert_eq!(letters[0]["position"].as_u64(), Some(2));
+}
