@@ -91,6 +91,16 @@ async fn apply(h: &EngineHandle, stream: StreamKind, lines: &[String], seq: u64)
     events
 }
 
+/// Serves `app` on a free loopback port; the webhook URL.
+async fn serve_hook(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    url
+}
+
 fn peak_rss_mb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -128,14 +138,12 @@ fn storm() {
         .expect("runtime");
     rt.block_on(async move {
         let got = Delivered::default();
-        let app = Router::new()
-            .route("/hook", post(slow_hook))
-            .with_state(got.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        let url = serve_hook(
+            Router::new()
+                .route("/hook", post(slow_hook))
+                .with_state(got.clone()),
+        )
+        .await;
         let mut e = Engine::new(EngineConfig::default()).expect("engine");
         e.execute_sql(&format!(
             "CREATE MATERIALIZED VIEW temps AS SELECT device_id, count(*) AS n FROM iot_readings GROUP BY device_id;
@@ -210,14 +218,12 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let lat = Latencies::default();
-        let app = Router::new()
-            .route("/hook", post(hook))
-            .with_state(lat.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        let url = serve_hook(
+            Router::new()
+                .route("/hook", post(hook))
+                .with_state(lat.clone()),
+        )
+        .await;
 
         let mut e = Engine::new(EngineConfig::default()).expect("engine");
         for (file, sql) in storepulse_sql::builtin::scripts(&Default::default()).expect("scripts") {

@@ -419,7 +419,7 @@ async fn serve(
             .await
             .with_context(|| format!("alerts.rules[{i}] ({})", rule.name))?;
     }
-    // Views created at run time (HTTP, pgwire) come back, in order.
+    // Views created at run time (over HTTP) come back, in order.
     if let Some(sql) = storepulse_engine::catalog::read(&cfg.data_dir)? {
         engine.execute_sql(&sql).await.with_context(|| {
             format!(

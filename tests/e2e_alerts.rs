@@ -237,33 +237,12 @@ fn a_finished_bounded_run_shows_the_alerts_of_its_final_views() {
     let data = dir.path().join("gen");
     gen(&data);
     let jsonl = dir.path().join("alerts.jsonl");
-    let config = dir.path().join("storepulse.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{state}"
-until_eof = true
-[http]
-listen = "127.0.0.1:0"
-{dataset}
-[engine]
-refresh = {{ stockout_risk = "1h" }}
-[retail]
-low_stock_for = "0s"
-[alerts]
-min_interval = "1h"
-[[alerts.sinks]]
-name = "file"
-type = "jsonl"
-path = "{file}"
-"#,
-            state = dir.path().join("state").display(),
-            file = jsonl.display(),
-            dataset = storepulse_testkit::process::dataset_toml(&data),
-        ),
-    )
-    .unwrap();
+    let config = dataset_config(
+        dir.path(),
+        &data,
+        &jsonl,
+        "[engine]\nrefresh = { stockout_risk = \"1h\" }\n[alerts]\nmin_interval = \"1h\"\n",
+    );
     let s = Server::start(BIN, &config);
     s.wait_finished(std::time::Duration::from_secs(300));
     let clock = s.rows("SELECT as_of FROM engine_clock");
@@ -332,29 +311,7 @@ fn a_chain_without_stock_counts_has_unknown_stock_and_no_replenishment_alerts() 
         std::fs::write(data.join(format!("{stream}.jsonl")), "").unwrap();
     }
     let jsonl = dir.path().join("alerts.jsonl");
-    let config = dir.path().join("storepulse.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{state}"
-until_eof = true
-[http]
-listen = "127.0.0.1:0"
-{dataset}
-[retail]
-low_stock_for = "0s"
-[[alerts.sinks]]
-name = "file"
-type = "jsonl"
-path = "{file}"
-"#,
-            state = dir.path().join("state").display(),
-            file = jsonl.display(),
-            dataset = storepulse_testkit::process::dataset_toml(&data),
-        ),
-    )
-    .unwrap();
+    let config = dataset_config(dir.path(), &data, &jsonl, "");
     let s = Server::start(BIN, &config);
     s.wait_finished(std::time::Duration::from_secs(300));
     let r = &s.rows(
@@ -394,4 +351,34 @@ path = "{file}"
         .filter(|l| l.contains("\"low_stock\""))
         .count();
     assert_eq!(low, 0, "no replenishment alert on unknown stock");
+}
+
+/// A bounded run over the dataset in `data` (state under `dir/state`,
+/// `low_stock_for = "0s"`, a JSONL sink at `jsonl`) plus `extra` TOML.
+fn dataset_config(dir: &Path, data: &Path, jsonl: &Path, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+{dataset}
+[retail]
+low_stock_for = "0s"
+{extra}
+[[alerts.sinks]]
+name = "file"
+type = "jsonl"
+path = "{file}"
+"#,
+            state = dir.join("state").display(),
+            file = jsonl.display(),
+            dataset = storepulse_testkit::process::dataset_toml(data),
+        ),
+    )
+    .unwrap();
+    config
 }

@@ -588,25 +588,7 @@ fn views_created_at_run_time_come_back_after_a_restart() {
             .collect()
     };
     std::fs::write(&sales, lines(1)).unwrap();
-    let config = dir.path().join("storepulse.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{state}"
-until_eof = true
-[http]
-listen = "127.0.0.1:0"
-[[sources]]
-type = "file"
-stream = "sales"
-path = "{sales}"
-"#,
-            state = dir.path().join("state").display(),
-            sales = sales.display(),
-        ),
-    )
-    .unwrap();
+    let config = sales_file_config(dir.path(), &sales);
     let web_units = |server: &Server| {
         server
             .rows("SELECT units FROM web_units")
@@ -667,25 +649,7 @@ fn money_is_exact_to_six_decimals_or_a_dead_letter() {
             + "\n",
     )
     .unwrap();
-    let config = dir.path().join("storepulse.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{state}"
-until_eof = true
-[http]
-listen = "127.0.0.1:0"
-[[sources]]
-type = "file"
-stream = "sales"
-path = "{sales}"
-"#,
-            state = dir.path().join("state").display(),
-            sales = sales.display(),
-        ),
-    )
-    .unwrap();
+    let config = sales_file_config(dir.path(), &sales);
     let server = Server::start(BIN, &config);
     server.wait_finished(Duration::from_secs(60));
     // 250 g × 0.01299 = 3.2475 exactly; r3 counts its printed 1.00.
@@ -712,4 +676,28 @@ path = "{sales}"
         "{dl}"
     );
     assert_eq!(letters[0]["position"].as_u64(), Some(2));
+}
+
+/// A bounded run over one sales file, state under `dir/state`.
+fn sales_file_config(dir: &Path, sales: &Path) -> std::path::PathBuf {
+    let config = dir.join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{state}"
+until_eof = true
+[http]
+listen = "127.0.0.1:0"
+[[sources]]
+type = "file"
+stream = "sales"
+path = "{sales}"
+"#,
+            state = dir.join("state").display(),
+            sales = sales.display(),
+        ),
+    )
+    .unwrap();
+    config
 }

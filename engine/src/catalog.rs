@@ -1,5 +1,5 @@
 //! The run-time catalog: view DDL accepted at run time (`CREATE [MATERIALIZED]
-//! VIEW`, `DROP VIEW` over HTTP or pgwire) is appended, in order, to
+//! VIEW`, `DROP VIEW` by the admin over HTTP) is appended, in order, to
 //! `<data_dir>/catalog.sql`, and replayed at the next start after the
 //! configured scripts, before the checkpoint is restored. So a view created
 //! at run time comes back with its definition (and, for a materialized

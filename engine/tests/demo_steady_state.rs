@@ -5,6 +5,8 @@
 //! while the datasets' fixed two-to-three-day restocking (kept to exercise
 //! the alerts) is measurably worse on the same chain.
 
+mod common;
+
 use std::time::Duration;
 
 use datafusion::arrow::{array::AsArray, datatypes::Float64Type};
@@ -32,22 +34,8 @@ async fn run(restock_to_policy: bool) -> (f64, f64, f64) {
         ..Default::default()
     })
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text) in [
-        ("stores", chain.stores_csv()),
-        ("products", chain.products_csv()),
-        ("replenishment_policy", chain.policy_csv()),
-    ] {
-        let path = dir.path().join(format!("{name}.csv"));
-        std::fs::write(&path, text).unwrap();
-        let (schema, batches) = storepulse_engine::DimensionSource {
-            table: name.into(),
-            location: path.display().to_string(),
-        }
-        .load()
-        .await
-        .unwrap();
-        engine.register_dimension(name, batches, schema).unwrap();
+    for (name, schema, batches) in common::dimensions(&cfg).await {
+        engine.register_dimension(&name, batches, schema).unwrap();
     }
     engine
         .execute_sql(&storepulse_testkit::builtin_script())

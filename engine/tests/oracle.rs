@@ -164,7 +164,7 @@ async fn crash_and_restore(
 
 async fn check(s: Scenario) {
     let sql = view_sql();
-    let dims = dimensions(&s.chain).await;
+    let dims = common::dimensions(&s.chain).await;
     let mut engine = new_engine(&s, &dims, &sql).await;
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut i = 0;
@@ -393,31 +393,6 @@ async fn check(s: Scenario) {
             );
         }
     }
-}
-
-/// The chain's stores, products and policies, loaded as `storepulse run`
-/// loads dimension files.
-async fn dimensions(chain: &ChainConfig) -> Vec<(String, SchemaRef, Vec<RecordBatch>)> {
-    let c = Chain::new(chain.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let mut out = Vec::new();
-    for (name, text) in [
-        ("stores", c.stores_csv()),
-        ("products", c.products_csv()),
-        ("replenishment_policy", c.policy_csv()),
-    ] {
-        let path = dir.path().join(format!("{name}.csv"));
-        std::fs::write(&path, text).unwrap();
-        let (schema, batches) = storepulse_engine::DimensionSource {
-            table: name.into(),
-            location: path.display().to_string(),
-        }
-        .load()
-        .await
-        .unwrap();
-        out.push((name.to_string(), schema, batches));
-    }
-    out
 }
 
 fn small_chain(seed: u64) -> ChainConfig {

@@ -335,18 +335,24 @@ scalar_udf!(
 );
 impl ExpectedShortage {
     fn run(&self, a: &[ArrayRef], _n: usize) -> Result<ArrayRef> {
-        let (h, mu, var) = (as_f64(&a[0])?, as_f64(&a[1])?, as_f64(&a[2])?);
-        let out: Float64Array = (0..h.len())
-            .map(|i| {
-                if h.is_null(i) || mu.is_null(i) {
-                    return None;
-                }
-                let var = if var.is_null(i) { 0.0 } else { var.value(i) };
-                Some(expected_shortage(h.value(i), mu.value(i), var))
-            })
-            .collect();
-        Ok(Arc::new(out))
+        demand_fn(a, expected_shortage)
     }
+}
+
+/// `f(on_hand, mu, var)` over three columns: NULL when on_hand or mu is,
+/// a NULL variance taken as 0.
+fn demand_fn(a: &[ArrayRef], f: fn(f64, f64, f64) -> f64) -> Result<ArrayRef> {
+    let (h, mu, var) = (as_f64(&a[0])?, as_f64(&a[1])?, as_f64(&a[2])?);
+    let out: Float64Array = (0..h.len())
+        .map(|i| {
+            if h.is_null(i) || mu.is_null(i) {
+                return None;
+            }
+            let var = if var.is_null(i) { 0.0 } else { var.value(i) };
+            Some(f(h.value(i), mu.value(i), var))
+        })
+        .collect();
+    Ok(Arc::new(out))
 }
 
 scalar_udf!(
@@ -358,17 +364,7 @@ scalar_udf!(
 );
 impl StockoutProbability {
     fn run(&self, a: &[ArrayRef], _n: usize) -> Result<ArrayRef> {
-        let (h, mu, var) = (as_f64(&a[0])?, as_f64(&a[1])?, as_f64(&a[2])?);
-        let out: Float64Array = (0..h.len())
-            .map(|i| {
-                if h.is_null(i) || mu.is_null(i) {
-                    return None;
-                }
-                let var = if var.is_null(i) { 0.0 } else { var.value(i) };
-                Some(stockout_probability(h.value(i), mu.value(i), var))
-            })
-            .collect();
-        Ok(Arc::new(out))
+        demand_fn(a, stockout_probability)
     }
 }
 
