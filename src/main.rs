@@ -92,6 +92,12 @@ enum Command {
         /// Random seed: same seed, same bytes.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Shape of the data: `default`; `grocery` (weighed produce in grams
+        /// with per-gram prices to six decimals and the till's rounded line
+        /// `amount`, a long tail of rarely sold SKUs); `cold-start` (sales
+        /// only: no stock counts or movements yet).
+        #[arg(long, value_enum, default_value_t = GenProfile::Default)]
+        profile: GenProfile,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -168,8 +174,20 @@ fn main() -> anyhow::Result<()> {
             members,
             days,
             seed,
+            profile,
             out,
-        } => gen(stores, skus, members, days, seed, out),
+        } => gen(
+            ChainConfig {
+                stores,
+                skus,
+                members,
+                seed,
+                profile: profile.into(),
+                ..Default::default()
+            },
+            days,
+            out,
+        ),
         Command::Query {
             sql,
             server,
@@ -242,21 +260,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn gen(
-    stores: usize,
-    skus: usize,
-    members: usize,
-    days: u32,
-    seed: u64,
-    out: PathBuf,
-) -> anyhow::Result<()> {
-    let cfg = ChainConfig {
-        stores,
-        skus,
-        members,
-        seed,
-        ..Default::default()
-    };
+/// `storepulse gen --profile`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GenProfile {
+    Default,
+    Grocery,
+    ColdStart,
+}
+
+impl From<GenProfile> for storepulse_ingest::gen::Profile {
+    fn from(p: GenProfile) -> Self {
+        match p {
+            GenProfile::Default => Self::Default,
+            GenProfile::Grocery => Self::Grocery,
+            GenProfile::ColdStart => Self::ColdStart,
+        }
+    }
+}
+
+fn gen(cfg: ChainConfig, days: u32, out: PathBuf) -> anyhow::Result<()> {
     let bar = ProgressBar::new(days as u64 * 24);
     bar.set_style(
         ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} hours ({eta})")

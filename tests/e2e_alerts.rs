@@ -306,9 +306,31 @@ fn a_chain_without_stock_counts_has_unknown_stock_and_no_replenishment_alerts() 
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gen");
-    gen(&data);
+    // The generator's cold-start profile: the same chain, sales only.
+    let out = Command::new(BIN)
+        .args([
+            "gen",
+            "--stores",
+            "6",
+            "--skus",
+            "60",
+            "--members",
+            "300",
+            "--days",
+            "3",
+        ])
+        .args(["--seed", "5", "--profile", "cold-start", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for stream in ["stock_counts", "stock_movements"] {
-        std::fs::write(data.join(format!("{stream}.jsonl")), "").unwrap();
+        let text = std::fs::read_to_string(data.join(format!("{stream}.jsonl"))).unwrap();
+        assert!(text.is_empty(), "{stream} is empty in a cold start");
     }
     let jsonl = dir.path().join("alerts.jsonl");
     let config = dataset_config(dir.path(), &data, &jsonl, "");

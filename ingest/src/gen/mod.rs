@@ -26,4 +26,4 @@ mod dataset;
 mod model;
 
 pub use dataset::{write_dataset, DatasetSummary};
-pub use model::{Chain, ChainConfig, GenEvent, Simulator};
+pub use model::{Chain, ChainConfig, GenEvent, Profile, Simulator};

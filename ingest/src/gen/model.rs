@@ -37,7 +37,38 @@ pub struct ChainConfig {
     /// datasets): a fixed two-to-three days of stock, which runs low often
     /// enough to exercise the replenishment alerts.
     pub restock_to_policy: bool,
+    /// The shape of the data (see [`Profile`]).
+    pub profile: Profile,
 }
+
+/// Shapes of generated data beyond the default chain, for testing with
+/// data shaped like a real chain's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// Piece goods, 2-decimal prices, every stream.
+    #[default]
+    Default,
+    /// A grocer: produce is weighed (quantities in grams, prices per gram
+    /// with six decimals, the till's rounded line `amount`), and a long
+    /// tail (most SKUs sell a few times a period).
+    Grocery,
+    /// A chain before its first stock-take: sales only, no stock counts or
+    /// movements (the stock is unknown).
+    ColdStart,
+}
+
+impl Profile {
+    /// Zipf exponent of SKU popularity within a store.
+    fn zipf_s(self) -> f64 {
+        match self {
+            Profile::Grocery => 1.3,
+            _ => ZIPF_S,
+        }
+    }
+}
+
+/// Mean grams of one weighed-goods sale (the grocery profile).
+const GRAMS_PER_SALE: i64 = 350;
 
 impl Default for ChainConfig {
     fn default() -> Self {
@@ -51,6 +82,7 @@ impl Default for ChainConfig {
             intensity: 1.0,
             offline_per_store_day: 0.08,
             restock_to_policy: false,
+            profile: Profile::Default,
         }
     }
 }
@@ -193,6 +225,8 @@ struct Product {
     unit_cost_cents: i64,
     price_cents: i64,
     case_pack: i64,
+    /// Sold by weight: quantities in grams, `price_cents` per kilogram.
+    weighed: bool,
 }
 
 /// The chain: stores, catalogue, members, replenishment policies.
@@ -216,13 +250,17 @@ impl Chain {
                 let (cat, lo, hi, markup) = CATEGORIES[rng.random_range(0..CATEGORIES.len())];
                 let cost = rng.random_range(lo..=hi);
                 let price = ((cost as f64 * markup / 10.0).round() as i64 * 10).max(cost + 10) - 1;
+                let case_pack = [1, 4, 6, 6, 12, 12, 24][rng.random_range(0..7)];
+                let weighed = cfg.profile == Profile::Grocery && cat == "produce";
                 Product {
                     sku: format!("P{:05}", i + 1),
                     name: format!("{cat} item {}", i + 1),
                     category: cat,
-                    unit_cost_cents: cost,
-                    price_cents: price,
-                    case_pack: [1, 4, 6, 6, 12, 12, 24][rng.random_range(0..7)],
+                    // Weighed: cost and price per kilogram, cases of 5 kg.
+                    unit_cost_cents: if weighed { cost * 4 } else { cost },
+                    price_cents: if weighed { price * 4 } else { price },
+                    case_pack: if weighed { 5_000 } else { case_pack },
+                    weighed,
                 }
             })
             .collect();
@@ -287,9 +325,20 @@ impl Chain {
                 * intensity;
             let lines = receipts_per_day * (1.0 + s.format.extra_lines()) * 1.4;
             let n = s.assortment.len();
-            let norm: f64 = (1..=n).map(|k| (k as f64).powf(-ZIPF_S)).sum();
+            let zs = self.cfg.profile.zipf_s();
+            let norm: f64 = (1..=n).map(|k| (k as f64).powf(-zs)).sum();
+            let products = &self.products;
+            let assortment = &s.assortment;
             s.daily_units = (1..=n)
-                .map(|k| lines * (k as f64).powf(-ZIPF_S) / norm)
+                .map(|k| {
+                    // Weighed goods are stocked and sold in grams.
+                    let grams = if products[assortment[k - 1]].weighed {
+                        GRAMS_PER_SALE as f64
+                    } else {
+                        1.0
+                    };
+                    lines * (k as f64).powf(-zs) / norm * grams
+                })
                 .collect();
         }
     }
@@ -371,6 +420,16 @@ fn policy(f: Format, category: &str) -> (i64, f64, i64, i64) {
 
 const ZIPF_S: f64 = 1.07;
 
+/// `n / d` rounded to the nearest integer, ties to even.
+fn round_half_even(n: i64, d: i64) -> i64 {
+    let (q, r) = (n.div_euclid(d), n.rem_euclid(d));
+    match (2 * r).cmp(&d) {
+        std::cmp::Ordering::Less => q,
+        std::cmp::Ordering::Greater => q + 1,
+        std::cmp::Ordering::Equal => q + (q & 1),
+    }
+}
+
 fn money(cents: i64) -> String {
     let sign = if cents < 0 { "-" } else { "" };
     format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100)
@@ -440,8 +499,10 @@ impl Simulator {
                     .iter()
                     .map(|u| (u * 3.0).ceil() as i64 + rng.random_range(0..6))
                     .collect(),
-                zipf: (!s.assortment.is_empty())
-                    .then(|| Zipf::new(s.assortment.len() as f64, ZIPF_S).expect("valid zipf")),
+                zipf: (!s.assortment.is_empty()).then(|| {
+                    Zipf::new(s.assortment.len() as f64, chain.cfg.profile.zipf_s())
+                        .expect("valid zipf")
+                }),
                 ..Default::default()
             })
             .collect();
@@ -707,7 +768,10 @@ impl Simulator {
         for _ in 0..n_lines {
             let a = (zipf.sample(&mut self.rng) as usize).saturating_sub(1);
             let p = self.chain.stores[s].assortment[a];
-            let mut qty: i64 = if self.rng.random_bool(0.8) {
+            let weighed = self.chain.products[p].weighed;
+            let mut qty: i64 = if weighed {
+                self.rng.random_range(80..=2 * GRAMS_PER_SALE - 80)
+            } else if self.rng.random_bool(0.8) {
                 1
             } else {
                 self.rng.random_range(2..=4)
@@ -726,6 +790,22 @@ impl Simulator {
             let prod = &self.chain.products[p];
             if written > 0 {
                 lines.push(',');
+            }
+            if prod.weighed {
+                // Per gram, six decimals; the till prints the line rounded
+                // to the cent (half to even).
+                let micros = prod.price_cents * 10;
+                let amount = round_half_even(qty * prod.price_cents, 1000);
+                let _ = write!(
+                    lines,
+                    r#"{{"sku":"{}","qty":{qty},"unit_price":{}.{:06},"amount":{}}}"#,
+                    prod.sku,
+                    micros / 1_000_000,
+                    micros % 1_000_000,
+                    money(amount)
+                );
+                written += 1;
+                continue;
             }
             let _ = write!(
                 lines,
@@ -852,6 +932,11 @@ impl Simulator {
     }
 
     fn push(&mut self, s: usize, stream: StreamKind, ts_ms: i64, json: String) {
+        if self.chain.cfg.profile == Profile::ColdStart
+            && matches!(stream, StreamKind::StockCounts | StreamKind::StockMovements)
+        {
+            return; // before the first stock-take: nothing about stock is sent
+        }
         let e = GenEvent {
             stream,
             ts_ms,
