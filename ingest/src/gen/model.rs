@@ -659,8 +659,7 @@ impl Simulator {
                 let daily = self.chain.stores[s].daily_units[a];
                 let (reorder_level, order_up_to) = if self.chain.cfg.restock_to_policy {
                     let store = &self.chain.stores[s];
-                    let (lead_h, _, _, min) =
-                        policy(store.format, &self.chain.products[p].category);
+                    let (lead_h, _, _, min) = policy(store.format, self.chain.products[p].category);
                     // Demand per ms of event time at the current intensity.
                     let per_ms = daily * self.chain.cfg.intensity.max(1.0) / DAY_MS as f64;
                     let cover = per_ms * (lead_h * HOUR_MS + 2 * period) as f64;
