@@ -12,23 +12,26 @@
 //!   notifications, the lifecycles and the history, committed together.
 //! * [`sink`] — webhook (HMAC-signed, rate-limited), Kafka (idempotent),
 //!   JSONL and log sinks.
-//! * [`manager`] — evaluation on timers and on new data, delivery loops
-//!   with retries, the active alerts.
+//! * [`manager`] — evaluation on timers, on new data and along event time
+//!   (bounded runs), storm budgets, delivery loops with retries, the
+//!   active alerts; `notify` turns query rows into notifications (grouped
+//!   with `group_by`).
+//! * [`config`] — the `[alerts]` table and the event-time clock.
 //! * [`history`] — the `alert_history` table.
 
+pub mod config;
 pub mod history;
 pub mod lifecycle;
 pub mod manager;
+mod notify;
 pub mod outbox;
 pub mod rule;
 pub mod sink;
 
+pub use config::{rule_clock, AlertsConfig, BoundedEvaluation, RuleConfig};
 pub use history::HistoryTable;
 pub use lifecycle::{AlertState, Lifecycle, Notification};
-pub use manager::{
-    rule_clock, ActiveAlert, AlertError, AlertManager, AlertsConfig, BoundedEvaluation, RuleConfig,
-    RuleHealth, SinkHealth,
-};
+pub use manager::{ActiveAlert, AlertError, AlertManager, RuleHealth, SinkHealth};
 pub use outbox::{Outbox, OutboxError};
 pub use rule::{AlertRule, RuleError, Severity, DEFAULT_MAX_NOTIFICATIONS};
 pub use sink::{signature, verify, Sink, SinkConfig, SinkError};
