@@ -347,6 +347,8 @@ async fn kafka_sink_produces_keyed_json_to_the_mock_cluster() {
 /// Lifecycle changes without a notification (a firing key's `last_seen`
 /// and row) are committed at most once per rule `every`, and at `drain`;
 /// notifications are committed with the lifecycle that produced them.
+/// (`every` is 1 minute: the rule's clock is event time rounded down to it,
+/// so the second reading, a minute later, moves the clock.)
 #[tokio::test]
 async fn quiet_lifecycle_changes_are_committed_once_per_every_and_at_drain() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,7 +357,7 @@ async fn quiet_lifecycle_changes_are_committed_once_per_every_and_at_drain() {
         "CREATE MATERIALIZED VIEW temps AS
          SELECT device_id, max(value) AS max_c, max(ts) AS last_ts FROM iot_readings GROUP BY device_id;
          CREATE ALERT warm AS SELECT device_id, last_ts FROM temps WHERE max_c > 8
-         WITH (key = 'device_id', every = '1h', for = '0s', keep_firing_for = '1h');",
+         WITH (key = 'device_id', every = '1m', for = '0s', keep_firing_for = '1h');",
     )
     .await
     .unwrap();
