@@ -76,7 +76,7 @@ pub(crate) async fn restore(
             )
         })?;
     let secs = t.elapsed().as_secs_f64();
-    metrics::gauge!("storepulse_checkpoint_restore_seconds").set(secs);
+    metrics::gauge!(crate::metric_names::CHECKPOINT_RESTORE_SECONDS).set(secs);
     tracing::info!(
         checkpoint = %manifest.id, epoch = manifest.epoch, keys, bytes = manifest.bytes(),
         seconds = secs, positions = manifest.positions.len(),
@@ -139,18 +139,18 @@ impl Checkpointer {
         let m = match written {
             Ok(m) => m,
             Err(e) => {
-                metrics::counter!("storepulse_checkpoint_errors_total").increment(1);
+                metrics::counter!(crate::metric_names::CHECKPOINT_ERRORS_TOTAL).increment(1);
                 self.status.lock().expect("checkpoint status").error = Some(e.to_string());
                 return Err(e).context("checkpoint");
             }
         };
         record(&self.commit, &m.positions);
         let secs = t.elapsed().as_secs_f64();
-        metrics::histogram!("storepulse_checkpoint_duration_seconds").record(secs);
-        metrics::gauge!("storepulse_checkpoint_bytes").set(m.bytes() as f64);
-        metrics::gauge!("storepulse_checkpoint_last_success_timestamp_seconds")
+        metrics::histogram!(crate::metric_names::CHECKPOINT_DURATION_SECONDS).record(secs);
+        metrics::gauge!(crate::metric_names::CHECKPOINT_BYTES).set(m.bytes() as f64);
+        metrics::gauge!(crate::metric_names::CHECKPOINT_LAST_SUCCESS_TIMESTAMP_SECONDS)
             .set(m.written_at_ms as f64 / 1000.0);
-        metrics::counter!("storepulse_checkpoint_written_total").increment(1);
+        metrics::counter!(crate::metric_names::CHECKPOINT_WRITTEN_TOTAL).increment(1);
         tracing::debug!(
             checkpoint = %m.id, epoch = m.epoch, bytes = m.bytes(), seconds = secs,
             capture_ms = captured.as_millis() as u64, "checkpoint written"

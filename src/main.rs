@@ -6,6 +6,7 @@ mod config;
 mod dashboard;
 mod engine_runtime;
 mod lake;
+mod metric_names;
 mod openapi;
 mod pipeline;
 mod server;
@@ -399,10 +400,11 @@ async fn serve(
     // Counters that may stay at zero are shown from the start (a dashboard
     // can tell "none" from "not reported").
     for k in storepulse_ingest::StreamKind::ALL {
-        metrics::counter!("storepulse_ingest_dead_letters_total", "stream" => k.name())
+        metrics::counter!(crate::metric_names::INGEST_DEAD_LETTERS_TOTAL, "stream" => k.name())
             .increment(0);
-        metrics::counter!("storepulse_engine_late_events_total", "stream" => k.name()).increment(0);
-        metrics::counter!("storepulse_engine_duplicate_events_total", "stream" => k.name())
+        metrics::counter!(crate::metric_names::ENGINE_LATE_EVENTS_TOTAL, "stream" => k.name())
+            .increment(0);
+        metrics::counter!(crate::metric_names::ENGINE_DUPLICATE_EVENTS_TOTAL, "stream" => k.name())
             .increment(0);
     }
     std::fs::create_dir_all(&cfg.data_dir)
@@ -667,7 +669,7 @@ async fn serve(
                 // shows `finished`, so that what a client then reads is
                 // final.
                 if let Err(e) = handle.refresh_all().await {
-                    metrics::counter!("storepulse_engine_view_refresh_errors_total").increment(1);
+                    metrics::counter!(crate::metric_names::ENGINE_VIEW_REFRESH_ERRORS_TOTAL).increment(1);
                     tracing::warn!(error = %e, "refreshing a view failed");
                 }
                 if let Some(m) = &alerts {

@@ -207,7 +207,7 @@ pub(crate) async fn refresh_views(handle: EngineHandle, mut shutdown: watch::Rec
             _ = shutdown.changed() => return,
         }
         if let Err(e) = handle.refresh_due().await {
-            metrics::counter!("storepulse_engine_view_refresh_errors_total").increment(1);
+            metrics::counter!(crate::metric_names::ENGINE_VIEW_REFRESH_ERRORS_TOTAL).increment(1);
             tracing::warn!(error = %e, "refreshing a view failed");
         }
     }
@@ -256,9 +256,9 @@ pub(crate) async fn watch_stock_quality(handle: EngineHandle, mut shutdown: watc
                                 .value(0)
                         })
                 };
-                metrics::gauge!("storepulse_retail_stock_unknown_pairs").set(value(0));
-                metrics::gauge!("storepulse_retail_stock_anomaly_pairs").set(value(1));
-                metrics::gauge!("storepulse_retail_stock_anomaly_gap_units").set(value(2));
+                metrics::gauge!(crate::metric_names::RETAIL_STOCK_UNKNOWN_PAIRS).set(value(0));
+                metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_PAIRS).set(value(1));
+                metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_GAP_UNITS).set(value(2));
             }
             Err(e) => tracing::debug!(error = %e, "stock quality figures unavailable"),
         }
@@ -316,12 +316,12 @@ pub(crate) async fn watch_dimensions(
             match result {
                 Ok(None) => {}
                 Ok(Some(rows)) => {
-                    metrics::counter!("storepulse_dimensions_reloads_total", "table" => table.clone())
+                    metrics::counter!(crate::metric_names::DIMENSIONS_RELOADS_TOTAL, "table" => table.clone())
                         .increment(1);
                     tracing::info!(table = %table, rows, location = %w.source.location, "dimension table reloaded");
                 }
                 Err(e) => {
-                    metrics::counter!("storepulse_dimensions_reload_errors_total", "table" => table.clone())
+                    metrics::counter!(crate::metric_names::DIMENSIONS_RELOAD_ERRORS_TOTAL, "table" => table.clone())
                         .increment(1);
                     tracing::error!(table = %table, error = %format!("{e:#}"), "dimension reload failed; keeping the previous rows");
                 }

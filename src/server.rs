@@ -121,7 +121,7 @@ async fn authenticate(State(auth): State<Auth>, mut req: Request, next: Next) ->
             next.run(req).await
         }
         None => {
-            metrics::counter!("storepulse_http_auth_failures_total").increment(1);
+            metrics::counter!(crate::metric_names::HTTP_AUTH_FAILURES_TOTAL).increment(1);
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -212,7 +212,7 @@ async fn check_access(State(access): State<Arc<Access>>, req: Request, next: Nex
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     if !access.host_allowed(host.as_deref()) {
-        metrics::counter!("storepulse_http_refused_total", "reason" => "host").increment(1);
+        metrics::counter!(crate::metric_names::HTTP_REFUSED_TOTAL, "reason" => "host").increment(1);
         return error(
             StatusCode::MISDIRECTED_REQUEST,
             "host_not_allowed",
@@ -228,7 +228,8 @@ async fn check_access(State(access): State<Arc<Access>>, req: Request, next: Nex
             Some(authority.to_ascii_lowercase()) == host.as_ref().map(|h| h.to_ascii_lowercase())
         });
         if !same && !access.cors_origins.iter().any(|o| o == origin) {
-            metrics::counter!("storepulse_http_refused_total", "reason" => "origin").increment(1);
+            metrics::counter!(crate::metric_names::HTTP_REFUSED_TOTAL, "reason" => "origin")
+                .increment(1);
             return error(
                 StatusCode::FORBIDDEN,
                 "cross_origin",
@@ -507,13 +508,13 @@ async fn run_query(
                 .map_err(|e| EngineError::Internal(format!("encoding the answer: {e}")))?
         })
         .await;
-    metrics::histogram!("storepulse_query_duration_seconds", "interface" => "http")
+    metrics::histogram!(crate::metric_names::QUERY_DURATION_SECONDS, "interface" => "http")
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,
         Err(e) => {
             let (status, code) = status_of(&e);
-            metrics::counter!("storepulse_query_errors_total", "interface" => "http", "kind" => e.kind().as_str())
+            metrics::counter!(crate::metric_names::QUERY_ERRORS_TOTAL, "interface" => "http", "kind" => e.kind().as_str())
                 .increment(1);
             tracing::info!(error = %e, code, "query failed");
             error(status, code, e.to_string())

@@ -23,6 +23,7 @@ pub mod config;
 pub mod history;
 pub mod lifecycle;
 pub mod manager;
+pub mod metric_names;
 mod notify;
 pub mod outbox;
 pub mod rule;

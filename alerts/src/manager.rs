@@ -351,11 +351,11 @@ impl AlertManager {
             if !due {
                 continue;
             }
-            metrics::counter!("storepulse_alerts_event_time_evaluations_total",
+            metrics::counter!(crate::metric_names::ALERTS_EVENT_TIME_EVALUATIONS_TOTAL,
                 "rule" => self.rules[i].name.clone())
             .increment(1);
             if let Err(e) = self.evaluate_as(i, Some(cell)).await {
-                metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
                     "rule" => self.rules[i].name.clone())
                 .increment(1);
                 tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
@@ -405,10 +405,10 @@ impl AlertManager {
         } else {
             group_notifications(rule, now, e.notifications)
         };
-        metrics::gauge!("storepulse_alerts_held_back_notifications", "rule" => rule.name.clone())
+        metrics::gauge!(crate::metric_names::ALERTS_HELD_BACK_NOTIFICATIONS, "rule" => rule.name.clone())
             .set(e.held_back as f64);
         if e.held_back > 0 {
-            metrics::counter!("storepulse_alerts_held_back_total", "rule" => rule.name.clone())
+            metrics::counter!(crate::metric_names::ALERTS_HELD_BACK_TOTAL, "rule" => rule.name.clone())
                 .increment(e.held_back as u64);
             let reason = if budget == rule.max_notifications {
                 "max_notifications_per_evaluation"
@@ -456,7 +456,7 @@ impl AlertManager {
             message: e.to_string(),
         };
         let (out, as_of) = self.engine.query_at(&rule.sql).await.map_err(qerr)?;
-        metrics::counter!("storepulse_alerts_evaluations_total", "rule" => rule.name.clone())
+        metrics::counter!(crate::metric_names::ALERTS_EVALUATIONS_TOTAL, "rule" => rule.name.clone())
             .increment(1);
         let Some(as_of) = as_of else {
             return Ok(Vec::new());
@@ -468,7 +468,7 @@ impl AlertManager {
         })?;
         let mut state = self.state.lock().await;
         if let Some(at) = state.get(&rule.name).and_then(|l| l.ahead_of(now)) {
-            metrics::counter!("storepulse_alerts_evaluations_deferred_total", "rule" => rule.name.clone())
+            metrics::counter!(crate::metric_names::ALERTS_EVALUATIONS_DEFERRED_TOTAL, "rule" => rule.name.clone())
                 .increment(1);
             if self
                 .deferred
@@ -534,7 +534,7 @@ impl AlertManager {
         }
         drop(persisted);
         for n in &notes {
-            metrics::counter!("storepulse_alerts_notifications_total",
+            metrics::counter!(crate::metric_names::ALERTS_NOTIFICATIONS_TOTAL,
                 "rule" => rule.name.clone(), "state" => format!("{:?}", n.state).to_lowercase())
             .increment(1);
         }
@@ -545,9 +545,9 @@ impl AlertManager {
                 _ => firing += 1,
             }
         }
-        metrics::gauge!("storepulse_alerts_active", "rule" => rule.name.clone(), "state" => "pending")
+        metrics::gauge!(crate::metric_names::ALERTS_ACTIVE, "rule" => rule.name.clone(), "state" => "pending")
             .set(pending as f64);
-        metrics::gauge!("storepulse_alerts_active", "rule" => rule.name.clone(), "state" => "firing")
+        metrics::gauge!(crate::metric_names::ALERTS_ACTIVE, "rule" => rule.name.clone(), "state" => "firing")
             .set(firing as f64);
         drop(state);
         if !notes.is_empty() {
@@ -586,7 +586,7 @@ impl AlertManager {
     pub async fn evaluate_all(&self) {
         for i in 0..self.rules.len() {
             if let Err(e) = self.evaluate(i).await {
-                metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
                     "rule" => self.rules[i].name.clone())
                 .increment(1);
                 tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
@@ -652,7 +652,7 @@ impl AlertManager {
                     let result = self.evaluate(i).await;
                     cost[i] = now.elapsed();
                     if let Err(e) = result {
-                        metrics::counter!("storepulse_alerts_evaluation_errors_total",
+                        metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
                             "rule" => self.rules[i].name.clone())
                         .increment(1);
                         tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
@@ -727,14 +727,14 @@ impl AlertManager {
                 match sink.deliver(&notes).await {
                     Ok(()) => break,
                     Err(e) => {
-                        metrics::counter!("storepulse_alerts_delivery_errors_total", "sink" => name.clone())
+                        metrics::counter!(crate::metric_names::ALERTS_DELIVERY_ERRORS_TOTAL, "sink" => name.clone())
                             .increment(1);
                         self.update_sink(&name, |h| {
                             h.consecutive_failures += 1;
                             h.failing_since_ms.get_or_insert_with(EngineHandle::now_ms);
                             h.last_error = Some(e.to_string());
                         });
-                        metrics::gauge!("storepulse_alerts_sink_failing", "sink" => name.clone())
+                        metrics::gauge!(crate::metric_names::ALERTS_SINK_FAILING, "sink" => name.clone())
                             .set(1.0);
                         let delay = backoff.next().unwrap_or(self.cfg.retry_max_delay);
                         tracing::warn!(sink = %name, error = %e, retry_in = ?delay, notifications = notes.len(), "alert delivery failed; retrying");
@@ -745,9 +745,10 @@ impl AlertManager {
                     }
                 }
             }
-            metrics::counter!("storepulse_alerts_delivered_total", "sink" => name.clone())
+            metrics::counter!(crate::metric_names::ALERTS_DELIVERED_TOTAL, "sink" => name.clone())
                 .increment(notes.len() as u64);
-            metrics::gauge!("storepulse_alerts_sink_failing", "sink" => name.clone()).set(0.0);
+            metrics::gauge!(crate::metric_names::ALERTS_SINK_FAILING, "sink" => name.clone())
+                .set(0.0);
             self.update_sink(&name, |h| {
                 if h.consecutive_failures > 0 {
                     tracing::info!(sink = %name, failures = h.consecutive_failures, "alert sink recovered");

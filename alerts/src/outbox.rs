@@ -185,7 +185,7 @@ impl Outbox {
             let mut entries = w.open_table(ENTRIES).map_err(|e| self.err(e))?;
             let pending = entries.len().map_err(|e| self.err(e))?;
             if !notifications.is_empty() && pending + notifications.len() as u64 > self.capacity {
-                metrics::counter!("storepulse_alerts_outbox_full_total").increment(1);
+                metrics::counter!(crate::metric_names::ALERTS_OUTBOX_FULL_TOTAL).increment(1);
                 return Err(OutboxError::Full {
                     batch: notifications.len() as u64,
                     pending,
@@ -240,7 +240,7 @@ impl Outbox {
                 .map_err(|e| self.err(e))?;
         }
         w.commit().map_err(|e| self.err(e))?;
-        metrics::gauge!("storepulse_alerts_outbox_pending").set(self.pending()? as f64);
+        metrics::gauge!(crate::metric_names::ALERTS_OUTBOX_PENDING).set(self.pending()? as f64);
         Ok(seqs)
     }
 
@@ -305,7 +305,7 @@ impl Outbox {
             }
         }
         w.commit().map_err(|e| self.err(e))?;
-        metrics::gauge!("storepulse_alerts_outbox_pending").set(self.pending()? as f64);
+        metrics::gauge!(crate::metric_names::ALERTS_OUTBOX_PENDING).set(self.pending()? as f64);
         Ok(())
     }
 

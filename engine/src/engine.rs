@@ -424,16 +424,16 @@ impl Engine {
                 let gate = self.gates.get_mut(&b.stream).expect("gate per stream");
                 let gated = gate.gate(&b.position.partition, &b.batch, now_ms)?;
                 let labels = [("stream", b.stream.name())];
-                metrics::counter!("storepulse_engine_events_total", &labels)
+                metrics::counter!(crate::metric_names::ENGINE_EVENTS_TOTAL, &labels)
                     .increment(gated.accepted_events);
-                metrics::counter!("storepulse_engine_duplicate_events_total", &labels)
+                metrics::counter!(crate::metric_names::ENGINE_DUPLICATE_EVENTS_TOTAL, &labels)
                     .increment(gated.duplicates);
-                metrics::counter!("storepulse_engine_late_events_total", &labels)
+                metrics::counter!(crate::metric_names::ENGINE_LATE_EVENTS_TOTAL, &labels)
                     .increment(gated.late_events);
-                metrics::counter!("storepulse_engine_bytes_total", &labels)
+                metrics::counter!(crate::metric_names::ENGINE_BYTES_TOTAL, &labels)
                     .increment(b.bytes as u64);
                 if let Some(w) = gate.watermark.current().as_ms() {
-                    metrics::gauge!("storepulse_engine_watermark_lag_seconds", &labels)
+                    metrics::gauge!(crate::metric_names::ENGINE_WATERMARK_LAG_SECONDS, &labels)
                         .set((now_ms - w) as f64 / 1000.0);
                 }
                 let late_rows = match &gated.late {
@@ -471,7 +471,7 @@ impl Engine {
                 }
                 self.epoch += 1;
                 self.positions.record(&b.position);
-                metrics::histogram!("storepulse_engine_batch_duration_seconds")
+                metrics::histogram!(crate::metric_names::ENGINE_BATCH_DURATION_SECONDS)
                     .record(started.elapsed().as_secs_f64());
                 Ok(IngestReport {
                     accepted: gated.accepted_events,
@@ -632,7 +632,7 @@ impl Engine {
                 .max();
             let n = v.expire(clock)?;
             if n > 0 {
-                metrics::counter!("storepulse_engine_view_evicted_groups_total", "view" => v.name.clone())
+                metrics::counter!(crate::metric_names::ENGINE_VIEW_EVICTED_GROUPS_TOTAL, "view" => v.name.clone())
                     .increment(n as u64);
                 tracing::debug!(view = %v.name, groups = n, remaining = v.groups(), "idle groups evicted (state_ttl)");
             }
@@ -718,9 +718,9 @@ impl Engine {
     /// State size per view as gauges (on every tick and every read).
     fn report_state(&self) {
         for v in &self.views {
-            metrics::gauge!("storepulse_engine_view_groups", "view" => v.name.clone())
+            metrics::gauge!(crate::metric_names::ENGINE_VIEW_GROUPS, "view" => v.name.clone())
                 .set(v.groups() as f64);
-            metrics::gauge!("storepulse_engine_view_state_bytes", "view" => v.name.clone())
+            metrics::gauge!(crate::metric_names::ENGINE_VIEW_STATE_BYTES, "view" => v.name.clone())
                 .set(v.state_bytes() as f64);
         }
     }
@@ -916,7 +916,7 @@ fn evaluate_timed(
     let out = v.evaluate()?;
     if dirty {
         let secs = t.elapsed().as_secs_f64();
-        metrics::histogram!("storepulse_engine_view_evaluate_seconds", "view" => v.name.clone())
+        metrics::histogram!(crate::metric_names::ENGINE_VIEW_EVALUATE_SECONDS, "view" => v.name.clone())
             .record(secs);
         log.push((v.name.clone(), secs));
     }

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod gate;
 pub mod late;
+pub mod metric_names;
 pub mod query;
 pub mod refresh;
 pub mod snapshot;

@@ -216,7 +216,7 @@ impl RefreshedView {
         let hot = self.hot.lock().expect("hot columns lock").clone();
         let computed = Arc::new(Computed::new(t, rows, &hot)?);
         let secs = t.elapsed().as_secs_f64();
-        metrics::histogram!("storepulse_engine_view_refresh_seconds", "view" => self.name.clone())
+        metrics::histogram!(crate::metric_names::ENGINE_VIEW_REFRESH_SECONDS, "view" => self.name.clone())
             .record(secs);
         tracing::debug!(view = %self.name, seconds = secs, "view refreshed");
         *self.cache.write().expect("refresh cache lock") = Some(computed.clone());
@@ -231,7 +231,7 @@ impl RefreshedView {
             return None;
         }
         if age >= self.interval {
-            metrics::counter!("storepulse_engine_view_stale_reads_total", "view" => self.name.clone())
+            metrics::counter!(crate::metric_names::ENGINE_VIEW_STALE_READS_TOTAL, "view" => self.name.clone())
                 .increment(1);
         }
         Some(c.clone())
@@ -260,7 +260,7 @@ impl RefreshedView {
         let Some(rows) = best else {
             return Ok(None);
         };
-        metrics::counter!("storepulse_engine_view_index_lookups_total", "view" => self.name.clone())
+        metrics::counter!(crate::metric_names::ENGINE_VIEW_INDEX_LOOKUPS_TOTAL, "view" => self.name.clone())
             .increment(1);
         Ok(Some(take_record_batch(&c.rows, &UInt32Array::from(rows))?))
     }

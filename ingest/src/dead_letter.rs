@@ -75,7 +75,7 @@ pub fn record_dead_letters(sink: &dyn DeadLetterSink, letters: &[DeadLetter]) ->
     }
     sink.write(letters)?;
     for l in letters {
-        metrics::counter!("storepulse_ingest_dead_letters_total", "stream" => l.stream.clone())
+        metrics::counter!(crate::metric_names::INGEST_DEAD_LETTERS_TOTAL, "stream" => l.stream.clone())
             .increment(1);
         tracing::warn!(
             stream = %l.stream, source = %l.source, position = l.position,

@@ -529,7 +529,7 @@ fn line_columns(items: &StructArray) -> Result<Vec<ArrayRef>> {
         .as_primitive::<Int64Type>();
     let mismatches = amount_mismatches(qty, &money[0], &money[1], &money[2]);
     if mismatches > 0 {
-        metrics::counter!("storepulse_ingest_line_amount_mismatches_total")
+        metrics::counter!(crate::metric_names::INGEST_LINE_AMOUNT_MISMATCHES_TOTAL)
             .increment(mismatches as u64);
     }
     Ok(out)

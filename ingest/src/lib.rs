@@ -15,6 +15,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod error;
 pub mod gen;
+pub mod metric_names;
 pub mod schema;
 pub mod source;
 

@@ -133,7 +133,8 @@ impl Archiver {
             Err(_) => {
                 // Buffer full: wait (the caller, the pipeline, stops reading
                 // its channel, so the sources pause).
-                metrics::counter!("storepulse_lake_archive_backpressure_total").increment(1);
+                metrics::counter!(crate::metric_names::LAKE_ARCHIVE_BACKPRESSURE_TOTAL)
+                    .increment(1);
                 status.archive_waiting.fetch_add(1, Ordering::SeqCst);
                 let got = self.space.acquire_many(permits).await;
                 status.archive_waiting.fetch_sub(1, Ordering::SeqCst);
@@ -143,7 +144,7 @@ impl Archiver {
         status
             .archive_buffered_bytes
             .fetch_add(permits as u64 * UNIT as u64, Ordering::Relaxed);
-        metrics::gauge!("storepulse_lake_archive_buffered_bytes")
+        metrics::gauge!(crate::metric_names::LAKE_ARCHIVE_BUFFERED_BYTES)
             .set(status.archive_buffered_bytes.load(Ordering::Relaxed) as f64);
         self.tx
             .send(Cmd::Rows {
@@ -208,7 +209,7 @@ impl Encoder {
                     if let Err(e) = self.add(&stream, &batch, permits) {
                         // Only a schema change or an encoder bug gets here:
                         // the rows are counted and reported, not hidden.
-                        metrics::counter!("storepulse_lake_archive_errors_total", "stream" => stream.to_string()).increment(batch.num_rows() as u64);
+                        metrics::counter!(crate::metric_names::LAKE_ARCHIVE_ERRORS_TOTAL, "stream" => stream.to_string()).increment(batch.num_rows() as u64);
                         tracing::error!(stream = %stream, rows = batch.num_rows(), error = %e, "archive cannot encode rows");
                         self.release(permits);
                     }
@@ -346,7 +347,7 @@ impl Encoder {
                 }));
             }
             Err(e) => {
-                metrics::counter!("storepulse_lake_archive_errors_total", "stream" => key.0.to_string())
+                metrics::counter!(crate::metric_names::LAKE_ARCHIVE_ERRORS_TOTAL, "stream" => key.0.to_string())
                     .increment(rows);
                 tracing::error!(url = %self.lake.url_of(&path), rows, error = %e, "archive cannot finish a file");
                 self.release(permits);
@@ -369,12 +370,15 @@ async fn upload_loop(lake: Lake, mut rx: mpsc::UnboundedReceiver<Upload>, space:
                 if lake.put_retrying(&f.path, f.bytes, None).await.is_err() {
                     continue;
                 }
-                metrics::histogram!("storepulse_lake_archive_put_seconds")
+                metrics::histogram!(crate::metric_names::LAKE_ARCHIVE_PUT_SECONDS)
                     .record(started.elapsed().as_secs_f64());
                 let labels = [("stream", f.stream.to_string())];
-                metrics::counter!("storepulse_lake_archive_files_total", &labels).increment(1);
-                metrics::counter!("storepulse_lake_archive_bytes_total", &labels).increment(size);
-                metrics::counter!("storepulse_lake_archive_rows_total", &labels).increment(f.rows);
+                metrics::counter!(crate::metric_names::LAKE_ARCHIVE_FILES_TOTAL, &labels)
+                    .increment(1);
+                metrics::counter!(crate::metric_names::LAKE_ARCHIVE_BYTES_TOTAL, &labels)
+                    .increment(size);
+                metrics::counter!(crate::metric_names::LAKE_ARCHIVE_ROWS_TOTAL, &labels)
+                    .increment(f.rows);
                 status.archive_files.fetch_add(1, Ordering::Relaxed);
                 status.archive_bytes.fetch_add(size, Ordering::Relaxed);
                 status.archive_rows.fetch_add(f.rows, Ordering::Relaxed);
@@ -382,7 +386,7 @@ async fn upload_loop(lake: Lake, mut rx: mpsc::UnboundedReceiver<Upload>, space:
                 status
                     .archive_buffered_bytes
                     .fetch_sub(f.permits as u64 * UNIT as u64, Ordering::Relaxed);
-                metrics::gauge!("storepulse_lake_archive_buffered_bytes")
+                metrics::gauge!(crate::metric_names::LAKE_ARCHIVE_BUFFERED_BYTES)
                     .set(status.archive_buffered_bytes.load(Ordering::Relaxed) as f64);
                 space.add_permits(f.permits as usize);
                 tracing::debug!(url = %lake.url_of(&f.path), rows = f.rows, bytes = size, "archived");

@@ -278,7 +278,7 @@ impl CheckpointStore {
             match self.read(&m).await {
                 Ok(cp) => return Ok(Some((m, cp))),
                 Err(e) => {
-                    metrics::counter!("storepulse_checkpoint_damaged_total").increment(1);
+                    metrics::counter!(crate::metric_names::CHECKPOINT_DAMAGED_TOTAL).increment(1);
                     tracing::warn!(checkpoint = %m.id, error = %e, "checkpoint damaged; trying an older one");
                 }
             }

@@ -20,6 +20,7 @@ pub mod archive;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod metric_names;
 pub mod report;
 pub mod retention;
 pub mod snapshot;

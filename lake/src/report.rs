@@ -214,12 +214,12 @@ impl Reporter {
                     .status()
                     .reports
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("storepulse_lake_reports_total", "report" => name.to_string())
+                metrics::counter!(crate::metric_names::LAKE_REPORTS_TOTAL, "report" => name.to_string())
                     .increment(1);
                 tracing::info!(report = name, path = %o.path, rows = o.rows, bytes = o.bytes, seconds = started.elapsed().as_secs_f64(), "report written");
             }
             Err(e) => {
-                metrics::counter!("storepulse_lake_report_errors_total", "report" => name.to_string())
+                metrics::counter!(crate::metric_names::LAKE_REPORT_ERRORS_TOTAL, "report" => name.to_string())
                     .increment(1);
                 tracing::error!(report = name, error = %e, "report failed");
             }

@@ -93,7 +93,7 @@ pub async fn apply(
         }
     }
     if report.objects > 0 {
-        metrics::counter!("storepulse_lake_retention_deleted_objects_total")
+        metrics::counter!(crate::metric_names::LAKE_RETENTION_DELETED_OBJECTS_TOTAL)
             .increment(report.objects as u64);
         tracing::info!(
             partitions = report.partitions.len(),

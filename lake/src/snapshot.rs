@@ -228,7 +228,7 @@ impl Snapshotter {
             for p in written {
                 let _ = self.lake.delete(&p).await;
             }
-            metrics::counter!("storepulse_lake_snapshot_errors_total").increment(1);
+            metrics::counter!(crate::metric_names::LAKE_SNAPSHOT_ERRORS_TOTAL).increment(1);
             return Err(e);
         }
         let status = self.lake.status();
@@ -241,8 +241,8 @@ impl Snapshotter {
             "views": manifest.files.len(), "bytes": total_bytes,
             "seconds": started.elapsed().as_secs_f64(),
         }));
-        metrics::counter!("storepulse_lake_snapshots_total").increment(1);
-        metrics::histogram!("storepulse_lake_snapshot_seconds")
+        metrics::counter!(crate::metric_names::LAKE_SNAPSHOTS_TOTAL).increment(1);
+        metrics::histogram!(crate::metric_names::LAKE_SNAPSHOT_SECONDS)
             .record(started.elapsed().as_secs_f64());
         tracing::info!(id = %manifest.id, views = manifest.files.len(), bytes = total_bytes, seconds = started.elapsed().as_secs_f64(), "snapshot committed");
         Ok(manifest)

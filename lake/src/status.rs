@@ -49,7 +49,7 @@ pub struct LastError {
 impl LakeStatus {
     pub(crate) fn error(&self, op: &'static str, e: &dyn std::fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("storepulse_lake_errors_total", "op" => op).increment(1);
+        metrics::counter!(crate::metric_names::LAKE_ERRORS_TOTAL, "op" => op).increment(1);
         *self.last_error.lock().expect("status lock") = Some(LastError {
             op,
             message: e.to_string(),

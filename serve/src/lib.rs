@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod error;
+pub mod metric_names;
 pub mod pg;
 pub mod tls;
 

@@ -249,7 +249,7 @@ impl EngineHandle {
             let e = self.engine.lock().await;
             for r in &e.refreshed {
                 if let Some(age) = r.age() {
-                    metrics::gauge!("storepulse_engine_view_refresh_age_seconds", "view" => r.name().to_string())
+                    metrics::gauge!(crate::metric_names::ENGINE_VIEW_REFRESH_AGE_SECONDS, "view" => r.name().to_string())
                         .set(age.as_secs_f64());
                 }
             }

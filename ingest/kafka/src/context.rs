@@ -153,12 +153,12 @@ impl Shared {
                 for (name, o) in &moved {
                     committed.insert(name.clone(), *o);
                 }
-                metrics::counter!("storepulse_kafka_commits_total").increment(1);
+                metrics::counter!(crate::metric_names::KAFKA_COMMITS_TOTAL).increment(1);
                 moved.len()
             }
             Err(e) => {
                 // Not fatal: the next commit carries the same offsets.
-                metrics::counter!("storepulse_kafka_commit_errors_total").increment(1);
+                metrics::counter!(crate::metric_names::KAFKA_COMMIT_ERRORS_TOTAL).increment(1);
                 tracing::warn!(error = %e, partitions = moved.len(), "offset commit failed; retrying at the next commit");
                 0
             }
@@ -183,7 +183,7 @@ impl ClientContext for SourceContext {
         {
             return; // an end of partition is not an error
         }
-        metrics::counter!("storepulse_kafka_client_errors_total").increment(1);
+        metrics::counter!(crate::metric_names::KAFKA_CLIENT_ERRORS_TOTAL).increment(1);
         tracing::warn!(error = %error, reason, "Kafka client error (librdkafka retries)");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -197,7 +197,7 @@ impl ClientContext for SourceContext {
         let (up, known) = brokers.fold((0i64, 0i64), |(u, k), b| {
             (u + i64::from(b.state == "UP"), k + 1)
         });
-        metrics::gauge!("storepulse_kafka_brokers_up").set(up as f64);
+        metrics::gauge!(crate::metric_names::KAFKA_BROKERS_UP).set(up as f64);
         self.shared.brokers_up.store(up, Ordering::Relaxed);
         self.shared.brokers_known.store(known, Ordering::Relaxed);
         let mut total = 0i64;
@@ -220,13 +220,13 @@ impl ClientContext for SourceContext {
                 }
                 total += part.consumer_lag;
                 metrics::gauge!(
-                    "storepulse_kafka_consumer_lag_messages",
+                    crate::metric_names::KAFKA_CONSUMER_LAG_MESSAGES,
                     "topic" => topic.clone(), "partition" => p.to_string()
                 )
                 .set(part.consumer_lag as f64);
             }
         }
-        metrics::gauge!("storepulse_kafka_consumer_lag_total_messages").set(total as f64);
+        metrics::gauge!(crate::metric_names::KAFKA_CONSUMER_LAG_TOTAL_MESSAGES).set(total as f64);
         self.shared.lag.store(total, Ordering::Relaxed);
         *lock(&self.shared.partition_lag) = per_partition;
     }
@@ -234,7 +234,7 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        metrics::counter!("storepulse_kafka_rebalances_total").increment(1);
+        metrics::counter!(crate::metric_names::KAFKA_REBALANCES_TOTAL).increment(1);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let parts = topic_partitions(tpl);
@@ -325,7 +325,7 @@ impl ClientContext for LoggingContext {
         log_to_tracing(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        metrics::counter!("storepulse_kafka_client_errors_total").increment(1);
+        metrics::counter!(crate::metric_names::KAFKA_CLIENT_ERRORS_TOTAL).increment(1);
         tracing::warn!(error = %error, reason, "Kafka producer error (librdkafka retries)");
     }
 }

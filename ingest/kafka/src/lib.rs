@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 mod context;
 pub mod error;
+pub mod metric_names;
 pub mod replay;
 pub mod source;
 

@@ -319,7 +319,7 @@ impl DlqRecord {
         self.attempts += 1;
         let backoff = Duration::from_millis(100 << self.attempts.min(7)); // ≤ 12.8 s
         self.retry_at = Instant::now() + backoff;
-        metrics::counter!("storepulse_kafka_dead_letter_errors_total").increment(1);
+        metrics::counter!(crate::metric_names::KAFKA_DEAD_LETTER_ERRORS_TOTAL).increment(1);
         tracing::error!(
             error, topic = %self.topic, partition = self.partition, offset = self.offset,
             attempts = self.attempts, retry_in = ?backoff,
@@ -499,7 +499,7 @@ impl PollLoop {
                 // assignment (the event does not name the topic).
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => {
-                    metrics::counter!("storepulse_kafka_consume_errors_total").increment(1);
+                    metrics::counter!(crate::metric_names::KAFKA_CONSUME_ERRORS_TOTAL).increment(1);
                     tracing::warn!(error = %e, "Kafka consume error (librdkafka retries)");
                 }
             }
@@ -609,7 +609,7 @@ impl PollLoop {
             };
             let s = b.spans[i];
             b.dead_letters.increment(1);
-            metrics::counter!("storepulse_ingest_dead_letters_total", "stream" => b.stream.name())
+            metrics::counter!(crate::metric_names::INGEST_DEAD_LETTERS_TOTAL, "stream" => b.stream.name())
                 .increment(1);
             tracing::warn!(
                 stream = b.stream.name(), topic = %b.key.0, partition = b.key.1,
@@ -719,7 +719,7 @@ impl PollLoop {
         self.paused = want;
         self.paused_generation = generation;
         self.src.shared.paused.store(want, Ordering::Relaxed);
-        metrics::gauge!("storepulse_kafka_paused").set(if want { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metric_names::KAFKA_PAUSED).set(if want { 1.0 } else { 0.0 });
         tracing::debug!(
             paused = want,
             pending = self.pending.len(),
@@ -956,7 +956,7 @@ impl PollLoop {
             }
         }
         let held = self.bufs.iter().filter(|b| b.aligned_pause).count();
-        metrics::gauge!("storepulse_kafka_aligned_paused_partitions").set(held as f64);
+        metrics::gauge!(crate::metric_names::KAFKA_ALIGNED_PAUSED_PARTITIONS).set(held as f64);
         tracing::debug!(
             held,
             slowest_ms = slowest,
@@ -1061,9 +1061,9 @@ fn buf_index(
         max_ts: None,
         last_message_at: None,
         aligned_pause: false,
-        messages: metrics::counter!("storepulse_kafka_messages_total", &labels),
-        bytes: metrics::counter!("storepulse_kafka_bytes_total", &labels),
-        dead_letters: metrics::counter!("storepulse_kafka_dead_letters_total", &labels),
+        messages: metrics::counter!(crate::metric_names::KAFKA_MESSAGES_TOTAL, &labels),
+        bytes: metrics::counter!(crate::metric_names::KAFKA_BYTES_TOTAL, &labels),
+        dead_letters: metrics::counter!(crate::metric_names::KAFKA_DEAD_LETTERS_TOTAL, &labels),
     });
     bufs.len() - 1
 }

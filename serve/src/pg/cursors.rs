@@ -73,7 +73,7 @@ impl Cursors {
             ));
         }
         all.insert(key, cursor);
-        metrics::gauge!("storepulse_pg_cursors").set(all.len() as f64);
+        metrics::gauge!(crate::metric_names::PG_CURSORS).set(all.len() as f64);
         Ok(())
     }
 
@@ -127,7 +127,7 @@ impl Cursors {
             }
             None => all.retain(|(p, _), _| *p != peer),
         }
-        metrics::gauge!("storepulse_pg_cursors").set(all.len() as f64);
+        metrics::gauge!(crate::metric_names::PG_CURSORS).set(all.len() as f64);
         Ok(())
     }
 

@@ -331,7 +331,7 @@ impl PgServer {
                 },
             };
             let Ok(permit) = starting.clone().try_acquire_owned() else {
-                metrics::counter!("storepulse_pg_connections_refused_total").increment(1);
+                metrics::counter!(crate::metric_names::PG_CONNECTIONS_REFUSED_TOTAL).increment(1);
                 tracing::warn!(%peer, max = self.max_startup_connections, "pgwire connection refused: max_startup_connections sockets are still logging in");
                 let max = self.max_startup_connections;
                 tokio::spawn(refuse(socket, max));
@@ -343,7 +343,7 @@ impl PgServer {
             let cursors = self.cursors.clone();
             let startup_timeout = self.startup_timeout;
             tokio::spawn(async move {
-                metrics::gauge!("storepulse_pg_connections").increment(1.0);
+                metrics::gauge!(crate::metric_names::PG_CONNECTIONS).increment(1.0);
                 let conn =
                     datafusion_postgres::pgwire::tokio::process_socket(socket, tls, handlers);
                 let expired = async {
@@ -357,12 +357,12 @@ impl PgServer {
                         tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
                     },
                     _ = expired => {
-                        metrics::counter!("storepulse_pg_startup_timeouts_total").increment(1);
+                        metrics::counter!(crate::metric_names::PG_STARTUP_TIMEOUTS_TOTAL).increment(1);
                         tracing::info!(%peer, timeout = ?startup_timeout, "pgwire connection closed: it did not log in within [pg] startup_timeout");
                     }
                 }
                 cursors.close_connection(peer);
-                metrics::gauge!("storepulse_pg_connections").decrement(1.0);
+                metrics::gauge!(crate::metric_names::PG_CONNECTIONS).decrement(1.0);
             });
         }
     }

@@ -314,10 +314,10 @@ impl Iterator for Rows {
 }
 
 pub(super) fn record(result: Result<(), &EngineError>, started: Instant) {
-    metrics::histogram!("storepulse_query_duration_seconds", "interface" => "pgwire")
+    metrics::histogram!(crate::metric_names::QUERY_DURATION_SECONDS, "interface" => "pgwire")
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = result {
-        metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => e.kind().as_str())
+        metrics::counter!(crate::metric_names::QUERY_ERRORS_TOTAL, "interface" => "pgwire", "kind" => e.kind().as_str())
             .increment(1);
     }
 }

@@ -174,7 +174,7 @@ impl SessionHook {
             SetAction::Delegate => None,
             SetAction::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
             SetAction::Refuse(e) => {
-                metrics::counter!("storepulse_query_errors_total", "interface" => "pgwire", "kind" => "read_only")
+                metrics::counter!(crate::metric_names::QUERY_ERRORS_TOTAL, "interface" => "pgwire", "kind" => "read_only")
                     .increment(1);
                 Some(Err(e))
             }

@@ -17,7 +17,7 @@ impl AuthSource for Credentials {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
         if user != self.user {
-            metrics::counter!("storepulse_pg_auth_failures_total").increment(1);
+            metrics::counter!(crate::metric_names::PG_AUTH_FAILURES_TOTAL).increment(1);
             tracing::info!(
                 user,
                 host = login.host(),
@@ -93,7 +93,8 @@ impl StartupHandler for Startup {
                 match self.slots.clone().try_acquire_owned() {
                     Ok(p) => *slot = Some(p),
                     Err(_) => {
-                        metrics::counter!("storepulse_pg_connections_refused_total").increment(1);
+                        metrics::counter!(crate::metric_names::PG_CONNECTIONS_REFUSED_TOTAL)
+                            .increment(1);
                         tracing::warn!(peer = %client.socket_addr(), max = self.max_connections, "pgwire connection refused: max_connections reached");
                         return Err(too_many_connections(format!(
                             "sorry, too many clients already ([pg] max_connections = {})",
