@@ -233,32 +233,23 @@ const STOCK_QUALITY_EVERY: Duration = Duration::from_secs(60);
 /// `storepulse_retail_stock_anomaly_gap_units` (the units missing to bring
 /// them to zero). Built-in views only.
 pub(crate) async fn watch_stock_quality(handle: EngineHandle, mut shutdown: watch::Receiver<bool>) {
-    const SQL: &str = "SELECT count(*) FILTER (WHERE stock_status = 'unknown') AS unknown, \
-        count(*) FILTER (WHERE on_hand < 0) AS anomalies, \
-        coalesce(sum(-on_hand) FILTER (WHERE on_hand < 0), 0) AS gap FROM stock_on_hand";
+    use datafusion::arrow::{array::AsArray, datatypes::Float64Type};
+    // One row of doubles: the gauges' values.
+    const SQL: &str = "SELECT \
+        CAST(count(*) FILTER (WHERE stock_status = 'unknown') AS DOUBLE), \
+        CAST(count(*) FILTER (WHERE on_hand < 0) AS DOUBLE), \
+        CAST(coalesce(sum(-on_hand) FILTER (WHERE on_hand < 0), 0) AS DOUBLE) \
+        FROM stock_on_hand";
     loop {
         match handle.query_at(SQL).await {
             Ok((out, _)) => {
-                let value = |i: usize| -> f64 {
-                    out.batches
-                        .iter()
-                        .find(|b| b.num_rows() > 0)
-                        .and_then(|b| {
-                            datafusion::arrow::compute::cast(
-                                b.column(i),
-                                &datafusion::arrow::datatypes::DataType::Float64,
-                            )
-                            .ok()
-                        })
-                        .map_or(0.0, |a| {
-                            use datafusion::arrow::array::AsArray;
-                            a.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
-                                .value(0)
-                        })
-                };
-                metrics::gauge!(crate::metric_names::RETAIL_STOCK_UNKNOWN_PAIRS).set(value(0));
-                metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_PAIRS).set(value(1));
-                metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_GAP_UNITS).set(value(2));
+                if let Some(row) = out.batches.iter().find(|b| b.num_rows() > 0) {
+                    let value = |i: usize| row.column(i).as_primitive::<Float64Type>().value(0);
+                    metrics::gauge!(crate::metric_names::RETAIL_STOCK_UNKNOWN_PAIRS).set(value(0));
+                    metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_PAIRS).set(value(1));
+                    metrics::gauge!(crate::metric_names::RETAIL_STOCK_ANOMALY_GAP_UNITS)
+                        .set(value(2));
+                }
             }
             Err(e) => tracing::debug!(error = %e, "stock quality figures unavailable"),
         }
@@ -412,9 +403,11 @@ pub(crate) async fn run(
                     // A bounded run evaluates the rules along event time:
                     // at the end of each `every` cell, before a batch that
                     // may leave it (AlertManager::before_batch).
-                    if let (Some(m), Some(max_ts)) = (&event_time_alerts, max_event_time(&msg)) {
-                        let as_of = handle.lock().await.as_of();
-                        m.before_batch(as_of, max_ts).await;
+                    if let Some(m) = &event_time_alerts {
+                        if let Some(max_ts) = max_event_time(&msg) {
+                            let as_of = handle.lock().await.as_of();
+                            m.before_batch(as_of, max_ts).await;
+                        }
                     }
                     let (report, epoch) = {
                         let mut e = handle.lock().await;

@@ -233,8 +233,8 @@ impl Lifecycle {
                          out: &mut Evaluation,
                          row: &serde_json::value::RawValue|
          -> bool {
-            if grouped {
-                let g = group_of(rule, &row_value(row));
+            let group = grouped.then(|| group_of(rule, &row_value(row)));
+            if let Some(g) = &group {
                 let clock = groups.entry(g.clone()).or_default();
                 let due = match clock.notified_at {
                     Some(t) => now - t >= group_interval,
@@ -244,17 +244,12 @@ impl Lifecycle {
                     out.waiting += 1;
                     return false;
                 }
-                if out.notifications.len() >= budget {
-                    out.held_back += 1;
-                    return false;
-                }
-                notified_groups.push(g);
-                return true;
             }
             if out.notifications.len() >= budget {
                 out.held_back += 1;
                 return false;
             }
+            notified_groups.extend(group);
             true
         };
         let notify = |out: &mut Evaluation,

@@ -354,12 +354,19 @@ impl AlertManager {
             metrics::counter!(crate::metric_names::ALERTS_EVENT_TIME_EVALUATIONS_TOTAL,
                 "rule" => self.rules[i].name.clone())
             .increment(1);
-            if let Err(e) = self.evaluate_as(i, Some(cell)).await {
-                metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
-                    "rule" => self.rules[i].name.clone())
-                .increment(1);
-                tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
-            }
+            self.evaluate_reporting(i, Some(cell)).await;
+        }
+    }
+
+    /// Evaluates rule `i` (on `clock`, or its own), counting and logging a
+    /// failure (the rule's health records it too): for the loops, which go
+    /// on with the next rule.
+    async fn evaluate_reporting(&self, i: usize, clock: Option<i64>) {
+        if let Err(e) = self.evaluate_as(i, clock).await {
+            metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
+                "rule" => self.rules[i].name.clone())
+            .increment(1);
+            tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
         }
     }
 
@@ -585,12 +592,7 @@ impl AlertManager {
     /// the alerts of the final views. Failures are logged and counted.
     pub async fn evaluate_all(&self) {
         for i in 0..self.rules.len() {
-            if let Err(e) = self.evaluate(i).await {
-                metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
-                    "rule" => self.rules[i].name.clone())
-                .increment(1);
-                tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
-            }
+            self.evaluate_reporting(i, None).await;
         }
         // The lifecycles as they are now (evaluations commit changes without
         // a notification only once per `every`).
@@ -649,14 +651,8 @@ impl AlertManager {
                     last[i] = Some(now);
                     dirty[i] = false;
                     next_due[i] = now + self.rules[i].every;
-                    let result = self.evaluate(i).await;
+                    self.evaluate_reporting(i, None).await;
                     cost[i] = now.elapsed();
-                    if let Err(e) = result {
-                        metrics::counter!(crate::metric_names::ALERTS_EVALUATION_ERRORS_TOTAL,
-                            "rule" => self.rules[i].name.clone())
-                        .increment(1);
-                        tracing::warn!(rule = %self.rules[i].name, error = %e, "alert evaluation failed");
-                    }
                 }
             }
             // The next timer, or the earliest rate gate of a rule with new data.

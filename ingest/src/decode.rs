@@ -64,8 +64,14 @@ pub fn rescale_money(a: &Decimal128Array) -> std::result::Result<Decimal128Array
             return Err((i, why));
         }
     }
-    Ok(a.unary::<_, Decimal128Type>(|v| v / RESCALE)
-        .with_data_type(MONEY))
+    Ok(rescaled(a))
+}
+
+/// A money column read at the JSON scale, at [`MONEY`] (its values were
+/// checked to be exact by [`money_problem`]).
+fn rescaled(a: &Decimal128Array) -> Decimal128Array {
+    a.unary::<_, Decimal128Type>(|v| v / RESCALE)
+        .with_data_type(MONEY)
 }
 
 /// A JSON-scale decimal as written (trailing zeros dropped).
@@ -513,10 +519,7 @@ fn line_columns(items: &StructArray) -> Result<Vec<ArrayRef>> {
     let mut money: Vec<Decimal128Array> = Vec::with_capacity(3);
     for (f, col) in items.fields().iter().zip(items.columns()) {
         if LINE_MONEY_FIELDS.contains(&f.name().as_str()) {
-            let a = col.as_primitive::<Decimal128Type>();
-            let scaled = a
-                .unary::<_, Decimal128Type>(|v| v / RESCALE)
-                .with_data_type(MONEY);
+            let scaled = rescaled(col.as_primitive());
             money.push(scaled.clone());
             out.push(Arc::new(scaled) as ArrayRef);
         } else {

@@ -265,25 +265,20 @@ impl FileSource {
                 };
                 a.alignment
                     .wait_turn(a.member, first, || *shutdown.borrow());
-                let part = if i + 1 == n {
-                    SourceBatch {
-                        events: events_in(b.stream, &run, b.events, b.batch.num_rows()),
-                        bytes: b.bytes * run.num_rows() / b.batch.num_rows().max(1),
-                        batch: run,
-                        stream: b.stream,
-                        position: b.position.clone(),
-                    }
+                let position = if i + 1 == n {
+                    b.position.clone()
                 } else {
-                    SourceBatch {
-                        events: events_in(b.stream, &run, b.events, b.batch.num_rows()),
-                        bytes: b.bytes * run.num_rows() / b.batch.num_rows().max(1),
-                        batch: run,
-                        stream: b.stream,
-                        position: Position {
-                            partition: b.position.partition.clone(),
-                            next_offset: last_position.get(),
-                        },
+                    Position {
+                        partition: b.position.partition.clone(),
+                        next_offset: last_position.get(),
                     }
+                };
+                let part = SourceBatch {
+                    events: events_in(b.stream, &run, b.events, b.batch.num_rows()),
+                    bytes: b.bytes * run.num_rows() / b.batch.num_rows().max(1),
+                    batch: run,
+                    stream: b.stream,
+                    position,
                 };
                 tx.blocking_send(SourceMessage::Batch(part))
                     .map_err(|_| IngestError::Closed)?;
@@ -557,47 +552,36 @@ pub fn conform(path: &Path, stream: StreamKind, batch: &RecordBatch) -> Result<R
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for f in target.fields() {
         match batch.column_by_name(f.name()) {
-            Some(c) if f.data_type() == &crate::schema::MONEY && !c.data_type().is_floating() => {
-                // Exact or refused: read at 18 decimals, then checked.
-                let wide =
-                    cast(c, &crate::schema::JSON_MONEY).map_err(|e| IngestError::Format {
-                        path: path.to_path_buf(),
-                        message: format!("column '{}': {e}", f.name()),
-                    })?;
-                let c =
-                    crate::decode::rescale_money(wide.as_primitive()).map_err(|(row, why)| {
-                        IngestError::Format {
-                            path: path.to_path_buf(),
-                            message: format!(
-                                "column '{}', data row {} of this batch: {why}",
-                                f.name(),
-                                row + 1
-                            ),
-                        }
-                    })?;
-                if !f.is_nullable() && c.null_count() > 0 {
-                    return Err(IngestError::Format {
-                        path: path.to_path_buf(),
-                        message: format!("column '{}' is required but empty", f.name()),
-                    });
-                }
-                cols.push(Arc::new(c));
-            }
             Some(c) => {
-                let c = cast(c, f.data_type()).map_err(|e| IngestError::Format {
+                let format_err = |message: String| IngestError::Format {
                     path: path.to_path_buf(),
-                    message: format!("column '{}': {e}", f.name()),
-                })?;
+                    message,
+                };
+                let c: ArrayRef =
+                    if f.data_type() == &crate::schema::MONEY && !c.data_type().is_floating() {
+                        // Exact or refused: read at 18 decimals, then checked.
+                        let wide = cast(c, &crate::schema::JSON_MONEY)
+                            .map_err(|e| format_err(format!("column '{}': {e}", f.name())))?;
+                        Arc::new(crate::decode::rescale_money(wide.as_primitive()).map_err(
+                            |(row, why)| {
+                                format_err(format!(
+                                    "column '{}', data row {} of this batch: {why}",
+                                    f.name(),
+                                    row + 1
+                                ))
+                            },
+                        )?)
+                    } else {
+                        cast(c, f.data_type())
+                            .map_err(|e| format_err(format!("column '{}': {e}", f.name())))?
+                    };
                 if !f.is_nullable() && c.null_count() > 0 {
                     let row = (0..c.len()).find(|i| c.is_null(*i)).unwrap_or(0);
-                    return Err(IngestError::Format {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "column '{}' is required but empty in data row {} of this batch",
-                            f.name(),
-                            row + 1
-                        ),
-                    });
+                    return Err(format_err(format!(
+                        "column '{}' is required but empty in data row {} of this batch",
+                        f.name(),
+                        row + 1
+                    )));
                 }
                 cols.push(c);
             }
