@@ -11,6 +11,6 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 (cd "$tmp" && npm pack --silent "chart.js@$VERSION" >/dev/null && tar xzf "chart.js-$VERSION.tgz")
 echo "$SHA256  $tmp/package/dist/chart.umd.min.js" | sha256sum -c -
-cp "$tmp/package/dist/chart.umd.min.js" src/dashboard/vendor/chart.umd.min.js
-cp "$tmp/package/LICENSE.md" src/dashboard/vendor/chart.js.LICENSE.md
+cp "$tmp/package/dist/chart.umd.min.js" serve/src/http/dashboard/vendor/chart.umd.min.js
+cp "$tmp/package/LICENSE.md" serve/src/http/dashboard/vendor/chart.js.LICENSE.md
 echo "vendored chart.js $VERSION"

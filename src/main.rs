@@ -1,32 +1,25 @@
-//! `storepulse`: the binary. Parses the command line, wires sources, the
-//! engine and the HTTP API together. `anyhow` lives here only.
+//! `storepulse`: the binary. Parses the command line and runs a command;
+//! `run` and `demo` go to the composition root in `app.rs`. `anyhow`
+//! lives here only.
 
+mod app;
 mod checkpoint;
 mod config;
-mod dashboard;
 mod engine_runtime;
 mod lake;
 mod metric_names;
-mod openapi;
 mod pipeline;
-mod server;
+mod runtime;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use storepulse_engine::{Engine, EngineConfig, EngineHandle};
-use storepulse_ingest::{
-    gen::ChainConfig, source::GeneratorSource, DeadLetterSink, JsonlDeadLetterSink,
-};
-use tokio::sync::watch;
+use storepulse_engine::EngineConfig;
+use storepulse_ingest::{gen::ChainConfig, source::GeneratorSource};
 
-use crate::{
-    config::{Config, SourceConfig},
-    pipeline::PipelineState,
-    server::AppState,
-};
+use crate::config::{Config, SourceConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -379,410 +372,6 @@ fn query(sql: &str, server: &str, format: OutputFormat, token: Option<&str>) -> 
     Ok(())
 }
 
-fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ])
-        .ok()?
-        .install_recorder()
-        .ok()
-}
-
-/// Everything `demo` and `run` share once the config is known.
-async fn serve(
-    cfg: Config,
-    gens_override: Vec<GeneratorSource>,
-    stop_after: Option<Duration>,
-    exit_when_done: bool,
-) -> anyhow::Result<()> {
-    let metrics = install_metrics();
-    // Counters that may stay at zero are shown from the start (a dashboard
-    // can tell "none" from "not reported").
-    for k in storepulse_ingest::StreamKind::ALL {
-        metrics::counter!(crate::metric_names::INGEST_DEAD_LETTERS_TOTAL, "stream" => k.name())
-            .increment(0);
-        metrics::counter!(crate::metric_names::ENGINE_LATE_EVENTS_TOTAL, "stream" => k.name())
-            .increment(0);
-        metrics::counter!(crate::metric_names::ENGINE_DUPLICATE_EVENTS_TOTAL, "stream" => k.name())
-            .increment(0);
-    }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
-    let mut engine_cfg: EngineConfig = cfg.engine.clone();
-    engine_cfg.data_dir = Some(cfg.data_dir.clone());
-    engine_cfg.query_memory_limit = cfg.serving.memory_limit_bytes();
-    let mut engine = Engine::new(engine_cfg)?;
-    let watched = pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;
-    if cfg.sql.builtin {
-        for (file, sql) in storepulse_sql::builtin::scripts(&cfg.retail)? {
-            engine
-                .execute_sql(&sql)
-                .await
-                .with_context(|| format!("built-in views {file}"))?;
-        }
-    }
-    for f in &cfg.sql.files {
-        let sql =
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        engine
-            .execute_sql(&sql)
-            .await
-            .with_context(|| format!("in {}", f.display()))?;
-    }
-    if cfg.sql.builtin && cfg.alerts.builtin {
-        let (file, sql) = storepulse_sql::builtin::alert_script(&cfg.retail)?;
-        engine
-            .execute_sql(&sql)
-            .await
-            .with_context(|| format!("built-in alerts {file}"))?;
-    }
-    for (i, rule) in cfg.alerts.rules.iter().enumerate() {
-        engine
-            .execute_sql(&rule.to_sql())
-            .await
-            .with_context(|| format!("alerts.rules[{i}] ({})", rule.name))?;
-    }
-    // Views created at run time (over HTTP) come back, in order.
-    if let Some(sql) = storepulse_engine::catalog::read(&cfg.data_dir)? {
-        engine.execute_sql(&sql).await.with_context(|| {
-            format!(
-                "{} (views created at run time; edit or remove the statement that fails)",
-                storepulse_engine::catalog::catalog_path(&cfg.data_dir).display()
-            )
-        })?;
-    }
-    if let Some(name) = engine.unknown_refresh_views().first() {
-        anyhow::bail!(
-            "engine.refresh: no query-time view named '{name}' (CREATE VIEW {name} ... in the loaded scripts)"
-        );
-    }
-    if let Some(name) = engine.unknown_state_ttl_views().first() {
-        anyhow::bail!(
-            "engine.state_ttl: no materialized view named '{name}' (CREATE MATERIALIZED VIEW {name} ... in the loaded scripts)"
-        );
-    }
-    let checkpoints = if cfg.checkpoint.enabled {
-        let store = storepulse_lake::CheckpointStore::open(&cfg.checkpoint, &cfg.data_dir)?;
-        let restored = checkpoint::restore(&mut engine, &store).await?;
-        Some((store, restored))
-    } else {
-        None
-    };
-    let views = engine.views().len();
-    let applied = engine.positions().clone();
-    let alert_defs = engine.alerts().to_vec();
-    let serving = engine.serving_context().clone();
-    let handle = EngineHandle::new(engine);
-    let checkpointer = checkpoints.map(|(store, restored)| {
-        Arc::new(checkpoint::Checkpointer::new(
-            store,
-            handle.clone(),
-            cfg.checkpoint.interval,
-            restored.as_ref(),
-        ))
-    });
-    // With checkpoints, Kafka commits only what a checkpoint holds.
-    let commit = checkpointer
-        .as_ref()
-        .map_or_else(|| applied.clone(), |c| c.commit_positions());
-    let alerts = if alert_defs.is_empty() {
-        None
-    } else {
-        let m = storepulse_alerts::AlertManager::new(
-            handle.clone(),
-            &alert_defs,
-            cfg.alerts.clone(),
-            &cfg.data_dir,
-        )
-        .context("alerts")?;
-        serving.register_table(
-            "alert_history",
-            Arc::new(storepulse_alerts::HistoryTable {
-                outbox: m.outbox().clone(),
-            }),
-        )?;
-        tracing::info!(
-            rules = m.rules().len(),
-            sinks = cfg.alerts.sinks.len(),
-            "alerting enabled"
-        );
-        Some(Arc::new(m))
-    };
-    let mut lake = lake::LakeParts::open(&cfg.lake, &cfg.reports, &cfg.data_dir, &handle)
-        .await
-        .context("lake")?;
-    let dlq_path = cfg.data_dir.join("dead_letters.jsonl");
-    let dead_letters: Arc<dyn DeadLetterSink> = Arc::new(JsonlDeadLetterSink::open(&dlq_path)?);
-    let mut sources = pipeline::build_sources(
-        &cfg.sources,
-        cfg.pipeline.batch_size,
-        (cfg.until_eof
-            && cfg.alerts.bounded_evaluation == storepulse_alerts::BoundedEvaluation::EventTime)
-            .then_some(cfg.pipeline.replay_max_drift),
-        cfg.until_eof,
-        applied,
-        commit,
-    )
-    .await?;
-    sources.gens.extend(gens_override);
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    if let Some(l) = &mut lake {
-        l.start(&shutdown_rx);
-    }
-    let lake = lake.map(Arc::new);
-    let state = Arc::new(PipelineState::default());
-    let app = AppState {
-        lake: lake.clone(),
-        engine: handle.clone(),
-        pipeline: state.clone(),
-        metrics,
-        kafka: sources.kafka.iter().map(|k| k.status()).collect(),
-        alerts: alerts.clone(),
-        checkpoint: checkpointer.clone(),
-    };
-    let limits = cfg.serving.limits();
-    let tls = |alpn: &[&[u8]]| {
-        cfg.tls
-            .as_ref()
-            .map(|t| storepulse_serve::tls::server_config(t, alpn))
-            .transpose()
-    };
-    let pg = match cfg.pg.listen {
-        Some(addr) => Some(
-            storepulse_serve::PgServer::bind(handle.clone(), &cfg.pg, addr, limits, tls(&[])?)
-                .await?,
-        ),
-        None => None,
-    };
-    let pg_addr = pg.as_ref().map(|p| p.local_addr()).transpose()?;
-    let listener = std::net::TcpListener::bind(cfg.http.listen)
-        .with_context(|| format!("http.listen: cannot bind {}", cfg.http.listen))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let https = if cfg.http.tls {
-        tls(&[b"h2", b"http/1.1"])?
-    } else {
-        None
-    };
-    let scheme = if https.is_some() { "https" } else { "http" };
-    // From here on SIGINT / SIGTERM stop the process gracefully.
-    let mut signals = StopSignals::new()?;
-    tracing::info!(
-        url = %format!("{scheme}://{addr}/"),
-        pg = %pg_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
-        views,
-        dead_letters = %dlq_path.display(),
-        "storepulse listening; try: curl -s {scheme}://{addr}/api/v1/query -d 'SELECT * FROM sales_by_store_hourly LIMIT 5'{}",
-        pg_addr.map(|a| format!(" or psql -h {} -p {}", a.ip(), a.port())).unwrap_or_default()
-    );
-    tokio::spawn(pipeline::watch_dimensions(watched, shutdown_rx.clone()));
-    // Applying batches and refreshing views is CPU work: it runs on its own
-    // thread so that it never stalls the runtime serving queries.
-    let engine_rt = engine_runtime::EngineRuntime::start()?;
-    engine_rt.spawn(pipeline::refresh_views(handle.clone(), shutdown_rx.clone()));
-    if cfg.sql.builtin {
-        tokio::spawn(pipeline::watch_stock_quality(
-            handle.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
-    if let Some(c) = &checkpointer {
-        engine_rt.spawn(c.clone().run(shutdown_rx.clone()));
-    }
-    let alert_task = alerts
-        .clone()
-        .map(|m| tokio::spawn(m.run(shutdown_rx.clone())));
-    let pg_task = pg.map(|p| {
-        let mut stop = shutdown_rx.clone();
-        tokio::spawn(p.run(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
-    });
-    let router = server::router(
-        app,
-        server::Auth::from_config(&cfg.http),
-        limits,
-        server::Access::from_config(&cfg.http),
-    );
-    let server_handle = axum_server::Handle::new();
-    let server = {
-        let h = server_handle.clone();
-        tokio::spawn(async move {
-            let service = router.into_make_service();
-            match https {
-                Some(tls) => {
-                    axum_server::from_tcp_rustls(
-                        listener,
-                        axum_server::tls_rustls::RustlsConfig::from_config(tls),
-                    )?
-                    .handle(h)
-                    .serve(service)
-                    .await
-                }
-                None => {
-                    axum_server::from_tcp(listener)?
-                        .handle(h)
-                        .serve(service)
-                        .await
-                }
-            }
-        })
-    };
-    {
-        let mut stop = shutdown_rx.clone();
-        let h = server_handle.clone();
-        tokio::spawn(async move {
-            let _ = stop.wait_for(|s| *s).await;
-            h.graceful_shutdown(Some(Duration::from_secs(10)));
-        });
-    }
-    let mut pipeline_task = engine_rt.spawn(pipeline::run(
-        tokio::runtime::Handle::current(),
-        handle.clone(),
-        sources,
-        dead_letters,
-        cfg.pipeline.channel_capacity,
-        shutdown_rx,
-        state.clone(),
-        lake.as_ref().and_then(|l| l.archiver.clone()),
-        alerts.clone().filter(|_| cfg.until_eof),
-    ));
-    let deadline = async {
-        match stop_after {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut pipeline_result = None;
-    tokio::select! {
-        sig = signals.recv() => tracing::info!(signal = sig, "shutting down"),
-        _ = deadline => tracing::info!("duration reached: shutting down"),
-        r = &mut pipeline_task => {
-            let r = r.context("pipeline task panicked")?;
-            let failed = r.is_err();
-            pipeline_result = Some(r);
-            if !failed {
-                // Every batch is applied: the refreshed views recompute and
-                // the rules evaluate the final views before the health
-                // shows `finished`, so that what a client then reads is
-                // final.
-                if let Err(e) = handle.refresh_all().await {
-                    metrics::counter!(crate::metric_names::ENGINE_VIEW_REFRESH_ERRORS_TOTAL).increment(1);
-                    tracing::warn!(error = %e, "refreshing a view failed");
-                }
-                if let Some(m) = &alerts {
-                    m.evaluate_all().await;
-                }
-                state.finish();
-            }
-            if failed || exit_when_done || !cfg.until_eof {
-                // fall through to shutdown
-            } else {
-                tracing::info!("input finished; still serving queries until Ctrl-C");
-                let sig = signals.recv().await;
-                tracing::info!(signal = sig, "shutting down");
-            }
-        }
-    }
-    if let (Some(m), Some(Ok(()))) = (&alerts, &pipeline_result) {
-        // Bounded run finished (and its rules evaluated the final views
-        // then): deliver what is in the outbox before stopping (the outbox
-        // keeps anything undelivered for the next start).
-        let timeout = cfg.alerts.retry_max_delay.max(Duration::from_secs(10));
-        if !m.wait_delivered(timeout).await {
-            tracing::warn!(
-                pending = m.outbox().pending().unwrap_or(0),
-                "alerts not all delivered before exit; kept in the outbox"
-            );
-        }
-    }
-    let _ = shutdown_tx.send(true);
-    if let Some(t) = alert_task {
-        let _ = t.await;
-    }
-    if pipeline_result.is_none() {
-        pipeline_result = Some(pipeline_task.await.context("pipeline task panicked")?);
-    }
-    if let Some(c) = &checkpointer {
-        // Sources are stopped and the last batch applied: the final state
-        // is what the next start resumes from.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        match c.take(Some(deadline)).await {
-            Ok(m) => {
-                tracing::info!(checkpoint = %m.id, bytes = m.bytes(), "final checkpoint written")
-            }
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "final checkpoint failed; the next start resumes from the previous one"
-            ),
-        }
-    }
-    if let Some(l) = &lake {
-        // Sources are stopped: everything the engine accepted goes to the
-        // archive before exit.
-        l.flush(Duration::from_secs(60)).await;
-    }
-    server.await.context("server task panicked")??;
-    if let Some(t) = pg_task {
-        let _ = t.await;
-    }
-    let engine = handle.lock().await;
-    for s in engine.streams() {
-        if s.accepted_events + s.duplicate_events + s.late_events > 0 {
-            tracing::info!(
-                stream = %s.stream, accepted = s.accepted_events, duplicates = s.duplicate_events,
-                late = s.late_events, "stream totals"
-            );
-        }
-    }
-    pipeline_result.unwrap_or(Ok(()))
-}
-
-/// Ctrl-C (SIGINT) and SIGTERM (what `docker stop` and Kubernetes send)
-/// start a graceful shutdown. The listeners are registered when created: a
-/// signal that arrives while nothing awaits it (say during the final alert
-/// evaluation of a bounded run) is kept for the next [`StopSignals::recv`]
-/// instead of being lost.
-struct StopSignals {
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn new() -> anyhow::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok(Self {
-                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
-                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Self {})
-    }
-
-    /// Waits for the next stop signal and names it.
-    async fn recv(&mut self) -> &'static str {
-        #[cfg(unix)]
-        {
-            tokio::select! {
-                _ = self.int.recv() => "SIGINT",
-                _ = self.term.recv() => "SIGTERM",
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
-}
-
 async fn demo(
     stores: usize,
     rate: f64,
@@ -816,7 +405,7 @@ async fn demo(
         data_dir,
         until_eof: false,
         engine: EngineConfig::default(),
-        http: config::HttpConfig {
+        http: storepulse_serve::HttpConfig {
             listen: http,
             ..Default::default()
         }
@@ -843,9 +432,9 @@ async fn demo(
         rate: Some(rate),
         tick: Duration::from_millis(200),
     };
-    serve(cfg, vec![generator], duration, true).await
+    app::serve(cfg, vec![Box::new(generator)], duration, true).await
 }
 
 async fn run(cfg: Config, exit_when_done: bool) -> anyhow::Result<()> {
-    serve(cfg, Vec::new(), None, exit_when_done).await
+    app::serve(cfg, Vec::new(), None, exit_when_done).await
 }

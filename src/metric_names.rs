@@ -26,16 +26,8 @@ pub(crate) const ENGINE_LATE_EVENTS_TOTAL: &str = "storepulse_engine_late_events
 /// `storepulse_engine_view_refresh_errors_total` (counter), recorded in `main.rs`, `pipeline.rs`.
 pub(crate) const ENGINE_VIEW_REFRESH_ERRORS_TOTAL: &str =
     "storepulse_engine_view_refresh_errors_total";
-/// `storepulse_http_auth_failures_total` (counter), recorded in `server.rs`.
-pub(crate) const HTTP_AUTH_FAILURES_TOTAL: &str = "storepulse_http_auth_failures_total";
-/// `storepulse_http_refused_total` (counter), recorded in `server.rs`.
-pub(crate) const HTTP_REFUSED_TOTAL: &str = "storepulse_http_refused_total";
 /// `storepulse_ingest_dead_letters_total` (counter), recorded in `main.rs`.
 pub(crate) const INGEST_DEAD_LETTERS_TOTAL: &str = "storepulse_ingest_dead_letters_total";
-/// `storepulse_query_duration_seconds` (histogram), recorded in `server.rs`.
-pub(crate) const QUERY_DURATION_SECONDS: &str = "storepulse_query_duration_seconds";
-/// `storepulse_query_errors_total` (counter), recorded in `server.rs`.
-pub(crate) const QUERY_ERRORS_TOTAL: &str = "storepulse_query_errors_total";
 /// `storepulse_retail_stock_anomaly_gap_units` (gauge), recorded in `pipeline.rs`.
 pub(crate) const RETAIL_STOCK_ANOMALY_GAP_UNITS: &str = "storepulse_retail_stock_anomaly_gap_units";
 /// `storepulse_retail_stock_anomaly_pairs` (gauge), recorded in `pipeline.rs`.

@@ -15,10 +15,10 @@ use anyhow::Context;
 use storepulse_engine::{DimensionData, DimensionSource, Engine, EngineHandle};
 use storepulse_ingest::{
     gen::ChainConfig,
-    source::{FileFormat, FileSource, GeneratorSource},
+    source::{FileFormat, FileSource, GeneratorSource, Source, SourceContext},
     AppliedPositions, DeadLetterSink, SourceMessage, StreamKind,
 };
-use storepulse_kafka::KafkaSource;
+use storepulse_kafka::{KafkaSource, KafkaStatus};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
@@ -60,9 +60,10 @@ impl PipelineState {
 /// The runnable sources of a config.
 #[derive(Default)]
 pub(crate) struct Sources {
-    pub(crate) files: Vec<FileSource>,
-    pub(crate) gens: Vec<GeneratorSource>,
-    pub(crate) kafka: Vec<KafkaSource>,
+    /// Every source, whatever its kind.
+    pub(crate) list: Vec<Box<dyn Source>>,
+    /// The Kafka sources' status handles (`/api/v1/health`).
+    pub(crate) kafka: Vec<KafkaStatus>,
 }
 
 /// Expands the configured sources into runnable ones. File sources resume
@@ -80,7 +81,7 @@ pub(crate) async fn build_sources(
     commit: Arc<AppliedPositions>,
 ) -> anyhow::Result<Sources> {
     let mut out = Sources::default();
-    let (files, gens) = (&mut out.files, &mut out.gens);
+    let mut files: Vec<FileSource> = Vec::new();
     for (i, s) in sources.iter().enumerate() {
         match s {
             SourceConfig::Kafka(k) => {
@@ -90,7 +91,8 @@ pub(crate) async fn build_sources(
                         .await
                         .context("Kafka connect task panicked")?
                         .with_context(|| format!("sources[{i}] (kafka)"))?;
-                out.kafka.push(src);
+                out.kafka.push(src.status());
+                out.list.push(Box::new(src));
             }
             SourceConfig::File {
                 stream,
@@ -134,7 +136,7 @@ pub(crate) async fn build_sources(
                 members,
                 seed,
                 rate,
-            } => gens.push(GeneratorSource {
+            } => out.list.push(Box::new(GeneratorSource {
                 chain: ChainConfig {
                     stores: *stores,
                     skus: *skus,
@@ -144,19 +146,21 @@ pub(crate) async fn build_sources(
                 },
                 rate: *rate,
                 tick: Duration::from_millis(200),
-            }),
+            })),
         }
     }
     // The files of a backtest advance together on event time.
-    if let Some(drift) = align.filter(|_| out.files.len() > 1) {
-        let a = storepulse_ingest::align::Alignment::new(out.files.len(), drift);
-        for (member, f) in out.files.iter_mut().enumerate() {
+    if let Some(drift) = align.filter(|_| files.len() > 1) {
+        let a = storepulse_ingest::align::Alignment::new(files.len(), drift);
+        for (member, f) in files.iter_mut().enumerate() {
             f.align = Some(storepulse_ingest::align::AlignSlot {
                 alignment: a.clone(),
                 member,
             });
         }
     }
+    out.list
+        .extend(files.into_iter().map(|f| Box::new(f) as Box<dyn Source>));
     Ok(out)
 }
 
@@ -364,30 +368,20 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(channel_capacity.max(1));
     let mut tasks = JoinSet::new();
-    let Sources { files, gens, kafka } = sources;
-    for k in kafka {
-        let (tx, sd) = (tx.clone(), shutdown.clone());
-        tasks.spawn_on(
-            async move { k.run(tx, sd).await.context("Kafka source") },
-            &io,
-        );
-    }
-    for f in files {
-        let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
-        let path = f.path.clone();
+    for source in sources.list {
+        let ctx = SourceContext {
+            tx: tx.clone(),
+            dead_letters: dead_letters.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let what = source.describe();
         tasks.spawn_on(
             async move {
-                f.run(tx, dl, sd)
+                source
+                    .run(ctx)
                     .await
-                    .with_context(|| format!("source {}", path.display()))
+                    .map_err(|e| anyhow::anyhow!(e).context(what))
             },
-            &io,
-        );
-    }
-    for g in gens {
-        let (tx, dl, sd) = (tx.clone(), dead_letters.clone(), shutdown.clone());
-        tasks.spawn_on(
-            async move { g.run(tx, dl, sd).await.context("generator source") },
             &io,
         );
     }

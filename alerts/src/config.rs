@@ -2,9 +2,10 @@
 //! the rules declared in the configuration, how bounded runs evaluate, and
 //! the event-time clock of an evaluation ([`rule_clock`]).
 
-use std::time::Duration;
+use std::{num::NonZeroUsize, time::Duration};
 
 use serde::{Deserialize, Serialize};
+use storepulse_sql::alert::{name_list, RuleOptions, Severity};
 
 use crate::sink::SinkConfig;
 
@@ -70,7 +71,9 @@ pub fn rule_clock(as_of: i64, every: Duration) -> i64 {
 }
 
 /// An alert rule in the configuration (`[[alerts.rules]]`): the same
-/// options as `CREATE ALERT ... WITH (...)`, unset ones take the defaults.
+/// options as `CREATE ALERT ... WITH (...)`, deserialised straight into
+/// their types (a bad duration or severity is an error at its TOML line);
+/// unset ones take the defaults.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
@@ -78,74 +81,81 @@ pub struct RuleConfig {
     pub name: String,
     /// The condition query (`SELECT ...`).
     pub query: String,
-    /// Key columns, comma separated.
+    /// Key columns: `"store_id, sku"` or `["store_id", "sku"]`.
     #[serde(default)]
-    pub key: Option<String>,
+    pub key: Option<Names>,
     /// Evaluation interval, e.g. `"10s"`.
-    #[serde(default)]
-    pub every: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
     /// How long the condition must hold, e.g. `"1m"`.
-    #[serde(default, rename = "for")]
-    pub for_: Option<String>,
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Option<Duration>,
     /// Flap damping, e.g. `"5m"`.
-    #[serde(default)]
-    pub keep_firing_for: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub keep_firing_for: Option<Duration>,
     /// Re-notification interval, e.g. `"6h"`.
-    #[serde(default)]
-    pub renotify: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub renotify: Option<Duration>,
     /// `info`, `warning` or `critical`.
     #[serde(default)]
-    pub severity: Option<String>,
-    /// Sink names, comma separated.
+    pub severity: Option<Severity>,
+    /// Sink names: `"ops, replenishment"` or a list.
     #[serde(default)]
-    pub sinks: Option<String>,
-    /// Group columns, comma separated (one notification per group).
+    pub sinks: Option<Names>,
+    /// Group columns (one notification per group): a string or a list.
     #[serde(default)]
-    pub group_by: Option<String>,
+    pub group_by: Option<Names>,
     /// How long a new group waits before its first notification, e.g. `"30s"`.
-    #[serde(default)]
-    pub group_wait: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub group_wait: Option<Duration>,
     /// Smallest gap between two notifications of a group, e.g. `"5m"`.
-    #[serde(default)]
-    pub group_interval: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub group_interval: Option<Duration>,
     /// Alert changes one evaluation notifies at most (default 10000).
     #[serde(default)]
-    pub max_notifications_per_evaluation: Option<u64>,
+    pub max_notifications_per_evaluation: Option<NonZeroUsize>,
+}
+
+/// Column or sink names: comma separated in one string, or a list.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Names {
+    /// `"store_id, sku"`.
+    Text(String),
+    /// `["store_id", "sku"]`.
+    List(Vec<String>),
+}
+
+impl Names {
+    /// The names, trimmed, empty ones left out.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Names::Text(t) => name_list(t),
+            Names::List(l) => l
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
 }
 
 impl RuleConfig {
-    /// The equivalent `CREATE ALERT` statement.
-    pub fn to_sql(&self) -> String {
-        let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
-        let options: Vec<String> = [
-            ("key", &self.key),
-            ("every", &self.every),
-            ("for", &self.for_),
-            ("keep_firing_for", &self.keep_firing_for),
-            ("renotify", &self.renotify),
-            ("severity", &self.severity),
-            ("sinks", &self.sinks),
-            ("group_by", &self.group_by),
-            ("group_wait", &self.group_wait),
-            ("group_interval", &self.group_interval),
-            (
-                "max_notifications_per_evaluation",
-                &self.max_notifications_per_evaluation.map(|n| n.to_string()),
-            ),
-        ]
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {}", quote(v))))
-        .collect();
-        let with = if options.is_empty() {
-            String::new()
-        } else {
-            format!("\nWITH ({})", options.join(", "))
-        };
-        format!(
-            "CREATE ALERT {} AS\n{}{with}",
-            self.name,
-            self.query.trim().trim_end_matches(';')
-        )
+    /// The rule's typed options.
+    pub fn options(&self) -> RuleOptions {
+        RuleOptions {
+            key: self.key.as_ref().map(Names::to_vec),
+            every: self.every,
+            for_: self.for_,
+            keep_firing_for: self.keep_firing_for,
+            renotify: self.renotify,
+            severity: self.severity,
+            sinks: self.sinks.as_ref().map(Names::to_vec),
+            group_by: self.group_by.as_ref().map(Names::to_vec),
+            group_wait: self.group_wait,
+            group_interval: self.group_interval,
+            max_notifications: self.max_notifications_per_evaluation.map(NonZeroUsize::get),
+        }
     }
 }
 
@@ -170,35 +180,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_rules_become_statements() {
-        let r = RuleConfig {
-            name: "hot".into(),
-            query: "SELECT store_id FROM t WHERE note = 'it''s hot';".into(),
-            key: Some("store_id".into()),
-            every: None,
-            for_: Some("5m".into()),
-            keep_firing_for: None,
-            renotify: None,
-            severity: Some("critical".into()),
-            sinks: None,
-            group_by: None,
-            group_wait: None,
-            group_interval: None,
-            max_notifications_per_evaluation: None,
-        };
-        let sql = r.to_sql();
+    fn config_rules_are_typed_when_read() {
+        let r: RuleConfig = serde_json::from_value(serde_json::json!({
+            "name": "hot",
+            "query": "SELECT store_id FROM t WHERE note = 'it''s hot';",
+            "key": "store_id",
+            "for": "5m",
+            "severity": "critical",
+            "sinks": ["ops", " replenishment "],
+        }))
+        .unwrap();
+        let o = r.options();
+        assert_eq!(o.key, Some(vec!["store_id".to_string()]));
+        assert_eq!(o.for_, Some(Duration::from_secs(300)));
+        assert_eq!(o.severity, Some(Severity::Critical));
         assert_eq!(
-            sql,
-            "CREATE ALERT hot AS\nSELECT store_id FROM t WHERE note = 'it''s hot'\nWITH (key = 'store_id', for = '5m', severity = 'critical')"
+            o.sinks,
+            Some(vec!["ops".to_string(), "replenishment".to_string()])
         );
-        let parsed = storepulse_sql::parse_script(&sql).unwrap();
-        let storepulse_sql::Statement::CreateAlert(a) = &parsed[0] else {
-            panic!("{parsed:?}");
-        };
-        assert_eq!(a.options.len(), 3);
-        assert_eq!(
-            a.query_sql,
-            "SELECT store_id FROM t WHERE note = 'it''s hot'"
-        );
+        assert_eq!(o.every, None);
+        let bad = serde_json::from_value::<RuleConfig>(serde_json::json!({
+            "name": "hot", "query": "SELECT 1", "severity": "huge",
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("huge"), "{bad}");
+        let zero = serde_json::from_value::<RuleConfig>(serde_json::json!({
+            "name": "hot", "query": "SELECT 1", "max_notifications_per_evaluation": 0,
+        }));
+        assert!(zero.is_err());
     }
 }

@@ -16,6 +16,11 @@
 //!   `batch_max` notifications, retries failures with exponential backoff
 //!   and jitter (up to `retry_max_delay` apart, forever: nothing is dropped)
 //!   and advances its cursor only after success.
+//!
+//! Size: ~780 lines, one type (`AlertManager`) whose evaluation scheduling,
+//! storm budgets and delivery loops share its private state; rows to
+//! notifications (`notify.rs`), the lifecycle (`lifecycle.rs`) and the
+//! outbox (`outbox.rs`) are already apart.
 
 use std::{
     collections::BTreeMap,
@@ -192,7 +197,7 @@ impl AlertManager {
         }
         let mut rules = Vec::with_capacity(defs.len());
         for d in defs {
-            let r = AlertRule::from_statement(&d.statement, &d.columns)?;
+            let r = AlertRule::new(&d.name, &d.query_sql, &d.options, &d.columns)?;
             for s in &r.sinks {
                 if !names.contains(s) {
                     return Err(AlertError::UnknownSink {

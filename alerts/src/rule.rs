@@ -13,23 +13,24 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
 use storepulse_sql::parse::AlertStatement;
+
+use storepulse_sql::alert::OptionError;
+pub use storepulse_sql::alert::{RuleOptions, Severity, OPTIONS};
 
 /// Why a rule is rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RuleError {
     /// An option is unknown, repeated or malformed.
-    #[error("alert '{rule}': option '{option}' at line {line}, column {column}: {message}")]
-    Option {
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    /// An option's value is out of range.
+    #[error("alert '{rule}': option '{option}': {message}")]
+    Range {
         /// Rule name.
         rule: String,
-        /// Option name as written.
-        option: String,
-        /// 1-based line.
-        line: u64,
-        /// 1-based column.
-        column: u64,
+        /// Option name.
+        option: &'static str,
         /// What is wrong.
         message: String,
     },
@@ -45,29 +46,6 @@ pub enum RuleError {
         /// The query's columns.
         columns: String,
     },
-}
-
-/// How urgent an alert is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// For information.
-    Info,
-    /// Act soon.
-    Warning,
-    /// Act now.
-    Critical,
-}
-
-impl Severity {
-    /// The name used in payloads and SQL.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Info => "info",
-            Self::Warning => "warning",
-            Self::Critical => "critical",
-        }
-    }
 }
 
 /// A validated alert rule.
@@ -115,106 +93,50 @@ pub struct AlertRule {
 /// instead of filling the outbox.
 pub const DEFAULT_MAX_NOTIFICATIONS: usize = 10_000;
 
-/// Options `CREATE ALERT ... WITH (...)` accepts.
-pub const OPTIONS: [&str; 11] = [
-    "key",
-    "every",
-    "for",
-    "keep_firing_for",
-    "renotify",
-    "severity",
-    "sinks",
-    "group_by",
-    "group_wait",
-    "group_interval",
-    "max_notifications_per_evaluation",
-];
-
-fn list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
 impl AlertRule {
     /// Validates a parsed statement against the query's output `columns`.
     pub fn from_statement(stmt: &AlertStatement, columns: &[String]) -> Result<Self, RuleError> {
-        let mut rule = AlertRule {
-            name: stmt.name.clone(),
-            sql: stmt.query_sql.clone(),
-            key: columns.to_vec(),
-            every: Duration::from_secs(10),
-            for_: Duration::ZERO,
-            keep_firing_for: Duration::from_secs(60),
-            renotify: Duration::from_secs(6 * 3600),
-            severity: Severity::Warning,
-            sinks: Vec::new(),
-            group_by: Vec::new(),
-            group_wait: Duration::from_secs(30),
-            group_interval: Duration::from_secs(300),
-            max_notifications: DEFAULT_MAX_NOTIFICATIONS,
+        let options = RuleOptions::from_sql(&stmt.name, &stmt.options)?;
+        Self::new(&stmt.name, &stmt.query_sql, &options, columns)
+    }
+
+    /// The rule `name` with condition `sql` (whose output columns are
+    /// `columns`) and `options`, the unset ones at their defaults.
+    pub fn new(
+        name: &str,
+        sql: &str,
+        options: &RuleOptions,
+        columns: &[String],
+    ) -> Result<Self, RuleError> {
+        let o = options.clone();
+        let rule = AlertRule {
+            name: name.to_string(),
+            sql: sql.to_string(),
+            key: o.key.unwrap_or_else(|| columns.to_vec()),
+            every: o.every.unwrap_or(Duration::from_secs(10)),
+            for_: o.for_.unwrap_or(Duration::ZERO),
+            keep_firing_for: o.keep_firing_for.unwrap_or(Duration::from_secs(60)),
+            renotify: o.renotify.unwrap_or(Duration::from_secs(6 * 3600)),
+            severity: o.severity.unwrap_or(Severity::Warning),
+            sinks: o.sinks.unwrap_or_default(),
+            group_by: o.group_by.unwrap_or_default(),
+            group_wait: o.group_wait.unwrap_or(Duration::from_secs(30)),
+            group_interval: o.group_interval.unwrap_or(Duration::from_secs(300)),
+            max_notifications: o.max_notifications.unwrap_or(DEFAULT_MAX_NOTIFICATIONS),
         };
-        let mut seen: Vec<&str> = Vec::new();
-        for (name, value, line, column) in &stmt.options {
-            let err = |message: String| RuleError::Option {
-                rule: stmt.name.clone(),
-                option: name.clone(),
-                line: *line,
-                column: *column,
-                message,
-            };
-            if seen.contains(&name.as_str()) {
-                return Err(err("given twice".into()));
-            }
-            seen.push(name);
-            let duration = || {
-                humantime::parse_duration(value.trim()).map_err(|e| {
-                    err(format!(
-                        "'{value}' is not a duration ({e}); e.g. '30s', '5m', '6h'"
-                    ))
-                })
-            };
-            match name.as_str() {
-                "key" => rule.key = list(value),
-                "every" => {
-                    rule.every = duration()?;
-                    if rule.every < Duration::from_millis(100) {
-                        return Err(err("must be at least 100ms".into()));
-                    }
-                }
-                "for" => rule.for_ = duration()?,
-                "keep_firing_for" => rule.keep_firing_for = duration()?,
-                "renotify" => rule.renotify = duration()?,
-                "severity" => {
-                    rule.severity = match value.trim().to_ascii_lowercase().as_str() {
-                        "info" => Severity::Info,
-                        "warning" => Severity::Warning,
-                        "critical" => Severity::Critical,
-                        _ => {
-                            return Err(err(format!(
-                                "'{value}' is not a severity (info, warning, critical)"
-                            )))
-                        }
-                    }
-                }
-                "sinks" => rule.sinks = list(value),
-                "group_by" => rule.group_by = list(value),
-                "group_wait" => rule.group_wait = duration()?,
-                "group_interval" => rule.group_interval = duration()?,
-                "max_notifications_per_evaluation" => {
-                    rule.max_notifications = match value.trim().parse::<usize>() {
-                        Ok(n) if n >= 1 => n,
-                        _ => return Err(err(format!("'{value}' is not a positive whole number"))),
-                    }
-                }
-                _ => {
-                    return Err(err(format!(
-                        "unknown option (known: {})",
-                        OPTIONS.join(", ")
-                    )))
-                }
-            }
+        if rule.every < Duration::from_millis(100) {
+            return Err(RuleError::Range {
+                rule: rule.name,
+                option: "every",
+                message: "must be at least 100ms".into(),
+            });
+        }
+        if rule.max_notifications == 0 {
+            return Err(RuleError::Range {
+                rule: rule.name,
+                option: "max_notifications_per_evaluation",
+                message: "'0' is not a positive whole number".into(),
+            });
         }
         if rule.key.is_empty() {
             return Err(RuleError::KeyColumn {

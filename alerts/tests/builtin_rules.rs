@@ -32,9 +32,8 @@ async fn rows(h: &EngineHandle, rule: &str) -> Vec<serde_json::Value> {
         .await
         .alerts()
         .iter()
-        .find(|a| a.statement.name == rule)
+        .find(|a| a.name == rule)
         .unwrap()
-        .statement
         .query_sql
         .clone();
     let (out, _) = h.query_at(&sql).await.unwrap();

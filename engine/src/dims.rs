@@ -14,6 +14,9 @@
 //! planning); the planning context, whose physical plans are built once per
 //! continuous view, reads it at execution time, so a reload is seen by the
 //! next micro-batch without re-planning.
+//!
+//! Size: ~630 lines of code and ~100 of tests; the table kinds, their
+//! validation and the two providers change together.
 
 use std::{
     collections::HashSet,

@@ -17,6 +17,9 @@
 //! aggregation, window functions over the stream, `DISTINCT`/`ORDER BY`/
 //! `LIMIT` below the aggregate, joins of two streams) is refused at creation
 //! with a message saying why.
+//!
+//! Size: ~720 lines: planning a view (one short function per check, see
+//! [`plan_view`]), the `hop` rewrite and applying a batch belong together.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -32,11 +35,11 @@ use datafusion::{
     datasource::provider_as_source,
     execution::{context::SessionState, TaskContext},
     logical_expr::{
-        physical_planning_context::PhysicalPlanningContext, Expr, GroupingSet, LogicalPlan,
-        LogicalPlanBuilder,
+        physical_planning_context::PhysicalPlanningContext, Aggregate, Expr, GroupingSet,
+        LogicalPlan, LogicalPlanBuilder,
     },
     optimizer::{simplify_expressions::SimplifyExpressions, Optimizer},
-    physical_expr::create_physical_expr,
+    physical_expr::{aggregate::AggregateFunctionExpr, create_physical_expr},
     physical_plan::{
         aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy},
         coalesce_partitions::CoalescePartitionsExec,
@@ -48,7 +51,7 @@ use futures::StreamExt;
 use storepulse_ingest::StreamKind;
 
 use crate::{
-    error::{user_err, Result},
+    error::{user_err, EngineError, Result},
     snapshot::{SnapshotCell, ViewStateTable},
     state::{GroupState, HopPanes, SessionSpec},
 };
@@ -100,10 +103,21 @@ fn node_name(p: &LogicalPlan) -> &'static str {
     }
 }
 
+/// The error of a view that cannot be maintained incrementally.
+fn cannot(name: &str, reason: &str) -> EngineError {
+    EngineError::User(format!(
+        "materialized view '{name}' cannot be maintained incrementally: {reason}"
+    ))
+}
+
 /// Plans a continuous view from its analyzed logical plan.
 ///
 /// `streams` maps table names to the stream they are; `planning` is the
 /// session whose catalog resolves streams (as slot scans) and dimensions.
+/// The plan is checked ([`the_aggregate`], [`streams_read`]), its windows
+/// recognised ([`hop_panes`], [`session_window`]), the part below the
+/// aggregate planned as a partial aggregate ([`partial_aggregate`]) and the
+/// part above it re-pointed at the kept state ([`query_plan_over_state`]).
 pub async fn plan_view(
     name: &str,
     sql: &str,
@@ -119,16 +133,46 @@ pub async fn plan_view(
         planning,
         |_, _| {},
     )?;
-    let why = |reason: &str| -> Result<ContinuousView> {
-        user_err(format!(
-            "materialized view '{name}' cannot be maintained incrementally: {reason}"
-        ))
-    };
-    let stream_of = |p: &LogicalPlan| match p {
-        LogicalPlan::TableScan(s) => streams.get(s.table_name.table()).copied(),
-        _ => None,
-    };
-    // Find the aggregate(s).
+    let agg = the_aggregate(name, &plan)?;
+    let read = streams_read(name, &plan, &agg, streams)?;
+    // Hopping windows: keep panes, not windows (see `state::HopPanes`).
+    let (input_plan, hop) = rewrite_hop(agg.input.as_ref().clone())?;
+    let hop = hop_panes(name, &agg, hop)?;
+    let session = session_window(name, &agg)?;
+    if hop.is_some() && session.is_some() {
+        return Err(cannot(
+            name,
+            "a view cannot combine hop() and session() windows",
+        ));
+    }
+    let (partial, aggr_exprs) = partial_aggregate(&agg, &input_plan, planning).await?;
+    let mut state = GroupState::try_new(&partial.schema(), agg.group_expr.len(), aggr_exprs)?;
+    if let Some(h) = hop {
+        state.set_hop(h);
+    }
+    if let Some(spec) = session {
+        state.set_session(spec, &partial.schema())?;
+    }
+    let (query_plan, state_schema) = query_plan_over_state(name, &plan, &agg, cell)?;
+    let output_schema = Arc::new(query_plan.schema().as_arrow().clone());
+    Ok(ContinuousView {
+        name: name.to_string(),
+        sql: sql.to_string(),
+        streams: read,
+        query_plan,
+        output_schema,
+        partial,
+        state,
+        state_schema,
+        version: 0,
+        evaluated: None,
+        rows_applied: 0,
+        ttl: None,
+    })
+}
+
+/// The plan's one aggregate (no GROUPING SETS, ROLLUP or CUBE).
+fn the_aggregate(name: &str, plan: &LogicalPlan) -> Result<Aggregate> {
     let mut aggregates = Vec::new();
     plan.apply(|p| {
         if let LogicalPlan::Aggregate(a) = p {
@@ -138,16 +182,18 @@ pub async fn plan_view(
     })?;
     let agg =
         match aggregates.as_slice() {
-            [] => return why(
+            [] => return Err(cannot(
+                name,
                 "it has no GROUP BY or aggregate function. A materialized view keeps per-group \
                  aggregate state; add GROUP BY, or use CREATE VIEW over a materialized view",
-            ),
+            )),
             [a] => a.clone(),
             _ => {
-                return why(
+                return Err(cannot(
+                    name,
                     "it aggregates more than once (a subquery with GROUP BY or DISTINCT inside an \
                  aggregate); only one level of aggregation can be maintained",
-                )
+                ))
             }
         };
     if agg.group_expr.iter().any(|e| {
@@ -158,9 +204,27 @@ pub async fn plan_view(
             )
         )
     }) {
-        return why("GROUPING SETS, ROLLUP and CUBE are not supported");
+        return Err(cannot(
+            name,
+            "GROUPING SETS, ROLLUP and CUBE are not supported",
+        ));
     }
-    // Below the aggregate: stateless operators over exactly one stream.
+    Ok(agg)
+}
+
+/// The streams the view reads, checked: below the aggregate only stateless
+/// operators over at least one stream (streams combined with UNION ALL,
+/// never joined with each other), above it no stream.
+fn streams_read(
+    name: &str,
+    plan: &LogicalPlan,
+    agg: &Aggregate,
+    streams: &HashMap<String, StreamKind>,
+) -> Result<Vec<StreamKind>> {
+    let stream_of = |p: &LogicalPlan| match p {
+        LogicalPlan::TableScan(s) => streams.get(s.table_name.table()).copied(),
+        _ => None,
+    };
     let mut stream_scans = Vec::new();
     let mut bad: Option<&'static str> = None;
     agg.input.apply(|p| {
@@ -182,19 +246,21 @@ pub async fn plan_view(
         Ok(TreeNodeRecursion::Continue)
     })?;
     if let Some(op) = bad {
-        return why(&format!(
-            "{op} before the aggregation would need to see all past rows"
+        return Err(cannot(
+            name,
+            &format!("{op} before the aggregation would need to see all past rows"),
         ));
     }
     if stream_scans.is_empty() {
         let names: Vec<&str> = StreamKind::ALL.iter().map(|k| k.name()).collect();
-        return why(&format!(
-            "it reads no stream; FROM must name one of: {}",
-            names.join(", ")
+        return Err(cannot(
+            name,
+            &format!(
+                "it reads no stream; FROM must name one of: {}",
+                names.join(", ")
+            ),
         ));
     }
-    // Streams may be combined with UNION ALL (each row still stands alone),
-    // never joined with each other.
     let mut joined = false;
     agg.input.apply(|p| {
         if let LogicalPlan::Join(j) = p {
@@ -213,15 +279,12 @@ pub async fn plan_view(
         Ok(TreeNodeRecursion::Continue)
     })?;
     if joined {
-        return why(
+        return Err(cannot(
+            name,
             "it joins two streams (stream-to-stream joins keep unbounded state); \
              combine streams with UNION ALL instead",
-        );
+        ));
     }
-    let mut streams = stream_scans;
-    streams.sort();
-    streams.dedup();
-    // Above the aggregate: anything, but no stream (evaluated at query time).
     let mut streams_above = 0;
     plan.apply(|p| {
         if let LogicalPlan::Aggregate(_) = p {
@@ -233,37 +296,44 @@ pub async fn plan_view(
         Ok(TreeNodeRecursion::Continue)
     })?;
     if streams_above > 0 {
-        return why(
+        return Err(cannot(
+            name,
             "it reads a stream outside the aggregation (e.g. in a subquery after GROUP BY)",
-        );
+        ));
     }
+    stream_scans.sort();
+    stream_scans.dedup();
+    Ok(stream_scans)
+}
 
-    // Hopping windows: keep panes, not windows (see `state::HopPanes`).
-    let (input_plan, hop) = rewrite_hop(agg.input.as_ref().clone())?;
-    let hop = match hop {
-        None => None,
-        Some((slide_ms, size_ms)) => {
-            let col = agg.group_expr.iter().position(|e| match e {
-                Expr::Column(c) => traces_to_hop(&agg.input, &c.name),
-                _ => false,
-            });
-            match col {
-                Some(col) if size_ms % slide_ms == 0 => Some(HopPanes {
-                    col,
-                    slide_ms,
-                    windows: size_ms / slide_ms,
-                }),
-                Some(_) => return why("hop(): size must be a multiple of slide"),
-                None => {
-                    return why("hop() must be unnested and its value grouped by: \
-                     FROM (SELECT *, unnest(hop(ts, slide, size)) AS window_start FROM stream) \
-                     ... GROUP BY ..., window_start")
-                }
-            }
-        }
+/// The pane layout of a hopping view (`hop`: the `(slide, size)` found by
+/// [`rewrite_hop`]); the hop's value must be a group column.
+fn hop_panes(name: &str, agg: &Aggregate, hop: Option<(i64, i64)>) -> Result<Option<HopPanes>> {
+    let Some((slide_ms, size_ms)) = hop else {
+        return Ok(None);
     };
+    let col = agg.group_expr.iter().position(|e| match e {
+        Expr::Column(c) => traces_to_hop(&agg.input, &c.name),
+        _ => false,
+    });
+    match col {
+        Some(col) if size_ms % slide_ms == 0 => Ok(Some(HopPanes {
+            col,
+            slide_ms,
+            windows: size_ms / slide_ms,
+        })),
+        Some(_) => Err(cannot(name, "hop(): size must be a multiple of slide")),
+        None => Err(cannot(
+            name,
+            "hop() must be unnested and its value grouped by: \
+             FROM (SELECT *, unnest(hop(ts, slide, size)) AS window_start FROM stream) \
+             ... GROUP BY ..., window_start",
+        )),
+    }
+}
 
-    // Session windows: `session(ts, gap)` in GROUP BY.
+/// The session window of `session(ts, gap)` in GROUP BY, if any.
+fn session_window(name: &str, agg: &Aggregate) -> Result<Option<SessionSpec>> {
     let mut session = None;
     for (i, e) in agg.group_expr.iter().enumerate() {
         if let Expr::ScalarFunction(f) = e {
@@ -273,18 +343,29 @@ pub async fn plan_view(
                     _ => None,
                 };
                 let Some(gap_ms) = gap else {
-                    return why("session(): the gap must be a constant interval");
+                    return Err(cannot(
+                        name,
+                        "session(): the gap must be a constant interval",
+                    ));
                 };
                 if session.is_some() {
-                    return why("a view can use only one session() window");
+                    return Err(cannot(name, "a view can use only one session() window"));
                 }
                 session = Some(SessionSpec { col: i, gap_ms });
             }
         }
     }
+    Ok(session)
+}
 
-    // Physical partial aggregate over the stateless input.
-    let mut physical_input = planning.create_physical_plan(&input_plan).await?;
+/// The physical partial aggregate over the stateless input, and its
+/// aggregate expressions (the state keeps one accumulator per expression).
+async fn partial_aggregate(
+    agg: &Aggregate,
+    input_plan: &LogicalPlan,
+    planning: &SessionState,
+) -> Result<(Arc<AggregateExec>, Vec<Arc<AggregateFunctionExpr>>)> {
+    let mut physical_input = planning.create_physical_plan(input_plan).await?;
     if physical_input.output_partitioning().partition_count() != 1 {
         physical_input = Arc::new(CoalescePartitionsExec::new(physical_input));
     }
@@ -321,19 +402,18 @@ pub async fn plan_view(
         physical_input.clone(),
         physical_input.schema(),
     )?);
-    let num_groups = agg.group_expr.len();
-    let mut state = GroupState::try_new(&partial.schema(), num_groups, aggr_exprs)?;
-    if let Some(h) = hop {
-        state.set_hop(h);
-    }
-    if let Some(spec) = session {
-        if hop.is_some() {
-            return why("a view cannot combine hop() and session() windows");
-        }
-        state.set_session(spec, &partial.schema())?;
-    }
+    Ok((partial, aggr_exprs))
+}
 
-    // The aggregate's output, as an internal table c0..cN.
+/// The view's query-time plan: the aggregate replaced by a scan of the
+/// evaluated state (an internal table `c0..cN`, re-aliased to the
+/// aggregate's qualified names); also the state table's schema.
+fn query_plan_over_state(
+    name: &str,
+    plan: &LogicalPlan,
+    agg: &Aggregate,
+    cell: SnapshotCell,
+) -> Result<(LogicalPlan, SchemaRef)> {
     let state_schema: SchemaRef = Arc::new(Schema::new(
         agg.schema
             .fields()
@@ -365,26 +445,13 @@ pub async fn plan_view(
             .project(aliases)?
             .build()?;
     let query_plan = plan
+        .clone()
         .transform_up(|p| match p {
             LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
             other => Ok(Transformed::no(other)),
         })?
         .data;
-    let output_schema = Arc::new(query_plan.schema().as_arrow().clone());
-    Ok(ContinuousView {
-        name: name.to_string(),
-        sql: sql.to_string(),
-        streams,
-        query_plan,
-        output_schema,
-        partial,
-        state,
-        state_schema,
-        version: 0,
-        evaluated: None,
-        rows_applied: 0,
-        ttl: None,
-    })
+    Ok((query_plan, state_schema))
 }
 
 /// Replaces every `hop(ts, slide, size)` in projections by

@@ -10,6 +10,8 @@
 //! express (`stock_movements.kind` is one of [`MOVEMENT_KINDS`], a receipt
 //! has at least one line, money fits `Decimal(18, 6)` exactly) and receipts
 //! are flattened to one row per line.
+//!
+//! Size: ~570 lines of code and ~170 of tests.
 
 use std::sync::Arc;
 

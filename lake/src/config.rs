@@ -8,7 +8,10 @@ use std::{collections::BTreeSet, time::Duration};
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::error::{LakeError, Result};
+use crate::{
+    error::{LakeError, Result},
+    schedule::Schedule,
+};
 
 /// `[lake]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +270,14 @@ impl ReportFormat {
     }
 }
 
+impl ReportConfig {
+    /// The report's schedule (`schedule` or `every`, in `timezone`); the
+    /// error names the key.
+    pub fn schedule(&self) -> std::result::Result<Schedule, String> {
+        Schedule::parse(self.schedule.as_deref(), self.every, &self.timezone)
+    }
+}
+
 impl LakeConfig {
     /// Checks what can be checked without the store.
     pub fn validate(&self) -> Result<()> {
@@ -303,9 +314,10 @@ impl LakeConfig {
 }
 
 /// Checks `[[reports]]` without the engine: unique names, one schedule,
-/// parsable cron, known time zone.
-pub fn validate_reports(reports: &[ReportConfig]) -> Result<()> {
+/// parsable cron, known time zone. Returns each report's schedule.
+pub fn validate_reports(reports: &[ReportConfig]) -> Result<Vec<Schedule>> {
     let mut names = BTreeSet::new();
+    let mut schedules = Vec::with_capacity(reports.len());
     for (i, r) in reports.iter().enumerate() {
         let at = format!("reports[{i}] ({})", r.name);
         if r.name.is_empty()
@@ -323,7 +335,10 @@ pub fn validate_reports(reports: &[ReportConfig]) -> Result<()> {
                 "{at}.name: duplicate report name"
             )));
         }
-        crate::report::Schedule::parse(r).map_err(|m| LakeError::Config(format!("{at}.{m}")))?;
+        schedules.push(
+            r.schedule()
+                .map_err(|m| LakeError::Config(format!("{at}.{m}")))?,
+        );
     }
-    Ok(())
+    Ok(schedules)
 }

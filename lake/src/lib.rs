@@ -23,6 +23,7 @@ pub mod error;
 pub mod metric_names;
 pub mod report;
 pub mod retention;
+pub mod schedule;
 pub mod snapshot;
 pub mod status;
 pub mod store;
@@ -34,7 +35,8 @@ pub use config::{
     ArchiveConfig, LakeConfig, ReportConfig, ReportFormat, RetentionRule, S3Config, SnapshotConfig,
 };
 pub use error::{LakeError, Result};
-pub use report::{ReportOutput, Reporter, Schedule};
+pub use report::{ReportOutput, Reporter};
+pub use schedule::Schedule;
 pub use snapshot::{SnapshotManifest, Snapshotter};
 pub use status::LakeStatus;
 pub use store::Lake;

@@ -7,7 +7,6 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
-use croner::Cron;
 use datafusion::{
     arrow::{
         array::{Array, AsArray, RecordBatch},
@@ -30,64 +29,12 @@ use tokio::sync::watch;
 use crate::{
     config::{ReportConfig, ReportFormat},
     error::{LakeError, Result},
+    schedule::Schedule,
     store::Lake,
 };
 
 /// XLSX's row limit (1,048,576 including the header row).
 const XLSX_MAX_ROWS: usize = 1_048_575;
-
-/// When a report runs.
-#[derive(Debug, Clone)]
-pub enum Schedule {
-    /// A cron pattern in a time zone.
-    Cron(Box<Cron>, Tz),
-    /// A fixed interval from start.
-    Every(Duration, Tz),
-}
-
-impl Schedule {
-    /// Parses a report's `schedule` / `every` / `timezone`; the error names
-    /// the key.
-    pub fn parse(r: &ReportConfig) -> std::result::Result<Self, String> {
-        let tz: Tz = r.timezone.parse().map_err(|_| {
-            format!(
-                "timezone: unknown time zone '{}' (IANA names, e.g. Europe/Berlin)",
-                r.timezone
-            )
-        })?;
-        match (&r.schedule, r.every) {
-            (Some(s), None) => {
-                let cron: Cron = s.parse().map_err(|e| format!("schedule: '{s}': {e}"))?;
-                Ok(Self::Cron(Box::new(cron), tz))
-            }
-            (None, Some(d)) if !d.is_zero() => Ok(Self::Every(d, tz)),
-            (None, Some(_)) => Err("every: must be positive".into()),
-            (Some(_), Some(_)) => Err("schedule: give either schedule or every, not both".into()),
-            (None, None) => Err(
-                "schedule: missing (a cron pattern such as \"0 6 * * *\", or every = \"15m\")"
-                    .into(),
-            ),
-        }
-    }
-
-    /// The time zone of the schedule and file names.
-    pub fn tz(&self) -> Tz {
-        match self {
-            Self::Cron(_, tz) | Self::Every(_, tz) => *tz,
-        }
-    }
-
-    /// The first run strictly after `t`.
-    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        match self {
-            Self::Cron(c, tz) => c
-                .find_next_occurrence(&t.with_timezone(tz), false)
-                .ok()
-                .map(|d| d.with_timezone(&Utc)),
-            Self::Every(d, _) => chrono::Duration::from_std(*d).ok().map(|d| t + d),
-        }
-    }
-}
 
 /// What one run wrote.
 #[derive(Debug, Clone, Serialize)]
@@ -126,9 +73,9 @@ impl Reporter {
     /// Checks every report (schedule, time zone, and that its SQL plans as
     /// a read-only query against the loaded catalog).
     pub async fn new(lake: Lake, handle: EngineHandle, reports: &[ReportConfig]) -> Result<Self> {
-        crate::config::validate_reports(reports)?;
+        let schedules = crate::config::validate_reports(reports)?;
         let mut out = BTreeMap::new();
-        for (i, r) in reports.iter().enumerate() {
+        for ((i, r), schedule) in reports.iter().enumerate().zip(schedules) {
             let at = |m: String| LakeError::Config(format!("reports[{i}] ({}).sql: {m}", r.name));
             let plan = handle
                 .serving_context()
@@ -145,7 +92,6 @@ impl Reporter {
             ) {
                 return Err(at("must be a query (SELECT ...)".into()));
             }
-            let schedule = Schedule::parse(r).expect("validated");
             out.insert(
                 r.name.clone(),
                 Report {
@@ -423,7 +369,9 @@ mod tests {
 
     #[test]
     fn daily_at_six_in_a_time_zone() {
-        let s = Schedule::parse(&cfg(Some("0 6 * * *"), None, "Europe/Berlin")).unwrap();
+        let s = cfg(Some("0 6 * * *"), None, "Europe/Berlin")
+            .schedule()
+            .unwrap();
         // 2026-11-22 07:00 UTC = 08:00 in Berlin: next 06:00 Berlin is the
         // 23rd at 05:00 UTC (CET = UTC+1).
         let t = DateTime::parse_from_rfc3339("2026-11-22T07:00:00Z")
@@ -445,16 +393,18 @@ mod tests {
 
     #[test]
     fn bad_schedules_name_the_key() {
-        let e = Schedule::parse(&cfg(Some("61 * * * *"), None, "UTC")).unwrap_err();
+        let e = cfg(Some("61 * * * *"), None, "UTC").schedule().unwrap_err();
         assert!(e.starts_with("schedule: '61 * * * *'"), "{e}");
-        let e = Schedule::parse(&cfg(None, Some(60), "Mars/Base")).unwrap_err();
+        let e = cfg(None, Some(60), "Mars/Base").schedule().unwrap_err();
         assert!(
             e.starts_with("timezone: unknown time zone 'Mars/Base'"),
             "{e}"
         );
-        let e = Schedule::parse(&cfg(Some("0 6 * * *"), Some(60), "UTC")).unwrap_err();
+        let e = cfg(Some("0 6 * * *"), Some(60), "UTC")
+            .schedule()
+            .unwrap_err();
         assert!(e.contains("not both"), "{e}");
-        let e = Schedule::parse(&cfg(None, None, "UTC")).unwrap_err();
+        let e = cfg(None, None, "UTC").schedule().unwrap_err();
         assert!(e.starts_with("schedule: missing"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
-//! `[serving]`, `[pg]` and `[tls]` of `storepulse.toml`.
+//! `[serving]`, `[http]`, `[pg]` and `[tls]` of `storepulse.toml`.
 //!
 //! ```toml
 //! [serving]
@@ -169,6 +169,67 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Bearer token of analysts: read-only queries and every GET.
+    /// `STOREPULSE_HTTP_TOKEN` overrides it. With no token at all, requests
+    /// need none (allowed on loopback only).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Bearer token of operators: also `CREATE [MATERIALIZED] VIEW`,
+    /// `DROP VIEW`, `CREATE ALERT`, snapshots and reports on demand.
+    /// `STOREPULSE_ADMIN_TOKEN` overrides it.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Serve HTTPS with `[tls]`.
+    #[serde(default)]
+    pub tls: bool,
+    /// Host names the server answers to (the `Host` header, without port;
+    /// `"*"`: any). Default: on a loopback `listen`, `localhost`,
+    /// `127.0.0.1` and `::1` only (so a web page cannot reach it through a
+    /// rebound DNS name); beyond loopback, any (tokens are required there).
+    #[serde(default)]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Origins of web pages allowed to call the API (CORS), e.g.
+    /// `["https://bi.example.com"]`. Default: none (same origin only).
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            token: None,
+            admin_token: None,
+            tls: false,
+            allowed_hosts: None,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Applies `STOREPULSE_HTTP_TOKEN` and `STOREPULSE_ADMIN_TOKEN`.
+    pub fn with_env(mut self) -> Self {
+        for (var, slot) in [
+            ("STOREPULSE_HTTP_TOKEN", &mut self.token),
+            ("STOREPULSE_ADMIN_TOKEN", &mut self.admin_token),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                if !v.is_empty() {
+                    *slot = Some(v);
+                }
+            }
+        }
+        self
+    }
 }
 
 /// Refuses a listener beyond loopback without credentials: `what` names

@@ -8,16 +8,23 @@
 //!   bounded by [`config::ServingConfig`]'s timeout, row limit and memory
 //!   pool. SCRAM-SHA-256 password authentication and TLS are optional
 //!   on loopback and required beyond it (see [`config::check_exposure`]).
+//! * [`http`]: the HTTP API (axum): queries in JSON, CSV, Arrow IPC and
+//!   Parquet through the same engine call and limits, view listing, the
+//!   runtime's endpoints (health, alerts, lake actions, metrics, through
+//!   [`http::Operations`], which the binary implements), the OpenAPI
+//!   document and the embedded dashboard.
 //! * [`tls`]: rustls server configuration from PEM files, shared by the
 //!   pgwire listener and the HTTP API.
-//! * [`config`]: `[serving]`, `[pg]` and `[tls]` of `storepulse.toml`.
+//! * [`config`]: `[serving]`, `[http]`, `[pg]` and `[tls]` of
+//!   `storepulse.toml`.
 
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod metric_names;
 pub mod pg;
 pub mod tls;
 
-pub use config::{PgConfig, ServingConfig, TlsConfig};
+pub use config::{HttpConfig, PgConfig, ServingConfig, TlsConfig};
 pub use error::ServeError;
 pub use pg::PgServer;

@@ -7,6 +7,9 @@ use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 use crate::{ServeError, TlsConfig};
 
+/// The rustls server configuration this module builds.
+pub use rustls::ServerConfig;
+
 /// Loads the certificate chain and key into a rustls server config
 /// advertising `alpn` (e.g. `h2`, `http/1.1` for HTTPS; none for pgwire).
 pub fn server_config(

@@ -27,7 +27,7 @@ use datafusion::{
         function::{AccumulatorArgs, StateFieldsArgs},
         Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature,
     },
-    physical_expr::{aggregate::AggregateFunctionExpr, expressions::Literal},
+    physical_expr::expressions::Literal,
 };
 
 /// One aggregate function's behaviour, state and output.
@@ -133,35 +133,9 @@ pub trait ReadableGroups: GroupsAccumulator {
     fn evaluate_groups(&self, groups: &[usize]) -> Result<ArrayRef>;
 }
 
-/// The readable accumulator of `expr` if it is one of storepulse's kernel
-/// aggregates or a `count(DISTINCT x)` (`None` for DataFusion's other
-/// aggregates).
-pub fn readable_groups_accumulator(
-    expr: &AggregateFunctionExpr,
-) -> Option<Result<Box<dyn ReadableGroups>>> {
-    use crate::{ledger::LedgerFactory, velocity::*};
-    let schema = datafusion::arrow::datatypes::Schema::empty();
-    let exprs = expr.expressions();
-    let args = AccumulatorArgs {
-        return_field: expr.field(),
-        schema: &schema,
-        expr_fields: &[],
-        ignore_nulls: expr.ignore_nulls(),
-        order_bys: &[],
-        is_reversed: expr.is_reversed(),
-        name: expr.name(),
-        is_distinct: expr.is_distinct(),
-        exprs: &exprs,
-    };
-    let udaf = expr.fun().inner().as_ref();
-    readable::<LedgerFactory>(udaf, &args)
-        .or_else(|| readable::<DecayedSumFactory>(udaf, &args))
-        .or_else(|| readable::<HourlyUnitsFactory>(udaf, &args))
-        .or_else(|| readable::<DistinctDaysFactory>(udaf, &args))
-        .or_else(|| crate::distinct::for_expr(expr))
-}
-
-fn readable<F: KernelFactory>(
+/// The readable accumulator of kernel aggregate `F` if `udaf` is one
+/// (see [`crate::kernels`], which tries every registered kernel).
+pub(crate) fn readable<F: KernelFactory>(
     udaf: &dyn AggregateUDFImpl,
     args: &AccumulatorArgs,
 ) -> Option<Result<Box<dyn ReadableGroups>>> {

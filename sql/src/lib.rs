@@ -4,13 +4,17 @@
 //!   statements storepulse adds or treats specially
 //!   (`CREATE MATERIALIZED VIEW`, `CREATE VIEW`), with errors that point at
 //!   the line and column.
+//! * [`alert`] — the typed options of an alert rule, from `CREATE ALERT
+//!   ... WITH (...)` or from the config file.
 //! * [`guard`] — limits on clients' SQL (size, statements, expression
 //!   depth), checked while parsing, before anything plans it.
 //! * [`udf`] — window functions usable in `GROUP BY`: `tumble` and `hop`
 //!   (`date_bin` is a tumbling window too), `session`.
 //! * [`ledger`], [`velocity`] — the order-independent aggregates the retail
 //!   views are built from (`stock_ledger`, `stock_days`, `decayed_sum`,
-//!   `hourly_units`), on the small kernel framework in `agg`.
+//!   `hourly_units`), on the small kernel framework in `agg`; `kernels`
+//!   is their one registry (registered as UDAFs, read in place by the
+//!   engine).
 //! * `distinct` — `count(DISTINCT x)` for every group of a view in one
 //!   hash table (DataFusion keeps a hash set per group for strings).
 //! * [`retail`] — scalar functions of the retail views (demand model,
@@ -21,9 +25,11 @@
 //!   their parameters.
 
 mod agg;
+pub mod alert;
 pub mod builtin;
 mod distinct;
 pub mod guard;
+mod kernels;
 pub mod ledger;
 pub mod parse;
 pub mod rank;
@@ -31,24 +37,13 @@ pub mod retail;
 pub mod udf;
 pub mod velocity;
 
-use datafusion::{logical_expr::AggregateUDF, prelude::SessionContext};
+use datafusion::prelude::SessionContext;
 
-pub use agg::{readable_groups_accumulator, ReadableGroups};
+pub use agg::ReadableGroups;
 pub use builtin::RetailParams;
 pub use guard::SqlLimits;
+pub use kernels::{aggregate_functions, readable_groups_accumulator};
 pub use parse::{parse_script, parse_script_with, SqlError, Statement};
-
-/// storepulse's aggregate functions.
-pub fn aggregate_functions() -> Vec<AggregateUDF> {
-    use agg::KernelUdaf;
-    vec![
-        AggregateUDF::from(KernelUdaf(ledger::LedgerFactory::new(false))),
-        AggregateUDF::from(KernelUdaf(ledger::LedgerFactory::new(true))),
-        AggregateUDF::from(KernelUdaf(velocity::DecayedSumFactory::new())),
-        AggregateUDF::from(KernelUdaf(velocity::HourlyUnitsFactory::new())),
-        AggregateUDF::from(KernelUdaf(velocity::DistinctDaysFactory::new())),
-    ]
-}
 
 /// Registers every storepulse function in `ctx`; `watermark_floor()` is
 /// registered returning `NULL` (an engine registers its own over it).

@@ -25,6 +25,11 @@
 //!    is assigned; a partition that reaches it is flushed, paused and
 //!    reported as finished; the source ends when every assigned partition
 //!    has.
+//!
+//! Size: ~1,100 lines, most of them the poll loop's one type (`PollLoop`:
+//! buffers, dead letters, backpressure, alignment, offsets), whose state
+//! librdkafka's callbacks and the loop share; the rebalance and statistics
+//! callbacks are in `context.rs`.
 
 use std::{
     collections::VecDeque,
@@ -235,6 +240,29 @@ impl KafkaSource {
         })
         .await
         .map_err(|e| KafkaSourceError::Config(format!("Kafka source task failed: {e}")))?
+    }
+}
+
+impl storepulse_ingest::source::Source for KafkaSource {
+    fn describe(&self) -> String {
+        format!(
+            "Kafka source {} (group {})",
+            self.cfg.brokers, self.cfg.group_id
+        )
+    }
+
+    /// Dead letters go to the source's own dead-letter topic, not to
+    /// `ctx.dead_letters`.
+    fn run(
+        self: Box<Self>,
+        ctx: storepulse_ingest::source::SourceContext,
+    ) -> futures::future::BoxFuture<'static, Result<(), storepulse_ingest::source::SourceError>>
+    {
+        Box::pin(async move {
+            KafkaSource::run(*self, ctx.tx, ctx.shutdown)
+                .await
+                .map_err(storepulse_ingest::source::SourceError::from)
+        })
     }
 }
 
@@ -844,29 +872,54 @@ impl PollLoop {
         }
         let generation = self.src.shared.generation.load(Ordering::SeqCst);
         if generation != self.aligned_generation {
-            // A new assignment: resume every assigned partition that has
-            // not finished (librdkafka may keep a partition's pause across a
-            // revoke and re-assign, and the revoked buffers that knew are
-            // gone), so that nothing stays paused that no one will resume.
-            let mut tpl = TopicPartitionList::new();
-            for key in self.src.shared.assigned() {
-                if !self.bufs.iter().any(|b| b.key == key && b.eof) {
-                    tpl.add_partition(&key.0, key.1);
-                }
-            }
-            for b in &mut self.bufs {
-                b.aligned_pause = false;
-            }
-            if tpl.count() > 0 {
-                if let Err(e) = self.src.consumer.resume(&tpl) {
-                    tracing::warn!(error = %e, "cannot resume Kafka partitions after a rebalance");
-                }
-            }
+            self.resume_after_rebalance();
             self.aligned_generation = generation;
             self.assigned_at = now;
         }
-        // The slowest event time among partitions with messages to read;
-        // one with messages but no event time yet holds every other.
+        let slowest = self.slowest_reading(now);
+        let drift_ms = drift.as_millis().min(i64::MAX as u128) as i64;
+        let (pause, resume) = self.alignment_changes(slowest, drift_ms);
+        if pause.count() == 0 && resume.count() == 0 {
+            return;
+        }
+        self.apply_alignment(&pause, &resume, now);
+        let held = self.bufs.iter().filter(|b| b.aligned_pause).count();
+        metrics::gauge!(crate::metric_names::KAFKA_ALIGNED_PAUSED_PARTITIONS).set(held as f64);
+        tracing::debug!(
+            held,
+            slowest_ms = slowest,
+            paused = pause.count(),
+            resumed = resume.count(),
+            "watermark alignment"
+        );
+    }
+
+    /// After a new assignment: resumes every assigned partition that has
+    /// not finished.
+    fn resume_after_rebalance(&mut self) {
+        // A new assignment: resume every assigned partition that has
+        // not finished (librdkafka may keep a partition's pause across a
+        // revoke and re-assign, and the revoked buffers that knew are
+        // gone), so that nothing stays paused that no one will resume.
+        let mut tpl = TopicPartitionList::new();
+        for key in self.src.shared.assigned() {
+            if !self.bufs.iter().any(|b| b.key == key && b.eof) {
+                tpl.add_partition(&key.0, key.1);
+            }
+        }
+        for b in &mut self.bufs {
+            b.aligned_pause = false;
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.src.consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "cannot resume Kafka partitions after a rebalance");
+            }
+        }
+    }
+
+    /// The slowest event time among partitions with messages to read; one
+    /// with messages but no event time yet holds every other (`i64::MIN`).
+    fn slowest_reading(&self, now: Instant) -> Option<i64> {
         let mut slowest: Option<i64> = None;
         {
             let lag = crate::context::lock(&self.src.shared.partition_lag);
@@ -899,7 +952,16 @@ impl PollLoop {
                 }
             }
         }
-        let drift_ms = drift.as_millis().min(i64::MAX as u128) as i64;
+        slowest
+    }
+
+    /// The partitions to pause (more than the drift ahead of `slowest`)
+    /// and to resume (back within half the drift: hysteresis).
+    fn alignment_changes(
+        &mut self,
+        slowest: Option<i64>,
+        drift_ms: i64,
+    ) -> (TopicPartitionList, TopicPartitionList) {
         let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
         for b in &mut self.bufs {
             if b.eof {
@@ -925,10 +987,17 @@ impl PollLoop {
                 list.add_partition(&b.key.0, b.key.1);
             }
         }
-        if pause.count() == 0 && resume.count() == 0 {
-            return;
-        }
-        for (list, paused) in [(&pause, true), (&resume, false)] {
+        (pause, resume)
+    }
+
+    /// Pauses and resumes the chosen partitions and records which are held.
+    fn apply_alignment(
+        &mut self,
+        pause: &TopicPartitionList,
+        resume: &TopicPartitionList,
+        now: Instant,
+    ) {
+        for (list, paused) in [(pause, true), (resume, false)] {
             if list.count() == 0 {
                 continue;
             }
@@ -955,15 +1024,6 @@ impl PollLoop {
                 }
             }
         }
-        let held = self.bufs.iter().filter(|b| b.aligned_pause).count();
-        metrics::gauge!(crate::metric_names::KAFKA_ALIGNED_PAUSED_PARTITIONS).set(held as f64);
-        tracing::debug!(
-            held,
-            slowest_ms = slowest,
-            paused = pause.count(),
-            resumed = resume.count(),
-            "watermark alignment"
-        );
     }
 
     /// Forgets buffers and unsent batches of revoked partitions: they were

@@ -5,9 +5,20 @@
 //! query locks the engine only long enough to take a [`Snapshot`] (views
 //! that changed since the last one are evaluated), then runs in DataFusion
 //! without holding the lock.
+//!
+//! This file holds the engine's state and the write path (`apply`, `tick`,
+//! state limits and TTL); by concern: `ddl` (definitions), `snapshots`
+//! (evaluation and consistent reads), `restore` (checkpoints).
+
+mod ddl;
+mod restore;
+mod snapshots;
+
+pub(crate) use ddl::is_view_ddl;
+use ddl::normalize_sql;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::Instant,
 };
@@ -15,21 +26,17 @@ use std::{
 use datafusion::{
     arrow::{array::RecordBatch, datatypes::SchemaRef},
     catalog::{streaming::StreamingTable, TableProvider},
-    datasource::view::ViewTable,
     execution::{
         cache::cache_manager::CacheManagerConfig,
-        context::SessionState,
         disk_manager::{DiskManagerBuilder, DiskManagerMode},
         memory_pool::{GreedyMemoryPool, TrackConsumersPool},
         runtime_env::RuntimeEnvBuilder,
     },
-    logical_expr::LogicalPlan,
     prelude::{SessionConfig, SessionContext},
-    sql::{parser::Statement as DFStatement, sqlparser::ast::Statement as SqlStatement},
 };
 use serde::Serialize;
 use storepulse_ingest::{AppliedPositions, SourceMessage, StreamKind};
-use storepulse_sql::{parse_script, retail::FloorCell, Statement};
+use storepulse_sql::retail::FloorCell;
 
 use crate::{
     config::EngineConfig,
@@ -37,11 +44,8 @@ use crate::{
     error::{user_err, EngineError, Result},
     gate::StreamGate,
     late::LateEvents,
-    query::{self, QueryLimits, QueryOutput},
     refresh::RefreshedView,
-    snapshot::{
-        BatchSlot, ClockTable, LateEventsTable, SlotPartition, Snapshot, SnapshotCell, StreamStub,
-    },
+    snapshot::{BatchSlot, ClockTable, LateEventsTable, SlotPartition, SnapshotCell, StreamStub},
     view::{plan_view, ContinuousView},
     watermark::Watermark,
 };
@@ -122,11 +126,17 @@ pub struct Engine {
     pub(crate) refreshed: Vec<Arc<RefreshedView>>,
 }
 
-/// An alert rule created with `CREATE ALERT` (checked against the catalog).
+/// An alert rule, created with `CREATE ALERT` or from the config file
+/// ([`Engine::define_alert`]); its condition is planned against the
+/// catalog when defined.
 #[derive(Debug, Clone)]
 pub struct AlertDefinition {
-    /// The statement as written (name, query, options, line).
-    pub statement: storepulse_sql::parse::AlertStatement,
+    /// Rule name (unique: a new definition replaces the old).
+    pub name: String,
+    /// The condition query's text.
+    pub query_sql: String,
+    /// Its options, typed once.
+    pub options: storepulse_sql::alert::RuleOptions,
     /// The condition's output columns.
     pub columns: Vec<String>,
 }
@@ -289,115 +299,6 @@ impl Engine {
         self.dimensions.get(name).cloned()
     }
 
-    /// Runs a SQL script: `CREATE MATERIALIZED VIEW`, `CREATE VIEW`, queries.
-    /// Returns the output of every statement.
-    pub async fn execute_sql(&mut self, sql: &str) -> Result<Vec<QueryOutput>> {
-        let mut out = Vec::new();
-        for stmt in parse_script(sql)? {
-            out.push(self.execute_statement(stmt).await?);
-        }
-        Ok(out)
-    }
-
-    pub(crate) async fn execute_statement(&mut self, stmt: Statement) -> Result<QueryOutput> {
-        match stmt {
-            Statement::CreateMaterializedView {
-                name,
-                query,
-                or_replace,
-                if_not_exists,
-                sql,
-            } => {
-                let exists = self.views.iter().position(|v| v.name == name);
-                if exists.is_some() && if_not_exists {
-                    return Ok(empty_output());
-                }
-                if exists.is_some() && !or_replace {
-                    return user_err(format!("materialized view '{name}' already exists"));
-                }
-                if exists.is_none() && self.serving.table_exist(name.as_str())? {
-                    return user_err(format!("a table or view named '{name}' already exists"));
-                }
-                let state = self.planning.state();
-                let plan = state
-                    .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(query))))
-                    .await?;
-                let plan = analyze(&state, plan)?;
-                let view = plan_view(
-                    &name,
-                    &sql,
-                    plan,
-                    &state,
-                    &self.stream_tables,
-                    self.cell.clone(),
-                )
-                .await?;
-                let table = ViewTable::new(view.query_plan.clone(), Some(sql.clone()));
-                if let Some(i) = exists {
-                    self.serving.deregister_table(name.as_str())?;
-                    self.views.remove(i);
-                }
-                self.serving
-                    .register_table(name.as_str(), Arc::new(table))?;
-                let mut view = view;
-                if let Some(ttl) = self.cfg.state_ttl.get(&name) {
-                    if let Err(e) = view.set_state_ttl(**ttl) {
-                        return user_err(e);
-                    }
-                }
-                tracing::info!(view = %name, streams = ?view.streams, "materialized view created");
-                self.views.push(view);
-                self.snapshot_epoch = None;
-                Ok(empty_output())
-            }
-            Statement::CreateAlert(alert) => {
-                // Plan the condition now so an unknown table or column is an
-                // error at creation, not at the first evaluation.
-                let plan = self
-                    .serving
-                    .state()
-                    .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(
-                        alert.query.clone(),
-                    ))))
-                    .await
-                    .map_err(|e| {
-                        crate::EngineError::User(format!(
-                            "alert '{}' (line {}): {e}",
-                            alert.name, alert.line
-                        ))
-                    })?;
-                let columns = plan
-                    .schema()
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().clone())
-                    .collect();
-                self.alerts.retain(|a| a.statement.name != alert.name);
-                tracing::info!(alert = %alert.name, "alert rule created");
-                self.alerts.push(AlertDefinition {
-                    statement: alert,
-                    columns,
-                });
-                Ok(empty_output())
-            }
-            Statement::DataFusion { statement, .. } => {
-                if is_view_ddl(&statement) {
-                    let created = created_view_name(&statement);
-                    let plan = self.serving.state().statement_to_plan(*statement).await?;
-                    let df = self.serving.execute_logical_plan(plan).await?;
-                    let schema = Arc::new(df.schema().as_arrow().clone());
-                    let batches = df.collect().await?;
-                    if let Some(name) = created {
-                        self.wrap_refreshed(&name).await?;
-                    }
-                    return Ok(QueryOutput::new(schema, batches));
-                }
-                let snap = self.snapshot()?;
-                run_query(&self.serving, *statement, snap).await
-            }
-        }
-    }
-
     /// Applies one message from a source. `now_ms` is the wall clock, used
     /// for idle detection.
     pub async fn apply(&mut self, msg: SourceMessage, now_ms: i64) -> Result<IngestReport> {
@@ -483,143 +384,6 @@ impl Engine {
                 })
             }
         }
-    }
-
-    /// A consistent image of the engine's state (views, de-duplication,
-    /// watermarks, late rows, source positions) at the current epoch,
-    /// taken between micro-batches (see [`crate::checkpoint`]).
-    pub fn checkpoint(&mut self) -> Result<crate::checkpoint::EngineCheckpoint> {
-        use crate::checkpoint::{
-            dedup_batch, CheckpointMeta, StreamMeta, ViewMeta, FORMAT_VERSION,
-        };
-        let mut views = Vec::with_capacity(self.views.len());
-        let mut view_meta = Vec::with_capacity(self.views.len());
-        for v in self.views.iter_mut() {
-            let mut state = v.export()?;
-            let ttl = match v.ttl_checkpoint() {
-                Some((touched, meta)) => {
-                    state = crate::checkpoint::with_ttl_column(state, touched)?;
-                    Some(meta)
-                }
-                None => None,
-            };
-            view_meta.push(ViewMeta {
-                name: v.name.clone(),
-                sql: v.sql.clone(),
-                rows_applied: v.rows_applied,
-                groups: state.num_rows() as u64,
-                ttl,
-            });
-            views.push((v.name.clone(), state));
-        }
-        let mut streams = Vec::with_capacity(self.gates.len());
-        let mut dedup = Vec::with_capacity(self.gates.len());
-        for (kind, g) in &self.gates {
-            let (wm, parts) = g.watermark.export();
-            let (hi, lo, ts) = g.dedup.export();
-            dedup.push((kind.name().to_string(), dedup_batch(hi, lo, ts)?));
-            streams.push(StreamMeta {
-                stream: kind.name().to_string(),
-                watermark: match wm {
-                    Watermark::At(t) => Some(t),
-                    Watermark::Final => g.watermark.max_ts(),
-                    Watermark::None => None,
-                },
-                watermark_final: wm == Watermark::Final,
-                partitions: parts.into_iter().map(|(k, t)| (k.to_string(), t)).collect(),
-                accepted_events: g.accepted_events,
-                duplicate_events: g.duplicate_events,
-                late_events: g.late_events,
-            });
-        }
-        Ok(crate::checkpoint::EngineCheckpoint {
-            meta: CheckpointMeta {
-                format_version: FORMAT_VERSION,
-                epoch: self.epoch,
-                views: view_meta,
-                streams,
-                late_total: self.late.total(),
-                positions: self
-                    .positions
-                    .snapshot()
-                    .into_iter()
-                    .map(|p| (p.partition.to_string(), p.next_offset))
-                    .collect(),
-            },
-            views,
-            dedup,
-            late: self.late.batches(),
-        })
-    }
-
-    /// Restores a checkpoint into this engine, which must have its views
-    /// defined (the same SQL as when the checkpoint was taken) and nothing
-    /// applied yet. A view of the checkpoint that no longer exists, or
-    /// whose state does not fit its current definition, is an error naming
-    /// it; a view new since the checkpoint starts empty (logged).
-    pub fn restore(&mut self, cp: crate::checkpoint::EngineCheckpoint, now_ms: i64) -> Result<()> {
-        use crate::checkpoint::check_view_schema;
-        if !self.positions.snapshot().is_empty() || self.views.iter().any(|v| v.groups() > 0) {
-            return Err(EngineError::Checkpoint(
-                "restore into an engine that already applied input".into(),
-            ));
-        }
-        let mut states: HashMap<String, RecordBatch> = cp.views.into_iter().collect();
-        for m in &cp.meta.views {
-            let Some(v) = self.views.iter_mut().find(|v| v.name == m.name) else {
-                return Err(EngineError::Checkpoint(format!(
-                    "view {} is in the checkpoint but no longer defined; restore it, or remove \
-                     the checkpoints to start from empty state",
-                    m.name
-                )));
-            };
-            let state = states
-                .remove(&m.name)
-                .ok_or_else(|| EngineError::Checkpoint(format!("view {}: no state", m.name)))?;
-            check_view_schema(&m.name, &state, &v.partial_schema())?;
-            if normalize_sql(&v.sql) != normalize_sql(&m.sql) {
-                tracing::warn!(view = %m.name, "view SQL differs from the checkpoint's (same state schema): restoring its state");
-            }
-            v.import(&state, m.rows_applied)?;
-            v.restore_ttl(&state, m.ttl.as_ref())?;
-        }
-        for v in &self.views {
-            if !cp.meta.views.iter().any(|m| m.name == v.name) {
-                tracing::warn!(view = %v.name, "view is new since the checkpoint: it starts empty");
-            }
-        }
-        let dedup: HashMap<String, RecordBatch> = cp.dedup.into_iter().collect();
-        for s in &cp.meta.streams {
-            let Some((_, gate)) = self.gates.iter_mut().find(|(k, _)| k.name() == s.stream) else {
-                return Err(EngineError::Checkpoint(format!(
-                    "unknown stream {}",
-                    s.stream
-                )));
-            };
-            let parts: Vec<(Arc<str>, i64)> = s
-                .partitions
-                .iter()
-                .map(|(k, t)| (Arc::from(k.as_str()), *t))
-                .collect();
-            gate.watermark.import(s.watermark(), &parts, now_ms);
-            if let Some(b) = dedup.get(&s.stream) {
-                let (hi, lo, ts) = crate::checkpoint::dedup_columns(b)?;
-                gate.dedup.import(hi, lo, ts);
-            }
-            gate.accepted_events = s.accepted_events;
-            gate.duplicate_events = s.duplicate_events;
-            gate.late_events = s.late_events;
-        }
-        self.late.import(cp.late, cp.meta.late_total);
-        for (partition, next_offset) in &cp.meta.positions {
-            self.positions.record(&storepulse_ingest::Position {
-                partition: Arc::from(partition.as_str()),
-                next_offset: *next_offset,
-            });
-        }
-        self.epoch = self.epoch.max(cp.meta.epoch);
-        self.snapshot_epoch = None;
-        Ok(())
     }
 
     /// Evicts idle groups of the views with a `state_ttl`.
@@ -725,131 +489,6 @@ impl Engine {
         }
     }
 
-    /// Takes (and publishes) a consistent snapshot of all views.
-    pub fn snapshot(&mut self) -> Result<Arc<Snapshot>> {
-        let as_of = self.as_of();
-        if self.snapshot_epoch == Some(self.epoch) && self.snapshot_as_of == as_of {
-            return Ok(self.cell.load());
-        }
-        let mut views = HashMap::with_capacity(self.views.len());
-        self.last_evaluation.clear();
-        for v in &mut self.views {
-            views.insert(
-                v.name.clone(),
-                evaluate_timed(v, &mut self.last_evaluation)?,
-            );
-        }
-        let snap = Arc::new(Snapshot {
-            epoch: self.epoch,
-            views,
-            late_events: Arc::new(self.late.batches()),
-            as_of,
-        });
-        self.cell.store(snap.clone());
-        self.snapshot_epoch = Some(self.epoch);
-        self.snapshot_as_of = as_of;
-        Ok(snap)
-    }
-
-    /// If `[engine] refresh` lists view `name`, serves it from a refreshed
-    /// result (see [`RefreshedView`]).
-    async fn wrap_refreshed(&mut self, name: &str) -> Result<()> {
-        self.refreshed.retain(|r| r.name() != name);
-        let Some(interval) = self.cfg.refresh.get(name) else {
-            return Ok(());
-        };
-        let Some(provider) = self.serving.table_provider(name).await.ok() else {
-            return Ok(());
-        };
-        let Some(view) = provider.downcast_ref::<ViewTable>() else {
-            return Ok(());
-        };
-        let r = Arc::new(RefreshedView::new(
-            name.to_string(),
-            view.logical_plan().clone(),
-            **interval,
-            self.cfg.refresh_max_staleness,
-        ));
-        self.serving.deregister_table(name)?;
-        self.serving.register_table(name, r.clone())?;
-        tracing::info!(view = %name, interval = ?**interval, "query-time view served from a refreshed result");
-        self.refreshed.push(r);
-        Ok(())
-    }
-
-    /// Names in `[engine] refresh` that no `CREATE VIEW` defined (a
-    /// configuration error the binary reports after loading the scripts).
-    pub fn unknown_refresh_views(&self) -> Vec<String> {
-        self.cfg
-            .refresh
-            .keys()
-            .filter(|n| !self.refreshed.iter().any(|r| r.name() == n.as_str()))
-            .cloned()
-            .collect()
-    }
-
-    /// The alert rules created by `CREATE ALERT`, in order.
-    pub fn alerts(&self) -> &[AlertDefinition] {
-        &self.alerts
-    }
-
-    /// Views evaluated by the last snapshot that had to evaluate any, with
-    /// the seconds each took (diagnostics; also the histogram
-    /// `storepulse_engine_view_evaluate_seconds{view}`).
-    pub fn last_evaluation(&self) -> &[(String, f64)] {
-        &self.last_evaluation
-    }
-
-    /// The event time the views are read "as of": the configured
-    /// `as_of`, else the largest stream watermark (a final stream counts
-    /// with its largest event time).
-    pub fn as_of(&self) -> Option<i64> {
-        if let Some(t) = self.cfg.as_of {
-            return Some(match t.duration_since(std::time::UNIX_EPOCH) {
-                Ok(d) => d.as_millis() as i64,
-                Err(e) => -(e.duration().as_millis() as i64),
-            });
-        }
-        self.gates.values().filter_map(|g| g.reached()).max()
-    }
-
-    /// A snapshot for one query that reads only `needed` views: those are
-    /// evaluated if they changed; the others keep their last evaluation
-    /// (the query does not read them). Not published as the latest
-    /// snapshot unless every view is current.
-    pub fn snapshot_for(&mut self, needed: &HashSet<String>) -> Result<Arc<Snapshot>> {
-        self.report_state();
-        let as_of = self.as_of();
-        if self.snapshot_epoch == Some(self.epoch) && self.snapshot_as_of == as_of {
-            return Ok(self.cell.load());
-        }
-        if self
-            .views
-            .iter()
-            .all(|v| needed.contains(&v.name) || !v.is_dirty())
-        {
-            return self.snapshot();
-        }
-        let mut views = HashMap::with_capacity(self.views.len());
-        self.last_evaluation.clear();
-        for v in &mut self.views {
-            if needed.contains(&v.name) {
-                views.insert(
-                    v.name.clone(),
-                    evaluate_timed(v, &mut self.last_evaluation)?,
-                );
-            } else if let Some(b) = v.cached() {
-                views.insert(v.name.clone(), b);
-            }
-        }
-        Ok(Arc::new(Snapshot {
-            epoch: self.epoch,
-            views,
-            late_events: Arc::new(self.late.batches()),
-            as_of,
-        }))
-    }
-
     /// Materialized and plain views with their schemas.
     pub fn views(&self) -> Vec<ViewInfo> {
         let columns = |s: &SchemaRef| {
@@ -903,71 +542,4 @@ impl Engine {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
-}
-
-/// Evaluates `v` (cached if unchanged); a real evaluation is timed into
-/// `log` and `storepulse_engine_view_evaluate_seconds{view}`.
-fn evaluate_timed(
-    v: &mut ContinuousView,
-    log: &mut Vec<(String, f64)>,
-) -> Result<Arc<Vec<RecordBatch>>> {
-    let t = Instant::now();
-    let dirty = v.is_dirty();
-    let out = v.evaluate()?;
-    if dirty {
-        let secs = t.elapsed().as_secs_f64();
-        metrics::histogram!(crate::metric_names::ENGINE_VIEW_EVALUATE_SECONDS, "view" => v.name.clone())
-            .record(secs);
-        log.push((v.name.clone(), secs));
-    }
-    Ok(out)
-}
-
-fn empty_output() -> QueryOutput {
-    QueryOutput::empty()
-}
-
-/// The name a `CREATE [OR REPLACE] VIEW` statement defines.
-fn created_view_name(s: &DFStatement) -> Option<String> {
-    match s {
-        DFStatement::Statement(s) => match s.as_ref() {
-            SqlStatement::CreateView(v) if !v.materialized => Some(v.name.to_string()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-pub(crate) fn is_view_ddl(s: &DFStatement) -> bool {
-    match s {
-        DFStatement::Statement(s) => match s.as_ref() {
-            SqlStatement::CreateView(v) => !v.materialized,
-            SqlStatement::Drop { object_type, .. } => {
-                *object_type == datafusion::sql::sqlparser::ast::ObjectType::View
-            }
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
-fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan> {
-    Ok(state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})?)
-}
-
-/// Runs a read-only statement against `ctx`, with `snap` pinned.
-async fn run_query(
-    ctx: &SessionContext,
-    stmt: DFStatement,
-    snap: Arc<Snapshot>,
-) -> Result<QueryOutput> {
-    let plan = ctx.state().statement_to_plan(stmt).await?;
-    query::execute(ctx, plan, snap, &QueryLimits::default()).await
-}
-
-/// SQL with whitespace runs collapsed (to compare definitions).
-fn normalize_sql(sql: &str) -> String {
-    sql.split_whitespace().collect::<Vec<_>>().join(" ")
 }

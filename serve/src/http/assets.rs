@@ -1,16 +1,32 @@
-//! The live web dashboard, embedded in the binary: `index.html`, its script
-//! and style, and the vendored Chart.js (MIT, `scripts/vendor-dashboard.sh`
-//! pins and re-fetches it). The page polls the HTTP API; nothing is served
-//! from outside the binary.
+//! What the server serves from its own binary: the live web dashboard
+//! (`dashboard/`: `index.html`, its script and style, and the vendored
+//! Chart.js, MIT, which `scripts/vendor-dashboard.sh` pins and re-fetches)
+//! and the OpenAPI 3.1 document of the API (`openapi.json`;
+//! `tests/e2e_serving.rs` checks that every documented path answers and
+//! every route is documented). The page polls the HTTP API; nothing is
+//! served from outside the binary.
 
 use axum::{
     extract::Path,
     http::{header, StatusCode},
-    response::{IntoResponse, Response},
+    response::{Html, IntoResponse, Response},
 };
 
 /// The page.
-pub(crate) const INDEX: &str = include_str!("dashboard/index.html");
+const INDEX: &str = include_str!("dashboard/index.html");
+
+/// The OpenAPI document.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// `GET /`: the dashboard.
+pub(super) async fn index() -> Html<&'static str> {
+    Html(INDEX)
+}
+
+/// `GET /api/v1/openapi.json`.
+pub(super) async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
 
 /// `(name, content type, bytes)` of every asset.
 const ASSETS: &[(&str, &str, &str)] = &[
@@ -32,7 +48,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 /// `GET /assets/{file}`.
-pub(crate) async fn asset(Path(file): Path<String>) -> Response {
+pub(super) async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => (
             [
