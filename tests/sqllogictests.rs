@@ -16,7 +16,10 @@
 //! `INGEST` decodes the JSON lines as one micro-batch of the stream (a bad
 //! line fails the statement with its dead-letter reason; the statement's
 //! count is the number of events accepted), `FINISH` ends every partition
-//! so all windows close.
+//! so all windows close. `DIMENSION <table>` loads the CSV that follows,
+//! `BUILTIN` creates the shipped views, and `STATE_TTL <view> <duration>`
+//! (before anything else) restarts the engine with that `[engine]
+//! state_ttl`.
 //!
 //! Regenerate expected results with
 //! `cargo test --test sqllogictests -- --complete`.
@@ -47,6 +50,7 @@ impl std::error::Error for DbError {}
 
 struct Db {
     engine: Engine,
+    cfg: EngineConfig,
     partitions: Vec<(StreamKind, Arc<str>)>,
     line: u64,
 }
@@ -172,6 +176,15 @@ impl AsyncDB for Db {
             }
             return Ok(DBOutput::StatementComplete(0));
         }
+        if let Some(rest) = trimmed.strip_prefix("STATE_TTL ") {
+            // STATE_TTL <view> <duration>: `[engine] state_ttl` for a view
+            // created later in the file; the engine starts over with it.
+            let (view, ttl) = rest.trim().split_once(' ').unwrap_or((rest, ""));
+            let ttl = humantime::parse_duration(ttl.trim()).map_err(|e| DbError(e.to_string()))?;
+            self.cfg.state_ttl.insert(view.to_string(), ttl.into());
+            self.engine = Engine::new(self.cfg.clone()).map_err(|e| DbError(e.to_string()))?;
+            return Ok(DBOutput::StatementComplete(0));
+        }
         if trimmed == "FINISH" {
             for (stream, partition) in self.partitions.clone() {
                 self.engine
@@ -214,7 +227,8 @@ fn new_db() -> Result<Db, DbError> {
         ..Default::default()
     };
     Ok(Db {
-        engine: Engine::new(cfg).map_err(|e| DbError(e.to_string()))?,
+        engine: Engine::new(cfg.clone()).map_err(|e| DbError(e.to_string()))?,
+        cfg,
         partitions: Vec::new(),
         line: 0,
     })
