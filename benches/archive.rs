@@ -9,6 +9,8 @@
 //! the decoded batches to the archive alone (its own throughput).
 //!
 //! `cargo bench --bench archive` (env: `BENCH_EVENTS`, default 2,000,000;
+//! `BENCH_SPAN_DAYS`, the days of event time the receipts cover, default 3;
+//! 1460 is a four-year backfill;
 //! `BENCH_REPEAT`, pairs of lake off/on runs, default 3;
 //! `BENCH_ARCHIVE_COMPRESSION`, the archive codec of the pairs, default the
 //! configured default `lz4_raw`; `BENCH_ARCHIVE_DIR` to write somewhere other
@@ -20,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{decode_thread, generate, percentile, VIEWS};
+use common::{decode_thread, generate_over, percentile, VIEWS};
 use storepulse_engine::{Engine, EngineConfig};
 use storepulse_ingest::SourceMessage;
 use storepulse_lake::{ArchiveConfig, Archiver, Lake, LakeConfig};
@@ -124,8 +126,12 @@ async fn main() {
     let base = std::env::var("BENCH_ARCHIVE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| tmp.path().to_path_buf());
-    println!("generating {n} receipts (JSON, in memory)...");
-    let lines = Arc::new(generate(n, 7, false));
+    let days: u64 = std::env::var("BENCH_SPAN_DAYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    println!("generating {n} receipts over {days} days of event time (JSON, in memory)...");
+    let lines = Arc::new(generate_over(n, 7, false, days));
 
     // This machine's speed drifts by ±20 % between runs: lake off and on
     // alternate `BENCH_REPEAT` times (default 3) and the medians compare.
@@ -189,7 +195,7 @@ async fn main() {
     }
 
     println!(
-        "\n## archive cost: decode + 3 continuous views, {n} receipts (medians of {repeat} runs)"
+        "\n## archive cost: decode + 3 continuous views, {n} receipts over {days} days (medians of {repeat} runs)"
     );
     print("lake off", &off);
     print("lake on (archive every batch)", &on);

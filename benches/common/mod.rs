@@ -29,9 +29,16 @@ FROM sales WHERE member_id IS NOT NULL GROUP BY member_id;
 
 /// `n` receipts over ~3 days, 1,000 stores × 1,000 SKUs, 200,000 members.
 pub(crate) fn generate(n: usize, seed: u64, all_keys: bool) -> Vec<String> {
+    generate_over(n, seed, all_keys, 3)
+}
+
+/// [`generate`] with the receipts spread evenly over `days` days of event
+/// time (a multi-year backfill: `days` = 1460).
+#[allow(dead_code)] // not every bench spreads its events
+pub(crate) fn generate_over(n: usize, seed: u64, all_keys: bool, days: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let start = 1_767_571_200_000i64;
-    let step = (3 * 86_400_000) / n.max(1) as i64;
+    let step = (days.max(1) as i64 * 86_400_000) / n.max(1) as i64;
     (0..n)
         .map(|i| {
             let (store, sku) = if all_keys {
