@@ -196,7 +196,7 @@ format = "csv"
         if *n > 0 {
             queries.insert(
                 stream.clone(),
-                format!("SELECT count(DISTINCT event_id) FROM read_parquet('LAKE/events/{stream}/*/*/*.parquet', hive_partitioning=true)").into(),
+                format!("SELECT count(DISTINCT event_id) FROM read_parquet('LAKE/events/{stream}/*/*.parquet', hive_partitioning=true)").into(),
             );
         }
     }
@@ -206,7 +206,7 @@ format = "csv"
         sales_sql
             .replace(
                 "{}",
-                "read_parquet('LAKE/events/sales/*/*/*.parquet', hive_partitioning=true)",
+                "read_parquet('LAKE/events/sales/*/*.parquet', hive_partitioning=true)",
             )
             .into(),
     );
@@ -225,7 +225,7 @@ format = "csv"
     );
     queries.insert(
         "per_date".into(),
-        "SELECT CAST(date AS VARCHAR) AS date, count(*) FROM read_parquet('LAKE/events/sales/*/*/*.parquet', hive_partitioning=true) GROUP BY date ORDER BY date".into(),
+        "SELECT CAST(date AS VARCHAR) AS date, count(*) FROM read_parquet('LAKE/events/sales/*/*.parquet', hive_partitioning=true) GROUP BY date ORDER BY date".into(),
     );
     let duck: Value = serde_json::from_str(&python(
         DUCKDB,

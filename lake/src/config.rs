@@ -29,7 +29,7 @@ pub struct LakeConfig {
     /// `AWS_REGION`, `AWS_ENDPOINT_URL`, ...).
     #[serde(default)]
     pub s3: S3Config,
-    /// The raw-event archive (`events/<stream>/date=/hour=/part-*.parquet`).
+    /// The raw-event archive (`events/<stream>/date=/part-*.parquet`).
     #[serde(default)]
     pub archive: ArchiveConfig,
     /// Periodic Parquet snapshots of views (`views/<view>/date=/<ts>.parquet`).

@@ -2,7 +2,7 @@
 //! (a local directory or S3 and S3-compatible stores).
 //!
 //! ```text
-//! <lake>/events/<stream>/date=YYYY-MM-DD/hour=HH/part-*.parquet   raw-event archive (archive.rs)
+//! <lake>/events/<stream>/date=YYYY-MM-DD/part-*.parquet          raw-event archive (archive.rs)
 //! <lake>/views/<view>/date=YYYY-MM-DD/<id>.parquet               view snapshots (snapshot.rs)
 //! <lake>/views/_manifest/<id>.json                                committed snapshots
 //! <lake>/reports/<name>/date=YYYY-MM-DD/<name>-<time>.<ext>       scheduled reports (report.rs)

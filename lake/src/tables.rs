@@ -1,10 +1,11 @@
 //! `history.<stream>` and `snapshots.<view>`: the lake as SQL tables in the
 //! serving session.
 //!
-//! * `history.<stream>` is a `ListingTable` over
-//!   `events/<stream>/date=/hour=/` with `date` and `hour` as partition
-//!   columns: `WHERE date >= '2026-11-01'` lists and reads only those
-//!   directories. The columns are the stream's (receipts one row per line,
+//! * `history.<stream>` is a `ListingTable` over `events/<stream>/date=/`
+//!   with `date` as partition column: `WHERE date >= '2026-11-01'` lists
+//!   and reads only those directories, and a range on `ts` skips row
+//!   groups by their statistics. Files of the earlier hourly layout
+//!   (`date=/hour=/`) are still read (the `hour=` directory is ignored). The columns are the stream's (receipts one row per line,
 //!   as the `sales` stream), so a view's SQL runs unchanged over history.
 //!   `history.late_events` has the `late_events` columns.
 //! * `snapshots.<view>` is the view's columns + `snapshot_ts` + `date`, over
@@ -71,12 +72,7 @@ pub fn register_lake_tables(
         .ok_or_else(|| LakeError::Config("no datafusion catalog".into()))?;
     let history = Arc::new(MemorySchemaProvider::new());
     for (name, schema) in streams {
-        let t = listing(
-            lake,
-            &format!("events/{name}"),
-            schema.clone(),
-            &["date", "hour"],
-        )?;
+        let t = listing(lake, &format!("events/{name}"), schema.clone(), &["date"])?;
         datafusion::catalog::SchemaProvider::register_table(history.as_ref(), name.clone(), t)?;
     }
     catalog.register_schema("history", history)?;

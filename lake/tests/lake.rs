@@ -1,6 +1,6 @@
-//! The lake on the local file system, in process: the archive (hour
-//! partitions, size rolling, read back as `history.*` with partition
-//! pruning), an object-store outage that pauses ingest and loses nothing,
+//! The lake on the local file system, in process: the archive (day
+//! partitions, size rolling, one file per day in a backfill, read back as
+//! `history.*` with partition pruning, earlier hourly files still read), an object-store outage that pauses ingest and loses nothing,
 //! snapshots (consistent, manifest-gated), retention and reports.
 
 use std::{
@@ -103,6 +103,16 @@ async fn one_i64(h: &EngineHandle, sql: &str) -> i64 {
     b.column(0).as_primitive::<Int64Type>().value(0)
 }
 
+/// Rows in a Parquet file, from its footer.
+fn parquet_rows(file: &[u8]) -> i64 {
+    use parquet::file::reader::FileReader;
+    parquet::file::reader::SerializedFileReader::new(bytes::Bytes::copy_from_slice(file))
+        .unwrap()
+        .metadata()
+        .file_metadata()
+        .num_rows()
+}
+
 fn small_files() -> ArchiveConfig {
     ArchiveConfig {
         target_file_size: ByteSize::kib(4),
@@ -112,7 +122,7 @@ fn small_files() -> ArchiveConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn archive_partitions_by_hour_rolls_by_size_and_reads_back_as_history() {
+async fn archive_partitions_by_day_rolls_by_size_and_reads_back_as_history() {
     let dir = tempfile::tempdir().unwrap();
     let lake = local(dir.path());
     let h = engine().await;
@@ -129,27 +139,20 @@ async fn archive_partitions_by_hour_rolls_by_size_and_reads_back_as_history() {
     assert_eq!(a.buffered_bytes(), 0);
 
     let files = lake.list("events/iot_readings").await.unwrap();
-    let mut hours: Vec<String> = files
+    let mut dirs: Vec<String> = files
         .iter()
         .map(|m| {
             let rel = lake.relative(&m.location).to_string();
             assert!(rel.ends_with(".parquet") && rel.contains("/part-"), "{rel}");
-            rel.split('/').take(4).collect::<Vec<_>>().join("/")
+            rel.rsplit_once('/').unwrap().0.to_string()
         })
         .collect();
-    hours.sort();
-    hours.dedup();
-    assert_eq!(
-        hours,
-        [
-            "events/iot_readings/date=2026-01-05/hour=08",
-            "events/iot_readings/date=2026-01-05/hour=09",
-            "events/iot_readings/date=2026-01-05/hour=10"
-        ]
-    );
+    dirs.sort();
+    dirs.dedup();
+    assert_eq!(dirs, ["events/iot_readings/date=2026-01-05"]);
     assert!(
         files.len() > 6,
-        "4 KiB target: several files per hour, got {}",
+        "4 KiB target: several files per day, got {}",
         files.len()
     );
     let status = lake.status().to_json(&lake.url());
@@ -176,16 +179,41 @@ async fn archive_partitions_by_hour_rolls_by_size_and_reads_back_as_history() {
     assert_eq!(
         one_i64(
             &h,
-            "SELECT count(*) FROM history.iot_readings WHERE date = '2026-01-05' AND hour = '09'"
+            "SELECT count(*) FROM history.iot_readings WHERE date = '2026-01-05' \
+             AND ts >= '2026-01-05T09:00:00Z' AND ts < '2026-01-05T10:00:00Z'"
         )
         .await,
         1200
     );
 
+    // A file of the earlier hourly layout (`date=/hour=/`) is still read,
+    // with its date as partition value.
+    let first = lake.relative(&files[0].location).to_string();
+    let old = std::fs::read(dir.path().join("lake").join(&first)).unwrap();
+    let old_rows = parquet_rows(&old);
+    lake.put(
+        &lake.path("events/iot_readings/date=2025-12-31/hour=07/part-old.parquet"),
+        bytes::Bytes::from(old),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(*) FROM history.iot_readings WHERE date = '2025-12-31'"
+        )
+        .await,
+        old_rows
+    );
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM history.iot_readings").await,
+        3600 + old_rows
+    );
+
     // Files written after the first query are listed (no stale listing
     // cache). Pruning: an unreadable file in another date partition is never opened
     // by a query filtering on date, and breaks one that reads everything.
-    let bad = lake.path("events/iot_readings/date=2020-01-01/hour=00/part-bad.parquet");
+    let bad = lake.path("events/iot_readings/date=2020-01-01/part-bad.parquet");
     lake.put(&bad, bytes::Bytes::from_static(b"not parquet"))
         .await
         .unwrap();
@@ -227,6 +255,57 @@ async fn files_close_at_max_file_age_at_low_rates() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(lake.list("events/iot_readings").await.unwrap().len(), 1);
+}
+
+/// A backfill: 40 days of history arriving as fast as it can be read.
+/// Each day becomes one file (not one per hour), however many batches it
+/// came in, and at most MAX_OPEN_FILES are open at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_over_many_days_writes_one_file_per_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local(dir.path());
+    let h = engine().await;
+    register(&lake, &h, &[]);
+    let a = Archiver::start(lake.clone(), ArchiveConfig::default());
+    // 240 batches 4 hours apart from 2026-01-05 08:00: 6 batches a day
+    // (4 on the first, 2 on the last), 41 dates.
+    let mut accepted = 0;
+    for i in 0..240u64 {
+        let lines = readings(i, T0 + i as i64 * 4 * HOUR, 3, 20);
+        accepted += ingest(&h, &a, &lines, (i + 1) * 60).await;
+    }
+    assert_eq!(accepted, 240 * 60);
+    assert!(a.flush(Duration::from_secs(30)).await, "flushed");
+
+    let files = lake.list("events/iot_readings").await.unwrap();
+    let mut dates: Vec<String> = files
+        .iter()
+        .map(|m| {
+            let rel = lake.relative(&m.location).to_string();
+            let dir = rel.rsplit_once('/').unwrap().0.to_string();
+            assert_eq!(dir.split('/').count(), 3, "{rel}");
+            dir
+        })
+        .collect();
+    dates.sort();
+    let n = dates.len();
+    dates.dedup();
+    assert_eq!(dates.len(), 41, "{dates:?}");
+    assert_eq!(n, 41, "one file per day");
+    assert_eq!(dates[0], "events/iot_readings/date=2026-01-05");
+    assert_eq!(dates[40], "events/iot_readings/date=2026-02-14");
+    assert_eq!(
+        one_i64(&h, "SELECT count(*) FROM history.iot_readings").await,
+        240 * 60
+    );
+    assert_eq!(
+        one_i64(
+            &h,
+            "SELECT count(*) FROM history.iot_readings WHERE date = '2026-01-10'"
+        )
+        .await,
+        6 * 60
+    );
 }
 
 /// A local store whose writes fail while `down` is set.
@@ -509,9 +588,9 @@ async fn retention_deletes_old_date_partitions_and_nothing_else() {
                 .unwrap()
         }
     };
-    put("events/sales/date=2026-10-01/hour=00/part-a.parquet").await;
+    put("events/sales/date=2026-10-01/part-a.parquet").await;
     put("events/sales/date=2026-10-01/hour=01/part-b.parquet").await;
-    put("events/sales/date=2026-11-21/hour=00/part-c.parquet").await;
+    put("events/sales/date=2026-11-21/part-c.parquet").await;
     put("events/iot_readings/date=2026-09-30/hour=23/part-d.parquet").await;
     put("events/README.txt").await;
     put("views/temps/date=2026-10-01/20261001T000000000Z.parquet").await;
@@ -547,7 +626,7 @@ async fn retention_deletes_old_date_partitions_and_nothing_else() {
         left,
         [
             "events/README.txt",
-            "events/sales/date=2026-11-21/hour=00/part-c.parquet",
+            "events/sales/date=2026-11-21/part-c.parquet",
             "reports/daily/date=2026-10-01/daily-20261001T060000.csv",
             "views/_manifest/20261121T000000000Z.json",
             "views/temps/date=2026-11-21/20261121T000000000Z.parquet",
