@@ -443,11 +443,13 @@ async fn shut_down(
     servers: Servers,
 ) -> anyhow::Result<()> {
     if let Some(c) = checkpointer {
+        let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         match c.take(Some(deadline)).await {
-            Ok(m) => {
-                tracing::info!(checkpoint = %m.id, bytes = m.bytes(), "final checkpoint written")
-            }
+            Ok(m) => tracing::info!(
+                checkpoint = %m.id, bytes = m.bytes(),
+                seconds = started.elapsed().as_secs_f64(), "final checkpoint written"
+            ),
             Err(e) => tracing::warn!(
                 error = format!("{e:#}"),
                 "final checkpoint failed; the next start resumes from the previous one"
@@ -471,6 +473,17 @@ async fn shut_down(
             );
         }
     }
+    // What the state came to: capacity planning reads these (the same
+    // figures as `GET /api/v1/views`).
+    for v in engine.views() {
+        if let (Some(groups), Some(bytes)) = (v.groups, v.state_bytes) {
+            tracing::info!(
+                view = %v.name, groups, state_bytes = bytes,
+                bytes_per_group = bytes.checked_div(groups).unwrap_or(0), "view state"
+            );
+        }
+    }
+    tracing::info!(state_bytes = engine.state_bytes(), "engine state");
     Ok(())
 }
 

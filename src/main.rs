@@ -71,15 +71,24 @@ enum Command {
     /// Write a deterministic synthetic chain dataset (JSONL per stream plus
     /// dimension CSVs).
     Gen {
-        /// Number of stores.
-        #[arg(long, default_value_t = 50)]
-        stores: usize,
-        /// Number of SKUs.
-        #[arg(long, default_value_t = 400)]
-        skus: usize,
-        /// Number of members.
-        #[arg(long, default_value_t = 20000)]
-        members: usize,
+        /// Number of stores (default 50; 450 with `--profile grocery-chain`).
+        #[arg(long)]
+        stores: Option<usize>,
+        /// Number of SKUs in the catalogue (default 400; 90,000 with
+        /// `--profile grocery-chain`).
+        #[arg(long)]
+        skus: Option<usize>,
+        /// Number of members (default 20,000; 200,000 with
+        /// `--profile grocery-chain`).
+        #[arg(long)]
+        members: Option<usize>,
+        /// Multiplier on every store's receipt rate (a positive number).
+        #[arg(long, default_value_t = 1.0, value_parser = parse_intensity)]
+        intensity: f64,
+        /// Send no stock counts (no opening stock-take either): stock known
+        /// only from movements.
+        #[arg(long)]
+        no_stock_counts: bool,
         /// Days of event time to simulate.
         #[arg(long, default_value_t = 3)]
         days: u32,
@@ -89,7 +98,11 @@ enum Command {
         /// Shape of the data: `default`; `grocery` (weighed produce in grams
         /// with per-gram prices to six decimals and the till's rounded line
         /// `amount`, a long tail of rarely sold SKUs); `cold-start` (sales
-        /// only: no stock counts or movements yet).
+        /// only: no stock counts or movements yet); `grocery-chain` (a real
+        /// chain's size and shape: 450 stores carrying slices of a
+        /// 90,000-SKU catalogue, ~1.5 M receipt lines a year in baskets of
+        /// 1 to 40 lines, most pairs selling a few times a year, no IoT;
+        /// use `--days 1460` for four years).
         #[arg(long, value_enum, default_value_t = GenProfile::Default)]
         profile: GenProfile,
         /// Output directory.
@@ -166,22 +179,32 @@ fn main() -> anyhow::Result<()> {
             stores,
             skus,
             members,
+            intensity,
+            no_stock_counts,
             days,
             seed,
             profile,
             out,
-        } => gen(
-            ChainConfig {
-                stores,
-                skus,
-                members,
-                seed,
-                profile: profile.into(),
-                ..Default::default()
-            },
-            days,
-            out,
-        ),
+        } => {
+            let chain = matches!(profile, GenProfile::GroceryChain);
+            let pick = |v: Option<usize>, default: usize, at_scale: usize| {
+                v.unwrap_or(if chain { at_scale } else { default })
+            };
+            gen(
+                ChainConfig {
+                    stores: pick(stores, 50, 450),
+                    skus: pick(skus, 400, 90_000),
+                    members: pick(members, 20_000, 200_000),
+                    seed,
+                    intensity,
+                    stock_counts: !no_stock_counts,
+                    profile: profile.into(),
+                    ..Default::default()
+                },
+                days,
+                out,
+            )
+        }
         Command::Query {
             sql,
             server,
@@ -260,6 +283,7 @@ enum GenProfile {
     Default,
     Grocery,
     ColdStart,
+    GroceryChain,
 }
 
 impl From<GenProfile> for storepulse_ingest::gen::Profile {
@@ -268,6 +292,7 @@ impl From<GenProfile> for storepulse_ingest::gen::Profile {
             GenProfile::Default => Self::Default,
             GenProfile::Grocery => Self::Grocery,
             GenProfile::ColdStart => Self::ColdStart,
+            GenProfile::GroceryChain => Self::GroceryChain,
         }
     }
 }
@@ -292,6 +317,15 @@ fn gen(cfg: ChainConfig, days: u32, out: PathBuf) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+fn parse_intensity(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "expected a positive number such as 0.5 or 2, got '{s}'"
+        )),
+    }
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {

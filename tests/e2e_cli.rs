@@ -795,3 +795,136 @@ fn a_grocery_dataset_keeps_every_cent() {
         std::fs::read_to_string(dir.path().join("state/dead_letters.jsonl")).unwrap_or_default();
     assert!(dl.is_empty(), "nothing refused: {dl}");
 }
+
+/// The grocery-chain profile (#23) at a small size, through the real
+/// binary with the default configuration (every built-in view and rule, the
+/// archive on): two months of a long-tail chain (slices of a large
+/// catalogue, most pairs selling once or twice, stock events only for what
+/// moves). The ledger's units sold per (store, SKU) equal a batch
+/// computation over the files; every pair any event named has a ledger
+/// row; the archive holds every receipt line once, one date partition per
+/// day of event time and about one file per partition.
+#[test]
+fn a_grocery_chain_backfill_matches_the_oracle_with_everything_on() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gen");
+    let out = Command::new(BIN)
+        .args(["gen", "--profile", "grocery-chain", "--stores", "12"])
+        .args(["--skus", "3000", "--members", "300", "--days", "60"])
+        .args(["--seed", "5", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("iot_readings"), "{stdout}");
+
+    // The oracle: units sold per pair over each event once; every pair named.
+    let mut sold: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut pairs = BTreeSet::new();
+    let mut days = BTreeSet::new();
+    let mut lines = 0i64;
+    let mut seen = HashSet::new();
+    for stream in ["sales", "stock_movements", "stock_counts"] {
+        let text = std::fs::read_to_string(data.join(format!("{stream}.jsonl"))).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if !seen.insert(v["event_id"].as_str().unwrap().to_string()) {
+                continue;
+            }
+            let store = v["store_id"].as_str().unwrap().to_string();
+            if stream != "sales" {
+                pairs.insert((store, v["sku"].as_str().unwrap().to_string()));
+                continue;
+            }
+            let ts = match &v["ts"] {
+                serde_json::Value::Number(n) => n.as_i64().unwrap(),
+                t => chrono::DateTime::parse_from_rfc3339(t.as_str().unwrap())
+                    .unwrap()
+                    .timestamp_millis(),
+            };
+            days.insert(ts.div_euclid(86_400_000));
+            for l in v["lines"].as_array().unwrap() {
+                let pair = (store.clone(), l["sku"].as_str().unwrap().to_string());
+                *sold.entry(pair.clone()).or_default() += l["qty"].as_i64().unwrap();
+                pairs.insert(pair);
+                lines += 1;
+            }
+        }
+    }
+    assert!(sold.len() > 1_000, "{} pairs sold", sold.len());
+
+    let config = dir.path().join("storepulse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nuntil_eof = true\n[engine]\nallowed_lateness = \"30d\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n{}",
+            dir.path().join("state").display(),
+            storepulse_testkit::process::dataset_toml(&data)
+        ),
+    )
+    .unwrap();
+    let server = Server::start(BIN, &config);
+    server.wait_finished(Duration::from_secs(300));
+    let late = server.rows("SELECT count(*) AS n FROM late_events")[0]["n"].as_i64();
+    assert_eq!(late, Some(0));
+    let rows =
+        server.rows("SELECT store_id, sku, units_sold FROM sku_activity ORDER BY store_id, sku");
+    assert_eq!(rows.len(), pairs.len(), "one ledger row per pair named");
+    let got: BTreeMap<(String, String), i64> = rows
+        .iter()
+        .filter(|r| !r["units_sold"].is_null())
+        .map(|r| {
+            (
+                (
+                    r["store_id"].as_str().unwrap().to_string(),
+                    r["sku"].as_str().unwrap().to_string(),
+                ),
+                r["units_sold"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, sold, "units sold per pair differ from the oracle");
+    let (status, log) = server.stop_with("-TERM");
+    assert!(status.success(), "{}", log.join("\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("view state") && l.contains("sku_activity")),
+        "the state per view is logged at exit"
+    );
+
+    // The archive, flushed at exit: one partition per day, every line once.
+    let sales_dir = dir.path().join("state/lake/events/sales");
+    let (mut files, mut rows) = (0usize, 0i64);
+    let mut dates = 0usize;
+    for d in std::fs::read_dir(&sales_dir).unwrap() {
+        let d = d.unwrap().path();
+        assert!(d
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("date="));
+        dates += 1;
+        for f in std::fs::read_dir(&d).unwrap() {
+            let f = f.unwrap().path();
+            let bytes = bytes::Bytes::from(std::fs::read(&f).unwrap());
+            use parquet::file::reader::FileReader;
+            let r = parquet::file::reader::SerializedFileReader::new(bytes).unwrap();
+            rows += r.metadata().file_metadata().num_rows();
+            files += 1;
+        }
+    }
+    assert_eq!(dates, days.len());
+    assert_eq!(rows, lines, "every receipt line archived once");
+    assert!(
+        files <= dates * 2,
+        "{files} files for {dates} days: about one per day"
+    );
+}

@@ -1,7 +1,6 @@
 //! The chain model and the event-time simulator.
-//! The chain model and the event-time simulator.
 //!
-//! Size: ~950 lines of code and ~130 of tests: the chain (stores,
+//! Size: ~1,050 lines of code and ~210 of tests: the chain (stores,
 //! products, formats, policies) and the simulator stepping it minute by
 //! minute are one model; the dataset writer is in `gen/dataset.rs`.
 
@@ -44,6 +43,9 @@ pub struct ChainConfig {
     pub restock_to_policy: bool,
     /// The shape of the data (see [`Profile`]).
     pub profile: Profile,
+    /// Send stock counts (the opening stock-take and the counts after).
+    /// Off: a chain whose stock is known only from its movements.
+    pub stock_counts: bool,
 }
 
 /// Shapes of generated data beyond the default chain, for testing with
@@ -60,6 +62,14 @@ pub enum Profile {
     /// A chain before its first stock-take: sales only, no stock counts or
     /// movements (the stock is unknown).
     ColdStart,
+    /// A grocery chain at real size: the grocery profile's weighed produce,
+    /// each store carrying a slice of a large catalogue (supermarkets a
+    /// third of their categories, small formats a few hundred SKUs), so
+    /// most (store, SKU) pairs sell a few times a year; about 1.5 M receipt
+    /// lines a year over 450 stores in baskets of 1 to 40 lines; no IoT
+    /// readings; stock events only for what moves (deliveries of, and
+    /// cycle counts among, the SKUs sold since the last delivery).
+    GroceryChain,
 }
 
 impl Profile {
@@ -67,10 +77,63 @@ impl Profile {
     fn zipf_s(self) -> f64 {
         match self {
             Profile::Grocery => 1.3,
+            Profile::GroceryChain => 1.0,
             _ => ZIPF_S,
         }
     }
+
+    /// Produce is sold by weight.
+    fn weighs_produce(self) -> bool {
+        matches!(self, Profile::Grocery | Profile::GroceryChain)
+    }
+
+    /// Multiplier on every store's receipt rate (a real chain's data set
+    /// is thinner than the default chain's busy stores).
+    fn rate_scale(self) -> f64 {
+        match self {
+            Profile::GroceryChain => GROCERY_CHAIN_RATE,
+            _ => 1.0,
+        }
+    }
+
+    /// Share of the SKUs of its categories a store of `format` carries.
+    fn assortment_share(self, format: Format) -> f64 {
+        match (self, format) {
+            (Profile::GroceryChain, Format::Supermarket) => 0.35,
+            (Profile::GroceryChain, Format::Convenience) => 0.06,
+            (Profile::GroceryChain, Format::TeaShop) => 0.02,
+            (Profile::GroceryChain, Format::Bakery) => 0.03,
+            _ => 1.0,
+        }
+    }
+
+    /// Mean number of extra lines on a receipt.
+    fn extra_lines(self, format: Format) -> f64 {
+        match (self, format) {
+            (Profile::GroceryChain, Format::Supermarket) => 11.0,
+            (Profile::GroceryChain, Format::Convenience) => 3.0,
+            (Profile::GroceryChain, _) => 1.5,
+            _ => format.extra_lines(),
+        }
+    }
+
+    /// Restock and count only the pairs that sold (a catalogue of tens of
+    /// thousands of SKUs per store is not walked every day).
+    fn sparse_stock(self) -> bool {
+        self == Profile::GroceryChain
+    }
+
+    /// Stores send fridge temperatures.
+    fn iot(self) -> bool {
+        self != Profile::GroceryChain
+    }
 }
+
+/// Receipt-rate multiplier of the grocery-chain profile: about 1.5 M
+/// receipt lines a year over its default 450 stores.
+const GROCERY_CHAIN_RATE: f64 = 0.0018;
+/// Most lines on one receipt.
+const MAX_BASKET_LINES: usize = 40;
 
 /// Mean grams of one weighed-goods sale (the grocery profile).
 const GRAMS_PER_SALE: i64 = 350;
@@ -88,6 +151,7 @@ impl Default for ChainConfig {
             offline_per_store_day: 0.08,
             restock_to_policy: false,
             profile: Profile::Default,
+            stock_counts: true,
         }
     }
 }
@@ -256,7 +320,7 @@ impl Chain {
                 let cost = rng.random_range(lo..=hi);
                 let price = ((cost as f64 * markup / 10.0).round() as i64 * 10).max(cost + 10) - 1;
                 let case_pack = [1, 4, 6, 6, 12, 12, 24][rng.random_range(0..7)];
-                let weighed = cfg.profile == Profile::Grocery && cat == "produce";
+                let weighed = cfg.profile.weighs_produce() && cat == "produce";
                 Product {
                     sku: format!("P{:05}", i + 1),
                     name: format!("{cat} item {}", i + 1),
@@ -282,8 +346,13 @@ impl Chain {
                     .filter(|p| format.categories().contains(&products[*p].category))
                     .collect();
                 // Popularity differs a little per store: shuffle, then keep a
-                // chain-wide bias by moving low SKU numbers forward.
+                // chain-wide bias by moving low SKU numbers forward. A store
+                // of a large catalogue carries a random slice of it.
                 assortment.shuffle(&mut rng);
+                let share = cfg.profile.assortment_share(format);
+                if share < 1.0 {
+                    assortment.truncate((assortment.len() as f64 * share).ceil() as usize);
+                }
                 let mut keyed: Vec<(usize, u32, usize)> = assortment
                     .iter()
                     .map(|p| (*p / 40, rng.random_range(0..3u32), *p))
@@ -321,14 +390,15 @@ impl Chain {
     }
 
     fn estimate_daily_units(&mut self) {
-        let intensity = self.cfg.intensity;
+        let intensity = self.cfg.intensity * self.cfg.profile.rate_scale();
+        let profile = self.cfg.profile;
         for s in &mut self.stores {
             let receipts_per_day: f64 = (0..24)
                 .map(|h| s.format.peak_receipts_per_hour() * s.format.hour_curve(h))
                 .sum::<f64>()
                 * s.size
                 * intensity;
-            let lines = receipts_per_day * (1.0 + s.format.extra_lines()) * 1.4;
+            let lines = receipts_per_day * (1.0 + profile.extra_lines(s.format)) * 1.4;
             let n = s.assortment.len();
             let zs = self.cfg.profile.zipf_s();
             let norm: f64 = (1..=n).map(|k| (k as f64).powf(-zs)).sum();
@@ -357,6 +427,7 @@ impl Chain {
             .iter()
             .map(|s| s.format.peak_receipts_per_hour() * s.format.hour_curve(hour) * s.size)
             .sum::<f64>()
+            * self.cfg.profile.rate_scale()
             * weekday_factor(day)
             / 3600.0
     }
@@ -461,6 +532,10 @@ struct StoreRuntime {
     buffer: Vec<GenEvent>,
     /// A fridge that is warming up: (fridge, from, to).
     failing_fridge: Option<(usize, i64, i64)>,
+    /// Sparse stock ([`Profile::sparse_stock`]): assortment entries sold
+    /// since the last delivery, and a mark per entry for membership.
+    sold: Vec<u32>,
+    sold_mark: Vec<bool>,
 }
 
 /// Walks event time forward and emits the chain's events in arrival order.
@@ -508,6 +583,11 @@ impl Simulator {
                     Zipf::new(s.assortment.len() as f64, chain.cfg.profile.zipf_s())
                         .expect("valid zipf")
                 }),
+                sold_mark: if chain.cfg.profile.sparse_stock() {
+                    vec![false; s.assortment.len()]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             })
             .collect();
@@ -595,13 +675,16 @@ impl Simulator {
         for s in 0..self.chain.stores.len() {
             self.plan_day(s, from, to);
             self.daily_routines(s, from, to);
-            self.fridges(s, from, to);
+            if self.chain.cfg.profile.iot() {
+                self.fridges(s, from, to);
+            }
             let store = &self.chain.stores[s];
             let lambda = store.format.peak_receipts_per_hour()
                 * store.format.hour_curve(hour)
                 * weekday_factor(day)
                 * store.size
                 * self.chain.cfg.intensity
+                * self.chain.cfg.profile.rate_scale()
                 * dt_hours;
             if lambda <= 0.0 {
                 continue;
@@ -658,8 +741,21 @@ impl Simulator {
         } else {
             delivery
         };
+        let sparse = self.chain.cfg.profile.sparse_stock();
         if from <= delivery && delivery < to {
-            for a in 0..self.chain.stores[s].assortment.len() {
+            let items: Vec<usize> = if sparse {
+                let rt = &mut self.stores[s];
+                let sold = std::mem::take(&mut rt.sold);
+                sold.iter()
+                    .map(|&a| {
+                        rt.sold_mark[a as usize] = false;
+                        a as usize
+                    })
+                    .collect()
+            } else {
+                (0..self.chain.stores[s].assortment.len()).collect()
+            };
+            for a in items {
                 let p = self.chain.stores[s].assortment[a];
                 let daily = self.chain.stores[s].daily_units[a];
                 let (reorder_level, order_up_to) = if self.chain.cfg.restock_to_policy {
@@ -694,16 +790,28 @@ impl Simulator {
             let store = &self.chain.stores[s];
             let count_every = 20usize;
             let offset = (from.div_euclid(DAY_MS) as usize) % count_every;
-            for a in 0..store.assortment.len() {
+            // Sparse: the SKUs sold since the morning's delivery; a quarter
+            // of them are cycle-counted.
+            let items: Vec<usize> = if sparse {
+                self.stores[s].sold.iter().map(|&a| a as usize).collect()
+            } else {
+                (0..store.assortment.len()).collect()
+            };
+            for a in items {
                 let p = self.chain.stores[s].assortment[a];
                 let sku = self.chain.products[p].sku.clone();
                 let is_bakery = self.chain.products[p].category == "bakery";
+                let count = if sparse {
+                    self.rng.random_bool(0.25)
+                } else {
+                    a % count_every == offset
+                };
                 if is_bakery && self.stores[s].on_hand[a] > 0 {
                     let waste = self.stores[s].on_hand[a];
                     self.stores[s].on_hand[a] = 0;
                     let ts = night + self.rng.random_range(0..20 * 60_000);
                     self.movement(s, ts, &sku, "waste", -waste);
-                } else if a % count_every == offset {
+                } else if count {
                     // Shrinkage: the count is sometimes a unit or two below the book.
                     let shrink = if self.rng.random_bool(0.15) {
                         self.rng.random_range(1..=2)
@@ -761,9 +869,24 @@ impl Simulator {
         }
     }
 
+    /// Lines on the next receipt of store `s`: 1 + Poisson(extra) by
+    /// default; a grocery chain's baskets have a long tail (log-normal,
+    /// 1 to [`MAX_BASKET_LINES`]).
+    fn basket_lines(&mut self, s: usize) -> usize {
+        let profile = self.chain.cfg.profile;
+        let extra = profile.extra_lines(self.chain.stores[s].format);
+        if profile == Profile::GroceryChain {
+            // Mean exp(mu + sigma^2 / 2) = extra.
+            let sigma = 0.9;
+            let mu = extra.ln() - sigma * sigma / 2.0;
+            let n = LogNormal::new(mu, sigma).map_or(0.0, |d| d.sample(&mut self.rng));
+            return (1 + n as usize).min(MAX_BASKET_LINES);
+        }
+        1 + Poisson::new(extra).map_or(0, |p| p.sample(&mut self.rng) as usize)
+    }
+
     fn receipt(&mut self, s: usize, ts: i64) {
-        let extra = self.chain.stores[s].format.extra_lines();
-        let n_lines = 1 + Poisson::new(extra).map_or(0, |p| p.sample(&mut self.rng) as usize);
+        let n_lines = self.basket_lines(s);
         let Some(zipf) = self.stores[s].zipf else {
             return;
         };
@@ -791,6 +914,11 @@ impl Simulator {
                 qty = qty.min(*on_hand);
             }
             *on_hand -= qty;
+            let rt = &mut self.stores[s];
+            if !rt.sold_mark.is_empty() && !rt.sold_mark[a] {
+                rt.sold_mark[a] = true;
+                rt.sold.push(a as u32);
+            }
             let prod = &self.chain.products[p];
             if written > 0 {
                 lines.push(',');
@@ -941,6 +1069,9 @@ impl Simulator {
         {
             return; // before the first stock-take: nothing about stock is sent
         }
+        if !self.chain.cfg.stock_counts && stream == StreamKind::StockCounts {
+            return;
+        }
         let e = GenEvent {
             stream,
             ts_ms,
@@ -1009,6 +1140,90 @@ mod tests {
             ..cfg
         });
         assert!(first.is_disjoint(&later));
+    }
+
+    #[test]
+    fn a_grocery_chain_has_slices_of_a_large_catalogue_a_long_tail_and_sparse_stock() {
+        use std::collections::HashMap;
+        let cfg = ChainConfig {
+            stores: 24,
+            skus: 9_000,
+            members: 2_000,
+            profile: Profile::GroceryChain,
+            ..Default::default()
+        };
+        let chain = Chain::new(cfg.clone());
+        for st in &chain.stores {
+            let eligible = chain
+                .products
+                .iter()
+                .filter(|p| st.format.categories().contains(&p.category))
+                .count();
+            let share = Profile::GroceryChain.assortment_share(st.format);
+            assert_eq!(
+                st.assortment.len(),
+                (eligible as f64 * share).ceil() as usize
+            );
+        }
+        let events = run(cfg.clone(), 20 * 24);
+        assert!(!events.iter().any(|e| e.stream == StreamKind::IotReadings));
+        let json = |e: &GenEvent| serde_json::from_str::<serde_json::Value>(&e.json).unwrap();
+        let pair = |v: &serde_json::Value, sku: &serde_json::Value| {
+            (
+                v["store_id"].as_str().unwrap().to_string(),
+                sku.as_str().unwrap().to_string(),
+            )
+        };
+        let mut sales: HashMap<(String, String), u32> = HashMap::new();
+        let mut baskets = Vec::new();
+        for e in events.iter().filter(|e| e.stream == StreamKind::Sales) {
+            let v = json(e);
+            let lines = v["lines"].as_array().unwrap();
+            baskets.push(lines.len());
+            for l in lines {
+                *sales.entry(pair(&v, &l["sku"])).or_default() += 1;
+            }
+        }
+        assert!(baskets.iter().all(|&n| (1..=MAX_BASKET_LINES).contains(&n)));
+        assert!(
+            baskets.iter().any(|&n| n >= 15),
+            "a long tail of big baskets"
+        );
+        // Most pairs that sold at all sold once or twice in 20 days.
+        let mut per_pair: Vec<u32> = sales.values().copied().collect();
+        per_pair.sort_unstable();
+        assert!(per_pair.len() > 1_000, "{} pairs", per_pair.len());
+        assert!(
+            per_pair[per_pair.len() / 2] <= 2,
+            "median {}",
+            per_pair[per_pair.len() / 2]
+        );
+        // Stock moves only where something sold; the counts after the
+        // opening stock-take are of sold pairs.
+        let mut moved = 0;
+        for e in &events {
+            let v = json(e);
+            let cycle = e.stream == StreamKind::StockCounts && v["source"] != "opening_stocktake";
+            if e.stream == StreamKind::StockMovements || cycle {
+                moved += 1;
+                assert!(sales.contains_key(&pair(&v, &v["sku"])), "{}", e.json);
+            }
+        }
+        assert!(moved > 100, "{moved} stock events");
+
+        let no_counts = run(
+            ChainConfig {
+                stock_counts: false,
+                ..cfg
+            },
+            48,
+        );
+        assert!(!no_counts
+            .iter()
+            .any(|e| e.stream == StreamKind::StockCounts));
+        assert!(no_counts
+            .iter()
+            .any(|e| e.stream == StreamKind::StockMovements));
     }
 
     #[test]
