@@ -307,9 +307,10 @@ fn a_chain_without_stock_counts_has_unknown_stock_and_no_replenishment_alerts() 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gen");
     // The generator's cold-start profile: the same chain, sales only.
-    let out = Command::new(BIN)
-        .args([
-            "gen",
+    storepulse_testkit::process::gen_with(
+        BIN,
+        &data,
+        &[
             "--stores",
             "6",
             "--skus",
@@ -318,15 +319,11 @@ fn a_chain_without_stock_counts_has_unknown_stock_and_no_replenishment_alerts() 
             "300",
             "--days",
             "3",
-        ])
-        .args(["--seed", "5", "--profile", "cold-start", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--seed",
+            "5",
+            "--profile",
+            "cold-start",
+        ],
     );
     for stream in ["stock_counts", "stock_movements"] {
         let text = std::fs::read_to_string(data.join(format!("{stream}.jsonl"))).unwrap();

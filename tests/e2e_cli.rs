@@ -711,24 +711,23 @@ path = "{sales}"
 fn a_grocery_dataset_keeps_every_cent() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gen");
-    let out = Command::new(BIN)
-        .args(["gen", "--stores", "4", "--skus", "200", "--members", "50"])
-        .args([
+    storepulse_testkit::process::gen_with(
+        BIN,
+        &data,
+        &[
+            "--stores",
+            "4",
+            "--skus",
+            "200",
+            "--members",
+            "50",
             "--days",
             "1",
             "--seed",
             "3",
             "--profile",
             "grocery",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     // Expected revenue in micro-units (10^-6), de-duplicated by event_id.
     let micros = |v: &serde_json::Value| -> i128 {
@@ -809,19 +808,24 @@ fn a_grocery_chain_backfill_matches_the_oracle_with_everything_on() {
     use std::collections::{BTreeMap, BTreeSet};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gen");
-    let out = Command::new(BIN)
-        .args(["gen", "--profile", "grocery-chain", "--stores", "12"])
-        .args(["--skus", "3000", "--members", "300", "--days", "60"])
-        .args(["--seed", "5", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = storepulse_testkit::process::gen_with(
+        BIN,
+        &data,
+        &[
+            "--profile",
+            "grocery-chain",
+            "--stores",
+            "12",
+            "--skus",
+            "3000",
+            "--members",
+            "300",
+            "--days",
+            "60",
+            "--seed",
+            "5",
+        ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("iot_readings"), "{stdout}");
 
     // The oracle: units sold per pair over each event once; every pair named.

@@ -38,10 +38,32 @@ dir = "{d}"
 /// with its stderr if it fails. Returns its stdout (the per-stream counts).
 pub fn gen_dataset(bin: &str, out: &Path, chain: [usize; 4], seed: u64) -> String {
     let [stores, skus, members, days] = chain.map(|n| n.to_string());
+    let seed = seed.to_string();
+    gen_with(
+        bin,
+        out,
+        &[
+            "--stores",
+            &stores,
+            "--skus",
+            &skus,
+            "--members",
+            &members,
+            "--days",
+            &days,
+            "--seed",
+            &seed,
+        ],
+    )
+}
+
+/// Runs `bin gen <args> --out <out>`; panics with its stderr if it fails.
+/// Returns its stdout (the per-stream counts).
+pub fn gen_with(bin: &str, out: &Path, args: &[&str]) -> String {
     let st = Command::new(bin)
-        .args(["gen", "--stores", &stores, "--skus", &skus])
-        .args(["--members", &members, "--days", &days])
-        .args(["--seed", &seed.to_string(), "--out"])
+        .arg("gen")
+        .args(args)
+        .arg("--out")
         .arg(out)
         .output()
         .expect("run gen");
