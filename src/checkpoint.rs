@@ -165,29 +165,42 @@ impl Checkpointer {
         Ok(m)
     }
 
-    /// Checkpoints every `interval` until `shutdown` (the final checkpoint
-    /// is the caller's, once the pipeline has stopped). A failed one is
-    /// logged, counted and retried at the next tick; the engine keeps
-    /// running.
+    /// Checkpoints until `shutdown` (the final checkpoint is the caller's,
+    /// once the pipeline has stopped), pausing `interval` between them, or
+    /// [`PAUSE_FACTOR`] times the last checkpoint's duration when that is
+    /// longer: a large state is not rewritten back to back (at chain size
+    /// a 10 s interval spent half the run checkpointing; BENCHMARKS.md).
+    /// A failed one is logged, counted and retried after the pause; the
+    /// engine keeps running.
     pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
+        let mut took = Duration::ZERO;
         loop {
+            let pause = pause_after(self.interval, took);
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             // Bounded so a store outage does not pin a checkpoint forever.
-            let deadline = tokio::time::Instant::now() + self.interval.max(Duration::from_secs(5));
-            if let Err(e) = self.take(Some(deadline)).await {
+            let bound = self.interval.max(Duration::from_secs(5)).max(took * 2);
+            let started = Instant::now();
+            if let Err(e) = self.take(Some(tokio::time::Instant::now() + bound)).await {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "checkpoint failed; the next one retries"
                 );
             }
+            took = started.elapsed();
         }
     }
+}
+
+/// A checkpoint that took `d` is followed by a pause of at least
+/// `PAUSE_FACTOR × d`, so checkpoints take at most a tenth of the time.
+pub(crate) const PAUSE_FACTOR: u32 = 9;
+
+/// The pause before the next periodic checkpoint.
+fn pause_after(interval: Duration, took: Duration) -> Duration {
+    interval.max(took * PAUSE_FACTOR)
 }
 
 fn record(commit: &AppliedPositions, positions: &[(String, u64)]) {
@@ -196,5 +209,21 @@ fn record(commit: &AppliedPositions, positions: &[(String, u64)]) {
             partition: p.as_str().into(),
             next_offset: *o,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_checkpoint_stretches_the_pause_to_keep_checkpoints_under_a_tenth() {
+        let s = Duration::from_secs;
+        assert_eq!(pause_after(s(10), Duration::ZERO), s(10));
+        assert_eq!(pause_after(s(10), s(1)), s(10));
+        assert_eq!(pause_after(s(10), s(15)), s(135));
+        let share =
+            |took: Duration| took.as_secs_f64() / (took + pause_after(s(10), took)).as_secs_f64();
+        assert!(share(s(15)) <= 0.1 && share(s(1)) <= 0.1);
     }
 }
