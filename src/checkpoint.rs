@@ -196,7 +196,7 @@ impl Checkpointer {
 
 /// A checkpoint that took `d` is followed by a pause of at least
 /// `PAUSE_FACTOR × d`, so checkpoints take at most a tenth of the time.
-pub(crate) const PAUSE_FACTOR: u32 = 9;
+const PAUSE_FACTOR: u32 = 9;
 
 /// The pause before the next periodic checkpoint.
 fn pause_after(interval: Duration, took: Duration) -> Duration {

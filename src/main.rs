@@ -186,20 +186,16 @@ fn main() -> anyhow::Result<()> {
             profile,
             out,
         } => {
-            let chain = matches!(profile, GenProfile::GroceryChain);
-            let pick = |v: Option<usize>, default: usize, at_scale: usize| {
-                v.unwrap_or(if chain { at_scale } else { default })
-            };
+            let base = ChainConfig::for_profile(profile.into());
             gen(
                 ChainConfig {
-                    stores: pick(stores, 50, 450),
-                    skus: pick(skus, 400, 90_000),
-                    members: pick(members, 20_000, 200_000),
+                    stores: stores.unwrap_or(base.stores),
+                    skus: skus.unwrap_or(base.skus),
+                    members: members.unwrap_or(base.members),
                     seed,
                     intensity,
                     stock_counts: !no_stock_counts,
-                    profile: profile.into(),
-                    ..Default::default()
+                    ..base
                 },
                 days,
                 out,

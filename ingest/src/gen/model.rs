@@ -48,6 +48,33 @@ pub struct ChainConfig {
     pub stock_counts: bool,
 }
 
+impl ChainConfig {
+    /// The default chain of `profile`'s size: the default 50 stores, 400
+    /// SKUs and 20,000 members; a grocery chain 450 stores, 90,000 SKUs and
+    /// 200,000 members.
+    pub fn for_profile(profile: Profile) -> Self {
+        let base = Self {
+            profile,
+            ..Self::default()
+        };
+        match profile {
+            Profile::GroceryChain => Self {
+                stores: 450,
+                skus: 90_000,
+                members: 200_000,
+                ..base
+            },
+            _ => base,
+        }
+    }
+
+    /// Multiplier on every store's receipt rate: `intensity` times the
+    /// profile's scale.
+    fn receipt_rate(&self) -> f64 {
+        self.intensity * self.profile.rate_scale()
+    }
+}
+
 /// Shapes of generated data beyond the default chain, for testing with
 /// data shaped like a real chain's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -390,7 +417,7 @@ impl Chain {
     }
 
     fn estimate_daily_units(&mut self) {
-        let intensity = self.cfg.intensity * self.cfg.profile.rate_scale();
+        let intensity = self.cfg.receipt_rate();
         let profile = self.cfg.profile;
         for s in &mut self.stores {
             let receipts_per_day: f64 = (0..24)
@@ -683,8 +710,7 @@ impl Simulator {
                 * store.format.hour_curve(hour)
                 * weekday_factor(day)
                 * store.size
-                * self.chain.cfg.intensity
-                * self.chain.cfg.profile.rate_scale()
+                * self.chain.cfg.receipt_rate()
                 * dt_hours;
             if lambda <= 0.0 {
                 continue;
@@ -743,19 +769,7 @@ impl Simulator {
         };
         let sparse = self.chain.cfg.profile.sparse_stock();
         if from <= delivery && delivery < to {
-            let items: Vec<usize> = if sparse {
-                let rt = &mut self.stores[s];
-                let sold = std::mem::take(&mut rt.sold);
-                sold.iter()
-                    .map(|&a| {
-                        rt.sold_mark[a as usize] = false;
-                        a as usize
-                    })
-                    .collect()
-            } else {
-                (0..self.chain.stores[s].assortment.len()).collect()
-            };
-            for a in items {
+            for a in self.stock_walk(s, true) {
                 let p = self.chain.stores[s].assortment[a];
                 let daily = self.chain.stores[s].daily_units[a];
                 let (reorder_level, order_up_to) = if self.chain.cfg.restock_to_policy {
@@ -787,17 +801,11 @@ impl Simulator {
             }
         }
         if from <= night && night < to {
-            let store = &self.chain.stores[s];
             let count_every = 20usize;
             let offset = (from.div_euclid(DAY_MS) as usize) % count_every;
             // Sparse: the SKUs sold since the morning's delivery; a quarter
             // of them are cycle-counted.
-            let items: Vec<usize> = if sparse {
-                self.stores[s].sold.iter().map(|&a| a as usize).collect()
-            } else {
-                (0..store.assortment.len()).collect()
-            };
-            for a in items {
+            for a in self.stock_walk(s, false) {
                 let p = self.chain.stores[s].assortment[a];
                 let sku = self.chain.products[p].sku.clone();
                 let is_bakery = self.chain.products[p].category == "bakery";
@@ -867,6 +875,25 @@ impl Simulator {
                 t += IOT_EVERY_MS;
             }
         }
+    }
+
+    /// The assortment entries of store `s` that a delivery (`restock`) or
+    /// the night's waste and counts look at: all of them, or with sparse
+    /// stock ([`Profile::sparse_stock`]) those sold since the last delivery
+    /// (a delivery then starts the list anew).
+    fn stock_walk(&mut self, s: usize, restock: bool) -> Vec<usize> {
+        if !self.chain.cfg.profile.sparse_stock() {
+            return (0..self.chain.stores[s].assortment.len()).collect();
+        }
+        let rt = &mut self.stores[s];
+        let items: Vec<usize> = rt.sold.iter().map(|&a| a as usize).collect();
+        if restock {
+            rt.sold.clear();
+            for &a in &items {
+                rt.sold_mark[a] = false;
+            }
+        }
+        items
     }
 
     /// Lines on the next receipt of store `s`: 1 + Poisson(extra) by
