@@ -55,6 +55,7 @@ pub(crate) async fn serve(
             store,
             handle.clone(),
             cfg.checkpoint.interval,
+            cfg.checkpoint.incremental,
             restored.as_ref(),
         ))
     });
@@ -447,7 +448,7 @@ async fn shut_down(
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         match c.take(Some(deadline)).await {
             Ok(m) => tracing::info!(
-                checkpoint = %m.id, bytes = m.bytes(),
+                checkpoint = %m.id, bytes = m.bytes(), delta_views = m.chains.len(),
                 seconds = started.elapsed().as_secs_f64(), "final checkpoint written"
             ),
             Err(e) => tracing::warn!(

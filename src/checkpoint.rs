@@ -4,7 +4,11 @@
 //! micro-batches, takes an [`EngineCheckpoint`](storepulse_engine::EngineCheckpoint)
 //! (views, de-duplication, watermarks, late rows, source positions),
 //! releases the lock and writes it with [`CheckpointStore`] (manifest
-//! last). Only then are its positions handed to the Kafka sources to
+//! last). With `[checkpoint] incremental` (the default) a view is written
+//! as the groups changed since its previous image where its chain allows
+//! (`storepulse_engine::checkpoint`); once the store holds the checkpoint
+//! the engine's chains advance, and after a failed write the next
+//! checkpoint is whole. Only then are its positions handed to the Kafka sources to
 //! commit, so the consumer group's committed offsets never pass the newest
 //! complete checkpoint: after a crash, the restored state plus re-delivery
 //! from those offsets is the uninterrupted run (re-delivered events the
@@ -47,6 +51,8 @@ pub(crate) struct Checkpointer {
     /// What Kafka sources may commit (positions of the newest checkpoint).
     commit: Arc<AppliedPositions>,
     interval: Duration,
+    /// Views written as deltas where their chains allow.
+    incremental: bool,
     status: Mutex<CheckpointStatus>,
 }
 
@@ -92,6 +98,7 @@ impl Checkpointer {
         store: CheckpointStore,
         handle: EngineHandle,
         interval: Duration,
+        incremental: bool,
         restored: Option<&CheckpointManifest>,
     ) -> Self {
         let commit = Arc::new(AppliedPositions::default());
@@ -110,6 +117,7 @@ impl Checkpointer {
             handle,
             commit,
             interval,
+            incremental,
             status: Mutex::new(status),
         }
     }
@@ -132,13 +140,22 @@ impl Checkpointer {
         let t = Instant::now();
         let cp = {
             let mut engine = self.handle.lock().await;
-            engine.checkpoint()?
+            if self.incremental {
+                engine.checkpoint_incremental()?
+            } else {
+                engine.checkpoint()?
+            }
         };
         let captured = t.elapsed();
         let written = self.store.write(&cp, deadline).await;
         let m = match written {
-            Ok(m) => m,
+            Ok(m) => {
+                self.handle.lock().await.checkpoint_stored(&cp);
+                m
+            }
             Err(e) => {
+                // Whatever the store kept, a whole image is always valid.
+                self.handle.lock().await.checkpoint_reset();
                 metrics::counter!(crate::metric_names::CHECKPOINT_ERRORS_TOTAL).increment(1);
                 self.status.lock().expect("checkpoint status").error = Some(e.to_string());
                 return Err(e).context("checkpoint");
@@ -153,7 +170,9 @@ impl Checkpointer {
         metrics::counter!(crate::metric_names::CHECKPOINT_WRITTEN_TOTAL).increment(1);
         tracing::debug!(
             checkpoint = %m.id, epoch = m.epoch, bytes = m.bytes(), seconds = secs,
-            capture_ms = captured.as_millis() as u64, "checkpoint written"
+            capture_ms = captured.as_millis() as u64, rows = cp.keys(),
+            delta_views = m.chains.len(), restore_bytes = m.restore_bytes(),
+            "checkpoint written"
         );
         *self.status.lock().expect("checkpoint status") = CheckpointStatus {
             url: self.store.url(),

@@ -77,6 +77,21 @@ pub struct ContinuousView {
     /// Rows applied so far.
     pub rows_applied: u64,
     ttl: Option<StateTtl>,
+    /// Its chain of stored checkpoint images.
+    chain: crate::checkpoint::ImageChain,
+}
+
+/// One view's image for a checkpoint ([`ContinuousView::checkpoint_image`]).
+#[derive(Debug)]
+pub struct CheckpointImage {
+    /// The rows (TTL stamps last, if any).
+    pub rows: RecordBatch,
+    /// Only the groups changed since the view's previous image.
+    pub delta: bool,
+    /// The generation it covers.
+    pub generation: u32,
+    /// The `state_ttl` bookkeeping.
+    pub ttl: Option<crate::checkpoint::TtlMeta>,
 }
 
 /// Idle-group eviction of one view (`[engine] state_ttl`).
@@ -168,6 +183,7 @@ pub async fn plan_view(
         evaluated: None,
         rows_applied: 0,
         ttl: None,
+        chain: Default::default(),
     })
 }
 
@@ -602,6 +618,10 @@ impl ContinuousView {
         let n = self
             .state
             .evict_touched_up_to(upto, &self.partial.schema())?;
+        if n > 0 {
+            // A delta cannot say "gone": the next image is whole.
+            self.chain.reset();
+        }
         // A hop view's rows also drop the windows that went idle while
         // their panes stay for a neighbouring live window.
         if n > 0 || self.state.is_hop() {
@@ -622,13 +642,54 @@ impl ContinuousView {
         Ok(())
     }
 
-    /// The view's state as partial-aggregate rows, for a checkpoint (see
-    /// [`GroupState::export`]).
-    pub fn export(&mut self) -> Result<RecordBatch> {
-        Ok(self.state.export(&self.partial.schema())?)
+    /// The view's image for a checkpoint: its partial-aggregate rows (see
+    /// [`GroupState::export`]), with the `state_ttl` stamps as the last
+    /// column if it has a TTL. The whole state, or, with `incremental` and
+    /// when its chain allows, the groups changed since its last stored
+    /// image (see [`crate::checkpoint`]).
+    pub fn checkpoint_image(&mut self, incremental: bool) -> Result<CheckpointImage> {
+        let generation = self.state.begin_checkpoint();
+        let groups = match self.chain.delta_since() {
+            Some(since) if incremental && self.state.supports_delta() => {
+                Some(self.state.changed_since(since)).filter(|g| self.chain.delta_fits(g.len()))
+            }
+            _ => None,
+        };
+        let mut rows = self
+            .state
+            .export_groups(&self.partial.schema(), groups.as_deref())?;
+        let ttl = match self.ttl_checkpoint() {
+            Some((mut touched, meta)) => {
+                if let Some(g) = &groups {
+                    touched = g.iter().map(|&g| touched[g]).collect();
+                }
+                rows = crate::checkpoint::with_ttl_column(rows, touched)?;
+                Some(meta)
+            }
+            None => None,
+        };
+        let delta = groups.is_some();
+        self.chain.taken(generation, delta, rows.num_rows());
+        Ok(CheckpointImage {
+            rows,
+            delta,
+            generation,
+            ttl,
+        })
     }
 
-    /// The schema [`Self::export`] writes (without session columns).
+    /// The store holds the image of `generation` (from
+    /// [`Self::checkpoint_image`]): the next delta builds on it.
+    pub fn checkpoint_stored(&mut self, generation: u32) {
+        self.chain.stored(generation);
+    }
+
+    /// Forgets the stored images: the next one is whole.
+    pub fn checkpoint_reset(&mut self) {
+        self.chain.reset();
+    }
+
+    /// The schema [`Self::checkpoint_image`] writes (without session columns).
     pub fn partial_schema(&self) -> SchemaRef {
         self.partial.schema()
     }
@@ -712,6 +773,12 @@ impl ContinuousView {
         let out = Arc::new(self.state.evaluate(&self.state_schema)?);
         self.evaluated = Some((self.version, out.clone()));
         Ok(out)
+    }
+
+    /// Leading columns of [`Self::checkpoint_image`]'s rows that are the
+    /// group key.
+    pub fn key_columns(&self) -> usize {
+        self.state.key_columns()
     }
 
     /// Number of groups held.

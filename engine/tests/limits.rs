@@ -104,9 +104,8 @@ fn by_device(
     out
 }
 
-#[tokio::test]
-async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
-    const TTL_MS: i64 = 10 * 60_000;
+/// An engine with [`PER_DEVICE`] as `per_device`, `state_ttl` `ttl_ms`.
+async fn per_device_ttl_engine(ttl_ms: i64) -> Engine {
     let mut e = Engine::new(EngineConfig {
         // Without the TTL, 90,000 devices would pass this limit (the test
         // above): the TTL keeps the state bounded without an error.
@@ -115,7 +114,7 @@ async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
         dedup_horizon: std::time::Duration::from_secs(300),
         state_ttl: [(
             "per_device".to_string(),
-            std::time::Duration::from_millis(TTL_MS as u64).into(),
+            std::time::Duration::from_millis(ttl_ms as u64).into(),
         )]
         .into(),
         ..Default::default()
@@ -126,7 +125,20 @@ async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
     ))
     .await
     .unwrap();
+    e
+}
+
+#[tokio::test]
+async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
+    const TTL_MS: i64 = 10 * 60_000;
+    let mut e = per_device_ttl_engine(TTL_MS).await;
+    // Incremental checkpoints every 3 batches (deltas until the first
+    // eviction; each batch spans 100 s of event time, so from then on every
+    // batch evicts and every image is whole).
+    let mut chains = common::MemoryChains::default();
+    let mut last_cp = None;
     let msgs = ttl_batches();
+    let total = msgs.len();
     let mut events = Vec::new();
     let mut most_groups = 0;
     for msg in msgs {
@@ -134,6 +146,9 @@ async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
             events.push(b.batch.clone());
         }
         e.apply(msg, 0).await.expect("bounded by the TTL");
+        if events.len() % 3 == 0 || events.len() == total {
+            last_cp = Some(chains.checkpoint(&mut e));
+        }
         let out = e
             .execute_sql("SELECT count(*) FROM per_device")
             .await
@@ -178,6 +193,64 @@ async fn a_state_ttl_evicts_idle_keys_and_keeps_active_ones_exact() {
         kept > 500 && evicted > 80_000,
         "kept {kept}, evicted {evicted}"
     );
+
+    // The last checkpoint (taken after the last batch) restores the live
+    // rows: no evicted device comes back through an older image.
+    assert!(chains.deltas > 0, "{} delta images", chains.deltas);
+    let mut r = per_device_ttl_engine(TTL_MS).await;
+    r.restore(last_cp.expect("checkpoints taken"), 0).unwrap();
+    let restored = by_device(&r.execute_sql("SELECT * FROM per_device").await.unwrap()[0].batches);
+    assert!(restored == live, "the restored rows are the live ones");
+}
+
+#[tokio::test]
+async fn an_eviction_makes_the_next_checkpoint_image_whole() {
+    const TTL_MS: i64 = 10 * 60_000;
+    let t0 = 1_767_600_000_000i64;
+    let reading = |id: &str, ts: i64, device: &str| {
+        format!(
+            r#"{{"event_id":"{id}","ts":{ts},"store_id":"S1","device_id":"{device}","metric":"fridge_temp_c","value":4.0}}"#
+        )
+    };
+    let msg = |lines: Vec<String>, seq: u64| {
+        storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p0", seq)
+            .unwrap()
+            .unwrap()
+    };
+    let mut e = per_device_ttl_engine(TTL_MS).await;
+    let mut chains = common::MemoryChains::default();
+    e.apply(
+        msg(
+            (0..100)
+                .map(|d| reading(&format!("a{d}"), t0, &format!("d{d}")))
+                .collect(),
+            1,
+        ),
+        0,
+    )
+    .await
+    .unwrap();
+    let cp = chains.checkpoint(&mut e);
+    assert!(!cp.meta.views[0].delta);
+    // One device, a minute later: a delta of one row.
+    e.apply(msg(vec![reading("b0", t0 + 60_000, "d0")], 2), 0)
+        .await
+        .unwrap();
+    let cp = chains.checkpoint(&mut e);
+    assert!(cp.meta.views[0].delta && cp.views[0].rows() == 101);
+    // 10.5 minutes on, d1 reports: the 98 devices idle since t0 are
+    // evicted. A delta (d1 only) would bring them back at a restore; the
+    // image is whole.
+    e.apply(msg(vec![reading("c1", t0 + 630_000, "d1")], 3), 0)
+        .await
+        .unwrap();
+    assert_eq!(e.views()[0].groups, Some(2), "d0 and d1 kept");
+    let cp = chains.checkpoint(&mut e);
+    assert!(!cp.meta.views[0].delta, "whole after an eviction");
+    let mut r = per_device_ttl_engine(TTL_MS).await;
+    r.restore(cp, 0).unwrap();
+    let devices = by_device(&r.execute_sql("SELECT * FROM per_device").await.unwrap()[0].batches);
+    assert_eq!(devices.keys().collect::<Vec<_>>(), ["d0", "d1"]);
 }
 
 const HOP_WINDOWS: &str = "SELECT device_id, window_start, count(*) AS n, sum(value) AS total, max(ts) AS last_ts \

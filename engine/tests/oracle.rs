@@ -146,15 +146,18 @@ async fn new_engine(
     engine
 }
 
-/// Checkpoints `engine` through its file encoding and restores it into a
+/// Checkpoints `engine` through its file encoding (incrementally: the
+/// views changed since the periodic checkpoints in `chains` are written
+/// as deltas and restored through their chains) and restores it into a
 /// new engine.
 async fn crash_and_restore(
     engine: &mut Engine,
+    chains: &mut common::MemoryChains,
     s: &Scenario,
     dims: &[(String, SchemaRef, Vec<RecordBatch>)],
     sql: &str,
 ) {
-    let cp = common::checkpoint_round_trip(engine);
+    let cp = chains.checkpoint(engine);
     let before: Vec<_> = engine.streams().iter().map(|s| s.accepted_events).collect();
     *engine = new_engine(s, dims, sql).await;
     engine.restore(cp, 0).unwrap();
@@ -172,9 +175,14 @@ async fn check(s: Scenario) {
     let (mut chunks, mut snapshots) = (0usize, 0usize);
     let mut restarts = 0;
     let mut prev = 0;
+    let mut chains = common::MemoryChains::default();
     while i < s.arrival.len() {
+        if s.restarts > 0 && chunks > 0 && rng.random_bool(0.3) {
+            // A periodic checkpoint: the next ones build on it.
+            chains.checkpoint(&mut engine);
+        }
         if restarts < s.restarts && chunks > 0 && rng.random_bool(0.2) {
-            crash_and_restore(&mut engine, &s, &dims, &sql).await;
+            crash_and_restore(&mut engine, &mut chains, &s, &dims, &sql).await;
             restarts += 1;
             i = prev; // re-delivered: de-duplication drops it
         }
@@ -217,8 +225,14 @@ async fn check(s: Scenario) {
     }
     assert!(snapshots > 0, "no intermediate snapshot taken");
     while restarts < s.restarts {
-        crash_and_restore(&mut engine, &s, &dims, &sql).await;
+        crash_and_restore(&mut engine, &mut chains, &s, &dims, &sql).await;
         restarts += 1;
+    }
+    if s.restarts >= 3 {
+        assert!(
+            chains.deltas > 0,
+            "no view was ever restored through a delta"
+        );
     }
     for k in StreamKind::ALL {
         engine

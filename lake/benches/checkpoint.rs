@@ -15,6 +15,13 @@
 //! restarted process re-reads them from its sources (broker fetch not
 //! included). Recovery time = restore + catch-up.
 //!
+//! **Incremental** (the default `[checkpoint] incremental = true`): after
+//! a whole checkpoint is stored, `BENCH_CKPT_CHANGED` (default 10,000: 1 %)
+//! existing devices get a reading and an incremental checkpoint is taken
+//! and written (the view as a delta of the changed keys; the
+//! de-duplication set is still written whole), then restored through its
+//! chain. Reported beside the whole one.
+//!
 //! `cargo bench --workspace --bench checkpoint` (`-p storepulse-lake` builds
 //! the dependencies again with that package's features)
 
@@ -99,6 +106,7 @@ fn main() {
             let m = store.write(&cp, None).await.unwrap();
             write.push(t.elapsed().as_secs_f64());
             bytes = m.bytes();
+            e.checkpoint_stored(&cp);
             drop(cp);
             let t = Instant::now();
             let (_, cp) = store.latest().await.unwrap().unwrap();
@@ -115,6 +123,46 @@ fn main() {
             assert_eq!(fresh.views()[0].groups, Some(keys));
             restored = Some(fresh);
         }
+        // Incremental: 1 % of the keys change after the stored image.
+        let changed = env_usize("BENCH_CKPT_CHANGED", 10_000);
+        let lines: Vec<String> = (0..changed)
+            .map(|j| {
+                format!(
+                    r#"{{"event_id":"u{j}","ts":{},"store_id":"S{}","device_id":"d{}","metric":"fridge_temp_c","value":7.5}}"#,
+                    base + (keys + j) as i64,
+                    j % 500,
+                    (j * 7919) % keys
+                )
+            })
+            .collect();
+        let msg = storepulse_testkit::json_message(StreamKind::IotReadings, &lines, "p2", 1)
+            .unwrap()
+            .unwrap();
+        e.apply(msg, 0).await.unwrap();
+        let t = Instant::now();
+        let cp = e.checkpoint_incremental().unwrap();
+        let inc_capture = t.elapsed().as_secs_f64();
+        assert!(cp.meta.views[0].delta, "the view is written as a delta");
+        let view_rows = cp.views[0].rows();
+        let t = Instant::now();
+        let m = store.write(&cp, None).await.unwrap();
+        let inc_write = t.elapsed().as_secs_f64();
+        let inc_view_bytes: u64 = m
+            .files
+            .iter()
+            .filter(|(f, _)| f.starts_with("views/"))
+            .map(|(_, n)| n)
+            .sum();
+        e.checkpoint_stored(&cp);
+        drop(cp);
+        let t = Instant::now();
+        let (_, cp) = store.latest().await.unwrap().unwrap();
+        let mut fresh = engine().await;
+        fresh.restore(cp, 0).unwrap();
+        let inc_restore = t.elapsed().as_secs_f64();
+        assert_eq!(fresh.views()[0].groups, Some(keys));
+        drop(fresh);
+
         // Catch-up: what arrived after the checkpoint, re-read after a crash.
         let mut fresh = restored.expect("at least one round");
         let catchup = env_usize("BENCH_CKPT_CATCHUP", 1_000_000);
@@ -166,6 +214,18 @@ fn main() {
             r * 1e3,
             i * 1e3,
             (r + i) * 1e3
+        );
+        println!();
+        println!("| incremental, changed keys | view rows written | capture (engine locked) | encode + write | checkpoint total | bytes (view part) | restore through the chain |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {changed} | {view_rows} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} MB ({:.2} MB) | {:.0} ms |",
+            inc_capture * 1e3,
+            inc_write * 1e3,
+            (inc_capture + inc_write) * 1e3,
+            m.bytes() as f64 / 1e6,
+            inc_view_bytes as f64 / 1e6,
+            inc_restore * 1e3
         );
         println!();
         println!("| catch-up events | catch-up | catch-up rate | recovery (restore + catch-up) |");

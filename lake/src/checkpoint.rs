@@ -5,12 +5,23 @@
 //! Layout, under the checkpoint root:
 //!
 //! ```text
-//! ckpt-000000000042/engine.json            meta: epoch, streams, positions
-//! ckpt-000000000042/views/<view>.arrow     partial-aggregate state
-//! ckpt-000000000042/dedup/<stream>.arrow   seen event ids
+//! ckpt-000000000042/engine.json               meta: epoch, streams, positions
+//! ckpt-000000000042/views/<view>.arrow        partial-aggregate state (whole)
+//! ckpt-000000000042/views/<view>.delta.arrow  or: the groups changed since
+//!                                             the view's previous image
+//! ckpt-000000000042/dedup/<stream>.arrow      seen event ids
 //! ckpt-000000000042/late_events.arrow
-//! ckpt-000000000042/_manifest.json         written last: files and sizes
+//! ckpt-000000000042/_manifest.json            written last: files and sizes,
+//!                                             each delta view's chain
 //! ```
+//!
+//! **Incremental checkpoints** (`[checkpoint] incremental`, on by
+//! default): a view written as a delta is restored from its *chain*, the
+//! whole image in an earlier checkpoint and every delta since, which the
+//! manifest lists (root-relative paths and sizes), so a checkpoint is
+//! read from its manifest alone. Pruning keeps, besides the newest `keep`
+//! checkpoints, every older one whose files a kept manifest's chains
+//! name. The engine bounds a chain (`storepulse_engine::checkpoint`).
 //!
 //! A crash while writing leaves a directory without a manifest, which
 //! [`CheckpointStore::latest`] ignores (and the next prune deletes). A
@@ -52,6 +63,12 @@ pub struct CheckpointConfig {
     /// S3 settings (as `[lake.s3]`).
     #[serde(default)]
     pub s3: S3Config,
+    /// Write each view's changed groups only, when it has an image in an
+    /// earlier checkpoint to build on (a whole image at least every 16
+    /// checkpoints, or once the changes add up to its size); `false`
+    /// writes every view whole every time.
+    #[serde(default = "yes")]
+    pub incremental: bool,
 }
 
 fn yes() -> bool {
@@ -72,6 +89,7 @@ impl Default for CheckpointConfig {
             keep: default_keep(),
             url: None,
             s3: S3Config::default(),
+            incremental: true,
         }
     }
 }
@@ -95,12 +113,51 @@ pub struct Manifest {
     pub files: Vec<(String, u64)>,
     /// Source positions the state reflects (partition, next offset).
     pub positions: Vec<(String, u64)>,
+    /// For each view written as a delta: its chain, the files (relative to
+    /// the checkpoint root, with sizes) to restore it from, its whole image
+    /// first and this checkpoint's delta last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<(String, Vec<(String, u64)>)>,
 }
 
 impl Manifest {
-    /// Total bytes of the checkpoint's files.
+    /// Total bytes of the checkpoint's own files (what writing it cost).
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Total bytes a restore from it reads (its files and the earlier
+    /// files its chains name).
+    pub fn restore_bytes(&self) -> u64 {
+        let own = format!("{}/", self.id);
+        self.bytes()
+            + self
+                .chains
+                .iter()
+                .flat_map(|(_, files)| files)
+                .filter(|(f, _)| !f.starts_with(&own))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+
+    /// The chain of `view` that a delta written after this checkpoint
+    /// extends: its own chain, or its whole image here.
+    fn chain_for_next(&self, view: &str) -> Option<Vec<(String, u64)>> {
+        if let Some((_, chain)) = self.chains.iter().find(|(v, _)| v == view) {
+            return Some(chain.clone());
+        }
+        let whole = storepulse_engine::checkpoint::view_file(view, false);
+        let (_, size) = self.files.iter().find(|(f, _)| *f == whole)?;
+        Some(vec![(format!("{}/{whole}", self.id), *size)])
+    }
+
+    /// Sequence numbers of the earlier checkpoints its chains read from.
+    fn depends_on(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chains
+            .iter()
+            .flat_map(|(_, files)| files)
+            .filter_map(|(f, _)| sequence_of(f.split('/').next()?))
+            .filter(move |s| *s != self.sequence)
     }
 }
 
@@ -187,9 +244,22 @@ impl CheckpointStore {
         }
     }
 
+    /// The newest complete checkpoint's manifest.
+    async fn newest(&self) -> Result<Option<Manifest>> {
+        for s in self.sequences().await?.into_iter().rev() {
+            if let Some(m) = self.manifest(s).await? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes `cp` as the next checkpoint (files, then the manifest) and
-    /// deletes all but the newest `keep` complete ones. Each PUT is
-    /// retried until `deadline`.
+    /// deletes all but the newest `keep` complete ones (and what their
+    /// chains still read). Each PUT is retried until `deadline`. A view
+    /// written as a delta extends its chain in the newest complete
+    /// checkpoint; if that has no image of it, this is an error (take a
+    /// whole checkpoint: `Engine::checkpoint_reset`).
     pub async fn write(
         &self,
         cp: &EngineCheckpoint,
@@ -197,6 +267,26 @@ impl CheckpointStore {
     ) -> Result<Manifest> {
         let sequence = self.sequences().await?.last().map_or(1, |s| s + 1);
         let id = id_of(sequence);
+        let deltas: Vec<&str> = cp
+            .meta
+            .views
+            .iter()
+            .filter(|v| v.delta)
+            .map(|v| v.name.as_str())
+            .collect();
+        let mut chains = Vec::with_capacity(deltas.len());
+        if !deltas.is_empty() {
+            let prev = self.newest().await?;
+            for view in deltas {
+                let Some(chain) = prev.as_ref().and_then(|p| p.chain_for_next(view)) else {
+                    return Err(LakeError::Config(format!(
+                        "checkpoint {id}: view {view} is written as a delta, but the newest                          checkpoint in {} has no image of it to build on",
+                        self.url()
+                    )));
+                };
+                chains.push((view.to_string(), chain));
+            }
+        }
         let files = cp
             .encode()
             .map_err(|e| LakeError::Config(format!("checkpoint {id}: {e}")))?;
@@ -213,8 +303,20 @@ impl CheckpointStore {
             sequence,
             written_at_ms: chrono::Utc::now().timestamp_millis(),
             epoch: cp.meta.epoch,
-            files: listed,
             positions: cp.meta.positions.clone(),
+            chains: chains
+                .into_iter()
+                .map(|(view, mut chain)| {
+                    let own = storepulse_engine::checkpoint::view_file(&view, true);
+                    let size = listed
+                        .iter()
+                        .find(|(f, _)| *f == own)
+                        .map_or(0, |(_, n)| *n);
+                    chain.push((format!("{id}/{own}"), size));
+                    (view, chain)
+                })
+                .collect(),
+            files: listed,
         };
         let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         let path = self.lake.path(&format!("{id}/{MANIFEST}"));
@@ -227,20 +329,27 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
-    /// Deletes complete checkpoints beyond the newest `keep` and
-    /// incomplete ones older than `newest`.
+    /// Deletes complete checkpoints beyond the newest `keep` (unless a
+    /// kept one's chains read from them) and incomplete ones older than
+    /// `newest`.
     async fn prune(&self, newest: u64) -> Result<()> {
         let mut complete = Vec::new();
         for s in self.sequences().await? {
-            if s == newest || self.manifest(s).await?.is_some() {
-                complete.push(s);
-            } else if s < newest {
-                self.delete_dir(s).await?;
+            match self.manifest(s).await? {
+                Some(m) => complete.push(m),
+                None if s < newest => self.delete_dir(s).await?,
+                None => {}
             }
         }
         let excess = complete.len().saturating_sub(self.keep);
-        for s in &complete[..excess] {
-            self.delete_dir(*s).await?;
+        let needed: std::collections::HashSet<u64> = complete[excess..]
+            .iter()
+            .flat_map(Manifest::depends_on)
+            .collect();
+        for m in &complete[..excess] {
+            if !needed.contains(&m.sequence) {
+                self.delete_dir(m.sequence).await?;
+            }
         }
         Ok(())
     }
@@ -287,9 +396,23 @@ impl CheckpointStore {
     }
 
     async fn read(&self, m: &Manifest) -> Result<EngineCheckpoint> {
+        let own = format!("{}/", m.id);
+        let earlier = m
+            .chains
+            .iter()
+            .flat_map(|(_, files)| files)
+            .filter(|(f, _)| !f.starts_with(&own));
         let mut files = HashMap::with_capacity(m.files.len());
-        for (name, size) in &m.files {
-            let path = self.lake.path(&format!("{}/{name}", m.id));
+        for (name, size) in m
+            .files
+            .iter()
+            .map(|(f, n)| (format!("{own}{f}"), n))
+            .chain(earlier.map(|(f, n)| (f.clone(), n)))
+        {
+            if files.contains_key(&name) {
+                continue;
+            }
+            let path = self.lake.path(&name);
             let bytes = self.lake.get(&path).await?;
             if bytes.len() as u64 != *size {
                 return Err(LakeError::Config(format!(
@@ -298,9 +421,28 @@ impl CheckpointStore {
                     bytes.len()
                 )));
             }
-            files.insert(name.clone(), bytes);
+            files.insert(name, bytes);
         }
-        EngineCheckpoint::decode(&files)
+        // The engine reads its own files by their names in the checkpoint.
+        let files: HashMap<String, Bytes> = files
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix(&own) {
+                Some(rel) => (rel.to_string(), v),
+                None => (k, v),
+            })
+            .collect();
+        let chains: HashMap<String, Vec<String>> = m
+            .chains
+            .iter()
+            .map(|(view, chain)| {
+                let keys = chain
+                    .iter()
+                    .map(|(f, _)| f.strip_prefix(&own).unwrap_or(f).to_string())
+                    .collect();
+                (view.clone(), keys)
+            })
+            .collect();
+        EngineCheckpoint::decode(&files, &chains)
             .map_err(|e| LakeError::Config(format!("checkpoint {}: {e}", m.id)))
     }
 }

@@ -836,6 +836,124 @@ async fn checkpoints_keep_the_newest_and_skip_incomplete_or_damaged_ones() {
     assert!(!root.join("ckpt-000000000005").join("engine.json").exists());
 }
 
+/// An incremental checkpoint of `h` written to `store` (the engine told).
+async fn take(
+    h: &EngineHandle,
+    store: &storepulse_lake::CheckpointStore,
+) -> (
+    storepulse_engine::EngineCheckpoint,
+    storepulse_lake::CheckpointManifest,
+) {
+    let cp = h.lock().await.checkpoint_incremental().unwrap();
+    let m = store.write(&cp, None).await.unwrap();
+    h.lock().await.checkpoint_stored(&cp);
+    (cp, m)
+}
+
+#[tokio::test]
+async fn incremental_checkpoints_write_what_changed_and_restore_through_their_chains() {
+    use storepulse_lake::{CheckpointConfig, CheckpointStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::open(
+        &CheckpointConfig {
+            keep: 2,
+            ..Default::default()
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let root = dir.path().join("checkpoints");
+    let h = engine().await;
+    // 200 devices, then rounds that each touch 3 of them.
+    apply(&h, &readings(0, T0, 2, 200), 1).await;
+    let (cp, m) = take(&h, &store).await;
+    assert!(!cp.meta.views[0].delta, "the first image is whole");
+    assert!(m.chains.is_empty());
+    let whole_bytes = m.bytes();
+    let mut written = Vec::new();
+    for i in 1..=5u64 {
+        apply(&h, &readings(i, T0 + i as i64 * HOUR, 1, 3), i + 1).await;
+        let (cp, m) = take(&h, &store).await;
+        assert!(cp.meta.views[0].delta, "round {i}: a delta");
+        assert_eq!(cp.views[0].rows(), 3, "round {i}: only the changed devices");
+        assert_eq!(cp.meta.views[0].groups, 200);
+        let (_, chain) = &m.chains[0];
+        assert_eq!(chain.len(), 1 + i as usize, "whole image + {i} deltas");
+        assert!(chain[0].0.starts_with("ckpt-000000000001/"), "{chain:?}");
+        assert!(m.bytes() < whole_bytes, "{} vs {whole_bytes}", m.bytes());
+        assert!(m.restore_bytes() > m.bytes());
+        written.push(m);
+    }
+    // keep = 2, but the chain reads the whole image and every delta.
+    for s in 1..=6 {
+        assert!(root
+            .join(format!("ckpt-00000000000{s}/_manifest.json"))
+            .exists());
+    }
+    // A restore reads the chain: the same rows as the live engine.
+    let (m, cp) = store.latest().await.unwrap().unwrap();
+    assert_eq!(m.sequence, 6);
+    let restored = engine().await;
+    restored.lock().await.restore(cp, 0).unwrap();
+    assert_eq!(temps(&restored).await, temps(&h).await);
+
+    // After `checkpoint_reset` (what a failed write does) the next image
+    // is whole, and the store drops the old chain once nothing kept reads
+    // it.
+    h.lock().await.checkpoint_reset();
+    let (cp, m) = take(&h, &store).await;
+    assert!(!cp.meta.views[0].delta && m.chains.is_empty());
+    let (_, m) = take(&h, &store).await;
+    assert!(m.chains[0].1[0].0.starts_with("ckpt-000000000007/"));
+    for s in 1..=6 {
+        let dir = root.join(format!("ckpt-00000000000{s}"));
+        assert!(!dir.join("_manifest.json").exists(), "old chain pruned");
+        assert!(
+            !dir.join("views/temps.arrow").exists()
+                && !dir.join("views/temps.delta.arrow").exists()
+        );
+    }
+
+    // A damaged chain file: the checkpoint is skipped for an older one.
+    let base = root.join("ckpt-000000000007/views/temps.arrow");
+    let bytes = std::fs::read(&base).unwrap();
+    std::fs::write(&base, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(
+        store.latest().await.unwrap().is_none(),
+        "both read the damaged image"
+    );
+}
+
+#[tokio::test]
+async fn a_delta_without_an_image_to_build_on_is_refused() {
+    use storepulse_lake::{CheckpointConfig, CheckpointStore};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |sub: &str| {
+        CheckpointStore::open(
+            &CheckpointConfig {
+                url: Some(dir.path().join(sub).display().to_string()),
+                ..Default::default()
+            },
+            dir.path(),
+        )
+        .unwrap()
+    };
+    let h = engine().await;
+    apply(&h, &readings(0, T0, 2, 50), 1).await;
+    let cp = h.lock().await.checkpoint_incremental().unwrap();
+    open("a").write(&cp, None).await.unwrap();
+    h.lock().await.checkpoint_stored(&cp);
+    apply(&h, &readings(1, T0 + HOUR, 1, 2), 2).await;
+    let cp = h.lock().await.checkpoint_incremental().unwrap();
+    assert!(cp.meta.views[0].delta);
+    // Another root has no image of the view: the write names it.
+    let err = open("b").write(&cp, None).await.unwrap_err().to_string();
+    assert!(
+        err.contains("view temps") && err.contains("no image of it"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_checkpoint_into_a_changed_view_is_refused_naming_it() {
     let h = engine().await;

@@ -131,6 +131,11 @@ pub trait ReadableGroups: GroupsAccumulator {
     /// The current output of `groups` (indices into the accumulator); the
     /// state is left as it is.
     fn evaluate_groups(&self, groups: &[usize]) -> Result<ArrayRef>;
+    /// The partial state of `groups` (the columns [`GroupsAccumulator::state`]
+    /// would emit for them, in that order), the state left as it is: a
+    /// checkpoint encodes what it writes without draining and decoding the
+    /// rest back.
+    fn state_groups(&self, groups: &[usize]) -> Result<Vec<ArrayRef>>;
 }
 
 /// The readable accumulator of kernel aggregate `F` if `udaf` is one
@@ -157,6 +162,14 @@ impl<K: Kernel> ReadableGroups for Groups<K> {
             .collect();
         self.kernel.evaluate(states)
     }
+
+    fn state_groups(&self, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+        let empty = K::State::default();
+        Ok(vec![encode_all(
+            &self.kernel,
+            groups.iter().map(|&g| self.states.get(g).unwrap_or(&empty)),
+        )])
+    }
 }
 
 struct Groups<K: Kernel> {
@@ -165,7 +178,10 @@ struct Groups<K: Kernel> {
     heap: usize,
 }
 
-fn encode_all<K: Kernel>(kernel: &K, states: &[K::State]) -> ArrayRef {
+fn encode_all<'a, K: Kernel>(
+    kernel: &K,
+    states: impl ExactSizeIterator<Item = &'a K::State>,
+) -> ArrayRef {
     let mut b = BinaryBuilder::with_capacity(states.len(), states.len() * 16);
     let mut buf = Vec::new();
     for s in states {
@@ -221,7 +237,7 @@ impl<K: Kernel> GroupsAccumulator for Groups<K> {
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         let states = emit_to.take_needed(&mut self.states);
         self.heap = 0;
-        Ok(vec![encode_all(&self.kernel, &states)])
+        Ok(vec![encode_all(&self.kernel, states.iter())])
     }
 
     fn merge_batch(
@@ -253,7 +269,7 @@ impl<K: Kernel> GroupsAccumulator for Groups<K> {
         let groups: Vec<usize> = (0..rows).collect();
         self.kernel
             .update(&mut states, values, &groups, opt_filter)?;
-        Ok(vec![encode_all(&self.kernel, &states)])
+        Ok(vec![encode_all(&self.kernel, states.iter())])
     }
 
     fn size(&self) -> usize {

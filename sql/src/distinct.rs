@@ -192,15 +192,33 @@ impl DistinctCountGroups {
 
     /// The distinct values of groups `0..n` as one list per group.
     fn lists(&self, n: usize) -> Result<ArrayRef> {
-        let offsets = OffsetBuffer::from_lengths(self.counts[..n].iter().map(|&c| c as usize));
-        let mut order = vec![0u32; offsets[n] as usize];
-        let mut next: Vec<usize> = offsets[..n].iter().map(|&o| o as usize).collect();
+        self.lists_of(&(0..n).collect::<Vec<_>>())
+    }
+
+    /// The distinct values of `groups` (any order, each at most once) as
+    /// one list per group, in that order.
+    fn lists_of(&self, groups: &[usize]) -> Result<ArrayRef> {
+        let count = |g: usize| self.counts.get(g).map_or(0, |&c| c as usize);
+        let offsets = OffsetBuffer::from_lengths(groups.iter().map(|&g| count(g)));
+        // Group -> its list's next free slot (u32::MAX: not asked for).
+        let mut next = vec![u32::MAX; self.counts.len()];
+        for (i, &g) in groups.iter().enumerate() {
+            if let Some(n) = next.get_mut(g) {
+                *n = offsets[i] as u32;
+            }
+        }
+        let mut order = vec![0u32; offsets[groups.len()] as usize];
         for (p, &g) in self.pair_group.iter().enumerate() {
-            if let Some(slot) = next.get_mut(g as usize) {
-                order[*slot] = p as u32;
+            if let Some(slot) = next.get_mut(g as usize).filter(|s| **s != u32::MAX) {
+                order[*slot as usize] = p as u32;
                 *slot += 1;
             }
         }
+        self.list_array(offsets, &order)
+    }
+
+    /// One list per `offsets` window over the pairs `order` names.
+    fn list_array(&self, offsets: OffsetBuffer<i32>, order: &[u32]) -> Result<ArrayRef> {
         let parser = self.converter.parser();
         let mut values = self
             .converter
@@ -327,6 +345,10 @@ impl ReadableGroups for DistinctCountGroups {
                 .map(|&g| self.counts.get(g).copied().unwrap_or(0)),
         )))
     }
+
+    fn state_groups(&self, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+        Ok(vec![self.lists_of(groups)?])
+    }
 }
 
 #[cfg(test)]
@@ -355,6 +377,25 @@ mod tests {
         let counts = a.evaluate_groups(&[0, 1, 2]).expect("read");
         assert_eq!(
             counts
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .values(),
+            &[2, 1, 1]
+        );
+
+        // The state of some groups, read in place, in the order asked.
+        let some = a.state_groups(&[2, 0]).expect("state of groups 2 and 0");
+        let mut c = acc();
+        c.merge_batch(&some, &[0, 1], 2).expect("merge");
+        assert_eq!(
+            c.evaluate_groups(&[0, 1])
+                .expect("read")
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .values(),
+            &[1, 2]
+        );
+        assert_eq!(
+            a.evaluate_groups(&[0, 1, 2])
+                .expect("read: unchanged")
                 .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
                 .values(),
             &[2, 1, 1]

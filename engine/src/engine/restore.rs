@@ -12,30 +12,62 @@ use crate::error::{EngineError, Result};
 impl Engine {
     /// A consistent image of the engine's state (views, de-duplication,
     /// watermarks, late rows, source positions) at the current epoch,
-    /// taken between micro-batches (see [`crate::checkpoint`]).
+    /// taken between micro-batches (see [`crate::checkpoint`]); every view
+    /// whole.
     pub fn checkpoint(&mut self) -> Result<crate::checkpoint::EngineCheckpoint> {
+        self.checkpoint_with(false)
+    }
+
+    /// [`Self::checkpoint`] with each view written as a delta (the groups
+    /// changed since its last stored image) where its chain allows (see
+    /// [`crate::checkpoint`]). Hand the checkpoint to
+    /// [`Self::checkpoint_stored`] once the store holds it.
+    pub fn checkpoint_incremental(&mut self) -> Result<crate::checkpoint::EngineCheckpoint> {
+        self.checkpoint_with(true)
+    }
+
+    /// The store holds `cp` (taken by this engine): the views' next deltas
+    /// build on it.
+    pub fn checkpoint_stored(&mut self, cp: &crate::checkpoint::EngineCheckpoint) {
+        for image in &cp.views {
+            if let Some(v) = self.views.iter_mut().find(|v| v.name == image.name) {
+                v.checkpoint_stored(image.generation);
+            }
+        }
+    }
+
+    /// Forgets every view's stored images: the next checkpoint is whole
+    /// (after the store lost or could not read them).
+    pub fn checkpoint_reset(&mut self) {
+        for v in self.views.iter_mut() {
+            v.checkpoint_reset();
+        }
+    }
+
+    fn checkpoint_with(
+        &mut self,
+        incremental: bool,
+    ) -> Result<crate::checkpoint::EngineCheckpoint> {
         use crate::checkpoint::{
-            dedup_batch, CheckpointMeta, StreamMeta, ViewMeta, FORMAT_VERSION,
+            dedup_batch, CheckpointMeta, StreamMeta, ViewImage, ViewMeta, FORMAT_VERSION,
         };
         let mut views = Vec::with_capacity(self.views.len());
         let mut view_meta = Vec::with_capacity(self.views.len());
         for v in self.views.iter_mut() {
-            let mut state = v.export()?;
-            let ttl = match v.ttl_checkpoint() {
-                Some((touched, meta)) => {
-                    state = crate::checkpoint::with_ttl_column(state, touched)?;
-                    Some(meta)
-                }
-                None => None,
-            };
+            let image = v.checkpoint_image(incremental)?;
             view_meta.push(ViewMeta {
                 name: v.name.clone(),
                 sql: v.sql.clone(),
                 rows_applied: v.rows_applied,
-                groups: state.num_rows() as u64,
-                ttl,
+                groups: v.groups() as u64,
+                delta: image.delta,
+                ttl: image.ttl,
             });
-            views.push((v.name.clone(), state));
+            views.push(ViewImage {
+                name: v.name.clone(),
+                parts: vec![image.rows],
+                generation: image.generation,
+            });
         }
         let mut streams = Vec::with_capacity(self.gates.len());
         let mut dedup = Vec::with_capacity(self.gates.len());
@@ -89,7 +121,8 @@ impl Engine {
                 "restore into an engine that already applied input".into(),
             ));
         }
-        let mut states: HashMap<String, RecordBatch> = cp.views.into_iter().collect();
+        let mut states: HashMap<String, Vec<RecordBatch>> =
+            cp.views.into_iter().map(|v| (v.name, v.parts)).collect();
         for m in &cp.meta.views {
             let Some(v) = self.views.iter_mut().find(|v| v.name == m.name) else {
                 return Err(EngineError::Checkpoint(format!(
@@ -98,9 +131,20 @@ impl Engine {
                     m.name
                 )));
             };
-            let state = states
+            let parts = states
                 .remove(&m.name)
                 .ok_or_else(|| EngineError::Checkpoint(format!("view {}: no state", m.name)))?;
+            let deltas = parts.len().saturating_sub(1);
+            let state = crate::checkpoint::resolve_chain(parts, v.key_columns())
+                .map_err(|e| EngineError::Checkpoint(format!("view {}: {e}", m.name)))?;
+            if state.num_rows() as u64 != m.groups {
+                return Err(EngineError::Checkpoint(format!(
+                    "view {}: its image and {deltas} deltas hold {} groups, the checkpoint says {}",
+                    m.name,
+                    state.num_rows(),
+                    m.groups
+                )));
+            }
             check_view_schema(&m.name, &state, &v.partial_schema())?;
             if normalize_sql(&v.sql) != normalize_sql(&m.sql) {
                 tracing::warn!(view = %m.name, "view SQL differs from the checkpoint's (same state schema): restoring its state");

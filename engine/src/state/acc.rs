@@ -43,6 +43,32 @@ impl Acc {
         }
     }
 
+    /// The partial state of `groups` (ascending indices; all `total`
+    /// groups when `None`), the state unchanged: storepulse's kernels
+    /// encode those groups in place; DataFusion's are drained, merged back
+    /// and the asked rows taken.
+    pub(super) fn state_of(
+        &mut self,
+        groups: Option<&[usize]>,
+        total: usize,
+    ) -> Result<Vec<ArrayRef>> {
+        match self {
+            Self::Readable(a) => match groups {
+                Some(g) => a.state_groups(g),
+                None => a.state_groups(&(0..total).collect::<Vec<_>>()),
+            },
+            Self::Plain(acc) => {
+                let state = acc.state(EmitTo::All)?;
+                let every: Vec<usize> = (0..total).collect();
+                acc.merge_batch(&state, &every, total)?;
+                match groups {
+                    Some(g) if g.len() != total => take_rows(state, g),
+                    _ => Ok(state),
+                }
+            }
+        }
+    }
+
     /// The current values of `groups` (ascending indices; all `total`
     /// groups when `groups` is `None`), the state unchanged.
     pub(super) fn values(
@@ -61,21 +87,8 @@ impl Acc {
         };
         match self {
             Self::Readable(a) => a.evaluate_groups(groups),
-            Self::Plain(acc) => {
-                let state = acc.state(EmitTo::All)?;
-                let every: Vec<usize> = (0..total).collect();
-                acc.merge_batch(&state, &every, total)?;
-                let state = if groups.len() == total {
-                    state
-                } else {
-                    let idx = datafusion::arrow::array::UInt32Array::from_iter_values(
-                        groups.iter().map(|g| *g as u32),
-                    );
-                    state
-                        .iter()
-                        .map(|c| datafusion::arrow::compute::take(c, &idx, None))
-                        .collect::<std::result::Result<Vec<_>, _>>()?
-                };
+            Self::Plain(_) => {
+                let state = self.state_of(Some(groups), total)?;
                 let mut scratch = new_groups_accumulator(expr)?;
                 let rows: Vec<usize> = (0..groups.len()).collect();
                 scratch.merge_batch(&state, &rows, groups.len())?;
@@ -83,4 +96,14 @@ impl Acc {
             }
         }
     }
+}
+
+/// Rows `groups` of each column.
+fn take_rows(columns: Vec<ArrayRef>, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+    let idx =
+        datafusion::arrow::array::UInt32Array::from_iter_values(groups.iter().map(|g| *g as u32));
+    Ok(columns
+        .iter()
+        .map(|c| datafusion::arrow::compute::take(c, &idx, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
 }

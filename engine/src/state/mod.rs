@@ -88,6 +88,12 @@ pub struct GroupState {
     /// whose panes were all last touched at or before it is gone from the
     /// rows (its panes may stay while a neighbouring window needs them).
     hop_floor: Option<u64>,
+    /// Per group: the checkpoint generation in which it last changed
+    /// (see [`Self::begin_checkpoint`]; not kept for session views, which
+    /// are always checkpointed whole).
+    changed_in: Vec<u32>,
+    /// The generation merges stamp into `changed_in`.
+    ckpt_gen: u32,
 }
 
 impl std::fmt::Debug for GroupState {
@@ -141,6 +147,8 @@ impl GroupState {
             touched: None,
             batch_no: 0,
             hop_floor: None,
+            changed_in: Vec::new(),
+            ckpt_gen: 1,
         })
     }
 
@@ -162,6 +170,37 @@ impl GroupState {
             + self.table.capacity() * 16
             + self.accs.iter().map(Acc::size).sum::<usize>()
             + self.touched.as_ref().map_or(0, |t| t.capacity() * 8)
+            + self.changed_in.capacity() * 4
+    }
+
+    /// Starts a checkpoint image: returns the generation it covers (every
+    /// change so far is stamped with it or an earlier one); merges from
+    /// now on are stamped with the next.
+    pub fn begin_checkpoint(&mut self) -> u32 {
+        let g = self.ckpt_gen;
+        self.ckpt_gen += 1;
+        g
+    }
+
+    /// The groups changed in generation `since` or later, ascending.
+    pub fn changed_since(&self, since: u32) -> Vec<usize> {
+        self.changed_in
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c >= since)
+            .map(|(g, _)| g)
+            .collect()
+    }
+
+    /// Leading columns of an exported row that are the group key.
+    pub fn key_columns(&self) -> usize {
+        self.num_group_cols
+    }
+
+    /// True if the state can be checkpointed by changed groups: not a
+    /// session view (a merge there can move groups between sessions).
+    pub fn supports_delta(&self) -> bool {
+        self.sessions.is_none()
     }
 
     fn key(&self, g: usize) -> &[u8] {
@@ -235,6 +274,10 @@ impl GroupState {
                 t[g] = self.batch_no;
             }
         }
+        self.changed_in.resize(total, self.ckpt_gen);
+        for &g in &indices {
+            self.changed_in[g] = self.ckpt_gen;
+        }
         if self.hop.is_none() {
             let inc = &mut self.inc;
             inc.mark.resize(total, false);
@@ -253,10 +296,22 @@ impl GroupState {
     /// group columns, then each aggregate's state columns), one row per
     /// group in group order, for a checkpoint. Session views append two
     /// columns (`__session_end`, `__session_parent`) that [`Self::import`]
-    /// needs to rebuild the session bookkeeping. Aggregates are drained
-    /// with `state(EmitTo::All)` and merged straight back, so the state is
+    /// needs to rebuild the session bookkeeping. storepulse's aggregates
+    /// encode their state in place; DataFusion's are drained with
+    /// `state(EmitTo::All)` and merged straight back, so the state is
     /// unchanged.
     pub fn export(&mut self, partial_schema: &SchemaRef) -> Result<RecordBatch> {
+        self.export_groups(partial_schema, None)
+    }
+
+    /// [`Self::export`] of `groups` only (ascending indices; `None`: all),
+    /// one row per group in that order: an incremental checkpoint's rows.
+    /// Not for session views.
+    pub fn export_groups(
+        &mut self,
+        partial_schema: &SchemaRef,
+        groups: Option<&[usize]>,
+    ) -> Result<RecordBatch> {
         use datafusion::arrow::{
             array::{Int64Array, TimestampMillisecondArray, UInt32Array},
             datatypes::{DataType, Field, Schema},
@@ -276,7 +331,13 @@ impl GroupState {
                 false,
             )));
         }
-        if total == 0 {
+        if groups.is_some() && self.sessions.is_some() {
+            return datafusion::common::internal_err!(
+                "session views are checkpointed whole, not by group"
+            );
+        }
+        let rows = groups.map_or(total, <[usize]>::len);
+        if total == 0 || rows == 0 {
             // Accumulators cannot emit an empty state.
             return Ok(RecordBatch::new_empty(Arc::new(Schema::new(fields))));
         }
@@ -304,21 +365,21 @@ impl GroupState {
             }
         } else if let Some(conv) = &self.converter {
             let parser = conv.parser();
-            columns.extend(conv.convert_rows((0..total).map(|g| parser.parse(self.key(g))))?);
+            let keys = match groups {
+                Some(g) => conv.convert_rows(g.iter().map(|&g| parser.parse(self.key(g)))),
+                None => conv.convert_rows((0..total).map(|g| parser.parse(self.key(g)))),
+            };
+            columns.extend(keys?);
         }
-        let all: Vec<usize> = (0..total).collect();
         for acc in self.accs.iter_mut() {
-            let acc = acc.get();
-            let state = acc.state(EmitTo::All)?;
-            acc.merge_batch(&state, &all, total)?;
-            columns.extend(state);
+            columns.extend(acc.state_of(groups, total)?);
         }
         if let Some(sess) = &self.sessions {
             columns.push(Arc::new(Int64Array::from(sess.end.clone())));
             columns.push(Arc::new(UInt32Array::from(sess.parent.clone())));
         }
         let options =
-            datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(total));
+            datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
         Ok(RecordBatch::try_new_with_options(
             Arc::new(Schema::new(fields)),
             columns,

@@ -107,6 +107,9 @@ impl GroupState {
         fresh.batch_no = self.batch_no;
         fresh.hop = self.hop;
         fresh.hop_floor = self.hop_floor;
+        // Evicted groups leave no trace to write as a change: the view's
+        // next checkpoint image is whole (`View::expire`).
+        fresh.ckpt_gen = self.ckpt_gen;
         fresh.import(&kept)?;
         debug_assert_eq!(fresh.num_groups(), kept_touched.len());
         fresh.touched = Some(kept_touched);
