@@ -955,6 +955,35 @@ async fn a_delta_without_an_image_to_build_on_is_refused() {
 }
 
 #[tokio::test]
+async fn a_view_no_longer_materialized_drops_its_checkpointed_state() {
+    // `hot` was materialized when the checkpoint was taken (as the built-in
+    // latest_stock_count was before it became a view over sku_activity).
+    let mut before = Engine::new(EngineConfig::default()).unwrap();
+    before
+        .execute_sql(
+            "CREATE MATERIALIZED VIEW temps AS SELECT device_id, count(*) AS readings, max(value) AS hottest FROM iot_readings GROUP BY device_id;
+             CREATE MATERIALIZED VIEW hot AS SELECT device_id, max(value) AS hottest FROM iot_readings GROUP BY device_id",
+        )
+        .await
+        .unwrap();
+    let h = EngineHandle::new(before);
+    apply(&h, &readings(0, T0, 3, 12), 1).await;
+    let cp = h.lock().await.checkpoint().unwrap();
+    assert_eq!(cp.meta.views.len(), 2);
+    let now = engine().await;
+    now.lock().await.restore(cp, 0).unwrap();
+    assert_eq!(temps(&now).await, temps(&h).await);
+    let rows = |h: EngineHandle| async move {
+        let out = h
+            .query("SELECT device_id, hottest FROM hot WHERE hottest > 5 ORDER BY device_id")
+            .await
+            .unwrap();
+        storepulse_testkit::normalize(&out[0].batches)
+    };
+    assert_eq!(rows(now.clone()).await, rows(h.clone()).await);
+}
+
+#[tokio::test]
 async fn a_checkpoint_into_a_changed_view_is_refused_naming_it() {
     let h = engine().await;
     apply(&h, &readings(0, T0, 3, 2), 1).await;

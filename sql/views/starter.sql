@@ -61,13 +61,8 @@ SELECT store_id, sku, kind, sum(qty) AS qty, count(*) AS movements, max(ts) AS l
 FROM stock_movements
 GROUP BY store_id, sku, kind;
 
--- Latest count per store and SKU (last value by event time).
-CREATE MATERIALIZED VIEW latest_stock_count AS
-SELECT store_id, sku,
-    last_value(on_hand ORDER BY ts) AS on_hand,
-    max(ts) AS counted_at
-FROM stock_counts
-GROUP BY store_id, sku;
+-- (latest_stock_count, the newest count per store and SKU, is in
+-- retail.sql: it reads the stock ledger of sku_activity.)
 
 -- Sales per store and minute (the dashboard's live chart; sum over stores
 -- for the chain, or filter by store or city through `stores`).

@@ -125,6 +125,13 @@ impl Engine {
             cp.views.into_iter().map(|v| (v.name, v.parts)).collect();
         for m in &cp.meta.views {
             let Some(v) = self.views.iter_mut().find(|v| v.name == m.name) else {
+                if self.serving.table_exist(m.name.as_str()).unwrap_or(false) {
+                    // Materialized when the checkpoint was taken, computed at
+                    // query time now (e.g. the built-in latest_stock_count):
+                    // its rows come from other views; the state is not needed.
+                    tracing::warn!(view = %m.name, "view is no longer materialized: its checkpointed state is dropped");
+                    continue;
+                }
                 return Err(EngineError::Checkpoint(format!(
                     "view {} is in the checkpoint but no longer defined; restore it, or remove \
                      the checkpoints to start from empty state",
