@@ -303,6 +303,11 @@ impl Ledger {
             self.base.apply(e, keep);
         }
         self.events.drain(..n);
+        // Most pairs of a chain sell a few times a year: once folded they
+        // hold no rows, and must not keep the buffer of their last burst.
+        if self.events.capacity() > 2 * self.events.len() {
+            self.events.shrink_to_fit();
+        }
         self.folded_at = self.floor;
     }
 
