@@ -81,6 +81,12 @@ pub(crate) async fn restore(
                 store.url()
             )
         })?;
+    // Deltas extend the store's newest checkpoint: if this is not it (a
+    // newer one was damaged), the next checkpoint is whole.
+    let newest = store.newest().await.ok().flatten().map(|m| m.sequence);
+    if newest != Some(manifest.sequence) {
+        engine.checkpoint_reset();
+    }
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(crate::metric_names::CHECKPOINT_RESTORE_SECONDS).set(secs);
     tracing::info!(

@@ -21,9 +21,10 @@
 //! the view's last stored image, whole rows (a group's full partial state,
 //! not an increment), so restoring is "last row per group key wins" over
 //! the chain `full image, delta, delta, ...` ([`resolve_chain`]). A view is
-//! written whole when it has no stored image yet (after a start or a
-//! restore), after groups were evicted (`state_ttl`: a delta cannot say
-//! "gone"), for session views (a merge can move groups between sessions),
+//! written whole when it has no stored image yet (a fresh start, a new
+//! view, or a restore from a checkpoint that is not the store's newest; a
+//! view restored from the newest extends its chain), after groups were
+//! evicted (`state_ttl`: a delta cannot say "gone"), for session views (a merge can move groups between sessions),
 //! when its chain holds [`MAX_DELTAS`] deltas, or when the deltas since its
 //! last full image would add up to more rows than that image (so a restore
 //! reads at most twice the state). A chain advances only once the store
@@ -512,6 +513,23 @@ impl ImageChain {
                 delta_rows: 0,
             }),
         };
+    }
+
+    /// The view was restored from a stored chain covering `generation`.
+    pub(crate) fn adopt(
+        &mut self,
+        generation: u32,
+        base_rows: usize,
+        deltas: u32,
+        delta_rows: usize,
+    ) {
+        self.pending = None;
+        self.stored = Some(Stored {
+            generation,
+            base_rows,
+            deltas,
+            delta_rows,
+        });
     }
 
     /// Forgets the chain: the next image is whole.

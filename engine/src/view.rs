@@ -684,6 +684,14 @@ impl ContinuousView {
         self.chain.stored(generation);
     }
 
+    /// The view was just restored from a stored chain (a whole image of
+    /// `base_rows` rows and `deltas` deltas of `delta_rows` rows): the next
+    /// delta builds on it and holds only what changes from now on.
+    pub fn checkpoint_restored(&mut self, base_rows: usize, deltas: u32, delta_rows: usize) {
+        let generation = self.state.begin_checkpoint();
+        self.chain.adopt(generation, base_rows, deltas, delta_rows);
+    }
+
     /// Forgets the stored images: the next one is whole.
     pub fn checkpoint_reset(&mut self) {
         self.chain.reset();

@@ -244,8 +244,9 @@ impl CheckpointStore {
         }
     }
 
-    /// The newest complete checkpoint's manifest.
-    async fn newest(&self) -> Result<Option<Manifest>> {
+    /// The newest complete checkpoint's manifest (the one the next
+    /// checkpoint's deltas extend).
+    pub async fn newest(&self) -> Result<Option<Manifest>> {
         for s in self.sequences().await?.into_iter().rev() {
             if let Some(m) = self.manifest(s).await? {
                 return Ok(Some(m));

@@ -896,6 +896,16 @@ async fn incremental_checkpoints_write_what_changed_and_restore_through_their_ch
     let restored = engine().await;
     restored.lock().await.restore(cp, 0).unwrap();
     assert_eq!(temps(&restored).await, temps(&h).await);
+    // The restored engine goes on: its next checkpoint extends the chain
+    // with what changed since the restore (not the whole state again).
+    apply(&restored, &readings(9, T0 + 9 * HOUR, 1, 2), 9).await;
+    let (cp, m) = take(&restored, &store).await;
+    assert!(cp.meta.views[0].delta && cp.views[0].rows() == 2);
+    assert_eq!(m.chains[0].1.len(), 7, "the restored chain + 1");
+    let (_, cp) = store.latest().await.unwrap().unwrap();
+    let again = engine().await;
+    again.lock().await.restore(cp, 0).unwrap();
+    assert_eq!(temps(&again).await, temps(&restored).await);
 
     // After `checkpoint_reset` (what a failed write does) the next image
     // is whole, and the store drops the old chain once nothing kept reads
@@ -904,8 +914,8 @@ async fn incremental_checkpoints_write_what_changed_and_restore_through_their_ch
     let (cp, m) = take(&h, &store).await;
     assert!(!cp.meta.views[0].delta && m.chains.is_empty());
     let (_, m) = take(&h, &store).await;
-    assert!(m.chains[0].1[0].0.starts_with("ckpt-000000000007/"));
-    for s in 1..=6 {
+    assert!(m.chains[0].1[0].0.starts_with("ckpt-000000000008/"));
+    for s in 1..=7 {
         let dir = root.join(format!("ckpt-00000000000{s}"));
         assert!(!dir.join("_manifest.json").exists(), "old chain pruned");
         assert!(
@@ -915,7 +925,7 @@ async fn incremental_checkpoints_write_what_changed_and_restore_through_their_ch
     }
 
     // A damaged chain file: the checkpoint is skipped for an older one.
-    let base = root.join("ckpt-000000000007/views/temps.arrow");
+    let base = root.join("ckpt-000000000008/views/temps.arrow");
     let bytes = std::fs::read(&base).unwrap();
     std::fs::write(&base, &bytes[..bytes.len() / 2]).unwrap();
     assert!(

@@ -111,7 +111,8 @@ impl Engine {
 
     /// Restores a checkpoint into this engine, which must have its views
     /// defined (the same SQL as when the checkpoint was taken) and nothing
-    /// applied yet. A view of the checkpoint that no longer exists, or
+    /// applied yet. The next incremental checkpoint builds on it: call
+    /// [`Self::checkpoint_reset`] if it is not the store's newest. A view of the checkpoint that no longer exists, or
     /// whose state does not fit its current definition, is an error naming
     /// it; a view new since the checkpoint starts empty (logged).
     pub fn restore(&mut self, cp: crate::checkpoint::EngineCheckpoint, now_ms: i64) -> Result<()> {
@@ -142,6 +143,8 @@ impl Engine {
                 .remove(&m.name)
                 .ok_or_else(|| EngineError::Checkpoint(format!("view {}: no state", m.name)))?;
             let deltas = parts.len().saturating_sub(1);
+            let base_rows = parts.first().map_or(0, RecordBatch::num_rows);
+            let delta_rows = parts.iter().skip(1).map(RecordBatch::num_rows).sum();
             let state = crate::checkpoint::resolve_chain(parts, v.key_columns())
                 .map_err(|e| EngineError::Checkpoint(format!("view {}: {e}", m.name)))?;
             if state.num_rows() as u64 != m.groups {
@@ -158,6 +161,9 @@ impl Engine {
             }
             v.import(&state, m.rows_applied)?;
             v.restore_ttl(&state, m.ttl.as_ref())?;
+            // The next checkpoint's delta extends the restored chain (the
+            // caller resets it if that was not the store's newest).
+            v.checkpoint_restored(base_rows, deltas as u32, delta_rows);
         }
         for v in &self.views {
             if !cp.meta.views.iter().any(|m| m.name == v.name) {
