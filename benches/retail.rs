@@ -14,6 +14,10 @@
 //!    snapshot. This part loads `retail.sql` only (the starter views are not
 //!    read by these queries).
 //!
+//! 3. **Checkpoints at that scale** (issue #23): a whole checkpoint, then
+//!    `BENCH_RETAIL_TRICKLE` (2,000) sale lines over as many keys and the
+//!    incremental checkpoint after them (the default `[checkpoint]`).
+//!
 //! `cargo bench --bench retail` (env: `BENCH_RETAIL_HOURS` of generated chain
 //! activity, default 72; `BENCH_RETAIL_KEYS` default 1,000,000;
 //! `BENCH_RETAIL_RUNS` default 10).
@@ -233,6 +237,108 @@ fn ts(v: impl Iterator<Item = i64>) -> ArrayRef {
 
 /// Part 2: 1M keys, 1M members; the two analyst queries, computed per
 /// query or (with `refresh`) served from refreshed results.
+/// Sale lines `ids` (one line per receipt `R<i>`): event time, store, SKU
+/// and member card per line; 1 to 3 units at 1.00 to 5.90 (money at the
+/// contract's six decimals, no discount, no till amount).
+fn sale_batch(
+    ids: std::ops::Range<usize>,
+    t: impl Fn(usize) -> i64,
+    store: impl Fn(usize) -> String,
+    sku: impl Fn(usize) -> String,
+    member: impl Fn(usize) -> String,
+) -> RecordBatch {
+    let n = ids.len();
+    RecordBatch::try_new(
+        StreamKind::Sales.schema(),
+        vec![
+            strings(ids.clone().map(|i| format!("r{i}"))),
+            ts(ids.clone().map(t)),
+            strings(ids.clone().map(store)),
+            strings(ids.clone().map(|i| format!("R{i}"))),
+            strings(ids.clone().map(member)),
+            Arc::new(StringArray::from(vec![Some("pos"); n])),
+            Arc::new(Int32Array::from(vec![0; n])),
+            strings(ids.clone().map(sku)),
+            Arc::new(Int64Array::from_iter_values(
+                ids.clone().map(|i| 1 + (i % 3) as i64),
+            )),
+            Arc::new(
+                Decimal128Array::from_iter_values(
+                    ids.map(|i| 1_000_000 + (i % 50) as i128 * 100_000),
+                )
+                .with_precision_and_scale(18, 6)
+                .expect("decimal"),
+            ),
+            // discount, amount
+            Arc::new(
+                Decimal128Array::from(vec![None; n])
+                    .with_precision_and_scale(18, 6)
+                    .expect("decimal"),
+            ),
+            Arc::new(
+                Decimal128Array::from(vec![None; n])
+                    .with_precision_and_scale(18, 6)
+                    .expect("decimal"),
+            ),
+        ],
+    )
+    .expect("sales")
+}
+
+/// Checkpoints at scale (issue #23): a whole checkpoint of `e` written to a
+/// local store, then `trickle` sale lines over as many keys (what a chain
+/// sells in a few seconds) at `at`, then the incremental checkpoint.
+async fn checkpoints_at_scale(
+    e: &mut Engine,
+    at: i64,
+    trickle: usize,
+    key: impl Fn(usize) -> (usize, usize),
+    seq: &mut u64,
+) {
+    use storepulse_lake::{CheckpointConfig, CheckpointStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = CheckpointStore::open(
+        &CheckpointConfig {
+            keep: 2,
+            ..Default::default()
+        },
+        dir.path(),
+    )
+    .expect("store");
+    println!("| checkpoint | view rows written | capture (engine locked) | encode + write | total | bytes |");
+    println!("|---|---|---|---|---|---|");
+    for round in ["whole (the first)", "incremental, after the trickle"] {
+        if round.starts_with("incremental") {
+            let b = sale_batch(
+                0..trickle,
+                |i| at + i as i64,
+                |i| format!("S{:04}", key(i * 7919).0),
+                |i| format!("P{:04}", key(i * 7919).1),
+                |i| format!("M{i:07}"),
+            );
+            *seq += 1;
+            e.apply(batch_msg(StreamKind::Sales, b, trickle, *seq), 0)
+                .await
+                .expect("apply");
+        }
+        let t = Instant::now();
+        let cp = e.checkpoint_incremental().expect("checkpoint");
+        let capture = t.elapsed().as_secs_f64();
+        let rows: usize = cp.views.iter().map(|v| v.rows()).sum();
+        let t = Instant::now();
+        let m = store.write(&cp, None).await.expect("write");
+        let write = t.elapsed().as_secs_f64();
+        e.checkpoint_stored(&cp);
+        println!(
+            "| {round} | {rows} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} MB |",
+            capture * 1e3,
+            write * 1e3,
+            (capture + write) * 1e3,
+            m.bytes() as f64 / 1e6
+        );
+    }
+}
+
 async fn at_scale(keys: usize, runs: usize, refresh: Option<Duration>) {
     let refreshed: Vec<(&str, Duration)> = refresh
         .map(|d| vec![("stockout_risk", d), ("member_rfm", d)])
@@ -323,42 +429,20 @@ async fn at_scale(keys: usize, runs: usize, refresh: Option<Duration>) {
         // Event time rises with i (two days of sales), as a live feed.
         let t = |i: usize| start + day / 2 + (i as i64 * 2 * day) / lines as i64;
         let member = |i: usize| i % members;
-        let b = RecordBatch::try_new(
-            StreamKind::Sales.schema(),
-            vec![
-                strings((lo..hi).map(|i| format!("r{i}"))),
-                ts((lo..hi).map(t)),
-                strings((lo..hi).map(|i| format!("S{:04}", key(i % keys).0))),
-                strings((lo..hi).map(|i| format!("R{i}"))),
-                strings((lo..hi).map(|i| {
-                    let m = member(i);
-                    if local(m) {
-                        format!("S{:04}-L{m}", key(m % keys).0)
-                    } else {
-                        format!("M{m:07}")
-                    }
-                })),
-                Arc::new(StringArray::from(vec![Some("pos"); n])),
-                Arc::new(Int32Array::from(vec![0; n])),
-                strings((lo..hi).map(|i| format!("P{:04}", key(i % keys).1))),
-                Arc::new(Int64Array::from_iter_values(
-                    (lo..hi).map(|i| 1 + (i % 3) as i64),
-                )),
-                Arc::new(
-                    Decimal128Array::from_iter_values(
-                        (lo..hi).map(|i| 10_000 + (i % 50) as i128 * 1000),
-                    )
-                    .with_precision_and_scale(18, 4)
-                    .expect("decimal"),
-                ),
-                Arc::new(
-                    Decimal128Array::from(vec![None; n])
-                        .with_precision_and_scale(18, 4)
-                        .expect("decimal"),
-                ),
-            ],
-        )
-        .expect("sales");
+        let b = sale_batch(
+            lo..hi,
+            t,
+            |i| format!("S{:04}", key(i % keys).0),
+            |i| format!("P{:04}", key(i % keys).1),
+            |i| {
+                let m = member(i);
+                if local(m) {
+                    format!("S{:04}-L{m}", key(m % keys).0)
+                } else {
+                    format!("M{m:07}")
+                }
+            },
+        );
         seq += 1;
         rows += n;
         e.apply(batch_msg(StreamKind::Sales, b, n, seq), 0)
@@ -392,8 +476,12 @@ async fn at_scale(keys: usize, runs: usize, refresh: Option<Duration>) {
                 .expect("apply");
         }
     }
-    finish(&mut e).await;
     let ingest = started.elapsed().as_secs_f64();
+    if refresh.is_none() {
+        let trickle = env("BENCH_RETAIL_TRICKLE", 2_000);
+        checkpoints_at_scale(&mut e, start + 3 * day, trickle, key, &mut seq).await;
+    }
+    finish(&mut e).await;
     let groups = |name: &str| {
         e.views()
             .iter()

@@ -175,7 +175,14 @@ impl<K: Kernel> ReadableGroups for Groups<K> {
 struct Groups<K: Kernel> {
     kernel: K,
     states: Vec<K::State>,
+    /// Heap bytes of `states` (exact: see `merge_batch`).
     heap: usize,
+}
+
+impl<K: Kernel> Groups<K> {
+    fn heap_of_all(&self) -> usize {
+        self.states.iter().map(|s| self.kernel.heap_size(s)).sum()
+    }
 }
 
 fn encode_all<'a, K: Kernel>(
@@ -192,12 +199,16 @@ fn encode_all<'a, K: Kernel>(
     Arc::new(b.finish())
 }
 
+/// Merges encoded states into `states[groups[i]]`; with `heap`, keeps it
+/// the exact heap total of `states` (each merged state's size before is
+/// taken off and its size after added).
 fn merge_encoded<K: Kernel>(
     kernel: &K,
     states: &mut [K::State],
     values: &[ArrayRef],
     groups: &[usize],
     filter: Option<&BooleanArray>,
+    mut heap: Option<&mut usize>,
 ) -> Result<()> {
     let Some(col) = values.first() else {
         return internal_err!("aggregate state: no state column");
@@ -210,7 +221,15 @@ fn merge_encoded<K: Kernel>(
             continue;
         }
         let other = kernel.decode(bin.value(row))?;
-        kernel.merge(&mut states[g], other)?;
+        let state = &mut states[g];
+        match heap.as_deref_mut() {
+            Some(h) => {
+                let before = kernel.heap_size(state);
+                kernel.merge(state, other)?;
+                *h = (*h + kernel.heap_size(state)).saturating_sub(before);
+            }
+            None => kernel.merge(state, other)?,
+        }
     }
     Ok(())
 }
@@ -225,18 +244,21 @@ impl<K: Kernel> GroupsAccumulator for Groups<K> {
     ) -> Result<()> {
         self.states.resize_with(total_num_groups, Default::default);
         self.kernel
-            .update(&mut self.states, values, group_indices, opt_filter)
+            .update(&mut self.states, values, group_indices, opt_filter)?;
+        // Partial (per-batch) states: not held for long, summed once.
+        self.heap = self.heap_of_all();
+        Ok(())
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
         let states = emit_to.take_needed(&mut self.states);
-        self.heap = 0;
+        self.heap = self.heap_of_all();
         self.kernel.evaluate(states)
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         let states = emit_to.take_needed(&mut self.states);
-        self.heap = 0;
+        self.heap = self.heap_of_all();
         Ok(vec![encode_all(&self.kernel, states.iter())])
     }
 
@@ -247,16 +269,16 @@ impl<K: Kernel> GroupsAccumulator for Groups<K> {
         total_num_groups: usize,
     ) -> Result<()> {
         self.states.resize_with(total_num_groups, Default::default);
-        merge_encoded(&self.kernel, &mut self.states, values, group_indices, None)?;
-        // Heap size is estimated lazily: a sample keeps `size()` cheap.
-        let sample = self.states.len().min(64);
-        if let Some(step) = self.states.len().checked_div(sample) {
-            let h: usize = (0..sample)
-                .map(|i| self.kernel.heap_size(&self.states[i * step]))
-                .sum();
-            self.heap = h * self.states.len() / sample;
-        }
-        Ok(())
+        // The heap total is kept exact as states merge (a sample of the
+        // states misjudged a chain's skewed ledgers by half).
+        merge_encoded(
+            &self.kernel,
+            &mut self.states,
+            values,
+            group_indices,
+            None,
+            Some(&mut self.heap),
+        )
     }
 
     fn convert_to_state(
@@ -310,6 +332,7 @@ impl<K: Kernel> Accumulator for Single<K> {
             std::slice::from_mut(&mut self.state),
             states,
             &groups,
+            None,
             None,
         )
     }
@@ -434,5 +457,83 @@ pub(crate) mod codec {
             }
             Ok(n as usize)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::Int64Array;
+
+    use super::*;
+
+    /// Keeps every value seen: a state whose heap grows with its rows.
+    #[derive(Debug)]
+    struct Keep;
+
+    impl Kernel for Keep {
+        type State = Vec<i64>;
+        fn update(
+            &self,
+            states: &mut [Vec<i64>],
+            args: &[ArrayRef],
+            groups: &[usize],
+            _filter: Option<&BooleanArray>,
+        ) -> Result<()> {
+            let v = args[0].as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            for (i, &g) in groups.iter().enumerate() {
+                states[g].push(v.value(i));
+            }
+            Ok(())
+        }
+        fn merge(&self, state: &mut Vec<i64>, other: Vec<i64>) -> Result<()> {
+            state.extend(other);
+            Ok(())
+        }
+        fn encode(&self, state: &Vec<i64>, out: &mut Vec<u8>) {
+            state.iter().for_each(|v| codec::put_i64(out, *v));
+        }
+        fn decode(&self, bytes: &[u8]) -> Result<Vec<i64>> {
+            let mut r = codec::Reader(bytes);
+            (0..bytes.len() / 8).map(|_| r.i64()).collect()
+        }
+        fn evaluate(&self, states: Vec<Vec<i64>>) -> Result<ArrayRef> {
+            Ok(Arc::new(Int64Array::from_iter_values(
+                states.iter().map(|s| s.len() as i64),
+            )))
+        }
+        fn heap_size(&self, state: &Vec<i64>) -> usize {
+            state.capacity() * 8
+        }
+    }
+
+    #[test]
+    fn the_heap_total_stays_exact_as_states_merge_and_drain() {
+        let mut g = Groups {
+            kernel: Keep,
+            states: Vec::new(),
+            heap: 0,
+        };
+        let mut partial = Groups {
+            kernel: Keep,
+            states: Vec::new(),
+            heap: 0,
+        };
+        // A skewed key space: group 0 takes most rows, as a best seller.
+        for round in 0..20i64 {
+            let values: ArrayRef = Arc::new(Int64Array::from_iter_values(0..50));
+            let groups: Vec<usize> = (0..50usize)
+                .map(|i| if i % 5 == 0 { (i / 5) % 4 } else { 0 })
+                .collect();
+            partial.update_batch(&[values], &groups, None, 4).unwrap();
+            assert_eq!(partial.heap, partial.heap_of_all());
+            let state = partial.state(EmitTo::All).unwrap();
+            assert_eq!(partial.heap, 0);
+            let into: Vec<usize> = (0..4).map(|i| (i + round as usize) % 6).collect();
+            g.merge_batch(&state, &into, 6).unwrap();
+            assert_eq!(g.heap, g.heap_of_all(), "round {round}");
+        }
+        assert!(g.heap > 0);
+        g.evaluate(EmitTo::First(2)).unwrap();
+        assert_eq!(g.heap, g.heap_of_all());
     }
 }
