@@ -778,18 +778,19 @@ async fn temps(h: &EngineHandle) -> Vec<String> {
     storepulse_testkit::normalize(&out[0].batches)
 }
 
+/// Checkpoints under `<dir>/checkpoints`, the newest `keep` kept.
+fn checkpoints_keeping(dir: &std::path::Path, keep: usize) -> storepulse_lake::CheckpointStore {
+    let cfg = storepulse_lake::CheckpointConfig {
+        keep,
+        ..Default::default()
+    };
+    storepulse_lake::CheckpointStore::open(&cfg, dir).unwrap()
+}
+
 #[tokio::test]
 async fn checkpoints_keep_the_newest_and_skip_incomplete_or_damaged_ones() {
-    use storepulse_lake::{CheckpointConfig, CheckpointStore};
     let dir = tempfile::tempdir().unwrap();
-    let store = CheckpointStore::open(
-        &CheckpointConfig {
-            keep: 2,
-            ..Default::default()
-        },
-        dir.path(),
-    )
-    .unwrap();
+    let store = checkpoints_keeping(dir.path(), 2);
     let h = engine().await;
     let mut states = Vec::new();
     for i in 0..4u64 {
@@ -852,16 +853,8 @@ async fn take(
 
 #[tokio::test]
 async fn incremental_checkpoints_write_what_changed_and_restore_through_their_chains() {
-    use storepulse_lake::{CheckpointConfig, CheckpointStore};
     let dir = tempfile::tempdir().unwrap();
-    let store = CheckpointStore::open(
-        &CheckpointConfig {
-            keep: 2,
-            ..Default::default()
-        },
-        dir.path(),
-    )
-    .unwrap();
+    let store = checkpoints_keeping(dir.path(), 2);
     let root = dir.path().join("checkpoints");
     let h = engine().await;
     // 200 devices, then rounds that each touch 3 of them.
