@@ -281,7 +281,8 @@ impl CheckpointStore {
             for view in deltas {
                 let Some(chain) = prev.as_ref().and_then(|p| p.chain_for_next(view)) else {
                     return Err(LakeError::Config(format!(
-                        "checkpoint {id}: view {view} is written as a delta, but the newest                          checkpoint in {} has no image of it to build on",
+                        "checkpoint {id}: view {view} is written as a delta, but the newest checkpoint \
+                         in {} has no image of it to build on",
                         self.url()
                     )));
                 };

@@ -952,7 +952,8 @@ async fn a_delta_without_an_image_to_build_on_is_refused() {
     // Another root has no image of the view: the write names it.
     let err = open("b").write(&cp, None).await.unwrap_err().to_string();
     assert!(
-        err.contains("view temps") && err.contains("no image of it"),
+        err.contains("view temps is written as a delta, but the newest checkpoint in")
+            && err.contains("has no image of it to build on"),
         "{err}"
     );
 }
