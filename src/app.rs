@@ -480,11 +480,16 @@ async fn shut_down(
         if let (Some(groups), Some(bytes)) = (v.groups, v.state_bytes) {
             tracing::info!(
                 view = %v.name, groups, state_bytes = bytes,
-                bytes_per_group = bytes.checked_div(groups).unwrap_or(0), "view state"
+                bytes_per_group = bytes.checked_div(groups).unwrap_or(0),
+                output_bytes = v.output_bytes.unwrap_or(0), "view state"
             );
         }
     }
-    tracing::info!(state_bytes = engine.state_bytes(), "engine state");
+    tracing::info!(
+        state_bytes = engine.state_bytes(),
+        output_bytes = engine.output_bytes(),
+        "engine state"
+    );
     Ok(())
 }
 

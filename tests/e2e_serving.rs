@@ -858,6 +858,7 @@ const METRICS: &[&str] = &[
     "storepulse_ingest_dead_letters_total",
     "storepulse_engine_view_state_bytes",
     "storepulse_engine_view_groups",
+    "storepulse_engine_view_output_bytes",
     "storepulse_engine_batch_duration_seconds_bucket",
     "storepulse_alerts_notifications_total",
     "storepulse_alerts_active",

@@ -282,11 +282,20 @@ impl EngineCheckpoint {
     /// The checkpoint as `(relative path, bytes)` files; [`META_FILE`]
     /// first.
     pub fn encode(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut out = Vec::with_capacity(self.views.len() + self.dedup.len() + 2);
-        let meta = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| corrupt(format!("encoding {META_FILE}: {e}")))?;
-        out.push((META_FILE.to_string(), meta));
-        for (v, m) in self.views.iter().zip(&self.meta.views) {
+        self.files().collect()
+    }
+
+    /// The files of [`Self::encode`], each encoded when the iterator
+    /// reaches it: a writer that stores each before taking the next holds
+    /// one file's bytes at a time, not the whole checkpoint's (at chain
+    /// size a view's file is hundreds of MB).
+    pub fn files(&self) -> impl Iterator<Item = Result<(String, Vec<u8>)>> + '_ {
+        let meta = std::iter::once_with(|| {
+            let meta = serde_json::to_vec_pretty(&self.meta)
+                .map_err(|e| corrupt(format!("encoding {META_FILE}: {e}")))?;
+            Ok((META_FILE.to_string(), meta))
+        });
+        let views = self.views.iter().zip(&self.meta.views).map(|(v, m)| {
             let [batch] = v.parts.as_slice() else {
                 return Err(corrupt(format!(
                     "view {}: {} parts to write, expected 1",
@@ -294,22 +303,24 @@ impl EngineCheckpoint {
                     v.parts.len()
                 )));
             };
-            out.push((
+            Ok((
                 view_file(&v.name, m.delta),
                 ipc(&batch.schema(), std::slice::from_ref(batch))?,
-            ));
-        }
-        for (stream, batch) in &self.dedup {
-            out.push((
+            ))
+        });
+        let dedup = self.dedup.iter().map(|(stream, batch)| {
+            Ok((
                 dedup_file(stream),
                 ipc(&batch.schema(), std::slice::from_ref(batch))?,
-            ));
-        }
-        out.push((
-            LATE_FILE.to_string(),
-            ipc(&crate::late::late_events_schema(), &self.late)?,
-        ));
-        Ok(out)
+            ))
+        });
+        let late = std::iter::once_with(|| {
+            Ok((
+                LATE_FILE.to_string(),
+                ipc(&crate::late::late_events_schema(), &self.late)?,
+            ))
+        });
+        meta.chain(views).chain(dedup).chain(late)
     }
 
     /// Reads a checkpoint back from the files [`Self::encode`] wrote. A

@@ -86,7 +86,8 @@ impl Deduplicator {
 
     /// Approximate memory held, in bytes.
     pub fn size(&self) -> usize {
-        self.seen.capacity() * (16 + 8 + 1)
+        // An entry is 32 bytes, not 24: u128 is 16-byte aligned.
+        self.seen.capacity() * (std::mem::size_of::<(u128, i64)>() + 1)
     }
 }
 

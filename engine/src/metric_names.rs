@@ -20,6 +20,8 @@ pub const ENGINE_VIEW_EVICTED_GROUPS_TOTAL: &str = "storepulse_engine_view_evict
 pub const ENGINE_VIEW_GROUPS: &str = "storepulse_engine_view_groups";
 /// `storepulse_engine_view_index_lookups_total` (counter), recorded in `refresh.rs`.
 pub const ENGINE_VIEW_INDEX_LOOKUPS_TOTAL: &str = "storepulse_engine_view_index_lookups_total";
+/// `storepulse_engine_view_output_bytes` (gauge), recorded in `engine.rs`.
+pub const ENGINE_VIEW_OUTPUT_BYTES: &str = "storepulse_engine_view_output_bytes";
 /// `storepulse_engine_view_refresh_age_seconds` (gauge), recorded in `query/handle.rs`, `refresh.rs`.
 pub const ENGINE_VIEW_REFRESH_AGE_SECONDS: &str = "storepulse_engine_view_refresh_age_seconds";
 /// `storepulse_engine_view_refresh_seconds` (histogram), recorded in `refresh.rs`.

@@ -798,4 +798,11 @@ impl ContinuousView {
     pub fn state_bytes(&self) -> usize {
         self.state.size()
     }
+
+    /// Bytes of the last evaluated rows (kept for snapshots and queries).
+    pub fn output_bytes(&self) -> usize {
+        self.evaluated.as_ref().map_or(0, |(_, b)| {
+            b.iter().map(|b| b.get_array_memory_size()).sum()
+        })
+    }
 }

@@ -289,11 +289,11 @@ impl CheckpointStore {
                 chains.push((view.to_string(), chain));
             }
         }
-        let files = cp
-            .encode()
-            .map_err(|e| LakeError::Config(format!("checkpoint {id}: {e}")))?;
-        let mut listed = Vec::with_capacity(files.len());
-        for (name, bytes) in files {
+        let mut listed = Vec::new();
+        // One file encoded and stored at a time (see `EngineCheckpoint::files`).
+        for file in cp.files() {
+            let (name, bytes) =
+                file.map_err(|e| LakeError::Config(format!("checkpoint {id}: {e}")))?;
             listed.push((name.clone(), bytes.len() as u64));
             let path = self.lake.path(&format!("{id}/{name}"));
             self.lake

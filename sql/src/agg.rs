@@ -435,6 +435,13 @@ pub(crate) mod codec {
     pub(crate) fn put_f64(out: &mut Vec<u8>, v: f64) {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    /// A zigzag varint: 1 byte for -64..63, at most 10.
+    pub(crate) fn put_var(out: &mut Vec<u8>, v: i64) {
+        use integer_encoding::VarInt;
+        let mut buf = [0u8; 10];
+        let n = v.encode_var(&mut buf);
+        out.extend_from_slice(&buf[..n]);
+    }
 
     /// A cursor over an encoded state.
     pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
@@ -446,6 +453,31 @@ pub(crate) mod codec {
             };
             self.0 = rest;
             Ok(i64::from_le_bytes(*head))
+        }
+        /// A value written by [`put_var`].
+        pub(crate) fn var(&mut self) -> Result<i64> {
+            use integer_encoding::VarInt;
+            let Some((v, n)) = i64::decode_var(self.0) else {
+                return internal_err!("aggregate state: truncated");
+            };
+            self.0 = &self.0[n..];
+            Ok(v)
+        }
+        /// A byte.
+        pub(crate) fn u8(&mut self) -> Result<u8> {
+            let Some((b, rest)) = self.0.split_first() else {
+                return internal_err!("aggregate state: truncated");
+            };
+            self.0 = rest;
+            Ok(*b)
+        }
+        /// A count written by [`put_var`], at most the bytes left.
+        pub(crate) fn var_len(&mut self) -> Result<usize> {
+            let n = self.var()?;
+            if n < 0 || n as usize > self.0.len() {
+                return internal_err!("aggregate state: bad length {n}");
+            }
+            Ok(n as usize)
         }
         pub(crate) fn f64(&mut self) -> Result<f64> {
             Ok(f64::from_bits(self.i64()? as u64))

@@ -53,6 +53,13 @@ use crate::agg::{
 pub const DAY_MS: i64 = 86_400_000;
 const HOUR_MS: f64 = 3_600_000.0;
 
+/// Flag byte of the compact encoding (top bit set: the former layout began
+/// with an 8-byte 0 or 1) and its flags.
+const COMPACT: u8 = 0x80;
+const STARTED: u8 = 1;
+const HAS_COUNT: u8 = 2;
+const DAYS: u8 = 4;
+
 /// Output struct of `stock_ledger`.
 pub fn ledger_fields() -> Fields {
     Fields::from(vec![
@@ -162,53 +169,97 @@ struct Day {
     received: i64,
 }
 
-/// The replay position: everything before `t` has been applied.
+impl Day {
+    /// A day without rows: the level held all day.
+    fn quiet(day: i64, level: i64) -> Self {
+        Day {
+            day,
+            begin: level,
+            end: level,
+            unit_ms: level * DAY_MS,
+            sold: 0,
+            received: 0,
+        }
+    }
+}
+
+/// Per-day figures (`stock_days` only): the day in progress and the closed
+/// days of the window that had rows. A closed day without rows holds the
+/// level all day (the next listed day's `begin`), so it is implied, not
+/// stored: most pairs of a chain sell a few times a year, and the window's
+/// every day stored was 48 bytes a day per pair.
 #[derive(Debug, Clone, Default)]
-struct Cursor {
-    started: bool,
-    t: i64,
-    level: i64,
-    last_count: Option<(i64, i64)>,
+struct Days {
+    /// The day of the first row: no figures before it.
+    first: i64,
     cur: Day,
+    /// Closed days with rows, ascending, inside the window.
     closed: Vec<Day>,
 }
 
+impl Days {
+    /// Every day of the window `[from, cur.day]` from the pair's first
+    /// day on, quiet days included, the day in progress last (as it is).
+    fn expanded(&self, from: i64) -> impl Iterator<Item = Day> + '_ {
+        let from = from.max(self.first);
+        let mut listed = self
+            .closed
+            .iter()
+            .chain(std::iter::once(&self.cur))
+            .skip_while(move |d| d.day < from)
+            .peekable();
+        (from..=self.cur.day).filter_map(move |d| {
+            let next = listed.peek()?;
+            if next.day == d {
+                listed.next().copied()
+            } else {
+                Some(Day::quiet(d, next.begin))
+            }
+        })
+    }
+}
+
+/// The replay position: everything before `t` has been applied.
+#[derive(Debug, Clone, Default)]
+struct Cursor {
+    t: i64,
+    level: i64,
+    /// Time and value of the latest count (when `has_count`).
+    count_ts: i64,
+    count: i64,
+    /// `Some` when the kernel keeps days.
+    days: Option<Box<Days>>,
+    started: bool,
+    has_count: bool,
+}
+
 impl Cursor {
+    fn last_count(&self) -> Option<(i64, i64)> {
+        self.has_count.then_some((self.count_ts, self.count))
+    }
+
     fn advance(&mut self, to: i64, keep: i64) {
-        if keep == 0 {
+        let Some(days) = self.days.as_deref_mut() else {
             self.t = to;
             return;
-        }
+        };
         let to_day = to.div_euclid(DAY_MS);
-        if to_day > self.cur.day {
-            self.cur.unit_ms += self.level * ((self.cur.day + 1) * DAY_MS - self.t);
-            self.cur.end = self.level;
-            self.closed.push(self.cur);
-            // Quiet days in between hold the level all day; only the last
-            // `keep` of them can still be reported.
-            let first_quiet = (self.cur.day + 1).max(to_day - keep);
-            for d in first_quiet..to_day {
-                self.closed.push(Day {
-                    day: d,
-                    begin: self.level,
-                    end: self.level,
-                    unit_ms: self.level * DAY_MS,
-                    sold: 0,
-                    received: 0,
-                });
-            }
-            self.cur = Day {
+        if to_day > days.cur.day {
+            days.cur.unit_ms += self.level * ((days.cur.day + 1) * DAY_MS - self.t);
+            days.cur.end = self.level;
+            days.closed.push(days.cur);
+            days.cur = Day {
                 day: to_day,
                 begin: self.level,
                 ..Day::default()
             };
             self.t = to_day * DAY_MS;
-            let cut = self.closed.partition_point(|d| d.day <= to_day - keep);
+            let cut = days.closed.partition_point(|d| d.day <= to_day - keep);
             if cut > 0 {
-                self.closed.drain(..cut);
+                days.closed.drain(..cut);
             }
         }
-        self.cur.unit_ms += self.level * (to - self.t);
+        days.cur.unit_ms += self.level * (to - self.t);
         self.t = to;
     }
 
@@ -216,47 +267,60 @@ impl Cursor {
         if !self.started {
             self.started = true;
             self.t = e.ts;
-            self.cur = Day {
-                day: e.ts.div_euclid(DAY_MS),
-                ..Day::default()
-            };
+            if keep > 0 {
+                let day = e.ts.div_euclid(DAY_MS);
+                self.days = Some(Box::new(Days {
+                    first: day,
+                    cur: Day {
+                        day,
+                        ..Day::default()
+                    },
+                    closed: Vec::new(),
+                }));
+            }
         } else {
             self.advance(e.ts, keep);
         }
-        self.cur.sold += e.sold;
-        self.cur.received += e.received;
+        if let Some(days) = self.days.as_deref_mut() {
+            days.cur.sold += e.sold;
+            days.cur.received += e.received;
+        }
         if e.is_count {
             self.level = e.value;
-            self.last_count = Some((e.ts, e.value));
+            self.count_ts = e.ts;
+            self.count = e.value;
+            self.has_count = true;
         } else {
             self.level += e.value;
         }
     }
 }
 
-/// Per-group ledger state: a folded prefix and the rows after it.
+/// Per-group ledger state: a folded prefix and the rows after it (80
+/// bytes a pair and the rows of the lateness window; `stock_days` adds its
+/// window's days with rows).
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     base: Cursor,
-    /// Rows before this time are folded into `base` (`i64::MIN`: none).
-    folded_at: i64,
-    /// Largest `floor` seen (`i64::MIN`: none).
+    /// Largest `floor` seen (`i64::MIN`: none); rows before the floor are
+    /// folded into `base` when states merge.
     floor: i64,
     events: Vec<Ev>,
-    sorted: bool,
-    max_ts: i64,
 }
 
 impl Default for Ledger {
     fn default() -> Self {
         Self {
             base: Cursor::default(),
-            folded_at: i64::MIN,
             floor: i64::MIN,
             events: Vec::new(),
-            sorted: true,
-            max_ts: i64::MIN,
         }
+    }
+}
+
+fn sort_rows(events: &mut [Ev]) {
+    if !events.is_sorted_by_key(|e| e.key()) {
+        events.sort_unstable_by_key(|e| e.key());
     }
 }
 
@@ -266,19 +330,19 @@ impl Ledger {
     }
 
     fn push(&mut self, e: Ev) {
-        if self.sorted && self.events.last().is_some_and(|l| l.key() > e.key()) {
-            self.sorted = false;
-        }
-        self.max_ts = self.max_ts.max(e.ts);
         self.events.push(e);
+    }
+
+    /// The time of the latest row.
+    fn max_ts(&self) -> Option<i64> {
+        let rows = self.events.iter().map(|e| e.ts).max();
+        let base = self.base.started.then_some(self.base.t);
+        rows.max(base)
     }
 
     /// Sorts the rows and merges deltas of the same instant.
     fn normalize(&mut self) {
-        if !self.sorted {
-            self.events.sort_unstable_by_key(|e| e.key());
-            self.sorted = true;
-        }
+        sort_rows(&mut self.events);
         let mut out: Vec<Ev> = Vec::with_capacity(self.events.len());
         for e in self.events.drain(..) {
             match out.last_mut() {
@@ -293,12 +357,14 @@ impl Ledger {
         self.events = out;
     }
 
+    /// Folds the rows before the floor into the prefix.
     fn fold(&mut self, keep: i64) {
-        if self.floor <= self.folded_at {
+        let floor = self.floor;
+        if !self.events.iter().any(|e| e.ts < floor) {
             return;
         }
         self.normalize();
-        let n = self.events.partition_point(|e| e.ts < self.floor);
+        let n = self.events.partition_point(|e| e.ts < floor);
         for e in &self.events[..n] {
             self.base.apply(e, keep);
         }
@@ -308,16 +374,13 @@ impl Ledger {
         if self.events.capacity() > 2 * self.events.len() {
             self.events.shrink_to_fit();
         }
-        self.folded_at = self.floor;
     }
 
     /// The cursor after every row.
     fn replay(&self, keep: i64) -> Cursor {
         let mut c = self.base.clone();
         let mut ev = self.events.clone();
-        if !self.sorted {
-            ev.sort_unstable_by_key(|e| e.key());
-        }
+        sort_rows(&mut ev);
         for e in &ev {
             c.apply(e, keep);
         }
@@ -380,119 +443,76 @@ impl Kernel for LedgerKernel {
     }
 
     fn merge(&self, state: &mut Ledger, other: Ledger) -> Result<()> {
-        if state.is_empty() && state.folded_at == i64::MIN {
+        if state.is_empty() {
+            let floor = state.floor;
             *state = other;
-        } else if other.folded_at != i64::MIN || other.base.started {
+            state.floor = state.floor.max(floor);
+        } else if other.base.started {
             return internal_err!("stock ledger: cannot merge two folded states");
         } else {
             state.floor = state.floor.max(other.floor);
-            state.max_ts = state.max_ts.max(other.max_ts);
-            let was_sorted = state.sorted && other.sorted;
-            let boundary_ok = match (state.events.last(), other.events.first()) {
-                (Some(a), Some(b)) => a.key() <= b.key(),
-                _ => true,
-            };
             state.events.extend(other.events);
-            state.sorted = was_sorted && boundary_ok;
         }
         state.fold(self.keep_days);
         Ok(())
     }
 
+    /// Compact: a flag byte, then zigzag varints, times as differences from
+    /// the cursor's (a folded pair with no rows in the lateness window is
+    /// about 15 bytes; the fixed-width layout before it was 128 and stored
+    /// every quiet day). A state whose first byte has the top bit clear is
+    /// in that former layout, and still decodes.
     fn encode(&self, s: &Ledger, out: &mut Vec<u8>) {
-        use codec::put_i64;
+        use codec::put_var;
         let c = &s.base;
-        put_i64(out, c.started as i64);
-        put_i64(out, c.t);
-        put_i64(out, c.level);
-        match c.last_count {
-            Some((t, v)) => {
-                put_i64(out, 1);
-                put_i64(out, t);
-                put_i64(out, v);
-            }
-            None => put_i64(out, 0),
+        let mut flags = COMPACT;
+        if c.started {
+            flags |= STARTED;
         }
+        if c.has_count {
+            flags |= HAS_COUNT;
+        }
+        if c.days.is_some() {
+            flags |= DAYS;
+        }
+        out.push(flags);
+        put_var(out, c.t);
+        put_var(out, c.level);
+        if c.has_count {
+            put_var(out, c.t.wrapping_sub(c.count_ts));
+            put_var(out, c.count);
+        }
+        put_var(out, s.floor.wrapping_sub(c.t));
         let put_day = |out: &mut Vec<u8>, d: &Day| {
-            for v in [d.day, d.begin, d.end, d.unit_ms, d.sold, d.received] {
-                put_i64(out, v);
+            for v in [d.begin, d.end, d.unit_ms, d.sold, d.received] {
+                put_var(out, v);
             }
         };
-        put_day(out, &c.cur);
-        put_i64(out, c.closed.len() as i64);
-        for d in &c.closed {
-            put_day(out, d);
+        if let Some(days) = c.days.as_deref() {
+            put_var(out, days.cur.day);
+            put_var(out, days.cur.day.wrapping_sub(days.first));
+            put_day(out, &days.cur);
+            put_var(out, days.closed.len() as i64);
+            for d in &days.closed {
+                put_var(out, days.cur.day.wrapping_sub(d.day));
+                put_day(out, d);
+            }
         }
-        put_i64(out, s.folded_at);
-        put_i64(out, s.floor);
-        put_i64(out, s.max_ts);
-        put_i64(out, s.sorted as i64);
-        put_i64(out, s.events.len() as i64);
+        put_var(out, s.events.len() as i64);
         for e in &s.events {
-            put_i64(out, e.ts);
-            put_i64(out, e.is_count as i64);
-            put_i64(out, e.value);
-            put_i64(out, e.sold);
-            put_i64(out, e.received);
+            put_var(out, e.ts.wrapping_sub(c.t));
+            out.push(e.is_count as u8);
+            put_var(out, e.value);
+            put_var(out, e.sold);
+            put_var(out, e.received);
         }
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Ledger> {
-        let mut r = codec::Reader(bytes);
-        let started = r.i64()? != 0;
-        let t = r.i64()?;
-        let level = r.i64()?;
-        let last_count = if r.i64()? != 0 {
-            Some((r.i64()?, r.i64()?))
-        } else {
-            None
-        };
-        let day = |r: &mut codec::Reader<'_>| -> Result<Day> {
-            Ok(Day {
-                day: r.i64()?,
-                begin: r.i64()?,
-                end: r.i64()?,
-                unit_ms: r.i64()?,
-                sold: r.i64()?,
-                received: r.i64()?,
-            })
-        };
-        let cur = day(&mut r)?;
-        let n = r.len()?;
-        let mut closed = Vec::with_capacity(n);
-        for _ in 0..n {
-            closed.push(day(&mut r)?);
+        match bytes.first() {
+            Some(f) if f & COMPACT != 0 => self.decode_compact(bytes),
+            _ => self.decode_former(bytes),
         }
-        let folded_at = r.i64()?;
-        let floor = r.i64()?;
-        let max_ts = r.i64()?;
-        let sorted = r.i64()? != 0;
-        let n = r.len()?;
-        let mut events = Vec::with_capacity(n);
-        for _ in 0..n {
-            events.push(Ev {
-                ts: r.i64()?,
-                is_count: r.i64()? != 0,
-                value: r.i64()?,
-                sold: r.i64()?,
-                received: r.i64()?,
-            });
-        }
-        Ok(Ledger {
-            base: Cursor {
-                started,
-                t,
-                level,
-                last_count,
-                cur,
-                closed,
-            },
-            folded_at,
-            floor,
-            events,
-            sorted,
-            max_ts,
-        })
     }
 
     fn evaluate(&self, states: Vec<Ledger>) -> Result<ArrayRef> {
@@ -511,9 +531,9 @@ impl Kernel for LedgerKernel {
                 last_ts.append_null();
             } else {
                 on_hand.append_value(c.level);
-                last_ts.append_value(c.t.max(s.max_ts));
+                last_ts.append_option(s.max_ts());
             }
-            match c.last_count {
+            match c.last_count() {
                 Some((t, v)) => {
                     count_ts.append_value(t);
                     count.append_value(v);
@@ -538,24 +558,159 @@ impl Kernel for LedgerKernel {
 
     fn heap_size(&self, s: &Ledger) -> usize {
         s.events.capacity() * std::mem::size_of::<Ev>()
-            + s.base.closed.capacity() * std::mem::size_of::<Day>()
+            + s.base.days.as_ref().map_or(0, |d| {
+                std::mem::size_of::<Days>() + d.closed.capacity() * std::mem::size_of::<Day>()
+            })
     }
 }
 
 impl LedgerKernel {
+    fn decode_compact(&self, bytes: &[u8]) -> Result<Ledger> {
+        let mut r = codec::Reader(bytes);
+        let flags = r.u8()?;
+        let started = flags & STARTED != 0;
+        let has_count = flags & HAS_COUNT != 0;
+        let t = r.var()?;
+        let level = r.var()?;
+        let (count_ts, count) = if has_count {
+            (t.wrapping_sub(r.var()?), r.var()?)
+        } else {
+            (0, 0)
+        };
+        let floor = t.wrapping_add(r.var()?);
+        let day = |r: &mut codec::Reader<'_>, day: i64| -> Result<Day> {
+            Ok(Day {
+                day,
+                begin: r.var()?,
+                end: r.var()?,
+                unit_ms: r.var()?,
+                sold: r.var()?,
+                received: r.var()?,
+            })
+        };
+        let days = if flags & DAYS != 0 {
+            let cur_day = r.var()?;
+            let first = cur_day.wrapping_sub(r.var()?);
+            let cur = day(&mut r, cur_day)?;
+            let n = r.var_len()?;
+            let mut closed = Vec::with_capacity(n);
+            for _ in 0..n {
+                let d = cur_day.wrapping_sub(r.var()?);
+                closed.push(day(&mut r, d)?);
+            }
+            Some(Box::new(Days { first, cur, closed }))
+        } else {
+            None
+        };
+        let days = match (days, self.keep_days > 0 && started) {
+            (Some(d), true) => Some(d),
+            (None, false) | (Some(_), false) => None,
+            (None, true) => return internal_err!("stock_days: a state without its days"),
+        };
+        let n = r.var_len()?;
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(Ev {
+                ts: t.wrapping_add(r.var()?),
+                is_count: r.u8()? != 0,
+                value: r.var()?,
+                sold: r.var()?,
+                received: r.var()?,
+            });
+        }
+        Ok(Ledger {
+            base: Cursor {
+                t,
+                level,
+                count_ts,
+                count,
+                days,
+                started,
+                has_count,
+            },
+            floor,
+            events,
+        })
+    }
+
+    /// Decodes the fixed-width layout of checkpoints written before the
+    /// compact one (quiet days were stored, and dropped here).
+    fn decode_former(&self, bytes: &[u8]) -> Result<Ledger> {
+        let mut r = codec::Reader(bytes);
+        let started = r.i64()? != 0;
+        let t = r.i64()?;
+        let level = r.i64()?;
+        let (has_count, count_ts, count) = if r.i64()? != 0 {
+            (true, r.i64()?, r.i64()?)
+        } else {
+            (false, 0, 0)
+        };
+        let day = |r: &mut codec::Reader<'_>| -> Result<Day> {
+            Ok(Day {
+                day: r.i64()?,
+                begin: r.i64()?,
+                end: r.i64()?,
+                unit_ms: r.i64()?,
+                sold: r.i64()?,
+                received: r.i64()?,
+            })
+        };
+        let cur = day(&mut r)?;
+        let n = r.len()?;
+        let mut closed = Vec::new();
+        let mut first = cur.day;
+        for i in 0..n {
+            let d = day(&mut r)?;
+            if i == 0 {
+                first = d.day;
+            }
+            if d != Day::quiet(d.day, d.begin) {
+                closed.push(d);
+            }
+        }
+        let days = (started && self.keep_days > 0).then(|| {
+            closed.shrink_to_fit();
+            Box::new(Days { first, cur, closed })
+        });
+        let _folded_at = r.i64()?;
+        let floor = r.i64()?;
+        let _max_ts = r.i64()?;
+        let _sorted = r.i64()?;
+        let n = r.len()?;
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(Ev {
+                ts: r.i64()?,
+                is_count: r.i64()? != 0,
+                value: r.i64()?,
+                sold: r.i64()?,
+                received: r.i64()?,
+            });
+        }
+        Ok(Ledger {
+            base: Cursor {
+                t,
+                level,
+                count_ts,
+                count,
+                days,
+                started,
+                has_count,
+            },
+            floor,
+            events,
+        })
+    }
+
     fn evaluate_days(&self, states: Vec<Ledger>) -> Result<ArrayRef> {
         let mut b = struct_list_builder(day_fields());
         for s in &states {
             let mut c = s.replay(self.keep_days);
-            if c.started {
+            if let Some(days) = c.days.as_deref_mut() {
                 // The last day runs to its end at the final level.
-                c.cur.unit_ms += c.level * ((c.cur.day + 1) * DAY_MS - c.t);
-                c.cur.end = c.level;
-                let first = c.cur.day - self.keep_days + 1;
-                for d in c.closed.iter().chain(std::iter::once(&c.cur)) {
-                    if d.day < first {
-                        continue;
-                    }
+                days.cur.unit_ms += c.level * ((days.cur.day + 1) * DAY_MS - c.t);
+                days.cur.end = c.level;
+                for d in days.expanded(days.cur.day - self.keep_days + 1) {
                     let sb = b.values();
                     sb.field_builder::<TimestampMillisecondBuilder>(0)
                         .expect("day")
@@ -624,7 +779,13 @@ mod tests {
 
     fn outputs(k: &LedgerKernel, l: &Ledger) -> (Vec<u8>, String) {
         let c = l.replay(k.keep_days);
-        let summary = format!("{} {} {:?} {}", c.started, c.level, c.last_count, l.max_ts);
+        let summary = format!(
+            "{} {} {:?} {:?}",
+            c.started,
+            c.level,
+            c.last_count(),
+            l.max_ts()
+        );
         let days = k.evaluate(vec![l.clone()]).unwrap();
         let mut buf = Vec::new();
         buf.extend_from_slice(format!("{days:?}").as_bytes());
@@ -639,14 +800,16 @@ mod tests {
         fn folding_at_the_floor_is_exact(
             rows in proptest::collection::vec((0i64..400, 0u8..3, -5i64..60), 1..120),
             cuts in proptest::collection::vec(0usize..120, 0..6),
-            days in prop_oneof![Just(0i64), Just(3i64)],
+            days in prop_oneof![Just(0i64), Just(3i64), Just(8i64)],
+            // 15 minutes (rows span ~4 days) or 3 hours (~50 days, with
+            // quiet days between rows and days leaving the window).
+            unit in prop_oneof![Just(900_000i64), Just(10_800_000i64)],
         ) {
-            // Time unit: 15 minutes, so rows span ~4 days.
-            let evs: Vec<Ev> = rows.iter().map(|(t, k, v)| ev(t * 900_000, *k, *v)).collect();
+            let evs: Vec<Ev> = rows.iter().map(|(t, k, v)| ev(t * unit, *k, *v)).collect();
             let k = LedgerKernel { keep_days: days };
             let all = state(&evs, i64::MIN);
             // Split by time into ascending windows; floor = start of the next window.
-            let mut bounds: Vec<i64> = cuts.iter().map(|c| (*c as i64) * 900_000 * 4).collect();
+            let mut bounds: Vec<i64> = cuts.iter().map(|c| (*c as i64) * unit * 4).collect();
             bounds.sort();
             bounds.dedup();
             let mut merged = Ledger::default();
@@ -673,9 +836,146 @@ mod tests {
         let mut l = state(&[ev(200, 0, 4), ev(300, 2, 1)], i64::MIN);
         k.merge(&mut l, state(&[ev(100, 0, 50)], i64::MIN)).unwrap();
         let c = l.replay(0);
-        assert_eq!((c.level, c.last_count), (3, Some((200, 4))));
+        assert_eq!((c.level, c.last_count()), (3, Some((200, 4))));
         // A delta at the count's instant is taken as included in the count.
         k.merge(&mut l, state(&[ev(200, 2, 2)], i64::MIN)).unwrap();
         assert_eq!(l.replay(0).level, 3);
+    }
+
+    /// The days the ledger outputs, as `(day, begin, end, unit_ms, sold, received)`.
+    fn day_rows(k: &LedgerKernel, l: &Ledger) -> Vec<(i64, i64, i64, i64, i64, i64)> {
+        let mut c = l.replay(k.keep_days);
+        let Some(days) = c.days.as_deref_mut() else {
+            return Vec::new();
+        };
+        days.cur.unit_ms += c.level * ((days.cur.day + 1) * DAY_MS - c.t);
+        days.cur.end = c.level;
+        days.expanded(days.cur.day - k.keep_days + 1)
+            .map(|d| (d.day, d.begin, d.end, d.unit_ms, d.sold, d.received))
+            .collect()
+    }
+
+    #[test]
+    fn a_long_tail_pair_keeps_only_its_days_with_rows() {
+        // A count of 10 on day 0, then one unit sold at noon every 10th day
+        // for 100 days, folded as it goes: 14 days are reported, but only
+        // the days that had rows are held.
+        let k = LedgerKernel { keep_days: 14 };
+        let mut l = Ledger::default();
+        k.merge(&mut l, state(&[ev(0, 0, 10)], i64::MIN)).unwrap();
+        for d in 1..=10 {
+            let t = d * 10 * DAY_MS + DAY_MS / 2;
+            k.merge(&mut l, state(&[ev(t, 2, 1)], t + 1)).unwrap();
+        }
+        assert!(l.events.is_empty(), "every row folded");
+        let days = l.base.days.as_deref().unwrap();
+        // Day 100 in progress; day 90 is the only closed day with a row.
+        assert_eq!(days.cur.day, 100);
+        assert_eq!(days.closed.iter().map(|d| d.day).collect::<Vec<_>>(), [90]);
+        assert_eq!(
+            k.heap_size(&l),
+            std::mem::size_of::<Days>() + days.closed.capacity() * std::mem::size_of::<Day>()
+        );
+        let rows = day_rows(&k, &l);
+        assert_eq!(rows.len(), 14);
+        assert_eq!(rows[0].0, 87);
+        // Days 87..89 hold 2 units (10 - 8 sold), day 90 sells one at noon,
+        // days 91..99 hold 1, day 100 sells the last at noon.
+        assert_eq!(rows[0], (87, 2, 2, 2 * DAY_MS, 0, 0));
+        assert_eq!(rows[3], (90, 2, 1, DAY_MS + DAY_MS / 2, 1, 0));
+        assert_eq!(rows[4], (91, 1, 1, DAY_MS, 0, 0));
+        assert_eq!(rows[13], (100, 1, 0, DAY_MS / 2, 1, 0));
+    }
+
+    #[test]
+    fn checkpoints_of_the_former_layout_restore() {
+        // The layout stored every day of the window, quiet days included,
+        // and the per-day fields of `stock_ledger` too. This is what it
+        // wrote for: count 5 on day 0 at 00:00, 2 sold on day 2 at 12:00,
+        // a count of 3 at the start of day 3, keep 3.
+        use codec::put_i64;
+        let mut b = Vec::new();
+        for v in [1, 3 * DAY_MS, 3, 1, 3 * DAY_MS, 3] {
+            put_i64(&mut b, v);
+        }
+        // cur: day 3, begin 3, end 0, unit_ms 0 (nothing yet), sold 0, received 0
+        for v in [3, 3, 0, 0, 0, 0] {
+            put_i64(&mut b, v);
+        }
+        put_i64(&mut b, 2);
+        // day 1 (quiet at 5), day 2 (sold 2 at noon)
+        for v in [1, 5, 5, 5 * DAY_MS, 0, 0, 2, 5, 3, 4 * DAY_MS, 2, 0] {
+            put_i64(&mut b, v);
+        }
+        // folded_at, floor, max_ts, sorted, no rows
+        for v in [3 * DAY_MS, 3 * DAY_MS, 3 * DAY_MS, 1, 0] {
+            put_i64(&mut b, v);
+        }
+        let k = LedgerKernel { keep_days: 3 };
+        let l = k.decode(&b).unwrap();
+        assert_eq!(
+            l.base.days.as_deref().unwrap().closed.len(),
+            1,
+            "quiet day 1 is implied"
+        );
+        assert_eq!(
+            day_rows(&k, &l),
+            [
+                (1, 5, 5, 5 * DAY_MS, 0, 0),
+                (2, 5, 3, 4 * DAY_MS, 2, 0),
+                (3, 3, 3, 3 * DAY_MS, 0, 0),
+            ]
+        );
+        // Written again, it is the compact layout, and reads back the same.
+        let mut again = Vec::new();
+        k.encode(&l, &mut again);
+        assert_ne!(again[0] & COMPACT, 0);
+        assert!(
+            again.len() * 3 < b.len(),
+            "{} vs {} bytes",
+            again.len(),
+            b.len()
+        );
+        let back = k.decode(&again).unwrap();
+        assert_eq!(day_rows(&k, &back), day_rows(&k, &l));
+        assert_eq!(back.base.last_count(), l.base.last_count());
+        // `stock_ledger` holds no days at all.
+        let k0 = LedgerKernel { keep_days: 0 };
+        let l0 = k0.decode(&b).unwrap();
+        assert!(l0.base.days.is_none());
+        assert_eq!(
+            (l0.base.level, l0.base.last_count()),
+            (3, Some((3 * DAY_MS, 3)))
+        );
+    }
+
+    #[test]
+    fn a_folded_pair_encodes_in_a_few_bytes() {
+        // A pair counted once and sold since, everything folded: what most
+        // of a chain's pairs are at a checkpoint.
+        let k = LedgerKernel { keep_days: 0 };
+        let t0 = 1_767_225_600_000; // 2026-01-01
+        let mut l = Ledger::default();
+        k.merge(&mut l, state(&[ev(t0, 0, 24)], i64::MIN)).unwrap();
+        let t1 = t0 + 40 * DAY_MS;
+        k.merge(&mut l, state(&[ev(t1, 2, 3)], t1 + 3_600_000))
+            .unwrap();
+        let mut b = Vec::new();
+        k.encode(&l, &mut b);
+        assert!(b.len() <= 24, "{} bytes", b.len());
+        let back = k.decode(&b).unwrap();
+        assert_eq!(outputs(&k, &back), outputs(&k, &l));
+        assert_eq!(back.floor, l.floor);
+        // Truncated, it is an error, not a wrong state.
+        for cut in 0..b.len() {
+            assert!(k.decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_ledger_is_compact() {
+        // 80 bytes a pair inline (it was 176): the per-day fields live
+        // behind a pointer that `stock_ledger` leaves empty.
+        assert_eq!(std::mem::size_of::<Ledger>(), 80);
     }
 }

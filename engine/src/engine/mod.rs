@@ -83,6 +83,9 @@ pub struct ViewInfo {
     pub groups: Option<usize>,
     /// Approximate state size in bytes (materialized views).
     pub state_bytes: Option<usize>,
+    /// Bytes of the view's last evaluated rows, which snapshots and
+    /// queries read (materialized views; 0 before the first read).
+    pub output_bytes: Option<usize>,
     /// The defining SQL.
     pub sql: Option<String>,
 }
@@ -486,6 +489,8 @@ impl Engine {
                 .set(v.groups() as f64);
             metrics::gauge!(crate::metric_names::ENGINE_VIEW_STATE_BYTES, "view" => v.name.clone())
                 .set(v.state_bytes() as f64);
+            metrics::gauge!(crate::metric_names::ENGINE_VIEW_OUTPUT_BYTES, "view" => v.name.clone())
+                .set(v.output_bytes() as f64);
         }
     }
 
@@ -506,9 +511,15 @@ impl Engine {
                 columns: columns(&v.output_schema),
                 groups: Some(v.groups()),
                 state_bytes: Some(v.state_bytes()),
+                output_bytes: Some(v.output_bytes()),
                 sql: Some(v.sql.clone()),
             })
             .collect()
+    }
+
+    /// Bytes of the views' last evaluated rows (see [`ViewInfo::output_bytes`]).
+    pub fn output_bytes(&self) -> usize {
+        self.views.iter().map(|v| v.output_bytes()).sum()
     }
 
     /// Total state held by all views, in bytes.

@@ -23,7 +23,8 @@ pub(super) async fn views(State(app): State<AppState>) -> Response {
             json!({
                 "name": v.name, "kind": v.kind, "streams": v.streams,
                 "columns": v.columns.iter().map(|(n, t)| json!({"name": n, "type": t})).collect::<Vec<_>>(),
-                "groups": v.groups, "state_bytes": v.state_bytes, "sql": v.sql,
+                "groups": v.groups, "state_bytes": v.state_bytes,
+                "output_bytes": v.output_bytes, "sql": v.sql,
             })
         })
         .collect();
