@@ -198,10 +198,11 @@ struct Days {
 }
 
 impl Days {
-    /// Every day of the window `[from, cur.day]` from the pair's first
-    /// day on, quiet days included, the day in progress last (as it is).
-    fn expanded(&self, from: i64) -> impl Iterator<Item = Day> + '_ {
-        let from = from.max(self.first);
+    /// Every day of the last `keep` up to the day in progress, from the
+    /// pair's first day on, quiet days included, the day in progress last
+    /// (as it is).
+    fn window(&self, keep: i64) -> impl Iterator<Item = Day> + '_ {
+        let from = (self.cur.day - keep + 1).max(self.first);
         let mut listed = self
             .closed
             .iter()
@@ -236,6 +237,15 @@ struct Cursor {
 impl Cursor {
     fn last_count(&self) -> Option<(i64, i64)> {
         self.has_count.then_some((self.count_ts, self.count))
+    }
+
+    /// The per-day figures as `stock_days` reports them: the day in
+    /// progress runs to its end at the final level (after the last row).
+    fn finish_days(&mut self) -> Option<&Days> {
+        let days = self.days.as_deref_mut()?;
+        days.cur.unit_ms += self.level * ((days.cur.day + 1) * DAY_MS - self.t);
+        days.cur.end = self.level;
+        Some(days)
     }
 
     fn advance(&mut self, to: i64, keep: i64) {
@@ -706,11 +716,8 @@ impl LedgerKernel {
         let mut b = struct_list_builder(day_fields());
         for s in &states {
             let mut c = s.replay(self.keep_days);
-            if let Some(days) = c.days.as_deref_mut() {
-                // The last day runs to its end at the final level.
-                days.cur.unit_ms += c.level * ((days.cur.day + 1) * DAY_MS - c.t);
-                days.cur.end = c.level;
-                for d in days.expanded(days.cur.day - self.keep_days + 1) {
+            if let Some(days) = c.finish_days() {
+                for d in days.window(self.keep_days) {
                     let sb = b.values();
                     sb.field_builder::<TimestampMillisecondBuilder>(0)
                         .expect("day")
@@ -845,12 +852,10 @@ mod tests {
     /// The days the ledger outputs, as `(day, begin, end, unit_ms, sold, received)`.
     fn day_rows(k: &LedgerKernel, l: &Ledger) -> Vec<(i64, i64, i64, i64, i64, i64)> {
         let mut c = l.replay(k.keep_days);
-        let Some(days) = c.days.as_deref_mut() else {
+        let Some(days) = c.finish_days() else {
             return Vec::new();
         };
-        days.cur.unit_ms += c.level * ((days.cur.day + 1) * DAY_MS - c.t);
-        days.cur.end = c.level;
-        days.expanded(days.cur.day - k.keep_days + 1)
+        days.window(k.keep_days)
             .map(|d| (d.day, d.begin, d.end, d.unit_ms, d.sold, d.received))
             .collect()
     }
