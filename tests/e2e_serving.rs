@@ -495,6 +495,13 @@ async fn connect(
     Ok(client)
 }
 
+/// The server's whole message (tokio-postgres' `Display` says only `db error`).
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| format!("{}: {}", d.code().code(), d.message()))
+        .unwrap_or_else(|| e.to_string())
+}
+
 fn sqlstate(e: &tokio_postgres::Error) -> Option<SqlState> {
     e.as_db_error().map(|d| d.code().clone())
 }
@@ -558,10 +565,17 @@ async fn pgwire(http: &Http, addr: &str, cities: &[String]) {
     }
     let pg = pg;
     let e = pg.simple_query("FETCH 1 FROM risk").await.unwrap_err();
-    assert_eq!(sqlstate(&e), Some(SqlState::INVALID_CURSOR_NAME), "{e}");
+    assert_eq!(
+        sqlstate(&e),
+        Some(SqlState::INVALID_CURSOR_NAME),
+        "{}",
+        db_message(&e)
+    );
     // A cursor's rows are held in the serving memory pool (memory_limit
-    // 256 MiB here): cursors of ~90 MB each stop fitting with 53200, and
-    // closing one makes room again.
+    // 256 MiB here; the query's reservation is handed to the cursor, so the
+    // rows count once): cursors of ~90 MB each stop fitting with 53200, and
+    // closing one makes room again. (A failure prints the pool's top
+    // consumers: the server's message names them.)
     let big = "SELECT repeat('x', 30000) AS s FROM range(3000)";
     let mut open = 0;
     let full = loop {
@@ -574,8 +588,13 @@ async fn pgwire(http: &Http, addr: &str, cities: &[String]) {
         }
         assert!(open < 6, "{open} cursors of ~90 MB within 256 MiB");
     };
-    assert!(open >= 1, "one cursor fits: {full}");
-    assert_eq!(sqlstate(&full), Some(SqlState::OUT_OF_MEMORY), "{full}");
+    assert!(open >= 1, "one cursor fits: {}", db_message(&full));
+    assert_eq!(
+        sqlstate(&full),
+        Some(SqlState::OUT_OF_MEMORY),
+        "{}",
+        db_message(&full)
+    );
     pg.simple_query("CLOSE m0").await.unwrap();
     pg.simple_query(&format!("DECLARE again CURSOR FOR {big}"))
         .await

@@ -163,7 +163,16 @@ impl QueryOutput {
 
 /// Holds a result's memory reservation; dropping it gives the memory back.
 #[derive(Debug, Default)]
-pub struct ResultMemory(#[allow(dead_code)] Option<Arc<MemoryReservation>>);
+pub struct ResultMemory(Option<Arc<MemoryReservation>>);
+
+impl ResultMemory {
+    /// The reservation itself, for whoever keeps the rows longer than the
+    /// response (a cursor): `None` when the rows are not counted in a pool.
+    /// Handing it over keeps the rows counted once, never twice.
+    pub fn into_reservation(self) -> Option<MemoryReservation> {
+        self.0.and_then(|m| Arc::try_unwrap(m).ok())
+    }
+}
 
 /// Bytes of `b`'s rows (slices count only their own range, not the whole
 /// buffers they share with the view's state).

@@ -26,12 +26,14 @@ pub(super) struct Cursor {
 }
 
 impl Cursor {
-    /// A cursor over `batches`, reserving their memory in `pool`; 53200
-    /// if the pool cannot hold them.
+    /// A cursor over `batches`, taking over the query's reservation of
+    /// their memory (`result`; the rows stay counted once) or reserving it
+    /// in `pool`; 53200 if the pool cannot hold them.
     pub(super) fn new(
         name: &str,
         schema: SchemaRef,
         batches: Vec<RecordBatch>,
+        result: storepulse_engine::ResultMemory,
         pool: &Arc<dyn MemoryPool>,
     ) -> PgWireResult<Cursor> {
         let rows: VecDeque<(RecordBatch, usize)> = batches
@@ -41,9 +43,13 @@ impl Cursor {
                 (b, bytes)
             })
             .collect();
-        let memory = MemoryConsumer::new(format!("pgwire cursor {name}")).register(pool);
+        let total = rows.iter().map(|(_, n)| n).sum();
+        let memory = match result.into_reservation() {
+            Some(held) => held,
+            None => MemoryConsumer::new(format!("pgwire cursor {name}")).register(pool),
+        };
         memory
-            .try_grow(rows.iter().map(|(_, n)| n).sum())
+            .try_resize(total)
             .map_err(|e| pg_error(&EngineError::from(e)))?;
         Ok(Cursor {
             schema,

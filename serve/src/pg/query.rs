@@ -126,7 +126,8 @@ impl ServeHook {
             let plan = self.plan(&stmt, ctx).await?;
             let out = self.execute(plan, &self.request_limits(client)).await?;
             let pool = ctx.runtime_env().memory_pool.clone();
-            let cursor = Cursor::new(&name.value, out.schema, out.batches, &pool)?;
+            let (schema, batches, memory) = out.into_parts();
+            let cursor = Cursor::new(&name.value, schema, batches, memory, &pool)?;
             self.cursors
                 .declare(client.socket_addr(), &name.value, cursor)?;
         }
