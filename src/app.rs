@@ -145,6 +145,14 @@ pub(crate) async fn serve(
     if let Some(t) = alert_task {
         let _ = t.await;
     }
+    // What alerting cost in this run (the same figures as the health's
+    // `alerts.rules`).
+    for h in alerts.iter().flat_map(|m| m.rule_health()) {
+        tracing::info!(
+            rule = %h.name, evaluations = h.evaluations, failures = h.consecutive_failures,
+            seconds = h.evaluation_seconds, last_ms = h.last_duration_ms, "alert rule totals"
+        );
+    }
     let result = match finished {
         Some(r) => r,
         None => pipeline_task.await.context("pipeline task panicked")?,

@@ -882,6 +882,7 @@ const METRICS: &[&str] = &[
     "storepulse_alerts_notifications_total",
     "storepulse_alerts_active",
     "storepulse_alerts_evaluations_total",
+    "storepulse_alerts_evaluation_duration_seconds_count",
     "storepulse_query_duration_seconds_bucket",
     "storepulse_query_errors_total",
     "storepulse_http_auth_failures_total",

@@ -4,8 +4,9 @@
 //! * Evaluation: every rule on its `every` timer, and also when the engine
 //!   reports applied batches (so an urgent condition fires within about
 //!   `min_interval` of the event), never more often than `min_interval` per
-//!   rule, nor than nine times the rule's last evaluation time (alerting
-//!   over thousands of keys must not starve ingestion). Evaluation reads a
+//!   rule, nor (timer included) than nine times the rule's last evaluation
+//!   time apart: alerting over millions of keys must not starve ingestion
+//!   (a rule that takes 4 s is evaluated every 36 s, whatever its `every`). Evaluation reads a
 //!   snapshot like any query; it never holds the engine while sinks
 //!   deliver.
 //! * Persistence: notifications are committed to the outbox together with
@@ -46,6 +47,12 @@ use crate::{
 /// Data-triggered evaluations of a rule are at least this many times its
 /// last evaluation's duration apart (see `AlertManager::run`).
 const EVAL_GAP_FACTOR: u32 = 9;
+
+/// Time from the start of a timed evaluation to the next one: the rule's
+/// `every`, or `EVAL_GAP_FACTOR` times what the evaluation took if longer.
+fn timer_gap(every: Duration, took: Duration) -> Duration {
+    every.max(took * EVAL_GAP_FACTOR)
+}
 
 /// Alerting failures.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +140,10 @@ pub struct RuleHealth {
     pub failing_since_ms: Option<i64>,
     /// The last failure's message (kept after recovery).
     pub last_error: Option<String>,
+    /// What the last evaluation took (query and lifecycle), in ms.
+    pub last_duration_ms: u64,
+    /// Time spent evaluating since start, in seconds.
+    pub evaluation_seconds: f64,
 }
 
 impl RuleHealth {
@@ -380,9 +391,16 @@ impl AlertManager {
         i: usize,
         clock: Option<i64>,
     ) -> Result<Vec<Notification>, AlertError> {
+        let started = Instant::now();
         let result = self.evaluate_once(i, clock).await;
+        let took = started.elapsed();
+        metrics::histogram!(crate::metric_names::ALERTS_EVALUATION_DURATION_SECONDS,
+            "rule" => self.rules[i].name.clone())
+        .record(took.as_secs_f64());
         let mut all = self.rule_health.lock().expect("not poisoned");
         let h = &mut all[i];
+        h.last_duration_ms = took.as_millis() as u64;
+        h.evaluation_seconds += took.as_secs_f64();
         match &result {
             Ok(_) => {
                 h.evaluations += 1;
@@ -639,11 +657,15 @@ impl AlertManager {
         let mut last: Vec<Option<Instant>> = vec![None; n];
         // New data since the rule's last evaluation.
         let mut dirty = vec![false; n];
-        // What the rule's last evaluation took: data-triggered evaluations
-        // of a rule keep at least `EVAL_GAP_FACTOR` times that apart, so a
-        // rule over thousands of keys spends at most a tenth of a core and
-        // does not starve ingestion (`min_interval` is the floor).
+        // What the rule's last evaluation took: evaluations of a rule keep
+        // at least `EVAL_GAP_FACTOR` times that apart, data-triggered ones
+        // (`min_interval` is the floor) and timed ones (`every` is the
+        // floor), so a rule over millions of keys spends at most a tenth of
+        // a core and does not starve ingestion.
         let mut cost = vec![Duration::ZERO; n];
+        // Whether the rule's timer is stretched past `every` (logged when
+        // that starts and stops).
+        let mut stretched = vec![false; n];
         let gate = |last: Option<Instant>, cost: Duration| {
             last.map_or(start, |t| {
                 t + self.cfg.min_interval.max(cost * EVAL_GAP_FACTOR)
@@ -655,9 +677,23 @@ impl AlertManager {
                 if now >= next_due[i] || (dirty[i] && now >= gate(last[i], cost[i])) {
                     last[i] = Some(now);
                     dirty[i] = false;
-                    next_due[i] = now + self.rules[i].every;
                     self.evaluate_reporting(i, None).await;
                     cost[i] = now.elapsed();
+                    let rule = &self.rules[i];
+                    let gap = timer_gap(rule.every, cost[i]);
+                    next_due[i] = now + gap;
+                    if (gap > rule.every) != stretched[i] {
+                        stretched[i] = gap > rule.every;
+                        if stretched[i] {
+                            tracing::warn!(rule = %rule.name, took_ms = cost[i].as_millis() as u64,
+                                every = ?rule.every, evaluated_every = ?gap,
+                                "alert rule evaluation is slow: evaluated less often than its \
+                                 `every` (at most a tenth of a core per rule)");
+                        } else {
+                            tracing::info!(rule = %rule.name, every = ?rule.every,
+                                "alert rule evaluated on its `every` again");
+                        }
+                    }
                 }
             }
             // The next timer, or the earliest rate gate of a rule with new data.
@@ -780,5 +816,23 @@ fn active(r: &AlertRule, key: &str, s: &KeyState) -> ActiveAlert {
         first_seen: s.since,
         last_seen: s.last_seen,
         row: row_value(&s.row),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_rules_are_timed_less_often_than_every() {
+        let every = Duration::from_secs(10);
+        // A cheap rule keeps its `every`.
+        assert_eq!(timer_gap(every, Duration::from_millis(40)), every);
+        assert_eq!(timer_gap(every, Duration::from_millis(1111)), every);
+        // One that takes 4 s spends at most a tenth of a core: every 36 s.
+        assert_eq!(
+            timer_gap(every, Duration::from_secs(4)),
+            Duration::from_secs(36)
+        );
     }
 }

@@ -10,6 +10,9 @@ pub const ALERTS_DELIVERED_TOTAL: &str = "storepulse_alerts_delivered_total";
 pub const ALERTS_DELIVERY_ERRORS_TOTAL: &str = "storepulse_alerts_delivery_errors_total";
 /// `storepulse_alerts_evaluation_errors_total` (counter), recorded in `manager.rs`.
 pub const ALERTS_EVALUATION_ERRORS_TOTAL: &str = "storepulse_alerts_evaluation_errors_total";
+/// `storepulse_alerts_evaluation_duration_seconds` (histogram), recorded in `manager.rs`.
+pub const ALERTS_EVALUATION_DURATION_SECONDS: &str =
+    "storepulse_alerts_evaluation_duration_seconds";
 /// `storepulse_alerts_evaluations_deferred_total` (counter), recorded in `manager.rs`.
 pub const ALERTS_EVALUATIONS_DEFERRED_TOTAL: &str = "storepulse_alerts_evaluations_deferred_total";
 /// `storepulse_alerts_evaluations_total` (counter), recorded in `manager.rs`.

@@ -127,5 +127,13 @@ async fn live_and_replayed_events_give_the_same_alert_episodes() {
     // d3: from 100 s, fires at 120 s, re-notified at 150 s.
     assert_eq!(s("d3", AlertState::Firing), vec![(100, 120), (100, 150)]);
     // Replayed at full speed: evaluated once per cell left, not per batch.
-    assert!(replay.rule_health()[0].evaluations < 20);
+    let h = &replay.rule_health()[0];
+    assert!(h.evaluations < 20);
+    // Each evaluation's time is accounted (health, and the duration
+    // histogram): the total covers at least the last one.
+    assert!(h.evaluation_seconds > 0.0, "{h:?}");
+    assert!(
+        h.evaluation_seconds * 1000.0 >= h.last_duration_ms as f64,
+        "{h:?}"
+    );
 }
