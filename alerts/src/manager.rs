@@ -6,9 +6,9 @@
 //!   `min_interval` of the event), never more often than `min_interval` per
 //!   rule, nor (timer included) than nine times the rule's last evaluation
 //!   time apart: alerting over millions of keys must not starve ingestion
-//!   (a rule that takes 4 s is evaluated every 36 s, whatever its `every`). Evaluation reads a
-//!   snapshot like any query; it never holds the engine while sinks
-//!   deliver.
+//!   (a rule that takes 4 s is evaluated every 36 s, whatever its `every`).
+//!   Evaluation reads a snapshot like any query; it never holds the engine
+//!   while sinks deliver.
 //! * Persistence: notifications are committed to the outbox together with
 //!   the lifecycle that produced them; lifecycle changes without a
 //!   notification are committed at most once per rule `every` and at
@@ -48,10 +48,11 @@ use crate::{
 /// last evaluation's duration apart (see `AlertManager::run`).
 const EVAL_GAP_FACTOR: u32 = 9;
 
-/// Time from the start of a timed evaluation to the next one: the rule's
-/// `every`, or `EVAL_GAP_FACTOR` times what the evaluation took if longer.
-fn timer_gap(every: Duration, took: Duration) -> Duration {
-    every.max(took * EVAL_GAP_FACTOR)
+/// Time from the start of an evaluation to the next one of the same rule:
+/// `floor` (`every` for the timer, `min_interval` for new data), or
+/// `EVAL_GAP_FACTOR` times what the evaluation took if longer.
+fn paced_gap(floor: Duration, took: Duration) -> Duration {
+    floor.max(took * EVAL_GAP_FACTOR)
 }
 
 /// Alerting failures.
@@ -667,9 +668,7 @@ impl AlertManager {
         // that starts and stops).
         let mut stretched = vec![false; n];
         let gate = |last: Option<Instant>, cost: Duration| {
-            last.map_or(start, |t| {
-                t + self.cfg.min_interval.max(cost * EVAL_GAP_FACTOR)
-            })
+            last.map_or(start, |t| t + paced_gap(self.cfg.min_interval, cost))
         };
         loop {
             let now = Instant::now();
@@ -680,7 +679,7 @@ impl AlertManager {
                     self.evaluate_reporting(i, None).await;
                     cost[i] = now.elapsed();
                     let rule = &self.rules[i];
-                    let gap = timer_gap(rule.every, cost[i]);
+                    let gap = paced_gap(rule.every, cost[i]);
                     next_due[i] = now + gap;
                     if (gap > rule.every) != stretched[i] {
                         stretched[i] = gap > rule.every;
@@ -827,11 +826,11 @@ mod tests {
     fn slow_rules_are_timed_less_often_than_every() {
         let every = Duration::from_secs(10);
         // A cheap rule keeps its `every`.
-        assert_eq!(timer_gap(every, Duration::from_millis(40)), every);
-        assert_eq!(timer_gap(every, Duration::from_millis(1111)), every);
+        assert_eq!(paced_gap(every, Duration::from_millis(40)), every);
+        assert_eq!(paced_gap(every, Duration::from_millis(1111)), every);
         // One that takes 4 s spends at most a tenth of a core: every 36 s.
         assert_eq!(
-            timer_gap(every, Duration::from_secs(4)),
+            paced_gap(every, Duration::from_secs(4)),
             Duration::from_secs(36)
         );
     }
