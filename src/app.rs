@@ -72,6 +72,7 @@ pub(crate) async fn serve(
     let mut sources = pipeline::build_sources(
         &cfg.sources,
         cfg.pipeline.batch_size,
+        cfg.pipeline.decode_threads,
         (cfg.until_eof
             && cfg.alerts.bounded_evaluation == storepulse_alerts::BoundedEvaluation::EventTime)
             .then_some(cfg.pipeline.replay_max_drift),

@@ -117,6 +117,11 @@ pub(crate) struct PipelineConfig {
     /// own `batch_max_messages` and `batch_linger`).
     #[serde(default = "default_batch_size")]
     pub(crate) batch_size: usize,
+    /// Threads decoding each JSONL file's chunks of `batch_size` lines in
+    /// parallel (rows, positions and dead letters still go out in line
+    /// order). Default: the number of cores, at most 8.
+    #[serde(default = "default_decode_threads")]
+    pub(crate) decode_threads: usize,
     /// Batches buffered between sources and the engine; a full buffer pauses
     /// the sources (backpressure).
     #[serde(default = "default_channel")]
@@ -138,6 +143,9 @@ fn default_replay_drift() -> Duration {
 fn default_batch_size() -> usize {
     8192
 }
+fn default_decode_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+}
 fn default_channel() -> usize {
     16
 }
@@ -146,6 +154,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             batch_size: default_batch_size(),
+            decode_threads: default_decode_threads(),
             channel_capacity: default_channel(),
             replay_max_drift: default_replay_drift(),
         }
@@ -416,6 +425,9 @@ impl Config {
         }
         if self.pipeline.batch_size == 0 {
             bail!("pipeline.batch_size: must be at least 1");
+        }
+        if self.pipeline.decode_threads == 0 {
+            bail!("pipeline.decode_threads: must be at least 1");
         }
         Ok(())
     }

@@ -75,6 +75,7 @@ pub(crate) struct Sources {
 pub(crate) async fn build_sources(
     sources: &[SourceConfig],
     batch_size: usize,
+    decode_threads: usize,
     align: Option<Duration>,
     until_eof: bool,
     applied: Arc<AppliedPositions>,
@@ -106,6 +107,7 @@ pub(crate) async fn build_sources(
                     None => FileFormat::from_path(path)?,
                 },
                 batch_size,
+                decode_threads,
                 resume_from: applied.get(&path.display().to_string()).unwrap_or(0),
                 align: None,
             }),
@@ -121,6 +123,7 @@ pub(crate) async fn build_sources(
                             path,
                             format: FileFormat::Jsonl,
                             batch_size,
+                            decode_threads,
                             resume_from,
                             align: None,
                         });

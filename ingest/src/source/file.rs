@@ -6,10 +6,14 @@
 //! Size: ~560 lines of code (one reader per format) and ~210 of tests.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc as std_mpsc, Arc,
+    },
 };
 
 use arrow::{
@@ -24,7 +28,7 @@ use super::{Position, Source, SourceBatch, SourceContext, SourceError, SourceMes
 use crate::decode::MAX_RECORD_BYTES;
 use crate::{
     dead_letter::{record_dead_letters, DeadLetterSink},
-    decode::{EventDecoder, RawRecord},
+    decode::{DecodeOutput, EventDecoder, RawRecord},
     error::{IngestError, Result},
     schema::StreamKind,
 };
@@ -67,6 +71,9 @@ pub struct FileSource {
     pub format: FileFormat,
     /// Events per batch.
     pub batch_size: usize,
+    /// Threads decoding JSONL chunks in parallel (at least one; the rows
+    /// still leave in file order). CSV and Parquet ignore it.
+    pub decode_threads: usize,
     /// Position to resume from (a restored checkpoint's `next_offset` for
     /// this file; 0 reads it whole). Records before it were applied
     /// before the restart and are skipped.
@@ -197,9 +204,11 @@ impl FileSource {
         Ok(())
     }
 
-    /// JSONL: lines decoded in batches of `batch_size`; a line over the
-    /// record limit is dead-lettered without being read whole. `false` if
-    /// stopped by `shutdown`.
+    /// JSONL: lines cut into chunks of `batch_size` by a reader thread,
+    /// decoded by `decode_threads` workers, and sent in file order by this
+    /// thread (positions, dead letters and batches stay in line order). A
+    /// line over the record limit is dead-lettered without being read
+    /// whole. `false` if stopped by `shutdown`.
     fn read_jsonl(&self, r: Reader<'_>) -> Result<bool> {
         let Reader {
             file,
@@ -208,24 +217,132 @@ impl FileSource {
             shutdown,
             send,
         } = r;
+        let workers = self.decode_threads.max(1);
+        // Chunks in flight: one per worker queued, one per worker decoding,
+        // two per worker decoded and waiting for their turn.
+        let (work_tx, work_rx) = std_mpsc::sync_channel::<Chunk>(workers);
+        let (done_tx, done_rx) =
+            std_mpsc::sync_channel::<(Chunk, Result<DecodeOutput>)>(2 * workers);
+        let (free_tx, free_rx) = std_mpsc::channel::<Vec<u8>>();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = {
+                let stop = &stop;
+                std::thread::Builder::new()
+                    .name("jsonl-read".into())
+                    .spawn_scoped(scope, move || {
+                        self.cut_chunks(file, partition, work_tx, free_rx, shutdown, stop)
+                    })
+                    .map_err(|e| self.io(e))?
+            };
+            let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
+            for i in 0..workers {
+                let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+                let mut decoder = EventDecoder::new(self.stream, partition.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("jsonl-decode-{i}"))
+                    .spawn_scoped(scope, move || loop {
+                        // The lock is held only while waiting for a chunk.
+                        let next = work_rx.lock().map(|rx| rx.recv());
+                        let Ok(Ok(chunk)) = next else { break };
+                        let records: Vec<RawRecord<'_>> = chunk
+                            .spans
+                            .iter()
+                            .map(|&(s, e, l)| RawRecord {
+                                bytes: &chunk.buf[s..e],
+                                position: l,
+                            })
+                            .collect();
+                        let out = decoder.decode(&records);
+                        drop(records);
+                        if done_tx.send((chunk, out)).is_err() {
+                            break; // the sender stopped
+                        }
+                    });
+                if let Err(e) = spawned {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(self.io(e));
+                }
+            }
+            drop((work_rx, done_tx));
+            // Decoded chunks arrive in any order; they leave in file order.
+            let sent = (|| -> Result<bool> {
+                let mut pending = BTreeMap::new();
+                let mut next = 0u64;
+                for (chunk, out) in done_rx.iter() {
+                    pending.insert(chunk.seq, (chunk, out));
+                    while let Some((chunk, out)) = pending.remove(&next) {
+                        next += 1;
+                        if *shutdown.borrow() {
+                            return Ok(false);
+                        }
+                        record_dead_letters(dead_letters, &chunk.oversized)?;
+                        let out = out?;
+                        record_dead_letters(dead_letters, &out.dead_letters)?;
+                        if let Some(batch) = out.batch {
+                            send(SourceMessage::Batch(SourceBatch {
+                                stream: self.stream,
+                                batch,
+                                events: out.events,
+                                bytes: chunk.buf.len(),
+                                position: Position {
+                                    partition: partition.clone(),
+                                    next_offset: chunk.next_line,
+                                },
+                            }))?;
+                        }
+                        let _ = free_tx.send(chunk.buf); // the reader may be done
+                    }
+                }
+                Ok(true)
+            })();
+            // However it ended, the reader and the workers stop: the reader
+            // sees `stop`, the workers see the closed channels.
+            stop.store(true, Ordering::Relaxed);
+            drop(done_rx);
+            let read = reader.join().unwrap_or_else(|_| {
+                Err(self.io(std::io::Error::other("the JSONL reader thread panicked")))
+            });
+            Ok(sent? && read?)
+        })
+    }
+
+    /// The reader thread of [`read_jsonl`](Self::read_jsonl): cuts the file
+    /// into chunks of `batch_size` lines (reusing the buffers handed back
+    /// on `free`). `false` if stopped.
+    fn cut_chunks(
+        &self,
+        file: File,
+        partition: &Arc<str>,
+        work: std_mpsc::SyncSender<Chunk>,
+        free: std_mpsc::Receiver<Vec<u8>>,
+        shutdown: &watch::Receiver<bool>,
+        stop: &AtomicBool,
+    ) -> Result<bool> {
         let io = |e| self.io(e);
         let mut reader = BufReader::with_capacity(1 << 20, file);
-        let mut decoder = EventDecoder::new(self.stream, partition.clone());
-        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-        let mut spans: Vec<(usize, usize, u64)> = Vec::with_capacity(self.batch_size);
         let mut line_no = 0u64;
         // Lines before the resume position were applied before a
         // restart (positions name the next line to read).
+        let mut skipped = Vec::new();
         while line_no + 1 < self.resume_from {
-            buf.clear();
-            if reader.read_until(b'\n', &mut buf).map_err(io)? == 0 {
+            skipped.clear();
+            if reader.read_until(b'\n', &mut skipped).map_err(io)? == 0 {
                 break;
             }
             line_no += 1;
         }
-        loop {
+        drop(skipped);
+        for seq in 0u64.. {
+            if stop.load(Ordering::Relaxed) || *shutdown.borrow() {
+                return Ok(false);
+            }
+            let mut buf = free
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(1 << 20));
             buf.clear();
-            spans.clear();
+            let mut spans = Vec::with_capacity(self.batch_size);
+            let mut oversized = Vec::new();
             while spans.len() < self.batch_size {
                 let start = buf.len();
                 let (n, truncated) =
@@ -235,15 +352,14 @@ impl FileSource {
                 }
                 line_no += 1;
                 if truncated {
-                    let letter = crate::DeadLetter::new(
+                    oversized.push(crate::DeadLetter::new(
                         self.stream.name(),
                         partition.clone(),
                         line_no,
                         format!("line is {n} bytes, over the {MAX_RECORD_BYTES}-byte record limit"),
                         &buf[start..],
-                    );
+                    ));
                     buf.truncate(start);
-                    record_dead_letters(dead_letters, &[letter])?;
                     continue;
                 }
                 let mut end = buf.len();
@@ -255,32 +371,18 @@ impl FileSource {
                 }
                 spans.push((start, end, line_no));
             }
-            if spans.is_empty() {
-                break;
+            if spans.is_empty() && oversized.is_empty() {
+                return Ok(true); // the end of the file
             }
-            if *shutdown.borrow() {
-                return Ok(false);
-            }
-            let records: Vec<RawRecord<'_>> = spans
-                .iter()
-                .map(|&(s, e, l)| RawRecord {
-                    bytes: &buf[s..e],
-                    position: l,
-                })
-                .collect();
-            let out = decoder.decode(&records)?;
-            record_dead_letters(dead_letters, &out.dead_letters)?;
-            if let Some(batch) = out.batch {
-                send(SourceMessage::Batch(SourceBatch {
-                    stream: self.stream,
-                    batch,
-                    events: out.events,
-                    bytes: buf.len(),
-                    position: Position {
-                        partition: partition.clone(),
-                        next_offset: line_no + 1,
-                    },
-                }))?;
+            let chunk = Chunk {
+                seq,
+                buf,
+                spans,
+                oversized,
+                next_line: line_no + 1,
+            };
+            if work.send(chunk).is_err() {
+                return Ok(false); // the decoders stopped
             }
         }
         Ok(true)
@@ -466,7 +568,21 @@ fn line_ends_cr(buf: &[u8]) -> bool {
 }
 
 fn memchr_newline(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
+    memchr::memchr(b'\n', b)
+}
+
+/// Lines of a JSONL file cut by the reader thread for a decoder.
+struct Chunk {
+    /// Order in the file (chunks are sent in this order).
+    seq: u64,
+    /// The lines' bytes.
+    buf: Vec<u8>,
+    /// Each line's start, end (newline excluded) and number.
+    spans: Vec<(usize, usize, u64)>,
+    /// Lines over the record limit, dead-lettered before the chunk's rows.
+    oversized: Vec<crate::DeadLetter>,
+    /// The number of the line after the chunk's last (its position).
+    next_line: u64,
 }
 
 /// `batch` without its first `skip` rows (`None` if nothing is left).
@@ -604,6 +720,7 @@ mod tests {
             path,
             format: FileFormat::Csv,
             batch_size: 100,
+            decode_threads: 1,
             resume_from: 0,
             align: None,
         })
@@ -636,6 +753,7 @@ mod tests {
             path,
             format: FileFormat::Csv,
             batch_size: 100,
+            decode_threads: 1,
             resume_from: 0,
             align: None,
         })
@@ -660,6 +778,7 @@ mod tests {
             path,
             format: FileFormat::Jsonl,
             batch_size,
+            decode_threads: 2,
             resume_from: 0,
             align: None,
         }
@@ -709,6 +828,7 @@ mod tests {
                 path: path.clone(),
                 format,
                 batch_size: 3,
+                decode_threads: 3,
                 resume_from,
                 align: None,
             };
@@ -774,5 +894,72 @@ mod tests {
         };
         assert_eq!(b.batch.num_rows(), 2, "both good lines decoded");
         assert_eq!(b.position.next_offset, 4);
+    }
+
+    #[test]
+    fn parallel_decoding_keeps_file_order_for_rows_positions_and_dead_letters() {
+        // Chunks of 4 lines decoded by 1 and by 3 threads: the same
+        // batches, positions and dead letters, in line order.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iot.jsonl");
+        let mut text = String::new();
+        for i in 0..500 {
+            if i % 7 == 3 {
+                text.push_str(&format!("{{\"event_id\":\"bad{i}\"\n"));
+            } else {
+                text.push_str(&format!(
+                    r#"{{"event_id":"e{i}","ts":{i},"store_id":"S","device_id":"d","metric":"m","value":{i}}}"#
+                ));
+                text.push('\n');
+            }
+        }
+        std::fs::write(&path, text).unwrap();
+        let read = |threads| {
+            let sink = MemoryDeadLetterSink::default();
+            let (tx, mut rx) = mpsc::channel(1024);
+            let (_stop, shutdown) = watch::channel(false);
+            FileSource {
+                stream: StreamKind::IotReadings,
+                path: path.clone(),
+                format: FileFormat::Jsonl,
+                batch_size: 4,
+                decode_threads: threads,
+                resume_from: 0,
+                align: None,
+            }
+            .run_blocking(&tx, &sink, &shutdown)
+            .unwrap();
+            drop(tx);
+            let mut batches = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let SourceMessage::Batch(b) = m {
+                    let ids: Vec<String> = b
+                        .batch
+                        .column(0)
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|s| s.unwrap().to_string())
+                        .collect();
+                    batches.push((ids, b.position.next_offset));
+                }
+            }
+            let dead: Vec<u64> = sink.letters().iter().map(|d| d.position).collect();
+            (batches, dead)
+        };
+        let (one, dead_one) = read(1);
+        let (three, dead_three) = read(3);
+        assert_eq!(one, three);
+        assert_eq!(dead_one, dead_three);
+        let want_dead: Vec<u64> = (0..500u64).filter(|i| i % 7 == 3).map(|i| i + 1).collect();
+        assert_eq!(dead_three, want_dead);
+        let ids: Vec<String> = three.iter().flat_map(|(ids, _)| ids.clone()).collect();
+        let want: Vec<String> = (0..500)
+            .filter(|i| i % 7 != 3)
+            .map(|i| format!("e{i}"))
+            .collect();
+        assert_eq!(ids, want);
+        let positions: Vec<u64> = three.iter().map(|b| b.1).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        assert_eq!(positions.last(), Some(&501));
     }
 }
