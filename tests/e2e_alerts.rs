@@ -251,7 +251,7 @@ fn a_finished_bounded_run_shows_the_alerts_of_its_final_views() {
     let holding: BTreeSet<String> = s
         .rows(
             "SELECT store_id, sku FROM stockout_risk \
-             WHERE p_stockout > 0.8 AND suggested_order_qty > 0",
+             WHERE (p_stockout > 0.8 OR on_hand < min_stock) AND suggested_order_qty > 0",
         )
         .iter()
         .map(|r| {

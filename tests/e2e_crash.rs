@@ -121,7 +121,7 @@ fn stop_gracefully(s: Server) {
 fn holding_low_stock(s: &Server) -> BTreeSet<String> {
     s.rows(
         "SELECT store_id, sku FROM stockout_risk \
-         WHERE p_stockout > 0.8 AND suggested_order_qty > 0",
+         WHERE (p_stockout > 0.8 OR on_hand < min_stock) AND suggested_order_qty > 0",
     )
     .iter()
     .map(|r| {

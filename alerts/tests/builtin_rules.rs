@@ -8,7 +8,26 @@ const T0: i64 = 1_767_600_000_000; // 2026-01-05T08:00:00Z
 const MIN: i64 = 60_000;
 
 async fn engine() -> EngineHandle {
+    engine_with(&[]).await
+}
+
+/// An engine with the built-in views and rules over these dimension tables
+/// (name, CSV text), loaded as `storepulse run` loads dimension files.
+async fn engine_with(dims: &[(&str, &str)]) -> EngineHandle {
     let mut e = Engine::new(EngineConfig::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in dims {
+        let path = dir.path().join(format!("{name}.csv"));
+        std::fs::write(&path, text).unwrap();
+        let (schema, batches) = storepulse_engine::DimensionSource {
+            table: name.to_string(),
+            location: path.display().to_string(),
+        }
+        .load()
+        .await
+        .unwrap();
+        e.register_dimension(name, batches, schema).unwrap();
+    }
     let params = Default::default();
     for (_, sql) in storepulse_sql::builtin::scripts(&params).unwrap() {
         e.execute_sql(&sql).await.unwrap();
@@ -134,4 +153,74 @@ async fn sales_stall_flags_a_fast_seller_that_stopped_in_an_open_store() {
     );
     assert!(r["expected_gap_hours"].as_f64().unwrap() < 2.0, "{r}");
     assert_eq!(r["on_hand"], 760);
+}
+
+fn count(store: &str, sku: &str, t: i64, on_hand: i64) -> String {
+    format!(
+        r#"{{"event_id":"c-{store}-{sku}-{t}","ts":{t},"store_id":"{store}","sku":"{sku}","on_hand":{on_hand},"source":"stocktake"}}"#
+    )
+}
+
+#[tokio::test]
+async fn low_stock_fires_below_min_stock_even_without_demand() {
+    // S1/A has a store x SKU min_stock of 10 and 3 on hand, no sales: the
+    // probability is 0 but the floor is broken. S1/B (no policy row, the
+    // default min_stock 0) with 3 on hand does not fire.
+    let h = engine_with(&[(
+        "replenishment_policy",
+        "store_id,sku,city,format,category,lead_time_hours,service_level,review_hours,min_stock\n\
+         S1,A,,,,24,,,10\n",
+    )])
+    .await;
+    let counts = [count("S1", "A", T0, 3), count("S1", "B", T0, 3)];
+    apply(&h, StreamKind::StockCounts, &counts).await;
+    let got = rows(&h, "low_stock").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(
+        (r["store_id"].as_str(), r["sku"].as_str()),
+        (Some("S1"), Some("A"))
+    );
+    assert_eq!(r["reason"], "below_min_stock");
+    assert_eq!(r["policy_source"], "store_sku");
+    assert_eq!(r["p_stockout"], 0.0);
+    assert_eq!(r["min_stock"], 10);
+    assert_eq!(r["suggested_order_qty"], 7, "up to min_stock: {r}");
+}
+
+#[tokio::test]
+async fn low_cover_warns_days_before_the_order_is_due() {
+    // X and Y sell one unit a minute for an hour (~1.73 units/h decayed).
+    // X keeps 300: 173 h of cover, under lead 48 h + review 24 h + 7 days =
+    // 240 h, over the reorder point: a heads-up, no order yet. Y keeps 740
+    // (427 h): nothing. Z keeps 60 (35 h): an order is due (low_stock's
+    // business), so no low_cover.
+    let h = engine().await;
+    let counts = [
+        count("S1", "X", T0 - MIN, 360),
+        count("S1", "Y", T0 - MIN, 800),
+        count("S1", "Z", T0 - MIN, 120),
+    ];
+    apply(&h, StreamKind::StockCounts, &counts).await;
+    let mut sales = Vec::new();
+    for m in 0..60 {
+        for sku in ["X", "Y", "Z"] {
+            sales.push(receipt(&format!("{sku}{m}"), T0 + m * MIN, sku));
+        }
+    }
+    apply(&h, StreamKind::Sales, &sales).await;
+    let got = rows(&h, "low_cover").await;
+    let skus: Vec<&str> = got.iter().map(|r| r["sku"].as_str().unwrap()).collect();
+    assert_eq!(skus, vec!["X"], "{got:?}");
+    let r = &got[0];
+    let cover = r["hours_of_cover"].as_f64().unwrap();
+    assert!((170.0..176.0).contains(&cover), "{r}");
+    let days = r["days_until_order"].as_f64().unwrap();
+    assert!((days - (cover - 72.0) / 24.0).abs() < 1e-9, "{r}");
+    let low: Vec<String> = rows(&h, "low_stock")
+        .await
+        .iter()
+        .map(|r| r["sku"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(low, vec!["Z".to_string()], "Z needs an order now");
 }

@@ -27,7 +27,10 @@ use std::{
 use async_trait::async_trait;
 use datafusion::{
     arrow::{
-        array::{Array, ArrayRef, AsArray, Float64Builder, Int64Builder, RecordBatch, StringArray},
+        array::{
+            new_null_array, Array, ArrayRef, AsArray, Float64Builder, Int64Builder, RecordBatch,
+            StringArray,
+        },
         compute::cast,
         datatypes::{DataType, Field, Schema, SchemaRef},
     },
@@ -77,8 +80,10 @@ pub enum DimensionKind {
     Stores,
     /// `products(sku, name, category, unit_cost, case_pack, ...)`, key `sku`.
     Products,
-    /// `replenishment_policy(format, category, lead_time_hours,
-    /// service_level, review_hours, min_stock)`, key `(format, category)`.
+    /// `replenishment_policy(store_id, sku, city, format, category,
+    /// lead_time_hours, service_level, review_hours, min_stock)`: each row
+    /// sets thresholds at one [`PolicyLevel`] (its scope columns), key
+    /// all five scope columns.
     ReplenishmentPolicy,
     /// `opening_stock(store_id, sku, on_hand)`, key `(store_id, sku)`: the
     /// on-hand of a (store, SKU) before the first event storepulse has for
@@ -152,6 +157,9 @@ impl DimensionKind {
                 ("case_pack", Col::Int { min: 1 }),
             ],
             Self::ReplenishmentPolicy => &[
+                ("store_id", Col::Text),
+                ("sku", Col::Text),
+                ("city", Col::Text),
                 ("format", Col::Text),
                 ("category", Col::Text),
                 ("lead_time_hours", ANY),
@@ -179,9 +187,17 @@ impl DimensionKind {
         match self {
             Self::Stores => &["store_id"],
             Self::Products => &["sku"],
-            Self::ReplenishmentPolicy => &["format", "category"],
+            Self::ReplenishmentPolicy => &["store_id", "sku", "city", "format", "category"],
             Self::OpeningStock => &["store_id", "sku"],
         }
+    }
+
+    /// Whether a column may be absent from the file or empty in a row.
+    /// `replenishment_policy`: every column (a row names one level with
+    /// its scope columns; an empty threshold is inherited from the next
+    /// level, see [`PolicyLevel`]).
+    fn optional(self, _column: &str) -> bool {
+        matches!(self, Self::ReplenishmentPolicy)
     }
 
     /// The table's schema with only its required columns (the empty table
@@ -209,6 +225,74 @@ impl Col {
 impl fmt::Display for DimensionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The level a `replenishment_policy` row sets thresholds at, from the
+/// most specific: the scope columns a row fills name it, and the most
+/// specific row matching a (store, SKU) wins (`stockout_risk.policy_source`).
+/// A threshold a row leaves empty is inherited from the next matching level
+/// (and finally from the `[retail] default_*` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyLevel {
+    /// `store_id` + `sku`: one SKU in one store.
+    StoreSku,
+    /// `store_id` + `category`.
+    StoreCategory,
+    /// `city` + `category`: every store of a city (a region).
+    CityCategory,
+    /// `format` + `category`: every store of a format.
+    FormatCategory,
+}
+
+impl PolicyLevel {
+    /// The value of `policy_source` for rows of this level.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StoreSku => "store_sku",
+            Self::StoreCategory => "store_category",
+            Self::CityCategory => "city_category",
+            Self::FormatCategory => "format_category",
+        }
+    }
+
+    /// Scope columns, in `replenishment_policy`'s column order.
+    const SCOPE: [&'static str; 5] = ["store_id", "sku", "city", "format", "category"];
+
+    /// The level of row `r` of a validated policy batch (its first five
+    /// columns are the scope columns), or why the row names none.
+    fn of_row(arrays: &[ArrayRef], r: usize) -> Result<Self, String> {
+        let set: Vec<&str> = Self::SCOPE
+            .iter()
+            .zip(arrays)
+            .filter(|(_, a)| !a.is_null(r))
+            .map(|(n, _)| *n)
+            .collect();
+        let level = match set.as_slice() {
+            ["store_id", "sku"] => Self::StoreSku,
+            ["store_id", "category"] => Self::StoreCategory,
+            ["city", "category"] => Self::CityCategory,
+            ["format", "category"] => Self::FormatCategory,
+            _ => {
+                return Err(format!(
+                    "a policy row sets one level: store_id + sku, store_id + category, city + \
+                     category or format + category (this row sets: {})",
+                    if set.is_empty() {
+                        "none".to_string()
+                    } else {
+                        set.join(", ")
+                    }
+                ))
+            }
+        };
+        if arrays[Self::SCOPE.len()..].iter().all(|a| a.is_null(r)) {
+            return Err(format!(
+                "the {} row sets no threshold (lead_time_hours, service_level, review_hours, \
+                 min_stock)",
+                level.name()
+            ));
+        }
+        Ok(level)
     }
 }
 
@@ -408,6 +492,11 @@ impl DimensionSource {
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for (name, col) in kind.columns() {
             let Ok(idx) = schema.index_of(name) else {
+                if kind.optional(name) {
+                    fields.push(Field::new(*name, col.data_type(), true));
+                    arrays.push(new_null_array(&col.data_type(), batch.num_rows()));
+                    continue;
+                }
                 let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
                 return Err(self.invalid(
                     1,
@@ -437,6 +526,10 @@ impl DimensionSource {
                     let mut b = Float64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
+                            if kind.optional(name) {
+                                b.append_null();
+                                continue;
+                            }
                             return Err(self.invalid(line(r), format!("column '{name}' is empty")));
                         }
                         let s = text.value(r);
@@ -461,6 +554,10 @@ impl DimensionSource {
                     let mut b = Int64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
+                            if kind.optional(name) {
+                                b.append_null();
+                                continue;
+                            }
                             return Err(self.invalid(line(r), format!("column '{name}' is empty")));
                         }
                         let s = text.value(r);
@@ -488,28 +585,27 @@ impl DimensionSource {
             .iter()
             .map(|k| kind.columns().iter().position(|c| c.0 == *k).expect("key"))
             .collect();
-        let mut seen: HashSet<Vec<String>> = HashSet::with_capacity(batch.num_rows());
+        let mut seen: HashSet<Vec<Option<String>>> = HashSet::with_capacity(batch.num_rows());
         for r in 0..batch.num_rows() {
             let mut key = Vec::with_capacity(key_idx.len());
             for &i in &key_idx {
-                let a = arrays[i].as_string::<i32>();
-                if a.is_null(r) {
-                    return Err(self.invalid(
-                        line(r),
-                        format!("key column '{}' is empty", kind.columns()[i].0),
-                    ));
+                let (name, a) = (kind.columns()[i].0, arrays[i].as_string::<i32>());
+                if a.is_null(r) && !kind.optional(name) {
+                    return Err(self.invalid(line(r), format!("key column '{name}' is empty")));
                 }
-                key.push(a.value(r).to_string());
+                key.push((!a.is_null(r)).then(|| a.value(r).to_string()));
+            }
+            if kind == DimensionKind::ReplenishmentPolicy {
+                PolicyLevel::of_row(&arrays, r).map_err(|m| self.invalid(line(r), m))?;
             }
             if !seen.insert(key.clone()) {
-                return Err(self.invalid(
-                    line(r),
-                    format!(
-                        "duplicate key ({}) = ({})",
-                        kind.key().join(", "),
-                        key.join(", ")
-                    ),
-                ));
+                let shown: Vec<String> = kind
+                    .key()
+                    .iter()
+                    .zip(&key)
+                    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {v}")))
+                    .collect();
+                return Err(self.invalid(line(r), format!("duplicate key ({})", shown.join(", "))));
             }
         }
         // Extra columns as they are (CSV: text).
@@ -671,6 +767,61 @@ mod tests {
             &DataType::Utf8
         );
         assert_eq!(b[0].num_rows(), 1);
+    }
+
+    #[tokio::test]
+    async fn policy_rows_name_one_level_and_may_leave_thresholds_empty() {
+        // The old layout (format, category only) still loads: the other
+        // scope columns are NULL.
+        let (schema, b) = load(
+            "replenishment_policy",
+            "format,category,lead_time_hours,service_level,review_hours,min_stock\n\
+             tea_shop,tea,24,0.95,48,4\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(schema, DimensionKind::ReplenishmentPolicy.schema());
+        assert!(b[0].column(0).is_null(0) && !b[0].column(3).is_null(0));
+        // Every level, thresholds left empty, an extra column kept.
+        let (_, b) = load(
+            "replenishment_policy",
+            "store_id,sku,city,format,category,lead_time_hours,service_level,review_hours,min_stock,note\n\
+             S1,A,,,,6,,,,x\nS1,,,,dairy,,,,3,\n,,Lyon,,dairy,12,0.9,,,\n,,,super,dairy,24,0.95,24,2,\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(b[0].num_rows(), 4);
+        assert_eq!(b[0].column(5).null_count(), 1, "lead_time_hours");
+        let bad = |rows: &'static str| async move {
+            load(
+                "replenishment_policy",
+                &format!(
+                    "store_id,sku,city,format,category,lead_time_hours,service_level,review_hours,min_stock\n{rows}"
+                ),
+            )
+            .await
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad(",,,super,dairy,24,0.95,24,2\nS1,,Lyon,,dairy,1,,,\n").await;
+        assert!(
+            e.contains("replenishment_policy.csv:3:")
+                && e.contains("one level")
+                && e.contains("this row sets: store_id, city, category"),
+            "{e}"
+        );
+        let e = bad(",,,,dairy,24,0.95,24,2\n").await;
+        assert!(
+            e.contains(":2:") && e.contains("this row sets: category"),
+            "{e}"
+        );
+        let e = bad("S1,A,,,,,,,\n").await;
+        assert!(e.contains("the store_sku row sets no threshold"), "{e}");
+        let e = bad(",,Lyon,,dairy,1,,,\n,,Lyon,,dairy,2,,,\n").await;
+        assert!(
+            e.contains(":3:") && e.contains("duplicate key (city = Lyon, category = dairy)"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ pub mod watermark;
 
 pub use checkpoint::EngineCheckpoint;
 pub use config::EngineConfig;
-pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource};
+pub use dims::{DimensionData, DimensionError, DimensionKind, DimensionSource, PolicyLevel};
 pub use engine::{AlertDefinition, Engine, IngestReport, StreamStatus, ViewInfo};
 pub use error::{EngineError, ErrorKind, Result};
 pub use query::{

@@ -77,7 +77,7 @@ async fn run(restock_to_policy: bool) -> (f64, f64, f64) {
     let low_stock = first_f64(
         &mut engine,
         "SELECT CAST(count(*) AS DOUBLE) / (SELECT count(*) FROM stockout_risk) \
-         FROM stockout_risk WHERE p_stockout > 0.8 AND suggested_order_qty > 0",
+         FROM stockout_risk WHERE (p_stockout > 0.8 OR on_hand < min_stock) AND suggested_order_qty > 0",
     )
     .await;
     (share, turnover, low_stock)

@@ -386,7 +386,10 @@ async fn check(s: Scenario) {
         "stockout_risk",
         "slow_movers",
         "inventory_turnover",
+        "store_category_policy",
         "member_rfm",
+        "member_churn_risk",
+        "member_cohorts",
         "transfer_suggestions",
         "store_revenue",
     ] {

@@ -4,17 +4,38 @@
 
 -- Stock-out risk: the replenishment trigger. The payload carries the
 -- suggested order and, where a nearby store can spare stock, the transfer.
+-- A level below the policy's min_stock fires too, even with no demand
+-- (p_stockout is then 0): `reason` says which.
 CREATE ALERT low_stock AS
 SELECT r.store_id, r.sku, r.city, r.category, r.on_hand, r.units_per_hour,
     r.hours_of_cover, r.lead_time_hours, r.reorder_point, r.p_stockout,
-    r.suggested_order_qty, r.case_pack, r.demand_model,
+    r.suggested_order_qty, r.case_pack, r.demand_model, r.min_stock, r.policy_source,
+    CASE WHEN r.p_stockout > ${low_stock_probability} THEN 'stockout_risk'
+         ELSE 'below_min_stock' END AS reason,
     t.from_store AS transfer_from_store, t.qty AS transfer_qty,
     r.as_of
 FROM stockout_risk r
 LEFT JOIN transfer_suggestions t ON t.sku = r.sku AND t.to_store = r.store_id
-WHERE r.p_stockout > ${low_stock_probability} AND r.suggested_order_qty > 0
+WHERE (r.p_stockout > ${low_stock_probability} OR r.on_hand < r.min_stock)
+  AND r.suggested_order_qty > 0
 WITH (key = 'store_id, sku', every = '10s', for = '${low_stock_for}',
       keep_firing_for = '30m', renotify = '6h', severity = 'warning');
+
+-- Low cover ahead: at the current demand the cover falls below lead time +
+-- review period within low_cover_days, so the order is due soon; a heads-up
+-- before low_stock (which takes over once an order is suggested). Evaluated
+-- every 5 minutes: it reads every (store, SKU) like low_stock.
+CREATE ALERT low_cover AS
+SELECT store_id, sku, city, category, on_hand, units_per_hour, hours_of_cover,
+    lead_time_hours, review_hours,
+    (hours_of_cover - lead_time_hours - review_hours) / 24.0 AS days_until_order,
+    policy_source, as_of
+FROM stockout_risk
+WHERE hours_of_cover IS NOT NULL
+  AND hours_of_cover < lead_time_hours + review_hours + ${low_cover_hours}
+  AND suggested_order_qty = 0
+WITH (key = 'store_id, sku', every = '5m', keep_firing_for = '1h', renotify = '24h',
+      severity = 'info');
 
 -- Fridge readings per device: the last reading, the last one at or below
 -- the limit, the first one (order independent: max/min of event time).
@@ -70,3 +91,13 @@ WHERE s.on_hand > 0
   AND extract(epoch FROM v.as_of) - extract(epoch FROM o.store_last_sale_ts) <= 1800
 WITH (key = 'store_id, sku', every = '1m', for = '10m', keep_firing_for = '30m',
       renotify = '12h', severity = 'info');
+
+-- A member lapsing: silent for more than churn_gap_factor times their usual
+-- gap between purchase days (member_churn_risk), for win-back campaigns.
+CREATE ALERT member_lapsing AS
+SELECT member_id, last_purchase_ts, purchase_days, usual_gap_days, days_since_last,
+    gaps_since_last, monetary, as_of
+FROM member_churn_risk
+WHERE lapsing
+WITH (key = 'member_id', every = '1h', keep_firing_for = '1d', renotify = '30d',
+      severity = 'info');

@@ -60,6 +60,15 @@ pub struct RetailParams {
     /// Alert `low_stock`: how long the risk must hold first.
     #[serde(with = "humantime_serde")]
     pub low_stock_for: Duration,
+    /// Alert `low_cover`: warns this far ahead of the day the cover falls
+    /// below lead time + review period (at the current demand).
+    pub low_cover_days: f64,
+    /// `member_churn_risk`: a member is lapsing after this many usual gaps
+    /// between purchase days without a purchase.
+    pub churn_gap_factor: f64,
+    /// `member_churn_risk`: purchase days needed before a usual gap is
+    /// estimated (fewer: no gap, never lapsing).
+    pub churn_min_purchase_days: i64,
     /// Alert `cold_chain`: fridge limit (°C).
     pub cold_chain_max_celsius: f64,
     /// Alert `cold_chain`: how long a fridge must read above the limit.
@@ -87,6 +96,9 @@ impl Default for RetailParams {
             default_min_stock: 0,
             low_stock_probability: 0.8,
             low_stock_for: Duration::from_secs(60),
+            low_cover_days: 7.0,
+            churn_gap_factor: 3.0,
+            churn_min_purchase_days: 3,
             cold_chain_max_celsius: 5.0,
             cold_chain_duration: Duration::from_secs(30 * 60),
             sales_stall_min_units_per_hour: 0.5,
@@ -121,6 +133,15 @@ impl RetailParams {
         }
         if !(self.low_stock_probability >= 0.0 && self.low_stock_probability < 1.0) {
             return Err("retail.low_stock_probability must be in [0, 1)".into());
+        }
+        if !(self.low_cover_days >= 0.0 && self.low_cover_days.is_finite()) {
+            return Err("retail.low_cover_days must be a number of days ≥ 0".into());
+        }
+        if !(self.churn_gap_factor > 0.0 && self.churn_gap_factor.is_finite()) {
+            return Err("retail.churn_gap_factor must be > 0".into());
+        }
+        if self.churn_min_purchase_days < 2 {
+            return Err("retail.churn_min_purchase_days must be at least 2".into());
         }
         positive(self.cold_chain_duration, "cold_chain_duration")?;
         if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
@@ -184,6 +205,15 @@ impl RetailParams {
             (
                 "low_stock_for",
                 format!("{}ms", self.low_stock_for.as_millis()),
+            ),
+            (
+                "low_cover_hours",
+                format!("{:?}", self.low_cover_days * 24.0),
+            ),
+            ("churn_gap_factor", format!("{:?}", self.churn_gap_factor)),
+            (
+                "churn_min_purchase_days",
+                self.churn_min_purchase_days.to_string(),
             ),
             (
                 "cold_chain_max_celsius",

@@ -129,6 +129,37 @@ SELECT a.store_id, a.sku,
     c.as_of
 FROM sku_activity a CROSS JOIN engine_clock c;
 
+-- The thresholds in force for every store and product category, and the
+-- level they come from: the most specific replenishment_policy row of
+-- (store, category), (city, category), (format, category) wins; a threshold
+-- it leaves empty is inherited from the next level, then from the [retail]
+-- defaults. A (store, SKU) row overrides these in stockout_risk (which
+-- resolves the same levels with its own joins).
+CREATE VIEW store_category_policy AS
+WITH sc AS (
+    SELECT s.store_id, s.city, s.format, c.category
+    FROM stores s
+    CROSS JOIN (SELECT DISTINCT category FROM products WHERE category IS NOT NULL) c
+)
+SELECT sc.store_id, sc.city, sc.format, sc.category,
+    coalesce(rs.lead_time_hours, rc.lead_time_hours, rf.lead_time_hours,
+             ${default_lead_time_hours}) AS lead_time_hours,
+    coalesce(rs.service_level, rc.service_level, rf.service_level,
+             ${default_service_level}) AS service_level,
+    coalesce(rs.review_hours, rc.review_hours, rf.review_hours,
+             ${default_review_hours}) AS review_hours,
+    coalesce(rs.min_stock, rc.min_stock, rf.min_stock, ${default_min_stock}) AS min_stock,
+    CASE WHEN rs.category IS NOT NULL THEN 'store_category'
+         WHEN rc.category IS NOT NULL THEN 'city_category'
+         WHEN rf.category IS NOT NULL THEN 'format_category'
+         ELSE 'default' END AS policy_source
+FROM sc
+-- A policy row fills exactly the scope columns of its level (checked when
+-- the table loads), so each join matches rows of one level only.
+LEFT JOIN replenishment_policy rs ON rs.store_id = sc.store_id AND rs.category = sc.category
+LEFT JOIN replenishment_policy rc ON rc.city = sc.city AND rc.category = sc.category
+LEFT JOIN replenishment_policy rf ON rf.format = sc.format AND rf.category = sc.category;
+
 CREATE VIEW stockout_risk AS
 WITH base AS (
     SELECT a.store_id, a.sku, s.city, s.format, p.category,
@@ -143,17 +174,35 @@ WITH base AS (
                      ${velocity_half_life}) AS units_per_hour,
         decayed_rate(a.units_sq_decayed['sum'], a.units_sq_decayed['at'], c.as_of,
                      ${velocity_half_life}) AS units_sq_per_hour,
-        coalesce(r.lead_time_hours, ${default_lead_time_hours}) AS lead_time_hours,
-        coalesce(r.service_level, ${default_service_level}) AS service_level,
-        coalesce(r.review_hours, ${default_review_hours}) AS review_hours,
-        coalesce(r.min_stock, ${default_min_stock}) AS min_stock,
-        CASE WHEN r.format IS NULL THEN 'default' ELSE 'policy' END AS policy_source,
+        -- The most specific policy row first (store x SKU, store x category,
+        -- city x category, format x category), each empty threshold from the
+        -- next, then the [retail] defaults: store_category_policy's rule plus
+        -- the store x SKU level. Joined to the policy table itself, not to
+        -- that view: the table's row count lets the planner build its hash
+        -- tables on the small side (a view has no statistics, and a join on
+        -- it built a 400 MB table of the 3 M pairs instead).
+        coalesce(r.lead_time_hours, rs.lead_time_hours, rc.lead_time_hours, rf.lead_time_hours,
+                 ${default_lead_time_hours}) AS lead_time_hours,
+        coalesce(r.service_level, rs.service_level, rc.service_level, rf.service_level,
+                 ${default_service_level}) AS service_level,
+        coalesce(r.review_hours, rs.review_hours, rc.review_hours, rf.review_hours,
+                 ${default_review_hours}) AS review_hours,
+        coalesce(r.min_stock, rs.min_stock, rc.min_stock, rf.min_stock,
+                 ${default_min_stock}) AS min_stock,
+        CASE WHEN r.sku IS NOT NULL THEN 'store_sku'
+             WHEN rs.category IS NOT NULL THEN 'store_category'
+             WHEN rc.category IS NOT NULL THEN 'city_category'
+             WHEN rf.category IS NOT NULL THEN 'format_category'
+             ELSE 'default' END AS policy_source,
         c.as_of
     FROM sku_activity a
     CROSS JOIN engine_clock c
     LEFT JOIN stores s ON s.store_id = a.store_id
     LEFT JOIN products p ON p.sku = a.sku
-    LEFT JOIN replenishment_policy r ON r.format = s.format AND r.category = p.category
+    LEFT JOIN replenishment_policy r ON r.store_id = a.store_id AND r.sku = a.sku
+    LEFT JOIN replenishment_policy rs ON rs.store_id = a.store_id AND rs.category = p.category
+    LEFT JOIN replenishment_policy rc ON rc.city = s.city AND rc.category = p.category
+    LEFT JOIN replenishment_policy rf ON rf.format = s.format AND rf.category = p.category
     LEFT JOIN opening_stock o ON o.store_id = a.store_id AND o.sku = a.sku
 ), demand AS (
     SELECT *,
@@ -346,6 +395,66 @@ SELECT member_id, first_purchase_ts, last_purchase_ts,
     cards,
     as_of
 FROM scored;
+
+-- Members beyond RFM: a member's usual gap between purchase days, and how
+-- many of those gaps have passed since the last purchase. A member with at
+-- least ${churn_min_purchase_days} purchase days whose silence exceeds
+-- ${churn_gap_factor} usual gaps is lapsing (a win-back candidate).
+CREATE VIEW member_churn_risk AS
+WITH m AS (
+    SELECT coalesce(i.member_id, p.card_id) AS member_id,
+        min(p.first_purchase_ts) AS first_purchase_ts,
+        max(p.last_purchase_ts) AS last_purchase_ts,
+        CAST(cardinality(distinct_days(p.purchase_days)) AS BIGINT) AS purchase_days,
+        sum(p.monetary) AS monetary
+    FROM member_purchases p
+    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
+    GROUP BY coalesce(i.member_id, p.card_id)
+), g AS (
+    SELECT m.*, c.as_of,
+        CASE WHEN purchase_days >= ${churn_min_purchase_days}
+             THEN (extract(epoch FROM last_purchase_ts) - extract(epoch FROM first_purchase_ts))
+                  / 86400.0 / (purchase_days - 1) END AS usual_gap_days,
+        (extract(epoch FROM c.as_of) - extract(epoch FROM last_purchase_ts)) / 86400.0
+            AS days_since_last
+    FROM m CROSS JOIN engine_clock c
+)
+SELECT member_id, first_purchase_ts, last_purchase_ts, purchase_days, monetary,
+    usual_gap_days, days_since_last,
+    CASE WHEN usual_gap_days > 0 THEN days_since_last / usual_gap_days END AS gaps_since_last,
+    coalesce(usual_gap_days > 0 AND days_since_last > ${churn_gap_factor} * usual_gap_days, false)
+        AS lapsing,
+    as_of
+FROM g;
+
+-- Monthly repeat-purchase cohorts: members by the UTC month of their first
+-- purchase, and how many of them bought in each later month.
+CREATE VIEW member_cohorts AS
+WITH d AS (
+    SELECT coalesce(i.member_id, p.card_id) AS member_id,
+        distinct_days(p.purchase_days) AS days
+    FROM member_purchases p
+    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
+    GROUP BY coalesce(i.member_id, p.card_id)
+), months AS (
+    SELECT DISTINCT member_id, date_trunc('month', day) AS month
+    FROM (SELECT member_id, unnest(days) AS day FROM d)
+), firsts AS (
+    SELECT member_id, min(month) AS cohort_month FROM months GROUP BY member_id
+), sizes AS (
+    SELECT cohort_month, count(*) AS cohort_members FROM firsts GROUP BY cohort_month
+), active AS (
+    SELECT f.cohort_month, m.month,
+        CAST((extract(year FROM m.month) - extract(year FROM f.cohort_month)) * 12
+             + extract(month FROM m.month) - extract(month FROM f.cohort_month) AS BIGINT)
+            AS months_since_first,
+        count(*) AS active_members
+    FROM months m JOIN firsts f ON f.member_id = m.member_id
+    GROUP BY f.cohort_month, m.month
+)
+SELECT a.cohort_month, a.month, a.months_since_first, s.cohort_members, a.active_members,
+    CAST(a.active_members AS DOUBLE) / s.cohort_members AS retention
+FROM active a JOIN sizes s ON s.cohort_month = a.cohort_month;
 
 CREATE VIEW transfer_suggestions AS
 WITH r AS (SELECT * FROM stockout_risk),
