@@ -224,3 +224,45 @@ async fn low_cover_warns_days_before_the_order_is_due() {
         .collect();
     assert_eq!(low, vec!["Z".to_string()], "Z needs an order now");
 }
+
+#[tokio::test]
+async fn store_silent_needs_the_rest_of_the_chain_awake() {
+    // Day: S1 to S3 sell at 12:00, S4 last sold at 09:00: S4 is silent.
+    let h = engine().await;
+    let sale = |store: &str, t: i64| {
+        format!(
+            r#"{{"event_id":"{store}-{t}","ts":{t},"store_id":"{store}","receipt_id":"{store}-{t}","lines":[{{"sku":"A","qty":1,"unit_price":2.0}}]}}"#
+        )
+    };
+    let noon = T0 + 4 * 60 * MIN;
+    let day = [
+        sale("S4", T0 + 60 * MIN),
+        sale("S1", noon),
+        sale("S2", noon),
+        sale("S3", noon),
+    ];
+    apply(&h, StreamKind::Sales, &day).await;
+    let got = rows(&h, "store_silent").await;
+    let stores: Vec<&str> = got
+        .iter()
+        .map(|r| r["store_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(stores, vec!["S4"], "{got:?}");
+    assert_eq!(got[0]["minutes_silent"], 180.0);
+    assert_eq!(
+        (got[0]["active_stores"].as_i64(), got[0]["stores"].as_i64()),
+        (Some(3), Some(4))
+    );
+
+    // Night: only S1 still sends (its stock counter): the others closed at
+    // 09:00; nobody is flagged.
+    let h = engine().await;
+    let night = [
+        sale("S2", T0 + 60 * MIN),
+        sale("S3", T0 + 60 * MIN),
+        sale("S4", T0 + 60 * MIN),
+        sale("S1", noon),
+    ];
+    apply(&h, StreamKind::Sales, &night).await;
+    assert!(rows(&h, "store_silent").await.is_empty());
+}

@@ -346,6 +346,23 @@ async fn check(s: Scenario) {
             Arc::new(MemTable::try_new(clock.schema(), vec![vec![clock]]).unwrap()),
         )
         .unwrap();
+    // `late_events` is the engine's record of what it refused (the
+    // oracle's input leaves those rows out): the oracle reads the same rows.
+    let late = engine
+        .execute_sql("SELECT * FROM late_events")
+        .await
+        .unwrap()[0]
+        .batches
+        .clone();
+    oracle
+        .register_table(
+            "late_events",
+            Arc::new(
+                MemTable::try_new(storepulse_engine::late::late_events_schema(), vec![late])
+                    .unwrap(),
+            ),
+        )
+        .unwrap();
     for (name, schema, batches) in &dims {
         let parts = vec![if batches.is_empty() {
             vec![]
@@ -387,6 +404,7 @@ async fn check(s: Scenario) {
         "slow_movers",
         "inventory_turnover",
         "store_category_policy",
+        "store_sync_status",
         "member_rfm",
         "member_churn_risk",
         "member_cohorts",

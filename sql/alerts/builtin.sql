@@ -101,3 +101,26 @@ FROM member_churn_risk
 WHERE lapsing
 WITH (key = 'member_id', every = '1h', keep_firing_for = '1d', renotify = '30d',
       severity = 'info');
+
+-- A store fallen silent: no event on any stream for store_silent_after
+-- while at least half of the chain's stores sent one in that time (so a
+-- chain closed for the night does not fire; opening hours per store are
+-- not modelled yet). A store back online resolves it.
+CREATE ALERT store_silent AS
+WITH s AS (
+    SELECT store_id, max(last_event_ts) AS last_event_ts, max(as_of) AS as_of
+    FROM store_sync_status GROUP BY store_id
+), chain AS (
+    SELECT count(*) AS stores,
+        count(*) FILTER (WHERE extract(epoch FROM as_of) - extract(epoch FROM last_event_ts)
+                               <= ${store_silent_secs}) AS active_stores
+    FROM s
+)
+SELECT s.store_id, s.last_event_ts,
+    (extract(epoch FROM s.as_of) - extract(epoch FROM s.last_event_ts)) / 60.0 AS minutes_silent,
+    chain.active_stores, chain.stores, s.as_of
+FROM s CROSS JOIN chain
+WHERE extract(epoch FROM s.as_of) - extract(epoch FROM s.last_event_ts) > ${store_silent_secs}
+  AND chain.active_stores * 2 >= chain.stores
+WITH (key = 'store_id', every = '1m', for = '5m', keep_firing_for = '30m', renotify = '6h',
+      severity = 'warning');

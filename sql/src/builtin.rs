@@ -69,6 +69,10 @@ pub struct RetailParams {
     /// `member_churn_risk`: purchase days needed before a usual gap is
     /// estimated (fewer: no gap, never lapsing).
     pub churn_min_purchase_days: i64,
+    /// Alert `store_silent`: a store with no event on any stream for this
+    /// long, while at least half of the chain's stores had one.
+    #[serde(with = "humantime_serde")]
+    pub store_silent_after: Duration,
     /// Alert `cold_chain`: fridge limit (°C).
     pub cold_chain_max_celsius: f64,
     /// Alert `cold_chain`: how long a fridge must read above the limit.
@@ -99,6 +103,7 @@ impl Default for RetailParams {
             low_cover_days: 7.0,
             churn_gap_factor: 3.0,
             churn_min_purchase_days: 3,
+            store_silent_after: Duration::from_secs(3600),
             cold_chain_max_celsius: 5.0,
             cold_chain_duration: Duration::from_secs(30 * 60),
             sales_stall_min_units_per_hour: 0.5,
@@ -143,6 +148,7 @@ impl RetailParams {
         if self.churn_min_purchase_days < 2 {
             return Err("retail.churn_min_purchase_days must be at least 2".into());
         }
+        positive(self.store_silent_after, "store_silent_after")?;
         positive(self.cold_chain_duration, "cold_chain_duration")?;
         if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
             return Err(
@@ -211,6 +217,10 @@ impl RetailParams {
                 format!("{:?}", self.low_cover_days * 24.0),
             ),
             ("churn_gap_factor", format!("{:?}", self.churn_gap_factor)),
+            (
+                "store_silent_secs",
+                format!("{:?}", self.store_silent_after.as_secs_f64()),
+            ),
             (
                 "churn_min_purchase_days",
                 self.churn_min_purchase_days.to_string(),

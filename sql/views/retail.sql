@@ -6,6 +6,7 @@
 --   sku_activity     (store, SKU): stock ledger, decayed velocity, hourly panes
 --   sku_stock_days   (store, SKU): per-day on-hand figures for turnover
 --   member_purchases (card) and member_identity (card → chain member)
+--   store_stream_activity (store, stream): first/last event, events
 -- Everything else is a query-time view over them, the dimension tables
 -- (stores, products, replenishment_policy) and engine_clock (as_of).
 
@@ -84,6 +85,36 @@ SELECT local_member_id,
     max(ts) AS linked_at
 FROM member_links
 GROUP BY local_member_id;
+
+-- Per store and stream: when it last sent an event, and how many it sent.
+-- Four groups per store per stream: a few KB for a chain.
+CREATE MATERIALIZED VIEW store_stream_activity AS
+SELECT store_id, stream, min(ts) AS first_event_ts, max(ts) AS last_event_ts,
+    count(*) AS events
+FROM (
+    SELECT store_id, 'sales' AS stream, ts FROM sales WHERE line_no = 0
+    UNION ALL SELECT store_id, 'stock_movements', ts FROM stock_movements
+    UNION ALL SELECT store_id, 'stock_counts', ts FROM stock_counts
+    UNION ALL SELECT store_id, 'iot_readings', ts FROM iot_readings
+    UNION ALL SELECT store_id, 'member_links', ts FROM member_links
+)
+GROUP BY store_id, stream;
+
+-- Per store and stream: how far behind the chain's clock its last event
+-- is, and its rows kept in late_events (later than allowed lateness).
+CREATE VIEW store_sync_status AS
+WITH l AS (
+    SELECT store_id, stream, count(*) AS late_events, max(ts) AS last_late_ts
+    FROM late_events GROUP BY store_id, stream
+)
+SELECT a.store_id, a.stream, a.first_event_ts, a.last_event_ts, a.events,
+    (extract(epoch FROM c.as_of) - extract(epoch FROM a.last_event_ts)) / 60.0 AS minutes_behind,
+    coalesce(l.late_events, 0) AS late_events,
+    l.last_late_ts,
+    c.as_of
+FROM store_stream_activity a
+CROSS JOIN engine_clock c
+LEFT JOIN l ON l.store_id = a.store_id AND l.stream = a.stream;
 
 -- Stock is known (counted), derived (a count or opening balance plus the
 -- movements and sales after it) or unknown (neither: on_hand is NULL).
