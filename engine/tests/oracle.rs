@@ -293,6 +293,32 @@ async fn check(s: Scenario) {
         let table = MemTable::try_new(k.schema(), vec![vec![batch]]).unwrap();
         oracle.register_table(k.name(), Arc::new(table)).unwrap();
     }
+    // The dimensions (store_category_losses joins products as rows arrive).
+    for (name, schema, batches) in &dims {
+        let parts = vec![if batches.is_empty() {
+            vec![]
+        } else {
+            batches.clone()
+        }];
+        oracle
+            .register_table(
+                name,
+                Arc::new(MemTable::try_new(schema.clone(), parts).unwrap()),
+            )
+            .unwrap();
+    }
+    // The engine registers the known dimension tables empty until a file
+    // is configured; so does the oracle.
+    for kind in storepulse_engine::DimensionKind::ALL {
+        if !dims.iter().any(|(n, _, _)| n == kind.name()) {
+            oracle
+                .register_table(
+                    kind.name(),
+                    Arc::new(MemTable::try_new(kind.schema(), vec![vec![]]).unwrap()),
+                )
+                .unwrap();
+        }
+    }
     let mut cases = materialized_views(&sql);
     cases.push(("member_sessions".into(), SESSION_ORACLE.into()));
     for (name, select) in cases {
@@ -363,31 +389,6 @@ async fn check(s: Scenario) {
             ),
         )
         .unwrap();
-    for (name, schema, batches) in &dims {
-        let parts = vec![if batches.is_empty() {
-            vec![]
-        } else {
-            batches.clone()
-        }];
-        oracle
-            .register_table(
-                name,
-                Arc::new(MemTable::try_new(schema.clone(), parts).unwrap()),
-            )
-            .unwrap();
-    }
-    // The engine registers the known dimension tables empty until a file
-    // is configured; so does the oracle.
-    for kind in storepulse_engine::DimensionKind::ALL {
-        if !dims.iter().any(|(n, _, _)| n == kind.name()) {
-            oracle
-                .register_table(
-                    kind.name(),
-                    Arc::new(MemTable::try_new(kind.schema(), vec![vec![]]).unwrap()),
-                )
-                .unwrap();
-        }
-    }
     let batch_script = sql.replace("CREATE MATERIALIZED VIEW", "CREATE VIEW");
     for stmt in storepulse_sql::parse_script(&batch_script).unwrap() {
         let Statement::DataFusion { statement, .. } = stmt else {

@@ -69,6 +69,9 @@ pub struct RetailParams {
     /// `member_churn_risk`: purchase days needed before a usual gap is
     /// estimated (fewer: no gap, never lapsing).
     pub churn_min_purchase_days: i64,
+    /// `loss_rate.above_target`: the share of waste in the cost of what
+    /// left the shelves (waste / (COGS + waste)) operators aim to stay under.
+    pub loss_rate_target: f64,
     /// Alert `store_silent`: a store with no event on any stream for this
     /// long, while at least half of the chain's stores had one.
     #[serde(with = "humantime_serde")]
@@ -104,6 +107,7 @@ impl Default for RetailParams {
             churn_gap_factor: 3.0,
             churn_min_purchase_days: 3,
             store_silent_after: Duration::from_secs(3600),
+            loss_rate_target: 0.03,
             cold_chain_max_celsius: 5.0,
             cold_chain_duration: Duration::from_secs(30 * 60),
             sales_stall_min_units_per_hour: 0.5,
@@ -149,6 +153,9 @@ impl RetailParams {
             return Err("retail.churn_min_purchase_days must be at least 2".into());
         }
         positive(self.store_silent_after, "store_silent_after")?;
+        if !(0.0..1.0).contains(&self.loss_rate_target) {
+            return Err("retail.loss_rate_target must be in [0, 1)".into());
+        }
         positive(self.cold_chain_duration, "cold_chain_duration")?;
         if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
             return Err(
@@ -217,6 +224,7 @@ impl RetailParams {
                 format!("{:?}", self.low_cover_days * 24.0),
             ),
             ("churn_gap_factor", format!("{:?}", self.churn_gap_factor)),
+            ("loss_rate_target", format!("{:?}", self.loss_rate_target)),
             (
                 "store_silent_secs",
                 format!("{:?}", self.store_silent_after.as_secs_f64()),

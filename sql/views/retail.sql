@@ -7,6 +7,7 @@
 --   sku_stock_days   (store, SKU): per-day on-hand figures for turnover
 --   member_purchases (card) and member_identity (card → chain member)
 --   store_stream_activity (store, stream): first/last event, events
+--   store_category_losses (store, category, month): waste and sales at cost
 -- Everything else is a query-time view over them, the dimension tables
 -- (stores, products, replenishment_policy) and engine_clock (as_of).
 
@@ -99,6 +100,35 @@ FROM (
     UNION ALL SELECT store_id, 'member_links', ts FROM member_links
 )
 GROUP BY store_id, stream;
+
+-- Losses per store, product category and UTC month: waste (stock movements
+-- of kind 'waste', recorded negative) against what sold, both valued at the
+-- product's unit_cost when the event was applied (a later change of cost or
+-- category does not rewrite past months). Stores x categories x months.
+CREATE MATERIALIZED VIEW store_category_losses AS
+SELECT x.store_id, coalesce(p.category, 'unknown') AS category,
+    date_trunc('month', x.ts) AS month,
+    sum(x.waste_units) AS waste_units,
+    sum(CAST(x.waste_units AS DOUBLE) * coalesce(p.unit_cost, 0.0)) AS waste_cost,
+    sum(x.sold_units) AS sold_units,
+    sum(CAST(x.sold_units AS DOUBLE) * coalesce(p.unit_cost, 0.0)) AS cogs
+FROM (
+    SELECT store_id, sku, ts, -qty AS waste_units, CAST(0 AS BIGINT) AS sold_units
+    FROM stock_movements WHERE kind = 'waste'
+    UNION ALL
+    SELECT store_id, sku, ts, CAST(0 AS BIGINT), qty FROM sales
+) x
+LEFT JOIN products p ON p.sku = x.sku
+GROUP BY x.store_id, coalesce(p.category, 'unknown'), date_trunc('month', x.ts);
+
+-- Loss rate per store, category and month, against the operators' target.
+CREATE VIEW loss_rate AS
+SELECT store_id, category, month, waste_units, waste_cost, sold_units, cogs,
+    CASE WHEN cogs + waste_cost > 0 THEN waste_cost / (cogs + waste_cost) END AS loss_rate,
+    ${loss_rate_target} AS loss_rate_target,
+    coalesce(cogs + waste_cost > 0 AND waste_cost / (cogs + waste_cost) > ${loss_rate_target}, false)
+        AS above_target
+FROM store_category_losses;
 
 -- Per store and stream: how far behind the chain's clock its last event
 -- is, and its rows kept in late_events (later than allowed lateness).

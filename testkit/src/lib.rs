@@ -17,7 +17,7 @@ use std::{
 
 use arrow::{
     array::{Array, AsArray, RecordBatch},
-    datatypes::{DataType, Float64Type},
+    datatypes::{DataType, Field, Float64Type, Schema},
     util::display::{ArrayFormatter, FormatOptions},
 };
 use datafusion::{datasource::MemTable, prelude::SessionContext};
@@ -162,6 +162,22 @@ pub async fn oracle_views(
         ctx.register_table(k.name(), Arc::new(table))
             .expect("register");
     }
+    // The dimension a materialized view joins (store_category_losses), empty
+    // as the engine registers it until a file is configured (the runs this
+    // oracle checks configure none); the engine's required columns
+    // (`DimensionKind::Products`).
+    let products = Arc::new(Schema::new(vec![
+        Field::new("sku", DataType::Utf8, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("category", DataType::Utf8, true),
+        Field::new("unit_cost", DataType::Float64, true),
+        Field::new("case_pack", DataType::Int64, true),
+    ]));
+    ctx.register_table(
+        "products",
+        Arc::new(MemTable::try_new(products, vec![vec![]]).expect("mem table")),
+    )
+    .expect("register");
     let mut out = BTreeMap::new();
     for (name, select) in materialized_views(script) {
         let batches = ctx

@@ -601,10 +601,15 @@ impl Simulator {
             .stores
             .iter()
             .map(|s| StoreRuntime {
+                // A chain holds at least its policy's min_stock of a SKU.
                 on_hand: s
                     .daily_units
                     .iter()
-                    .map(|u| (u * 3.0).ceil() as i64 + rng.random_range(0..6))
+                    .zip(&s.assortment)
+                    .map(|(u, &p)| {
+                        let min = policy(s.format, chain.products[p].category).3;
+                        (u * 3.0).ceil() as i64 + rng.random_range(0..6) + min
+                    })
                     .collect(),
                 zipf: (!s.assortment.is_empty()).then(|| {
                     Zipf::new(s.assortment.len() as f64, chain.cfg.profile.zipf_s())
@@ -783,9 +788,13 @@ impl Simulator {
                     let level = (cover + safety).ceil() as i64 + min;
                     (level, level)
                 } else {
+                    // Two to three days of demand on top of the policy's
+                    // min_stock (a chain never restocks below its minimum).
+                    let min =
+                        policy(self.chain.stores[s].format, self.chain.products[p].category).3;
                     (
-                        (daily * 2.0).ceil() as i64 + 2,
-                        (daily * 3.0).ceil() as i64 + 2,
+                        (daily * 2.0).ceil() as i64 + 2 + min,
+                        (daily * 3.0).ceil() as i64 + 2 + min,
                     )
                 };
                 let on_hand = self.stores[s].on_hand[a];
