@@ -1036,6 +1036,16 @@ fn dashboard_in_headless_chromium(http: &Http) {
         .as_u64()
         .unwrap() as usize;
     assert_eq!(risk, want.min(15));
+    // Store sync: the stores furthest behind, one row per store.
+    let sync: usize = attr("data-sync-table-rows")
+        .expect("sync rows")
+        .parse()
+        .unwrap();
+    let stores = http.rows("SELECT count(DISTINCT store_id) AS n FROM store_sync_status")[0]["n"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(stores > 0);
+    assert_eq!(sync, stores.min(10));
     assert!(dom.matches("<tr class=\"row\">").count() >= risk);
     assert_eq!(
         attr("data-overflow").as_deref(),

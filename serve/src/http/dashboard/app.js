@@ -185,6 +185,14 @@ async function refreshTransfers() {
   fillTable("transfer-table", rows, r => [[r.sku], [r.from_store], [r.to_store], [fmt(r.qty), "num"]]);
 }
 
+async function refreshSync() {
+  const rows = await sql(`
+    SELECT store_id, min(minutes_behind) AS minutes_behind, sum(late_events) AS late_events
+    FROM store_sync_status s WHERE ${filter("s")}
+    GROUP BY store_id ORDER BY minutes_behind DESC, store_id LIMIT 10`);
+  fillTable("sync-table", rows, r => [[r.store_id], [fmt(r.minutes_behind, 1), "num"], [fmt(r.late_events), "num"]]);
+}
+
 async function refreshAlerts() {
   const a = await api("/api/v1/alerts?limit=2000");
   const store = document.getElementById("store").value, city = document.getElementById("city").value;
@@ -220,7 +228,7 @@ let refreshing = false;
 async function refresh() {
   if (refreshing) return;
   refreshing = true;
-  const results = await Promise.allSettled([refreshHealth(), refreshSales(), refreshRisk(), refreshTransfers(), refreshAlerts(), refreshTurnover(), refreshRfm()]);
+  const results = await Promise.allSettled([refreshHealth(), refreshSales(), refreshRisk(), refreshTransfers(), refreshSync(), refreshAlerts(), refreshTurnover(), refreshRfm()]);
   refreshing = false;
   const failed = results.filter(r => r.status === "rejected").map(r => r.reason);
   if (failed.some(e => e instanceof AuthError)) {
