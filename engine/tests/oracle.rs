@@ -406,6 +406,7 @@ async fn check(s: Scenario) {
         "inventory_turnover",
         "store_category_policy",
         "store_sync_status",
+        "member_summary",
         "member_rfm",
         "member_churn_risk",
         "member_cohorts",

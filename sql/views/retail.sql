@@ -416,18 +416,26 @@ FROM g
 -- them would be partial).
 WHERE period_start >= date_trunc('day', as_of) + INTERVAL '1 day' - ${turnover_days};
 
+-- One row per chain-wide member: a sale's card mapped through
+-- member_identity (a card with no link is its own member), its cards'
+-- purchases merged. member_rfm, member_churn_risk and member_cohorts read it.
+CREATE VIEW member_summary AS
+SELECT coalesce(i.member_id, p.card_id) AS member_id,
+    min(p.first_purchase_ts) AS first_purchase_ts,
+    max(p.last_purchase_ts) AS last_purchase_ts,
+    sum(p.receipts) AS frequency,
+    distinct_days(p.purchase_days) AS days,
+    sum(p.monetary) AS monetary,
+    count(*) AS cards
+FROM member_purchases p
+LEFT JOIN member_identity i ON i.local_member_id = p.card_id
+GROUP BY coalesce(i.member_id, p.card_id);
+
 CREATE VIEW member_rfm AS
 WITH m AS (
-    SELECT coalesce(i.member_id, p.card_id) AS member_id,
-        min(p.first_purchase_ts) AS first_purchase_ts,
-        max(p.last_purchase_ts) AS last_purchase_ts,
-        sum(p.receipts) AS frequency,
-        CAST(cardinality(distinct_days(p.purchase_days)) AS BIGINT) AS purchase_days,
-        sum(p.monetary) AS monetary,
-        count(*) AS cards
-    FROM member_purchases p
-    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
-    GROUP BY coalesce(i.member_id, p.card_id)
+    SELECT member_id, first_purchase_ts, last_purchase_ts, frequency,
+        CAST(cardinality(days) AS BIGINT) AS purchase_days, monetary, cards
+    FROM member_summary
 ), scored AS (
     -- Quintiles by (value, member_id): linear-time selection, no sort.
     SELECT m.*, c.as_of,
@@ -463,14 +471,9 @@ FROM scored;
 -- ${churn_gap_factor} usual gaps is lapsing (a win-back candidate).
 CREATE VIEW member_churn_risk AS
 WITH m AS (
-    SELECT coalesce(i.member_id, p.card_id) AS member_id,
-        min(p.first_purchase_ts) AS first_purchase_ts,
-        max(p.last_purchase_ts) AS last_purchase_ts,
-        CAST(cardinality(distinct_days(p.purchase_days)) AS BIGINT) AS purchase_days,
-        sum(p.monetary) AS monetary
-    FROM member_purchases p
-    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
-    GROUP BY coalesce(i.member_id, p.card_id)
+    SELECT member_id, first_purchase_ts, last_purchase_ts,
+        CAST(cardinality(days) AS BIGINT) AS purchase_days, monetary
+    FROM member_summary
 ), g AS (
     SELECT m.*, c.as_of,
         CASE WHEN purchase_days >= ${churn_min_purchase_days}
@@ -491,15 +494,9 @@ FROM g;
 -- Monthly repeat-purchase cohorts: members by the UTC month of their first
 -- purchase, and how many of them bought in each later month.
 CREATE VIEW member_cohorts AS
-WITH d AS (
-    SELECT coalesce(i.member_id, p.card_id) AS member_id,
-        distinct_days(p.purchase_days) AS days
-    FROM member_purchases p
-    LEFT JOIN member_identity i ON i.local_member_id = p.card_id
-    GROUP BY coalesce(i.member_id, p.card_id)
-), months AS (
+WITH months AS (
     SELECT DISTINCT member_id, date_trunc('month', day) AS month
-    FROM (SELECT member_id, unnest(days) AS day FROM d)
+    FROM (SELECT member_id, unnest(days) AS day FROM member_summary)
 ), firsts AS (
     SELECT member_id, min(month) AS cohort_month FROM months GROUP BY member_id
 ), sizes AS (
