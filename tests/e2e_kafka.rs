@@ -168,10 +168,12 @@ fn replay_to_a_real_broker_then_run_matches_the_oracle_and_a_group_splits_the_wo
         .build()
         .unwrap();
     let script: String = storepulse_testkit::builtin_script();
+    let dims = storepulse_engine::DimensionKind::ALL.map(|k| (k.name(), k.schema()));
     let want = rt.block_on(storepulse_testkit::oracle_views(
         &script,
         &data,
         &HashSet::new(),
+        &dims,
     ));
     for view in [
         "sales_by_store_hourly",

@@ -192,11 +192,11 @@ impl DimensionKind {
         }
     }
 
-    /// Whether a column may be absent from the file or empty in a row.
-    /// `replenishment_policy`: every column (a row names one level with
-    /// its scope columns; an empty threshold is inherited from the next
-    /// level, see [`PolicyLevel`]).
-    fn optional(self, _column: &str) -> bool {
+    /// Whether every column may be absent from the file or empty in a row:
+    /// `replenishment_policy` (a row names one level with its scope
+    /// columns; an empty threshold is inherited from the next level, see
+    /// [`PolicyLevel`]).
+    fn columns_optional(self) -> bool {
         matches!(self, Self::ReplenishmentPolicy)
     }
 
@@ -256,13 +256,11 @@ impl PolicyLevel {
         }
     }
 
-    /// Scope columns, in `replenishment_policy`'s column order.
-    const SCOPE: [&'static str; 5] = ["store_id", "sku", "city", "format", "category"];
-
-    /// The level of row `r` of a validated policy batch (its first five
-    /// columns are the scope columns), or why the row names none.
+    /// The level of row `r` of a validated policy batch (its first columns
+    /// are the scope columns, the table's key), or why the row names none.
     fn of_row(arrays: &[ArrayRef], r: usize) -> Result<Self, String> {
-        let set: Vec<&str> = Self::SCOPE
+        let scope = DimensionKind::ReplenishmentPolicy.key();
+        let set: Vec<&str> = scope
             .iter()
             .zip(arrays)
             .filter(|(_, a)| !a.is_null(r))
@@ -285,7 +283,7 @@ impl PolicyLevel {
                 ))
             }
         };
-        if arrays[Self::SCOPE.len()..].iter().all(|a| a.is_null(r)) {
+        if arrays[scope.len()..].iter().all(|a| a.is_null(r)) {
             return Err(format!(
                 "the {} row sets no threshold (lead_time_hours, service_level, review_hours, \
                  min_stock)",
@@ -492,7 +490,7 @@ impl DimensionSource {
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for (name, col) in kind.columns() {
             let Ok(idx) = schema.index_of(name) else {
-                if kind.optional(name) {
+                if kind.columns_optional() {
                     fields.push(Field::new(*name, col.data_type(), true));
                     arrays.push(new_null_array(&col.data_type(), batch.num_rows()));
                     continue;
@@ -526,7 +524,7 @@ impl DimensionSource {
                     let mut b = Float64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
-                            if kind.optional(name) {
+                            if kind.columns_optional() {
                                 b.append_null();
                                 continue;
                             }
@@ -554,7 +552,7 @@ impl DimensionSource {
                     let mut b = Int64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
-                            if kind.optional(name) {
+                            if kind.columns_optional() {
                                 b.append_null();
                                 continue;
                             }
@@ -590,7 +588,7 @@ impl DimensionSource {
             let mut key = Vec::with_capacity(key_idx.len());
             for &i in &key_idx {
                 let (name, a) = (kind.columns()[i].0, arrays[i].as_string::<i32>());
-                if a.is_null(r) && !kind.optional(name) {
+                if a.is_null(r) && !kind.columns_optional() {
                     return Err(self.invalid(line(r), format!("key column '{name}' is empty")));
                 }
                 key.push((!a.is_null(r)).then(|| a.value(r).to_string()));

@@ -108,19 +108,17 @@ WITH (key = 'member_id', every = '1h', keep_firing_for = '1d', renotify = '30d',
 -- not modelled yet). A store back online resolves it.
 CREATE ALERT store_silent AS
 WITH s AS (
-    SELECT store_id, max(last_event_ts) AS last_event_ts, max(as_of) AS as_of
+    SELECT store_id, max(last_event_ts) AS last_event_ts,
+        min(minutes_behind) AS minutes_silent, max(as_of) AS as_of
     FROM store_sync_status GROUP BY store_id
 ), chain AS (
     SELECT count(*) AS stores,
-        count(*) FILTER (WHERE extract(epoch FROM as_of) - extract(epoch FROM last_event_ts)
-                               <= ${store_silent_secs}) AS active_stores
+        count(*) FILTER (WHERE minutes_silent <= ${store_silent_minutes}) AS active_stores
     FROM s
 )
-SELECT s.store_id, s.last_event_ts,
-    (extract(epoch FROM s.as_of) - extract(epoch FROM s.last_event_ts)) / 60.0 AS minutes_silent,
-    chain.active_stores, chain.stores, s.as_of
+SELECT s.store_id, s.last_event_ts, s.minutes_silent, chain.active_stores, chain.stores, s.as_of
 FROM s CROSS JOIN chain
-WHERE extract(epoch FROM s.as_of) - extract(epoch FROM s.last_event_ts) > ${store_silent_secs}
+WHERE s.minutes_silent > ${store_silent_minutes}
   AND chain.active_stores * 2 >= chain.stores
 WITH (key = 'store_id', every = '1m', for = '5m', keep_firing_for = '30m', renotify = '6h',
       severity = 'warning');

@@ -226,8 +226,8 @@ impl RetailParams {
             ("churn_gap_factor", format!("{:?}", self.churn_gap_factor)),
             ("loss_rate_target", format!("{:?}", self.loss_rate_target)),
             (
-                "store_silent_secs",
-                format!("{:?}", self.store_silent_after.as_secs_f64()),
+                "store_silent_minutes",
+                format!("{:?}", self.store_silent_after.as_secs_f64() / 60.0),
             ),
             (
                 "churn_min_purchase_days",

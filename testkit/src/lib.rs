@@ -17,7 +17,7 @@ use std::{
 
 use arrow::{
     array::{Array, AsArray, RecordBatch},
-    datatypes::{DataType, Field, Float64Type, Schema},
+    datatypes::{DataType, Float64Type, SchemaRef},
     util::display::{ArrayFormatter, FormatOptions},
 };
 use datafusion::{datasource::MemTable, prelude::SessionContext};
@@ -146,11 +146,13 @@ pub fn dataset_tables(
 }
 
 /// The oracle's answer for every materialized view of `script` over the
-/// dataset in `dir`: name → normalized rows.
+/// dataset in `dir`: name → normalized rows. `dimensions` are registered
+/// empty (name, schema: the engine's `DimensionKind::ALL`).
 pub async fn oracle_views(
     script: &str,
     dir: &Path,
     late: &HashSet<(String, String)>,
+    dimensions: &[(&str, SchemaRef)],
 ) -> BTreeMap<String, Vec<String>> {
     let ctx = SessionContext::new();
     storepulse_sql::register(&ctx);
@@ -162,22 +164,14 @@ pub async fn oracle_views(
         ctx.register_table(k.name(), Arc::new(table))
             .expect("register");
     }
-    // The dimension a materialized view joins (store_category_losses), empty
-    // as the engine registers it until a file is configured (the runs this
-    // oracle checks configure none); the engine's required columns
-    // (`DimensionKind::Products`).
-    let products = Arc::new(Schema::new(vec![
-        Field::new("sku", DataType::Utf8, true),
-        Field::new("name", DataType::Utf8, true),
-        Field::new("category", DataType::Utf8, true),
-        Field::new("unit_cost", DataType::Float64, true),
-        Field::new("case_pack", DataType::Int64, true),
-    ]));
-    ctx.register_table(
-        "products",
-        Arc::new(MemTable::try_new(products, vec![vec![]]).expect("mem table")),
-    )
-    .expect("register");
+    // Dimension tables a view joins (store_category_losses joins
+    // products), empty as the engine registers them until a file is
+    // configured (the runs this oracle checks configure none).
+    for (name, schema) in dimensions {
+        let table = MemTable::try_new(schema.clone(), vec![vec![]]).expect("mem table");
+        ctx.register_table(*name, Arc::new(table))
+            .expect("register");
+    }
     let mut out = BTreeMap::new();
     for (name, select) in materialized_views(script) {
         let batches = ctx

@@ -233,7 +233,8 @@ async fn late_ids(handle: &EngineHandle) -> HashSet<(String, String)> {
 async fn assert_matches_oracle(handle: &EngineHandle, dir: &Path) -> u64 {
     let late = late_ids(handle).await;
     let script: String = storepulse_testkit::builtin_script();
-    let want = storepulse_testkit::oracle_views(&script, dir, &late).await;
+    let dims = storepulse_engine::DimensionKind::ALL.map(|k| (k.name(), k.schema()));
+    let want = storepulse_testkit::oracle_views(&script, dir, &late, &dims).await;
     assert!(want.len() >= 5, "{:?}", want.keys());
     let non_empty = want.values().filter(|r| !r.is_empty()).count();
     assert!(non_empty >= 3, "the dataset exercises most views: {want:?}");

@@ -777,9 +777,10 @@ impl Simulator {
             for a in self.stock_walk(s, true) {
                 let p = self.chain.stores[s].assortment[a];
                 let daily = self.chain.stores[s].daily_units[a];
+                // Either way the chain keeps at least the policy's min_stock.
+                let (lead_h, _, _, min) =
+                    policy(self.chain.stores[s].format, self.chain.products[p].category);
                 let (reorder_level, order_up_to) = if self.chain.cfg.restock_to_policy {
-                    let store = &self.chain.stores[s];
-                    let (lead_h, _, _, min) = policy(store.format, self.chain.products[p].category);
                     // Demand per ms of event time at the current intensity.
                     let per_ms = daily * self.chain.cfg.intensity.max(1.0) / DAY_MS as f64;
                     let cover = per_ms * (lead_h * HOUR_MS + 2 * period) as f64;
@@ -788,10 +789,7 @@ impl Simulator {
                     let level = (cover + safety).ceil() as i64 + min;
                     (level, level)
                 } else {
-                    // Two to three days of demand on top of the policy's
-                    // min_stock (a chain never restocks below its minimum).
-                    let min =
-                        policy(self.chain.stores[s].format, self.chain.products[p].category).3;
+                    // Two to three days of demand on top of min_stock.
                     (
                         (daily * 2.0).ceil() as i64 + 2 + min,
                         (daily * 3.0).ceil() as i64 + 2 + min,

@@ -543,7 +543,7 @@ fn read_line_capped<R: BufRead>(
         if chunk.is_empty() {
             return Ok((consumed, content > cap));
         }
-        let (line, done) = match memchr_newline(chunk) {
+        let (line, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (&chunk[..=i], true),
             None => (chunk, false),
         };
@@ -565,10 +565,6 @@ fn read_line_capped<R: BufRead>(
 
 fn line_ends_cr(buf: &[u8]) -> bool {
     buf.ends_with(b"\r\n")
-}
-
-fn memchr_newline(b: &[u8]) -> Option<usize> {
-    memchr::memchr(b'\n', b)
 }
 
 /// Lines of a JSONL file cut by the reader thread for a decoder.
