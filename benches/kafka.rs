@@ -80,7 +80,7 @@ fn source_config(brokers: &str, prefix: &str, group: &str) -> KafkaSourceConfig 
     let mut c = KafkaSourceConfig::new(brokers);
     c.group_id = group.into();
     c.topic_prefix = prefix.into();
-    c.streams = vec![StreamKind::Sales];
+    c.streams = Some(vec![StreamKind::Sales]);
     c
 }
 

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use storepulse_ingest::StreamKind;
 use storepulse_testkit::process::{free_port, tansu_bin, Server, Tansu};
 
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
@@ -161,7 +162,7 @@ fn replay_to_a_real_broker_then_run_matches_the_oracle_and_a_group_splits_the_wo
     };
     assert_eq!(
         health["kafka"][0]["assigned"].as_array().unwrap().len(),
-        5 * PARTITIONS
+        StreamKind::ALL.len() * PARTITIONS
     );
     // Against the batch oracle (nothing late with 30 d lateness).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -242,7 +243,7 @@ fn replay_to_a_real_broker_then_run_matches_the_oracle_and_a_group_splits_the_wo
     let deadline = Instant::now() + Duration::from_secs(120);
     let (pa, pb) = loop {
         let (pa, pb) = (assigned(&a), assigned(&b));
-        if pa.len() + pb.len() == 5 * PARTITIONS
+        if pa.len() + pb.len() == StreamKind::ALL.len() * PARTITIONS
             && pa.is_disjoint(&pb)
             && !pa.is_empty()
             && !pb.is_empty()

@@ -266,3 +266,59 @@ async fn store_silent_needs_the_rest_of_the_chain_awake() {
     apply(&h, StreamKind::Sales, &night).await;
     assert!(rows(&h, "store_silent").await.is_empty());
 }
+
+#[tokio::test]
+async fn order_overdue_and_transfer_overdue_fire_past_their_grace() {
+    let h = engine().await;
+    let order = |id: &str, t: i64, expected: i64| {
+        format!(
+            r#"{{"event_id":"p-{id}","ts":{t},"store_id":"S1","order_id":"{id}","sku":"A","status":"placed","qty":6,"expected_at":{expected}}}"#
+        )
+    };
+    // O1 expected at 09:00, O2 at 11:00; the clock reaches 12:00 with the
+    // shipment. O1 is 3 h late (overdue after 2 h), O2 1 h late (not yet).
+    apply(
+        &h,
+        StreamKind::PurchaseOrders,
+        &[
+            order("O1", T0, T0 + 60 * MIN),
+            order("O2", T0, T0 + 3 * 60 * MIN),
+        ],
+    )
+    .await;
+    let ship = |t: i64, id: &str| {
+        format!(
+            r#"{{"event_id":"{id}","ts":{t},"store_id":"S2","sku":"A","kind":"transfer_out","qty":-3,"transfer_id":"{id}","peer_store_id":"S1"}}"#
+        )
+    };
+    apply(
+        &h,
+        StreamKind::StockMovements,
+        &[ship(T0 + 4 * 60 * MIN, "T1")],
+    )
+    .await;
+    let got = rows(&h, "order_overdue").await;
+    let late: Vec<(&str, f64)> = got
+        .iter()
+        .map(|r| {
+            (
+                r["order_id"].as_str().unwrap(),
+                r["hours_late"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(late, vec![("O1", 3.0)], "{got:?}");
+    assert!(rows(&h, "transfer_overdue").await.is_empty());
+
+    // Two days later T1 has not arrived: overdue; O1 and O2 too.
+    let later = T0 + (4 + 49) * 60 * MIN;
+    apply(&h, StreamKind::StockMovements, &[ship(later, "T2")]).await;
+    let got = rows(&h, "transfer_overdue").await;
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|r| r["transfer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["T1"], "{got:?}");
+    assert_eq!(got[0]["to_store"], "S1");
+    assert_eq!(rows(&h, "order_overdue").await.len(), 2);
+}

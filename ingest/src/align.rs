@@ -17,12 +17,26 @@ use std::{
 
 use arrow::{array::AsArray, array::RecordBatch, datatypes::TimestampMillisecondType};
 
+/// Where one file is: the largest event time sent (`i64::MIN`: none yet)
+/// and the first event time of the batch it waits to send.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    sent: i64,
+    waiting: Option<i64>,
+}
+
+impl Member {
+    /// The batch it waits to send, else what it sent.
+    fn frontier(self) -> i64 {
+        self.waiting.unwrap_or(self.sent)
+    }
+}
+
 /// Progress of the files of one run.
 #[derive(Debug)]
 pub struct Alignment {
-    /// Per member: largest event time sent (`i64::MIN`: none yet), or
-    /// `None` once finished.
-    progress: Mutex<Vec<Option<i64>>>,
+    /// Per member (`None` once finished).
+    progress: Mutex<Vec<Option<Member>>>,
     changed: Condvar,
     max_drift_ms: i64,
 }
@@ -31,27 +45,42 @@ impl Alignment {
     /// Alignment of `members` files, each at most `max_drift` ahead.
     pub fn new(members: usize, max_drift: Duration) -> Arc<Self> {
         Arc::new(Self {
-            progress: Mutex::new(vec![Some(i64::MIN); members]),
+            progress: Mutex::new(vec![
+                Some(Member {
+                    sent: i64::MIN,
+                    waiting: None,
+                });
+                members
+            ]),
             changed: Condvar::new(),
             max_drift_ms: max_drift.as_millis().min(i64::MAX as u128) as i64,
         })
     }
 
     /// Blocks member `me` until a batch starting at event time `first_ts`
-    /// may be sent (or `stop()` turns true; checked every 100 ms).
+    /// may be sent (or `stop()` turns true; checked every 100 ms): when it
+    /// starts within `max_drift` of every other unfinished member's
+    /// frontier. A member that has neither sent nor asked yet holds the
+    /// others back, so a sparse file whose first event is days ahead (the
+    /// purchase orders of each morning) waits for the others to get there
+    /// instead of moving the clock at once. The member with the earliest
+    /// frontier always may go, so nobody waits forever.
     pub fn wait_turn(&self, me: usize, first_ts: i64, stop: impl Fn() -> bool) {
         let mut p = self.progress.lock().expect("not poisoned");
+        if let Some(m) = &mut p[me] {
+            m.waiting = Some(first_ts);
+        }
+        self.changed.notify_all();
         loop {
-            let mine = p[me].unwrap_or(i64::MAX);
             let slowest_other = p
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| *i != me)
-                .filter_map(|(_, v)| *v)
+                .filter_map(|(_, v)| v.map(Member::frontier))
                 .min();
             let go = match slowest_other {
                 None => true,
-                Some(other) => mine <= other || first_ts <= other.saturating_add(self.max_drift_ms),
+                Some(other) => first_ts <= other.saturating_add(self.max_drift_ms),
             };
             if go || stop() {
                 return;
@@ -72,8 +101,9 @@ impl Alignment {
     /// Member `me` sent events up to `max_ts`.
     pub fn sent(&self, me: usize, max_ts: i64) {
         let mut p = self.progress.lock().expect("not poisoned");
-        if let Some(v) = &mut p[me] {
-            *v = (*v).max(max_ts);
+        if let Some(m) = &mut p[me] {
+            m.sent = m.sent.max(max_ts);
+            m.waiting = None;
         }
         drop(p);
         self.changed.notify_all();
@@ -134,27 +164,37 @@ mod tests {
     #[test]
     fn the_fast_file_waits_for_the_slow_one_and_never_deadlocks() {
         let a = Alignment::new(2, Duration::from_secs(60));
-        // Nothing sent yet: both may go (the slowest may always go).
-        a.wait_turn(0, 0, || false);
-        a.sent(0, 10_000);
-        // Member 1 at 0 is behind: it goes; member 0 at 10 s is within drift.
-        a.wait_turn(1, 0, || false);
-        a.sent(1, 0);
-        a.wait_turn(0, 50_000, || false);
-        a.sent(0, 120_000);
-        // Member 0 would start at 130 s, 130 s ahead of member 1: it waits
-        // until member 1 catches up (another thread here).
-        let a2 = a.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            a2.sent(1, 80_000);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // Member 1 is sparse: its first batch starts at 1,000 s. It waits
+        // until member 0 has sent up to within the drift (60 s) of it.
+        let (a1, log1) = (a.clone(), log.clone());
+        let sparse = std::thread::spawn(move || {
+            a1.wait_turn(1, 1_000_000, || false);
+            log1.lock().unwrap().push(("sparse", 1_000_000));
+            a1.sent(1, 1_000_000);
+            a1.finished(1);
         });
-        let started = std::time::Instant::now();
-        a.wait_turn(0, 130_000, || false);
-        assert!(started.elapsed() >= Duration::from_millis(40));
-        t.join().unwrap();
+        // Member 0 sends a batch every 100 s, each spanning 50 s.
+        for t in (0..=1_200_000).step_by(100_000) {
+            a.wait_turn(0, t, || false);
+            log.lock().unwrap().push(("dense", t));
+            a.sent(0, t + 50_000);
+        }
+        sparse.join().unwrap();
+        let log = log.lock().unwrap();
+        let at = |e| log.iter().position(|x| *x == e).unwrap();
+        // Not before member 0 sent up to 950 s (the 900 s batch)...
+        assert!(
+            at(("sparse", 1_000_000)) > at(("dense", 900_000)),
+            "{log:?}"
+        );
+        // ...and member 0 did not start 1,100 s (over 60 s past the sparse
+        // member's 1,000 s) before the sparse member sent.
+        assert!(
+            at(("sparse", 1_000_000)) < at(("dense", 1_100_000)),
+            "{log:?}"
+        );
         // A finished member no longer holds anyone back.
-        a.finished(1);
         a.wait_turn(0, 10_000_000, || false);
     }
 

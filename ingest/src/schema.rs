@@ -49,7 +49,13 @@ pub enum StreamKind {
     IotReadings,
     /// Store-local member card → chain-wide member id.
     MemberLinks,
+    /// Purchase order lines: placed, amended, cancelled.
+    PurchaseOrders,
 }
+
+/// Valid values of `purchase_orders.status`: `placed` and `amended` set the
+/// line's ordered quantity (the new total), `cancelled` withdraws it.
+pub const ORDER_STATUSES: &[&str] = &["placed", "amended", "cancelled"];
 
 /// Valid values of `stock_movements.kind`.
 pub const MOVEMENT_KINDS: &[&str] = &[
@@ -63,12 +69,13 @@ pub const MOVEMENT_KINDS: &[&str] = &[
 
 impl StreamKind {
     /// All streams, in contract order.
-    pub const ALL: [StreamKind; 5] = [
+    pub const ALL: [StreamKind; 6] = [
         StreamKind::Sales,
         StreamKind::StockMovements,
         StreamKind::StockCounts,
         StreamKind::IotReadings,
         StreamKind::MemberLinks,
+        StreamKind::PurchaseOrders,
     ];
 
     /// The stream's name: its SQL table name and file stem.
@@ -79,6 +86,7 @@ impl StreamKind {
             StreamKind::StockCounts => "stock_counts",
             StreamKind::IotReadings => "iot_readings",
             StreamKind::MemberLinks => "member_links",
+            StreamKind::PurchaseOrders => "purchase_orders",
         }
     }
 
@@ -98,6 +106,9 @@ impl StreamKind {
             StreamKind::MemberLinks => {
                 &["event_id", "ts", "store_id", "local_member_id", "member_id"]
             }
+            StreamKind::PurchaseOrders => {
+                &["event_id", "ts", "store_id", "order_id", "sku", "status"]
+            }
         }
     }
 
@@ -106,13 +117,13 @@ impl StreamKind {
 
     /// The schema one JSON event is decoded with.
     pub fn json_schema(self) -> SchemaRef {
-        static CELLS: OnceLock<[SchemaRef; 5]> = OnceLock::new();
+        static CELLS: OnceLock<[SchemaRef; 6]> = OnceLock::new();
         CELLS.get_or_init(|| StreamKind::ALL.map(build_json_schema))[self.index()].clone()
     }
 
     /// The flat schema of the stream's rows, as the engine and SQL see them.
     pub fn schema(self) -> SchemaRef {
-        static CELLS: OnceLock<[SchemaRef; 5]> = OnceLock::new();
+        static CELLS: OnceLock<[SchemaRef; 6]> = OnceLock::new();
         CELLS.get_or_init(|| StreamKind::ALL.map(build_flat_schema))[self.index()].clone()
     }
 }
@@ -181,6 +192,12 @@ fn build_flat_schema(kind: StreamKind) -> SchemaRef {
             f.push(utf8("sku", false));
             f.push(utf8("kind", false));
             f.push(Field::new("qty", DataType::Int64, false));
+            // Optional links: the purchase order a receipt fulfils, the
+            // transfer a transfer_out/transfer_in belongs to, and the other
+            // store of a transfer (where it goes, where it came from).
+            f.push(utf8("order_id", true));
+            f.push(utf8("transfer_id", true));
+            f.push(utf8("peer_store_id", true));
         }
         StreamKind::StockCounts => {
             f.push(utf8("sku", false));
@@ -195,6 +212,13 @@ fn build_flat_schema(kind: StreamKind) -> SchemaRef {
         StreamKind::MemberLinks => {
             f.push(utf8("local_member_id", false));
             f.push(utf8("member_id", false));
+        }
+        StreamKind::PurchaseOrders => {
+            f.push(utf8("order_id", false));
+            f.push(utf8("sku", false));
+            f.push(utf8("status", false));
+            f.push(Field::new("qty", DataType::Int64, true));
+            f.push(Field::new("expected_at", ts_type(), true));
         }
     }
     Arc::new(Schema::new(f))

@@ -34,8 +34,30 @@ FROM stockout_risk
 WHERE hours_of_cover IS NOT NULL
   AND hours_of_cover < lead_time_hours + review_hours + ${low_cover_hours}
   AND suggested_order_qty = 0
+  AND on_order + in_transit = 0
 WITH (key = 'store_id, sku', every = '5m', keep_firing_for = '1h', renotify = '24h',
       severity = 'info');
+
+-- A purchase order line still open order_overdue_after past its expected
+-- arrival: the supplier is late, or the receipt was booked without the
+-- order_id (then on_order counts it twice until it is closed).
+CREATE ALERT order_overdue AS
+SELECT store_id, order_id, sku, ordered_qty, received_qty, open_qty, placed_at,
+    expected_at, hours_late, as_of
+FROM open_orders
+WHERE overdue
+WITH (key = 'store_id, order_id, sku', every = '1m', keep_firing_for = '10m',
+      renotify = '24h', severity = 'warning');
+
+-- Stock shipped to another store and not (all) received within
+-- transfer_overdue_after: lost in transit, or a transfer_in not recorded.
+CREATE ALERT transfer_overdue AS
+SELECT transfer_id, sku, from_store, to_store, shipped_qty, received_qty, in_transit_qty,
+    shipped_at, age_hours, as_of
+FROM stock_in_transit
+WHERE overdue
+WITH (key = 'transfer_id, sku', every = '1m', keep_firing_for = '10m', renotify = '24h',
+      severity = 'warning');
 
 -- Fridge readings per device: the last reading, the last one at or below
 -- the limit, the first one (order independent: max/min of event time).

@@ -76,6 +76,14 @@ pub struct RetailParams {
     /// long, while at least half of the chain's stores had one.
     #[serde(with = "humantime_serde")]
     pub store_silent_after: Duration,
+    /// `open_orders.overdue` and alert `order_overdue`: an order line still
+    /// open this long after its expected arrival.
+    #[serde(with = "humantime_serde")]
+    pub order_overdue_after: Duration,
+    /// `stock_in_transit.overdue` and alert `transfer_overdue`: a transfer
+    /// shipped this long ago and not (fully) received.
+    #[serde(with = "humantime_serde")]
+    pub transfer_overdue_after: Duration,
     /// Alert `cold_chain`: fridge limit (°C).
     pub cold_chain_max_celsius: f64,
     /// Alert `cold_chain`: how long a fridge must read above the limit.
@@ -108,6 +116,8 @@ impl Default for RetailParams {
             churn_min_purchase_days: 3,
             store_silent_after: Duration::from_secs(3600),
             loss_rate_target: 0.03,
+            order_overdue_after: Duration::from_secs(2 * 3600),
+            transfer_overdue_after: Duration::from_secs(48 * 3600),
             cold_chain_max_celsius: 5.0,
             cold_chain_duration: Duration::from_secs(30 * 60),
             sales_stall_min_units_per_hour: 0.5,
@@ -153,6 +163,8 @@ impl RetailParams {
             return Err("retail.churn_min_purchase_days must be at least 2".into());
         }
         positive(self.store_silent_after, "store_silent_after")?;
+        positive(self.order_overdue_after, "order_overdue_after")?;
+        positive(self.transfer_overdue_after, "transfer_overdue_after")?;
         if !(0.0..1.0).contains(&self.loss_rate_target) {
             return Err("retail.loss_rate_target must be in [0, 1)".into());
         }
@@ -225,6 +237,14 @@ impl RetailParams {
             ),
             ("churn_gap_factor", format!("{:?}", self.churn_gap_factor)),
             ("loss_rate_target", format!("{:?}", self.loss_rate_target)),
+            (
+                "order_overdue_hours",
+                format!("{:?}", self.order_overdue_after.as_secs_f64() / 3600.0),
+            ),
+            (
+                "transfer_overdue_hours",
+                format!("{:?}", self.transfer_overdue_after.as_secs_f64() / 3600.0),
+            ),
             (
                 "store_silent_minutes",
                 format!("{:?}", self.store_silent_after.as_secs_f64() / 60.0),

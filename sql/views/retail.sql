@@ -8,6 +8,8 @@
 --   member_purchases (card) and member_identity (card → chain member)
 --   store_stream_activity (store, stream): first/last event, events
 --   store_category_losses (store, category, month): waste and sales at cost
+--   order_lines      (store, order, SKU): ordered, cancelled, received
+--   transfers        (transfer, SKU): shipped and received between stores
 -- Everything else is a query-time view over them, the dimension tables
 -- (stores, products, replenishment_policy) and engine_clock (as_of).
 
@@ -98,6 +100,7 @@ FROM (
     UNION ALL SELECT store_id, 'stock_counts', ts FROM stock_counts
     UNION ALL SELECT store_id, 'iot_readings', ts FROM iot_readings
     UNION ALL SELECT store_id, 'member_links', ts FROM member_links
+    UNION ALL SELECT store_id, 'purchase_orders', ts FROM purchase_orders
 )
 GROUP BY store_id, stream;
 
@@ -145,6 +148,112 @@ SELECT a.store_id, a.stream, a.first_event_ts, a.last_event_ts, a.events,
 FROM store_stream_activity a
 CROSS JOIN engine_clock c
 LEFT JOIN l ON l.store_id = a.store_id AND l.stream = a.stream;
+
+-- Purchase order lines and what arrived against them, per (store, order,
+-- SKU): the ordered quantity and expected arrival of the newest `placed` or
+-- `amended` event, whether the newest event is a cancellation, and the
+-- units of the receipts (stock_movements of kind `receipt`) naming the
+-- order. Of two events of a line at the same instant, either may count as
+-- the newest.
+CREATE MATERIALIZED VIEW order_lines AS
+SELECT store_id, order_id, sku,
+    last_value(ordered ORDER BY ts) FILTER (WHERE ordered IS NOT NULL) AS ordered_qty,
+    last_value(expected_at ORDER BY ts) FILTER (WHERE expected_at IS NOT NULL) AS expected_at,
+    last_value(cancelled ORDER BY ts) FILTER (WHERE cancelled IS NOT NULL) AS cancelled,
+    min(ts) FILTER (WHERE cancelled IS NOT NULL) AS placed_at,
+    max(ts) FILTER (WHERE cancelled IS NOT NULL) AS updated_at,
+    sum(received) AS received_qty,
+    max(ts) FILTER (WHERE received IS NOT NULL) AS last_receipt_at
+FROM (
+    SELECT store_id, order_id, sku, ts,
+        CASE WHEN status = 'cancelled' THEN CAST(NULL AS BIGINT) ELSE qty END AS ordered,
+        expected_at,
+        CASE WHEN status = 'cancelled' THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END
+            AS cancelled,
+        CAST(NULL AS BIGINT) AS received
+    FROM purchase_orders
+    UNION ALL
+    -- (`CASE WHEN false THEN ts END`: a NULL of the timestamp type.)
+    SELECT store_id, order_id, sku, ts, CAST(NULL AS BIGINT), CASE WHEN false THEN ts END,
+        CAST(NULL AS BIGINT), qty
+    FROM stock_movements
+    WHERE order_id IS NOT NULL AND kind = 'receipt'
+)
+GROUP BY store_id, order_id, sku;
+
+-- Transfers between stores, per (transfer, SKU): who shipped, who received
+-- (or was meant to: the shipment's peer_store_id), units and times.
+CREATE MATERIALIZED VIEW transfers AS
+SELECT transfer_id, sku,
+    max(store_id) FILTER (WHERE kind = 'transfer_out') AS from_store,
+    max(peer_store_id) FILTER (WHERE kind = 'transfer_out') AS planned_to_store,
+    max(store_id) FILTER (WHERE kind = 'transfer_in') AS received_by,
+    -sum(qty) FILTER (WHERE kind = 'transfer_out') AS shipped_qty,
+    sum(qty) FILTER (WHERE kind = 'transfer_in') AS received_qty,
+    min(ts) FILTER (WHERE kind = 'transfer_out') AS shipped_at,
+    max(ts) FILTER (WHERE kind = 'transfer_in') AS received_at
+FROM stock_movements
+WHERE transfer_id IS NOT NULL AND kind IN ('transfer_out', 'transfer_in')
+GROUP BY transfer_id, sku;
+
+-- Order lines still expected: not cancelled, fewer units received than
+-- ordered. Lateness is measured at `checked_at`: the chain's clock, but no
+-- further than the stock movements (where the receipt would be) have been
+-- seen, so a movements stream read or delivered behind the others (a
+-- backfill reading files at different paces, a lagging topic) does not make
+-- every order look overdue. Overdue once order_overdue_after past the
+-- expected arrival.
+CREATE VIEW open_orders AS
+WITH m AS (
+    SELECT max(last_event_ts) AS movements_until
+    FROM store_stream_activity WHERE stream = 'stock_movements'
+), o AS (
+    SELECT o.store_id, o.order_id, o.sku, o.ordered_qty,
+        coalesce(o.received_qty, 0) AS received_qty,
+        o.placed_at, o.expected_at, o.last_receipt_at,
+        least(c.as_of, coalesce(m.movements_until, c.as_of)) AS checked_at, c.as_of
+    FROM order_lines o CROSS JOIN engine_clock c CROSS JOIN m
+    WHERE coalesce(o.cancelled, 0) = 0 AND o.ordered_qty > coalesce(o.received_qty, 0)
+)
+SELECT store_id, order_id, sku, ordered_qty, received_qty,
+    ordered_qty - received_qty AS open_qty,
+    placed_at, expected_at, last_receipt_at,
+    (extract(epoch FROM as_of) - extract(epoch FROM placed_at)) / 3600.0 AS age_hours,
+    greatest((extract(epoch FROM checked_at) - extract(epoch FROM expected_at)) / 3600.0, 0.0)
+        AS hours_late,
+    extract(epoch FROM checked_at) - extract(epoch FROM expected_at)
+        > ${order_overdue_hours} * 3600 AS overdue,
+    checked_at,
+    as_of
+FROM o;
+
+-- Units shipped from one store to another and not (all) received yet: the
+-- destination is the receiving store once a transfer_in arrived, else the
+-- shipment's peer_store_id (NULL if it named none). Overdue after
+-- transfer_overdue_after, measured like open_orders at `checked_at` (the
+-- transfer_in is a stock movement too).
+CREATE VIEW stock_in_transit AS
+WITH m AS (
+    SELECT max(last_event_ts) AS movements_until
+    FROM store_stream_activity WHERE stream = 'stock_movements'
+), t AS (
+    SELECT t.transfer_id, t.sku, t.from_store,
+        coalesce(t.received_by, t.planned_to_store) AS to_store,
+        t.shipped_qty, coalesce(t.received_qty, 0) AS received_qty,
+        t.shipped_at, t.received_at,
+        least(c.as_of, coalesce(m.movements_until, c.as_of)) AS checked_at, c.as_of
+    FROM transfers t CROSS JOIN engine_clock c CROSS JOIN m
+    WHERE t.shipped_qty > coalesce(t.received_qty, 0)
+)
+SELECT transfer_id, sku, from_store, to_store, shipped_qty, received_qty,
+    shipped_qty - received_qty AS in_transit_qty,
+    shipped_at, received_at,
+    (extract(epoch FROM checked_at) - extract(epoch FROM shipped_at)) / 3600.0 AS age_hours,
+    extract(epoch FROM checked_at) - extract(epoch FROM shipped_at)
+        > ${transfer_overdue_hours} * 3600 AS overdue,
+    checked_at,
+    as_of
+FROM t;
 
 -- Stock is known (counted), derived (a count or opening balance plus the
 -- movements and sales after it) or unknown (neither: on_hand is NULL).
@@ -255,6 +364,8 @@ WITH base AS (
              WHEN rc.category IS NOT NULL THEN 'city_category'
              WHEN rf.category IS NOT NULL THEN 'format_category'
              ELSE 'default' END AS policy_source,
+        coalesce(po.qty, 0) AS on_order,
+        coalesce(it.qty, 0) AS in_transit,
         c.as_of
     FROM sku_activity a
     CROSS JOIN engine_clock c
@@ -265,6 +376,12 @@ WITH base AS (
     LEFT JOIN replenishment_policy rc ON rc.city = s.city AND rc.category = p.category
     LEFT JOIN replenishment_policy rf ON rf.format = s.format AND rf.category = p.category
     LEFT JOIN opening_stock o ON o.store_id = a.store_id AND o.sku = a.sku
+    -- Stock already coming: open order lines and transfers to this store.
+    LEFT JOIN (SELECT store_id, sku, sum(open_qty) AS qty FROM open_orders
+               GROUP BY store_id, sku) po ON po.store_id = a.store_id AND po.sku = a.sku
+    LEFT JOIN (SELECT to_store, sku, sum(in_transit_qty) AS qty FROM stock_in_transit
+               WHERE to_store IS NOT NULL
+               GROUP BY to_store, sku) it ON it.to_store = a.store_id AND it.sku = a.sku
 ), demand AS (
     SELECT *,
         units_per_hour * lead_time_hours AS lead_time_demand,
@@ -281,6 +398,9 @@ WITH base AS (
 )
 SELECT store_id, sku, city, format, category,
     on_hand,
+    on_order,
+    in_transit,
+    on_hand + on_order + in_transit AS inventory_position,
     stock_status,
     last_count_ts,
     units_per_hour,
@@ -300,9 +420,14 @@ SELECT store_id, sku, city, format, category,
          THEN stockout_probability(on_hand, lead_time_demand, lead_time_variance) END AS p_stockout,
     CASE WHEN on_hand >= 0 THEN expected_shortage(on_hand, lead_time_demand, lead_time_variance) END
         AS expected_lost_units,
+    -- Ordered up to order_up_to from the inventory position (on hand plus
+    -- open orders plus stock in transit), so stock already coming is not
+    -- ordered again.
     CASE WHEN on_hand < 0 OR on_hand IS NULL THEN CAST(NULL AS BIGINT)
-         WHEN on_hand <= reorder_point AND order_up_to > on_hand
-         THEN CAST(ceil((order_up_to - on_hand) / case_pack) * case_pack AS BIGINT)
+         WHEN on_hand + on_order + in_transit <= reorder_point
+              AND order_up_to > on_hand + on_order + in_transit
+         THEN CAST(ceil((order_up_to - (on_hand + on_order + in_transit)) / case_pack)
+                   * case_pack AS BIGINT)
          ELSE CAST(0 AS BIGINT) END AS suggested_order_qty,
     case_pack,
     min_stock,
@@ -518,7 +643,7 @@ CREATE VIEW transfer_suggestions AS
 WITH r AS (SELECT * FROM stockout_risk),
 need AS (
     SELECT sku, store_id AS to_store, city, on_hand AS to_on_hand,
-        CAST(ceil(order_up_to - on_hand) AS BIGINT) AS need_qty,
+        CAST(ceil(order_up_to - inventory_position) AS BIGINT) AS need_qty,
         suggested_order_qty, p_stockout AS to_p_stockout
     FROM r
     -- No `city IS NOT NULL` here or in `spare`: the join on city already

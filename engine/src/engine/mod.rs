@@ -169,6 +169,17 @@ fn new_context(target_partitions: usize, memory_limit: Option<usize>) -> Result<
         .options_mut()
         .optimizer
         .enable_dynamic_filter_pushdown = false;
+    // DataFusion 55's leaf-expression pushdown (moving `ledger['on_hand']`
+    // and other struct-field reads towards the scans) fails to plan valid
+    // queries over joins ("Schema contains qualified field name
+    // a.__datafusion_extracted_13 and unqualified field name ... ambiguous",
+    // apache/datafusion#24241 and #25446): `stockout_risk` filtered on two
+    // of its columns did. The views' state is in memory and the archive's
+    // columns are flat, so there is nothing for it to gain here.
+    config
+        .options_mut()
+        .optimizer
+        .enable_leaf_expression_pushdown = false;
     // The lake's history tables grow while the engine runs: DataFusion's
     // list-files cache (infinite TTL by default) would hide every file
     // archived after the first query, so listings always go to the store.

@@ -29,9 +29,12 @@ pub struct KafkaSourceConfig {
     /// Consumer group. Processes sharing it split the partitions.
     #[serde(default = "default_group")]
     pub group_id: String,
-    /// Streams to consume (default: all five).
-    #[serde(default = "all_streams")]
-    pub streams: Vec<StreamKind>,
+    /// Streams to consume. Unset: every stream of the contract whose topic exists (a missing
+    /// topic is skipped with a warning, so a stream added to the contract
+    /// later does not stop a running deployment); a listed stream's topic
+    /// must exist.
+    #[serde(default)]
+    pub streams: Option<Vec<StreamKind>>,
     /// Prefix of the default topic names (`<prefix><stream>`).
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
@@ -88,9 +91,6 @@ pub struct KafkaSourceConfig {
 fn default_group() -> String {
     "storepulse".into()
 }
-fn all_streams() -> Vec<StreamKind> {
-    StreamKind::ALL.to_vec()
-}
 fn default_prefix() -> String {
     "storepulse.".into()
 }
@@ -121,7 +121,7 @@ impl KafkaSourceConfig {
         Self {
             brokers: brokers.into(),
             group_id: default_group(),
-            streams: all_streams(),
+            streams: None,
             topic_prefix: default_prefix(),
             topics: BTreeMap::new(),
             start_from: StartFrom::default(),
@@ -146,7 +146,8 @@ impl KafkaSourceConfig {
                 )));
             }
         }
-        if self.streams.is_empty() {
+        let streams = self.streams.as_deref().unwrap_or(&StreamKind::ALL);
+        if streams.is_empty() {
             return Err(KafkaSourceError::Config("streams: empty list".into()));
         }
         if self.batch_max_messages == 0 || self.max_pending_batches == 0 {
@@ -154,8 +155,7 @@ impl KafkaSourceConfig {
                 "batch_max_messages and max_pending_batches must be at least 1".into(),
             ));
         }
-        Ok(self
-            .streams
+        Ok(streams
             .iter()
             .map(|k| {
                 let topic = self

@@ -181,15 +181,40 @@ impl KafkaSource {
                 .iter()
                 .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
         };
-        for (stream, topic) in &stream_topics {
-            if !exists(topic) {
+        // A stream left entirely to the defaults (no `streams` list, no
+        // `topics` entry) is consumed where its topic exists, so a stream
+        // added to the contract does not stop a deployment; a stream the
+        // config names must have its topic, and one topic must exist.
+        let optional = |k: &StreamKind| cfg.streams.is_none() && !cfg.topics.contains_key(k.name());
+        let mut consumed = Vec::with_capacity(stream_topics.len());
+        let mut first_missing = None;
+        for (stream, topic) in stream_topics {
+            if exists(&topic) {
+                consumed.push((stream, topic));
+            } else if optional(&stream) {
+                tracing::warn!(
+                    stream = stream.name(), %topic, brokers = %cfg.brokers,
+                    "no such topic: the stream is not consumed (create the topic and restart)"
+                );
+                first_missing.get_or_insert((stream, topic));
+            } else {
                 return Err(KafkaSourceError::UnknownTopic {
-                    topic: topic.clone(),
+                    topic,
                     what: format!("stream {}", stream.name()),
                     brokers: cfg.brokers.clone(),
                 });
             }
         }
+        if consumed.is_empty() {
+            if let Some((stream, topic)) = first_missing {
+                return Err(KafkaSourceError::UnknownTopic {
+                    topic,
+                    what: format!("stream {}", stream.name()),
+                    brokers: cfg.brokers.clone(),
+                });
+            }
+        }
+        let stream_topics = consumed;
         if !exists(&cfg.dead_letter_topic) {
             return Err(KafkaSourceError::UnknownTopic {
                 topic: cfg.dead_letter_topic.clone(),

@@ -486,7 +486,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_headers() {
     produce_raw(&brokers, &topic, &[good.as_bytes(), bad[0], bad[1], bad[2]]);
     let handle = EngineHandle::new(engine().await);
     let mut cfg = source_config(&brokers, "g4");
-    cfg.streams = vec![StreamKind::StockMovements];
+    cfg.streams = Some(vec![StreamKind::StockMovements]);
     consume(&handle, cfg, true, None, |_, _| {}).await;
     assert_eq!(accepted(&handle).await, 1, "the good message is applied");
     // The dead letters: original bytes, key, and headers.
@@ -567,6 +567,33 @@ async fn bad_configuration_fails_fast_with_a_clear_error() {
         err.to_string().contains("'no.such.topic' (stream sales)"),
         "{err}"
     );
+    // A cluster made before purchase_orders joined the contract: the
+    // default config consumes the streams it has, a config naming the
+    // stream refuses to start.
+    let old = MockCluster::new(1).unwrap();
+    for k in StreamKind::ALL {
+        if k != StreamKind::PurchaseOrders {
+            old.create_topic(&topic_name("storepulse.", k), 1, 1)
+                .unwrap();
+        }
+    }
+    old.create_topic(DEFAULT_DEAD_LETTER_TOPIC, 1, 1).unwrap();
+    let src = connect(
+        KafkaSourceConfig::new(old.bootstrap_servers()),
+        false,
+        applied.clone(),
+    )
+    .await
+    .unwrap();
+    drop(src);
+    let mut cfg = KafkaSourceConfig::new(old.bootstrap_servers());
+    cfg.streams = Some(vec![StreamKind::Sales, StreamKind::PurchaseOrders]);
+    let err = connect(cfg, false, applied.clone()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("'storepulse.purchase_orders' (stream purchase_orders)"),
+        "{err}"
+    );
     // A property librdkafka does not know.
     let mut cfg = KafkaSourceConfig::new(c.bootstrap_servers());
     cfg.properties.insert("fetch.max.bytez".into(), "1".into());
@@ -636,7 +663,7 @@ async fn an_unwritable_dead_letter_topic_holds_the_source_instead_of_dropping() 
     let handle = EngineHandle::new(engine().await);
     let applied = handle.lock().await.positions().clone();
     let mut cfg = source_config(&brokers, "g6");
-    cfg.streams = vec![StreamKind::StockMovements];
+    cfg.streams = Some(vec![StreamKind::StockMovements]);
     let src = connect(cfg, true, applied.clone()).await.unwrap();
     let (tx, mut rx) = mpsc::channel::<SourceMessage>(4);
     let (_stop, stop_rx) = watch::channel(false);
@@ -717,7 +744,7 @@ async fn a_partition_far_ahead_in_event_time_waits_with_watermark_alignment() {
     produce_readings(&brokers, 0, N, BASE, 60_000);
     produce_readings(&brokers, 1, N, BASE, 6_000);
     let mut cfg = source_config(&brokers, "g-align");
-    cfg.streams = vec![StreamKind::IotReadings];
+    cfg.streams = Some(vec![StreamKind::IotReadings]);
     cfg.batch_max_messages = 100;
     cfg.max_watermark_drift = Some(Duration::from_millis(DRIFT_MS as u64));
     let src = connect(cfg, true, Arc::new(AppliedPositions::default()))

@@ -124,13 +124,19 @@ mod tests {
             "stock_counts.jsonl",
             "iot_readings.jsonl",
             "member_links.jsonl",
+            "purchase_orders.jsonl",
             "stores.csv",
             "products.csv",
             "replenishment_policy.csv",
         ] {
             let x = std::fs::read(a.path().join(name)).unwrap();
             let y = std::fs::read(b.path().join(name)).unwrap();
-            assert!(!x.is_empty(), "{name} is empty");
+            // The first day's deliveries come before the stock runs low:
+            // no order is placed yet.
+            assert!(
+                !x.is_empty() || name == "purchase_orders.jsonl",
+                "{name} is empty"
+            );
             assert!(x == y, "{name} differs between runs");
         }
     }

@@ -803,7 +803,18 @@ impl Simulator {
                     self.stores[s].on_hand[a] += qty;
                     let ts = delivery + self.rng.random_range(0..(30 * 60_000).min(period / 2));
                     let sku = self.chain.products[p].sku.clone();
-                    self.movement(s, ts, &sku, "receipt", qty);
+                    // The order is placed at the delivery slot, expected within
+                    // the hour; the receipt that fills it names it.
+                    let order_id = self.next_id(s, 'o');
+                    let id = self.next_id(s, 'p');
+                    let mut j = self.head(&id, delivery, s);
+                    let _ = write!(
+                        j,
+                        r#","order_id":"{order_id}","sku":"{sku}","status":"placed","qty":{qty},"expected_at":{}}}"#,
+                        delivery + HOUR_MS
+                    );
+                    self.push(s, StreamKind::PurchaseOrders, delivery, j);
+                    self.movement(s, ts, &sku, "receipt", qty, Some(&order_id));
                 }
             }
         }
@@ -825,7 +836,7 @@ impl Simulator {
                     let waste = self.stores[s].on_hand[a];
                     self.stores[s].on_hand[a] = 0;
                     let ts = night + self.rng.random_range(0..20 * 60_000);
-                    self.movement(s, ts, &sku, "waste", -waste);
+                    self.movement(s, ts, &sku, "waste", -waste, None);
                 } else if count {
                     // Shrinkage: the count is sometimes a unit or two below the book.
                     let shrink = if self.rng.random_bool(0.15) {
@@ -1045,10 +1056,22 @@ impl Simulator {
         }
     }
 
-    fn movement(&mut self, s: usize, ts: i64, sku: &str, kind: &str, qty: i64) {
+    fn movement(
+        &mut self,
+        s: usize,
+        ts: i64,
+        sku: &str,
+        kind: &str,
+        qty: i64,
+        order: Option<&str>,
+    ) {
         let id = self.next_id(s, 'k');
         let mut j = self.head(&id, ts, s);
-        let _ = write!(j, r#","sku":"{sku}","kind":"{kind}","qty":{qty}}}"#);
+        let _ = write!(j, r#","sku":"{sku}","kind":"{kind}","qty":{qty}"#);
+        if let Some(order) = order {
+            let _ = write!(j, r#","order_id":"{order}""#);
+        }
+        j.push('}');
         self.push(s, StreamKind::StockMovements, ts, j);
     }
 
@@ -1099,7 +1122,10 @@ impl Simulator {
 
     fn push(&mut self, s: usize, stream: StreamKind, ts_ms: i64, json: String) {
         if self.chain.cfg.profile == Profile::ColdStart
-            && matches!(stream, StreamKind::StockCounts | StreamKind::StockMovements)
+            && matches!(
+                stream,
+                StreamKind::StockCounts | StreamKind::StockMovements | StreamKind::PurchaseOrders
+            )
         {
             return; // before the first stock-take: nothing about stock is sent
         }
