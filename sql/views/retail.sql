@@ -196,23 +196,26 @@ FROM stock_movements
 WHERE transfer_id IS NOT NULL AND kind IN ('transfer_out', 'transfer_in')
 GROUP BY transfer_id, sku;
 
+-- One row: the instant deliveries are checked at (`checked_at`): the
+-- chain's clock, but no further than the stock movements (where receipts
+-- and transfers in arrive) have been seen, so a movements stream read or
+-- delivered behind the others (a backfill reading files at different
+-- paces, a lagging topic) does not make every order look overdue.
+CREATE VIEW receipts_clock AS
+SELECT least(c.as_of, coalesce(m.movements_until, c.as_of)) AS checked_at, c.as_of
+FROM engine_clock c
+CROSS JOIN (SELECT max(last_event_ts) AS movements_until
+            FROM store_stream_activity WHERE stream = 'stock_movements') m;
+
 -- Order lines still expected: not cancelled, fewer units received than
--- ordered. Lateness is measured at `checked_at`: the chain's clock, but no
--- further than the stock movements (where the receipt would be) have been
--- seen, so a movements stream read or delivered behind the others (a
--- backfill reading files at different paces, a lagging topic) does not make
--- every order look overdue. Overdue once order_overdue_after past the
--- expected arrival.
+-- ordered; overdue once order_overdue_after past the expected arrival, at
+-- receipts_clock.checked_at.
 CREATE VIEW open_orders AS
-WITH m AS (
-    SELECT max(last_event_ts) AS movements_until
-    FROM store_stream_activity WHERE stream = 'stock_movements'
-), o AS (
+WITH o AS (
     SELECT o.store_id, o.order_id, o.sku, o.ordered_qty,
         coalesce(o.received_qty, 0) AS received_qty,
-        o.placed_at, o.expected_at, o.last_receipt_at,
-        least(c.as_of, coalesce(m.movements_until, c.as_of)) AS checked_at, c.as_of
-    FROM order_lines o CROSS JOIN engine_clock c CROSS JOIN m
+        o.placed_at, o.expected_at, o.last_receipt_at, k.checked_at, k.as_of
+    FROM order_lines o CROSS JOIN receipts_clock k
     WHERE coalesce(o.cancelled, 0) = 0 AND o.ordered_qty > coalesce(o.received_qty, 0)
 )
 SELECT store_id, order_id, sku, ordered_qty, received_qty,
@@ -230,19 +233,14 @@ FROM o;
 -- Units shipped from one store to another and not (all) received yet: the
 -- destination is the receiving store once a transfer_in arrived, else the
 -- shipment's peer_store_id (NULL if it named none). Overdue after
--- transfer_overdue_after, measured like open_orders at `checked_at` (the
--- transfer_in is a stock movement too).
+-- transfer_overdue_after, at receipts_clock.checked_at.
 CREATE VIEW stock_in_transit AS
-WITH m AS (
-    SELECT max(last_event_ts) AS movements_until
-    FROM store_stream_activity WHERE stream = 'stock_movements'
-), t AS (
+WITH t AS (
     SELECT t.transfer_id, t.sku, t.from_store,
         coalesce(t.received_by, t.planned_to_store) AS to_store,
         t.shipped_qty, coalesce(t.received_qty, 0) AS received_qty,
-        t.shipped_at, t.received_at,
-        least(c.as_of, coalesce(m.movements_until, c.as_of)) AS checked_at, c.as_of
-    FROM transfers t CROSS JOIN engine_clock c CROSS JOIN m
+        t.shipped_at, t.received_at, k.checked_at, k.as_of
+    FROM transfers t CROSS JOIN receipts_clock k
     WHERE t.shipped_qty > coalesce(t.received_qty, 0)
 )
 SELECT transfer_id, sku, from_store, to_store, shipped_qty, received_qty,
