@@ -44,6 +44,11 @@ async fn apply(h: &EngineHandle, stream: StreamKind, lines: &[String]) {
     h.lock().await.apply(msg, 0).await.unwrap();
 }
 
+/// One text column of `rows`, in row order.
+fn texts<'a>(rows: &'a [serde_json::Value], column: &str) -> Vec<&'a str> {
+    rows.iter().map(|r| r[column].as_str().unwrap()).collect()
+}
+
 /// The rule's condition rows as JSON objects.
 async fn rows(h: &EngineHandle, rule: &str) -> Vec<serde_json::Value> {
     let sql = h
@@ -97,10 +102,7 @@ async fn cold_chain_needs_the_fridge_above_the_limit_for_the_whole_duration() {
     }
     apply(&h, StreamKind::IotReadings, &lines).await;
     let got = rows(&h, "cold_chain").await;
-    let devices: Vec<&str> = got
-        .iter()
-        .map(|r| r["device_id"].as_str().unwrap())
-        .collect();
+    let devices = texts(&got, "device_id");
     assert_eq!(devices, vec!["A"], "{got:?}");
     assert_eq!(got[0]["minutes_above"], 40.0);
     assert_eq!(got[0]["temperature_c"], 8.0);
@@ -144,7 +146,7 @@ async fn sales_stall_flags_a_fast_seller_that_stopped_in_an_open_store() {
     }
     apply(&h, StreamKind::Sales, &sales).await;
     let got = rows(&h, "sales_stall").await;
-    let skus: Vec<&str> = got.iter().map(|r| r["sku"].as_str().unwrap()).collect();
+    let skus = texts(&got, "sku");
     assert_eq!(skus, vec!["X"], "{got:?}");
     let r = &got[0];
     assert!(
@@ -210,19 +212,15 @@ async fn low_cover_warns_days_before_the_order_is_due() {
     }
     apply(&h, StreamKind::Sales, &sales).await;
     let got = rows(&h, "low_cover").await;
-    let skus: Vec<&str> = got.iter().map(|r| r["sku"].as_str().unwrap()).collect();
+    let skus = texts(&got, "sku");
     assert_eq!(skus, vec!["X"], "{got:?}");
     let r = &got[0];
     let cover = r["hours_of_cover"].as_f64().unwrap();
     assert!((170.0..176.0).contains(&cover), "{r}");
     let days = r["days_until_order"].as_f64().unwrap();
     assert!((days - (cover - 72.0) / 24.0).abs() < 1e-9, "{r}");
-    let low: Vec<String> = rows(&h, "low_stock")
-        .await
-        .iter()
-        .map(|r| r["sku"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(low, vec!["Z".to_string()], "Z needs an order now");
+    let low = rows(&h, "low_stock").await;
+    assert_eq!(texts(&low, "sku"), vec!["Z"], "Z needs an order now");
 }
 
 #[tokio::test]
@@ -243,10 +241,7 @@ async fn store_silent_needs_the_rest_of_the_chain_awake() {
     ];
     apply(&h, StreamKind::Sales, &day).await;
     let got = rows(&h, "store_silent").await;
-    let stores: Vec<&str> = got
-        .iter()
-        .map(|r| r["store_id"].as_str().unwrap())
-        .collect();
+    let stores = texts(&got, "store_id");
     assert_eq!(stores, vec!["S4"], "{got:?}");
     assert_eq!(got[0]["minutes_silent"], 180.0);
     assert_eq!(
@@ -314,10 +309,7 @@ async fn order_overdue_and_transfer_overdue_fire_past_their_grace() {
     let later = T0 + (4 + 49) * 60 * MIN;
     apply(&h, StreamKind::StockMovements, &[ship(later, "T2")]).await;
     let got = rows(&h, "transfer_overdue").await;
-    let ids: Vec<&str> = got
-        .iter()
-        .map(|r| r["transfer_id"].as_str().unwrap())
-        .collect();
+    let ids = texts(&got, "transfer_id");
     assert_eq!(ids, vec!["T1"], "{got:?}");
     assert_eq!(got[0]["to_store"], "S1");
     assert_eq!(rows(&h, "order_overdue").await.len(), 2);

@@ -170,6 +170,14 @@ pub fn check_limits(b: &[u8]) -> Option<String> {
     None
 }
 
+/// The reason a timestamp `field` of `t` ms is refused, if it is outside
+/// 1970-01-01 to 2200-01-01 (an overflowing number parses to a saturated
+/// one, which would move the watermark to the end of time).
+fn time_out_of_range(field: &str, t: i64) -> Option<String> {
+    (!(0..MAX_TS_MS).contains(&t))
+        .then(|| format!("field '{field}': {t} ms is out of range (1970-01-01 to 2200-01-01)"))
+}
+
 /// One undecoded record and where it came from.
 #[derive(Debug, Clone, Copy)]
 pub struct RawRecord<'a> {
@@ -194,10 +202,10 @@ pub struct DecodeOutput {
 pub struct EventDecoder {
     stream: StreamKind,
     source: Arc<str>,
-    /// The fast path's arrow-json decoder and the rows it holds, kept from
-    /// chunk to chunk: its tape and column buffers keep their capacity, so
-    /// a steady stream of chunks decodes without growing (and copying)
-    /// them again. Dropped after any failure.
+    /// The fast path's arrow-json decoder and the records it was built
+    /// for, kept from chunk to chunk: its tape and column buffers keep
+    /// their capacity, so a steady stream of chunks decodes without growing
+    /// (and copying) them again. Dropped after any failure.
     reused: Option<(Decoder, usize)>,
 }
 
@@ -226,6 +234,9 @@ impl EventDecoder {
         self.stream
     }
 
+    /// An arrow-json decoder for up to `rows` records, with room for one
+    /// row more: a record holding two objects shows as a row count that
+    /// does not match.
     fn new_decoder(&self, rows: usize) -> Result<Decoder> {
         Ok(ReaderBuilder::new(self.stream.json_schema())
             .with_batch_size(rows.max(1) + 1)
@@ -281,14 +292,9 @@ impl EventDecoder {
         if records.iter().any(|r| check_limits(r.bytes).is_some()) {
             return Ok(None);
         }
-        // One row more than the chunk: a record holding two objects shows
-        // as a row count that does not match.
-        let (mut decoder, rows) = match self.reused.take() {
-            Some((d, rows)) if rows > records.len() => (d, rows),
-            _ => {
-                let rows = records.len() + 1;
-                (self.new_decoder(rows - 1)?, rows)
-            }
+        let (mut decoder, capacity) = match self.reused.take() {
+            Some((d, capacity)) if capacity >= records.len() => (d, capacity),
+            _ => (self.new_decoder(records.len())?, records.len()),
         };
         for r in records {
             match decoder.decode(r.bytes) {
@@ -301,7 +307,7 @@ impl EventDecoder {
         }
         match decoder.flush() {
             Ok(Some(b)) if b.num_rows() == records.len() => {
-                self.reused = Some((decoder, rows));
+                self.reused = Some((decoder, capacity));
                 Ok(Some(b))
             }
             _ => Ok(None),
@@ -352,18 +358,11 @@ impl EventDecoder {
     /// Row-level rules the JSON schema cannot express.
     fn validate(&self, batch: &RecordBatch) -> Result<Vec<(usize, String)>> {
         let mut bad = Vec::new();
-        // An event time out of range (an overflowing number parses to a
-        // saturated one) would move the watermark to the end of time.
         if let Some(ts) = batch.column_by_name("ts") {
             if let Some(ts) = ts.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>() {
                 for (row, t) in ts.iter().enumerate() {
-                    if let Some(t) = t.filter(|t| !(0..MAX_TS_MS).contains(t)) {
-                        bad.push((
-                            row,
-                            format!(
-                                "field 'ts': {t} ms is out of range (1970-01-01 to 2200-01-01)"
-                            ),
-                        ));
+                    if let Some(why) = t.and_then(|t| time_out_of_range("ts", t)) {
+                        bad.push((row, why));
                     }
                 }
             }
@@ -418,15 +417,12 @@ impl EventDecoder {
                             row,
                             "field 'expected_at': required when status is 'placed'".into(),
                         ));
-                    } else if let Some(t) = expected
+                    } else if let Some(why) = expected
                         .is_valid(row)
-                        .then(|| expected.value(row))
-                        .filter(|t| !(0..MAX_TS_MS).contains(t))
+                        .then(|| time_out_of_range("expected_at", expected.value(row)))
+                        .flatten()
                     {
-                        bad.push((
-                            row,
-                            format!("field 'expected_at': {t} ms is out of range (1970-01-01 to 2200-01-01)"),
-                        ));
+                        bad.push((row, why));
                     }
                 }
             }

@@ -382,6 +382,7 @@ WITH base AS (
                GROUP BY to_store, sku) it ON it.to_store = a.store_id AND it.sku = a.sku
 ), demand AS (
     SELECT *,
+        on_hand + on_order + in_transit AS inventory_position,
         units_per_hour * lead_time_hours AS lead_time_demand,
         greatest(units_sq_per_hour, 0) * lead_time_hours AS lead_time_variance,
         greatest(normal_quantile(service_level) * sqrt(greatest(units_sq_per_hour, 0) * lead_time_hours), 0)
@@ -398,7 +399,7 @@ SELECT store_id, sku, city, format, category,
     on_hand,
     on_order,
     in_transit,
-    on_hand + on_order + in_transit AS inventory_position,
+    inventory_position,
     stock_status,
     last_count_ts,
     units_per_hour,
@@ -422,10 +423,8 @@ SELECT store_id, sku, city, format, category,
     -- open orders plus stock in transit), so stock already coming is not
     -- ordered again.
     CASE WHEN on_hand < 0 OR on_hand IS NULL THEN CAST(NULL AS BIGINT)
-         WHEN on_hand + on_order + in_transit <= reorder_point
-              AND order_up_to > on_hand + on_order + in_transit
-         THEN CAST(ceil((order_up_to - (on_hand + on_order + in_transit)) / case_pack)
-                   * case_pack AS BIGINT)
+         WHEN inventory_position <= reorder_point AND order_up_to > inventory_position
+         THEN CAST(ceil((order_up_to - inventory_position) / case_pack) * case_pack AS BIGINT)
          ELSE CAST(0 AS BIGINT) END AS suggested_order_qty,
     case_pack,
     min_stock,

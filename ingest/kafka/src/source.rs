@@ -186,6 +186,11 @@ impl KafkaSource {
         // added to the contract does not stop a deployment; a stream the
         // config names must have its topic, and one topic must exist.
         let optional = |k: &StreamKind| cfg.streams.is_none() && !cfg.topics.contains_key(k.name());
+        let unknown = |topic: String, what: String| KafkaSourceError::UnknownTopic {
+            topic,
+            what,
+            brokers: cfg.brokers.clone(),
+        };
         let mut consumed = Vec::with_capacity(stream_topics.len());
         let mut first_missing = None;
         for (stream, topic) in stream_topics {
@@ -198,29 +203,20 @@ impl KafkaSource {
                 );
                 first_missing.get_or_insert((stream, topic));
             } else {
-                return Err(KafkaSourceError::UnknownTopic {
-                    topic,
-                    what: format!("stream {}", stream.name()),
-                    brokers: cfg.brokers.clone(),
-                });
+                return Err(unknown(topic, format!("stream {}", stream.name())));
             }
         }
         if consumed.is_empty() {
             if let Some((stream, topic)) = first_missing {
-                return Err(KafkaSourceError::UnknownTopic {
-                    topic,
-                    what: format!("stream {}", stream.name()),
-                    brokers: cfg.brokers.clone(),
-                });
+                return Err(unknown(topic, format!("stream {}", stream.name())));
             }
         }
         let stream_topics = consumed;
         if !exists(&cfg.dead_letter_topic) {
-            return Err(KafkaSourceError::UnknownTopic {
-                topic: cfg.dead_letter_topic.clone(),
-                what: "dead letters".into(),
-                brokers: cfg.brokers.clone(),
-            });
+            return Err(unknown(
+                cfg.dead_letter_topic.clone(),
+                "dead letters".into(),
+            ));
         }
         let names: Vec<&str> = stream_topics.iter().map(|(_, t)| t.as_str()).collect();
         consumer
