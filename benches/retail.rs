@@ -143,6 +143,7 @@ async fn throughput(hours: usize) {
         ("stores", chain.stores_csv()),
         ("products", chain.products_csv()),
         ("replenishment_policy", chain.policy_csv()),
+        ("prices", chain.prices_csv(cfg.start_ms + 400 * 86_400_000)),
     ])
     .await;
     let mut sim = Simulator::new(chain);

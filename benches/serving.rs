@@ -387,6 +387,7 @@ fn main() {
              [[dimensions]]\nname = \"stores\"\npath = \"gen/stores.csv\"\n\
              [[dimensions]]\nname = \"products\"\npath = \"gen/products.csv\"\n\
              [[dimensions]]\nname = \"replenishment_policy\"\npath = \"gen/replenishment_policy.csv\"\n\
+             [[dimensions]]\nname = \"prices\"\npath = \"gen/prices.csv\"\n\
              [[sources]]\ntype = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"bench\"\nstart_from = \"earliest\"\n{drift}",
             broker.addr,
         ));

@@ -89,6 +89,11 @@ enum Command {
         /// only from movements.
         #[arg(long)]
         no_stock_counts: bool,
+        /// Share of SKUs whose chain price changes on a given day (06:00
+        /// UTC; about one store in ten keeps the old price for 6 to 72 h),
+        /// a number in [0, 1].
+        #[arg(long, default_value_t = 0.003, value_parser = parse_share)]
+        price_changes: f64,
         /// Days of event time to simulate.
         #[arg(long, default_value_t = 3)]
         days: u32,
@@ -203,6 +208,7 @@ fn main() -> anyhow::Result<()> {
             members,
             intensity,
             no_stock_counts,
+            price_changes,
             days,
             seed,
             profile,
@@ -217,6 +223,7 @@ fn main() -> anyhow::Result<()> {
                     seed,
                     intensity,
                     stock_counts: !no_stock_counts,
+                    price_changes_per_sku_day: price_changes,
                     ..base
                 },
                 days,
@@ -342,6 +349,15 @@ fn parse_intensity(s: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!(
             "expected a positive number such as 0.5 or 2, got '{s}'"
+        )),
+    }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected a share between 0 and 1 such as 0.003, got '{s}'"
         )),
     }
 }

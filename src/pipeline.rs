@@ -329,11 +329,12 @@ pub(crate) async fn watch_dimensions(
 }
 
 /// Writes the generator's dimension tables as CSV under `dir` and returns
-/// their configs (the demo's stores, products and policies).
+/// their configs (the demo's stores, products, policies and prices).
 pub(crate) fn write_chain_dimensions(
     chain: &ChainConfig,
     dir: &Path,
 ) -> anyhow::Result<Vec<DimensionConfig>> {
+    let cfg_start = chain.start_ms;
     let chain = storepulse_ingest::gen::Chain::new(chain.clone());
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut out = Vec::new();
@@ -341,6 +342,8 @@ pub(crate) fn write_chain_dimensions(
         ("stores", chain.stores_csv()),
         ("products", chain.products_csv()),
         ("replenishment_policy", chain.policy_csv()),
+        // A year of head office's price changes (the demo runs for hours).
+        ("prices", chain.prices_csv(cfg_start + 400 * 86_400_000)),
     ] {
         let path = dir.join(format!("{name}.csv"));
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;

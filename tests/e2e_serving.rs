@@ -21,7 +21,7 @@ use std::{
 };
 
 use serde_json::Value;
-use storepulse_testkit::process::{gen_dataset, Server};
+use storepulse_testkit::process::{gen_with, Server};
 use tokio_postgres::{error::SqlState, NoTls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_storepulse");
@@ -122,7 +122,26 @@ impl Http {
 }
 
 fn start(dir: &Path) -> (Server, Http) {
-    gen_dataset(BIN, &dir.join("gen"), [16, 60, 400, 3], 11);
+    // A price change for one SKU in five a day: stores lagging behind one
+    // fill the price deviations panel.
+    gen_with(
+        BIN,
+        &dir.join("gen"),
+        &[
+            "--stores",
+            "16",
+            "--skus",
+            "60",
+            "--members",
+            "400",
+            "--days",
+            "3",
+            "--seed",
+            "11",
+            "--price-changes",
+            "0.2",
+        ],
+    );
     let config = format!(
         r#"
 until_eof = true
@@ -157,6 +176,9 @@ path = "gen/products.csv"
 [[dimensions]]
 name = "replenishment_policy"
 path = "gen/replenishment_policy.csv"
+[[dimensions]]
+name = "prices"
+path = "gen/prices.csv"
 [[sources]]
 type = "dataset"
 dir = "gen"
@@ -1046,6 +1068,18 @@ fn dashboard_in_headless_chromium(http: &Http) {
         .unwrap() as usize;
     assert!(stores > 0);
     assert_eq!(sync, stores.min(10));
+    // Prices: the stores still charging another price, worst first.
+    let prices: usize = attr("data-price-table-rows")
+        .expect("price rows")
+        .parse()
+        .unwrap();
+    let off = http
+        .rows("SELECT count(*) AS n FROM price_deviations WHERE current AND still_mismatched")[0]
+        ["n"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(off > 0, "no store lags behind a price change");
+    assert_eq!(prices, off.min(10));
     assert!(dom.matches("<tr class=\"row\">").count() >= risk);
     assert_eq!(
         attr("data-overflow").as_deref(),

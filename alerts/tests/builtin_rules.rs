@@ -314,3 +314,74 @@ async fn order_overdue_and_transfer_overdue_fire_past_their_grace() {
     assert_eq!(got[0]["to_store"], "S1");
     assert_eq!(rows(&h, "order_overdue").await.len(), 2);
 }
+
+#[tokio::test]
+async fn price_mismatch_fires_on_a_store_still_charging_the_old_price() {
+    // A head-office change from 1.00 to 1.20 at T0; S2 keeps the old price.
+    let h = engine_with(&[
+        (
+            "stores",
+            "store_id,name,city,format\nS1,a,Lyon,supermarket\nS2,b,Lyon,supermarket\n",
+        ),
+        (
+            "prices",
+            "sku,price,valid_from\nA,1.00,2026-01-01\nA,1.20,2026-01-05T08:00:00Z\n",
+        ),
+    ])
+    .await;
+    let sale = |id: &str, store: &str, t: i64, price: &str| {
+        format!(
+            r#"{{"event_id":"{id}","ts":{t},"store_id":"{store}","receipt_id":"{id}","lines":[{{"sku":"A","qty":1,"unit_price":{price}}}]}}"#
+        )
+    };
+    // One off-price line is not enough (price_mismatch_min_lines = 2); a
+    // line before the change at the old price is right.
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[
+            sale("r0", "S2", T0 - 60 * MIN, "1.00"),
+            sale("r1", "S1", T0 + MIN, "1.20"),
+            sale("r2", "S2", T0 + 2 * MIN, "1.00"),
+        ],
+    )
+    .await;
+    assert!(rows(&h, "price_mismatch").await.is_empty());
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[sale("r3", "S2", T0 + 3 * MIN, "1.00")],
+    )
+    .await;
+    let got = rows(&h, "price_mismatch").await;
+    assert_eq!(texts(&got, "store_id"), vec!["S2"], "{got:?}");
+    assert_eq!(got[0]["mismatched_lines"], 2);
+    assert_eq!(got[0]["lost_revenue"], 0.4);
+    assert_eq!(got[0]["price_valid_from"], "2026-01-05T08:00:00Z");
+    // The till is fixed: resolved.
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[sale("r4", "S2", T0 + 4 * MIN, "1.20")],
+    )
+    .await;
+    assert!(rows(&h, "price_mismatch").await.is_empty());
+    // Off again, but the chain clock is two days on: too old to page.
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[
+            sale("r5", "S2", T0 + 5 * MIN, "1.00"),
+            sale("r6", "S2", T0 + 6 * MIN, "1.00"),
+        ],
+    )
+    .await;
+    assert_eq!(rows(&h, "price_mismatch").await.len(), 1);
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[sale("r7", "S1", T0 + 48 * 60 * MIN, "1.20")],
+    )
+    .await;
+    assert!(rows(&h, "price_mismatch").await.is_empty());
+}

@@ -1,9 +1,9 @@
 //! Dimension tables: `stores`, `products`, `replenishment_policy`,
-//! `opening_stock` (and any
+//! `opening_stock`, `prices` (and any
 //! other table a deployment adds), loaded from CSV or Parquet at a local path
 //! or an object-store URL, validated, and swapped in place when reloaded.
 //!
-//! The three known tables have typed required columns (see
+//! The known tables have typed required columns (see
 //! [`DimensionKind`]); extra columns are kept (CSV: as text). A missing
 //! required column, an unparsable value, an empty key or a duplicated key is
 //! an error naming the file, the line (CSV: the 1-based line of the file,
@@ -28,11 +28,12 @@ use async_trait::async_trait;
 use datafusion::{
     arrow::{
         array::{
-            new_null_array, Array, ArrayRef, AsArray, Float64Builder, Int64Builder, RecordBatch,
-            StringArray,
+            new_null_array, Array, ArrayRef, AsArray, Decimal128Builder, Float64Builder,
+            Int64Builder, RecordBatch, StringArray,
         },
         compute::cast,
-        datatypes::{DataType, Field, Schema, SchemaRef},
+        datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef, TimestampMillisecondType},
+        util::display::array_value_to_string,
     },
     catalog::{Session, TableProvider},
     common::Result as DfResult,
@@ -89,11 +90,21 @@ pub enum DimensionKind {
     /// on-hand of a (store, SKU) before the first event storepulse has for
     /// it (a stock count, when one arrives, takes over).
     OpeningStock,
+    /// `prices(sku, store_id, city, format, price, valid_from, valid_to)`:
+    /// the list price of a SKU from `valid_from` (until `valid_to`,
+    /// exclusive, if set) at one scope: a store, a city, a format, or the
+    /// chain (no scope column set); key `(sku, store_id, city, format,
+    /// valid_from)`. Read by `price_in_force` (see `crate::prices`).
+    Prices,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Col {
     Text,
+    /// Money, exact to six decimals (`Decimal(18, 6)`, as in the events).
+    Money,
+    /// A UTC timestamp (RFC 3339, or a date for its midnight UTC).
+    Time,
     Float {
         min: f64,
         max: f64,
@@ -113,16 +124,18 @@ impl DimensionKind {
             "products" => Some(Self::Products),
             "replenishment_policy" => Some(Self::ReplenishmentPolicy),
             "opening_stock" => Some(Self::OpeningStock),
+            "prices" => Some(Self::Prices),
             _ => None,
         }
     }
 
     /// All known tables.
-    pub const ALL: [DimensionKind; 4] = [
+    pub const ALL: [DimensionKind; 5] = [
         DimensionKind::Stores,
         DimensionKind::Products,
         DimensionKind::ReplenishmentPolicy,
         DimensionKind::OpeningStock,
+        DimensionKind::Prices,
     ];
 
     /// Table name.
@@ -132,6 +145,7 @@ impl DimensionKind {
             Self::Products => "products",
             Self::ReplenishmentPolicy => "replenishment_policy",
             Self::OpeningStock => "opening_stock",
+            Self::Prices => "prices",
         }
     }
 
@@ -180,6 +194,15 @@ impl DimensionKind {
                 ("sku", Col::Text),
                 ("on_hand", Col::Int { min: 0 }),
             ],
+            Self::Prices => &[
+                ("sku", Col::Text),
+                ("store_id", Col::Text),
+                ("city", Col::Text),
+                ("format", Col::Text),
+                ("price", Col::Money),
+                ("valid_from", Col::Time),
+                ("valid_to", Col::Time),
+            ],
         }
     }
 
@@ -189,15 +212,21 @@ impl DimensionKind {
             Self::Products => &["sku"],
             Self::ReplenishmentPolicy => &["store_id", "sku", "city", "format", "category"],
             Self::OpeningStock => &["store_id", "sku"],
+            Self::Prices => &["sku", "store_id", "city", "format", "valid_from"],
         }
     }
 
-    /// Whether every column may be absent from the file or empty in a row:
-    /// `replenishment_policy` (a row names one level with its scope
-    /// columns; an empty threshold is inherited from the next level, see
-    /// [`PolicyLevel`]).
-    fn columns_optional(self) -> bool {
-        matches!(self, Self::ReplenishmentPolicy)
+    /// Whether column `name` may be absent from the file or empty in a row:
+    /// every column of `replenishment_policy` (a row names one level with
+    /// its scope columns; an empty threshold is inherited from the next
+    /// level, see [`PolicyLevel`]); the scope columns and `valid_to` of
+    /// `prices`.
+    fn optional(self, name: &str) -> bool {
+        match self {
+            Self::ReplenishmentPolicy => true,
+            Self::Prices => matches!(name, "store_id" | "city" | "format" | "valid_to"),
+            _ => false,
+        }
     }
 
     /// The table's schema with only its required columns (the empty table
@@ -216,6 +245,8 @@ impl Col {
     fn data_type(self) -> DataType {
         match self {
             Col::Text => DataType::Utf8,
+            Col::Money => storepulse_ingest::schema::MONEY,
+            Col::Time => storepulse_ingest::schema::ts_type(),
             Col::Float { .. } => DataType::Float64,
             Col::Int { .. } => DataType::Int64,
         }
@@ -292,6 +323,38 @@ impl PolicyLevel {
         }
         Ok(level)
     }
+}
+
+/// Money read at 18 decimals → six.
+const MONEY_RESCALE: i128 = 10i128.pow(12);
+
+/// Why row `r` of a validated `prices` batch (columns in
+/// [`DimensionKind::Prices`] order) is not a price, if it is not: it sets at
+/// most one scope column, and its validity ends after it starts.
+fn price_row_problem(arrays: &[ArrayRef], r: usize) -> Result<(), String> {
+    let scopes: Vec<&str> = ["store_id", "city", "format"]
+        .into_iter()
+        .zip(&arrays[1..4])
+        .filter(|(_, a)| !a.is_null(r))
+        .map(|(n, _)| n)
+        .collect();
+    if scopes.len() > 1 {
+        return Err(format!(
+            "a price row sets one scope: store_id, city, format, or none for the chain (this row \
+             sets: {})",
+            scopes.join(", ")
+        ));
+    }
+    let ts = |i: usize| {
+        let a = arrays[i].as_primitive::<TimestampMillisecondType>();
+        (!a.is_null(r)).then(|| a.value(r))
+    };
+    if let (Some(from), Some(to)) = (ts(5), ts(6)) {
+        if to <= from {
+            return Err("column 'valid_to' must be after valid_from".into());
+        }
+    }
+    Ok(())
 }
 
 /// Where a dimension file lives: a local path or an object-store URL
@@ -489,8 +552,9 @@ impl DimensionSource {
         let mut fields = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for (name, col) in kind.columns() {
+            let optional = kind.optional(name);
             let Ok(idx) = schema.index_of(name) else {
-                if kind.columns_optional() {
+                if optional {
                     fields.push(Field::new(*name, col.data_type(), true));
                     arrays.push(new_null_array(&col.data_type(), batch.num_rows()));
                     continue;
@@ -513,8 +577,65 @@ impl DimensionSource {
             let text = cast(a, &DataType::Utf8)
                 .map_err(|e| self.invalid(1, format!("column '{name}': {e}")))?;
             let text = text.as_string::<i32>();
+            let empty = |r: usize| {
+                if text.is_null(r) && !optional {
+                    return Err(self.invalid(line(r), format!("column '{name}' is empty")));
+                }
+                Ok(())
+            };
             let out: ArrayRef = match *col {
                 Col::Text => Arc::new(text.clone()),
+                Col::Money => {
+                    // Read at 18 decimals, then kept exactly or refused (as
+                    // the events' money is).
+                    let wide = cast(text, &storepulse_ingest::schema::JSON_MONEY)
+                        .map_err(|e| self.invalid(1, format!("column '{name}': {e}")))?;
+                    let wide = wide.as_primitive::<Decimal128Type>();
+                    let mut b = Decimal128Builder::with_capacity(text.len());
+                    for r in 0..text.len() {
+                        empty(r)?;
+                        if text.is_null(r) {
+                            b.append_null();
+                            continue;
+                        }
+                        let s = text.value(r);
+                        if wide.is_null(r) {
+                            return Err(self.invalid(
+                                line(r),
+                                format!("column '{name}': '{s}' is not a decimal number"),
+                            ));
+                        }
+                        let v = wide.value(r);
+                        if let Some(why) = storepulse_ingest::decode::money_problem(v) {
+                            return Err(self.invalid(line(r), format!("column '{name}': {why}")));
+                        }
+                        if v < 0 {
+                            return Err(
+                                self.invalid(line(r), format!("column '{name}': {s} is negative"))
+                            );
+                        }
+                        b.append_value(v / MONEY_RESCALE);
+                    }
+                    Arc::new(b.finish().with_data_type(storepulse_ingest::schema::MONEY))
+                }
+                Col::Time => {
+                    let ts = cast(text, &col.data_type())
+                        .map_err(|e| self.invalid(1, format!("column '{name}': {e}")))?;
+                    for r in 0..text.len() {
+                        empty(r)?;
+                        if !text.is_null(r) && ts.is_null(r) {
+                            return Err(self.invalid(
+                                line(r),
+                                format!(
+                                    "column '{name}': '{}' is not a timestamp (RFC 3339, e.g. \
+                                     2026-03-01T06:00:00Z, or a date for its midnight UTC)",
+                                    text.value(r)
+                                ),
+                            ));
+                        }
+                    }
+                    ts
+                }
                 Col::Float {
                     min,
                     max,
@@ -524,7 +645,7 @@ impl DimensionSource {
                     let mut b = Float64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
-                            if kind.columns_optional() {
+                            if optional {
                                 b.append_null();
                                 continue;
                             }
@@ -552,7 +673,7 @@ impl DimensionSource {
                     let mut b = Int64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         if text.is_null(r) {
-                            if kind.columns_optional() {
+                            if optional {
                                 b.append_null();
                                 continue;
                             }
@@ -587,14 +708,27 @@ impl DimensionSource {
         for r in 0..batch.num_rows() {
             let mut key = Vec::with_capacity(key_idx.len());
             for &i in &key_idx {
-                let (name, a) = (kind.columns()[i].0, arrays[i].as_string::<i32>());
-                if a.is_null(r) && !kind.columns_optional() {
+                let (name, a) = (kind.columns()[i].0, &arrays[i]);
+                if a.is_null(r) && !kind.optional(name) {
                     return Err(self.invalid(line(r), format!("key column '{name}' is empty")));
                 }
-                key.push((!a.is_null(r)).then(|| a.value(r).to_string()));
+                key.push(match a.is_null(r) {
+                    true => None,
+                    false => Some(match a.as_string_opt::<i32>() {
+                        Some(t) => t.value(r).to_string(),
+                        None => array_value_to_string(a, r)
+                            .map_err(|e| self.invalid(line(r), e.to_string()))?,
+                    }),
+                });
             }
-            if kind == DimensionKind::ReplenishmentPolicy {
-                PolicyLevel::of_row(&arrays, r).map_err(|m| self.invalid(line(r), m))?;
+            match kind {
+                DimensionKind::ReplenishmentPolicy => {
+                    PolicyLevel::of_row(&arrays, r).map_err(|m| self.invalid(line(r), m))?;
+                }
+                DimensionKind::Prices => {
+                    price_row_problem(&arrays, r).map_err(|m| self.invalid(line(r), m))?
+                }
+                _ => {}
             }
             if !seen.insert(key.clone()) {
                 let shown: Vec<String> = kind

@@ -27,6 +27,7 @@ pub mod error;
 pub mod gate;
 pub mod late;
 pub mod metric_names;
+pub mod prices;
 pub mod query;
 pub mod refresh;
 pub mod snapshot;

@@ -59,6 +59,22 @@ WHERE overdue
 WITH (key = 'transfer_id, sku', every = '1m', keep_firing_for = '10m', renotify = '24h',
       severity = 'warning');
 
+-- A store charging another price than the list price in force
+-- (price_deviations): the latest checked line of the SKU's current price
+-- period was off, after at least price_mismatch_min_lines such lines, and
+-- within price_mismatch_within of the chain clock (a backfill does not
+-- page about last year). A line at the list price resolves it.
+CREATE ALERT price_mismatch AS
+SELECT store_id, sku, city, list_price, min_charged_price, max_charged_price,
+    price_valid_from, price_source, mismatched_lines, lines, lost_revenue, excess_revenue,
+    first_mismatch_ts, last_mismatch_ts, as_of
+FROM price_deviations
+WHERE current AND still_mismatched AND mismatched_lines >= ${price_mismatch_min_lines}
+  AND extract(epoch FROM as_of) - extract(epoch FROM last_mismatch_ts)
+      <= ${price_mismatch_within_secs}
+WITH (key = 'store_id, sku', every = '1m', keep_firing_for = '30m', renotify = '24h',
+      severity = 'warning');
+
 -- Fridge readings per device: the last reading, the last one at or below
 -- the limit, the first one (order independent: max/min of event time).
 CREATE MATERIALIZED VIEW fridge_status AS

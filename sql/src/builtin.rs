@@ -84,6 +84,16 @@ pub struct RetailParams {
     /// shipped this long ago and not (fully) received.
     #[serde(with = "humantime_serde")]
     pub transfer_overdue_after: Duration,
+    /// `price_checks`: a line is off when its `unit_price` differs from the
+    /// list price in force by more than this (money, up to six decimals).
+    pub price_tolerance: f64,
+    /// Alert `price_mismatch`: off-price lines needed in the current price
+    /// period before it fires.
+    pub price_mismatch_min_lines: i64,
+    /// Alert `price_mismatch`: only while the latest off-price line is at
+    /// most this old (at the chain clock).
+    #[serde(with = "humantime_serde")]
+    pub price_mismatch_within: Duration,
     /// Alert `cold_chain`: fridge limit (°C).
     pub cold_chain_max_celsius: f64,
     /// Alert `cold_chain`: how long a fridge must read above the limit.
@@ -118,6 +128,9 @@ impl Default for RetailParams {
             loss_rate_target: 0.03,
             order_overdue_after: Duration::from_secs(2 * 3600),
             transfer_overdue_after: Duration::from_secs(48 * 3600),
+            price_tolerance: 0.005,
+            price_mismatch_min_lines: 2,
+            price_mismatch_within: Duration::from_secs(24 * 3600),
             cold_chain_max_celsius: 5.0,
             cold_chain_duration: Duration::from_secs(30 * 60),
             sales_stall_min_units_per_hour: 0.5,
@@ -169,6 +182,13 @@ impl RetailParams {
             return Err("retail.loss_rate_target must be in [0, 1)".into());
         }
         positive(self.cold_chain_duration, "cold_chain_duration")?;
+        if !(self.price_tolerance >= 0.0 && self.price_tolerance < 1e12) {
+            return Err("retail.price_tolerance must be an amount of money ≥ 0".into());
+        }
+        if self.price_mismatch_min_lines < 1 {
+            return Err("retail.price_mismatch_min_lines must be at least 1".into());
+        }
+        positive(self.price_mismatch_within, "price_mismatch_within")?;
         if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
             return Err(
                 "retail.sales_stall_min_units_per_hour and sales_stall_factor must be > 0".into(),
@@ -252,6 +272,18 @@ impl RetailParams {
             (
                 "churn_min_purchase_days",
                 self.churn_min_purchase_days.to_string(),
+            ),
+            (
+                "price_tolerance",
+                format!("CAST('{:.6}' AS DECIMAL(18, 6))", self.price_tolerance),
+            ),
+            (
+                "price_mismatch_min_lines",
+                self.price_mismatch_min_lines.to_string(),
+            ),
+            (
+                "price_mismatch_within_secs",
+                format!("{:?}", self.price_mismatch_within.as_secs_f64()),
             ),
             (
                 "cold_chain_max_celsius",

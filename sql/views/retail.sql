@@ -10,8 +10,9 @@
 --   store_category_losses (store, category, month): waste and sales at cost
 --   order_lines      (store, order, SKU): ordered, cancelled, received
 --   transfers        (transfer, SKU): shipped and received between stores
+--   price_checks     (store, SKU, price period): lines at and off the list price
 -- Everything else is a query-time view over them, the dimension tables
--- (stores, products, replenishment_policy) and engine_clock (as_of).
+-- (stores, products, replenishment_policy, prices) and engine_clock (as_of).
 
 -- Counts, movements and sales of one (store, SKU) as one event stream.
 CREATE MATERIALIZED VIEW sku_activity AS
@@ -195,6 +196,40 @@ SELECT transfer_id, sku,
 FROM stock_movements
 WHERE transfer_id IS NOT NULL AND kind IN ('transfer_out', 'transfer_in')
 GROUP BY transfer_id, sku;
+
+-- Sale lines checked against the list price in force at their time and
+-- place (price_in_force: the prices dimension, the most specific scope with
+-- a row in force), per (store, SKU, price period), a period being the
+-- prices row in force. A line is off when its unit_price differs from the
+-- list price by more than price_tolerance. Refunds and lines of SKUs with
+-- no price in force are not checked. The price is looked up when the line
+-- is applied: a prices row added later does not re-check older lines.
+CREATE MATERIALIZED VIEW price_checks AS
+SELECT store_id, sku, price_valid_from, price_source, list_price,
+    count(*) AS lines,
+    count(*) FILTER (WHERE off) AS mismatched_lines,
+    sum(qty) FILTER (WHERE off) AS mismatched_qty,
+    sum(qty * (list_price - unit_price)) FILTER (WHERE off AND unit_price < list_price)
+        AS lost_revenue,
+    sum(qty * (unit_price - list_price)) FILTER (WHERE off AND unit_price > list_price)
+        AS excess_revenue,
+    min(unit_price) FILTER (WHERE off) AS min_charged_price,
+    max(unit_price) FILTER (WHERE off) AS max_charged_price,
+    min(ts) FILTER (WHERE off) AS first_mismatch_ts,
+    max(ts) FILTER (WHERE off) AS last_mismatch_ts,
+    min(ts) FILTER (WHERE NOT off) AS first_match_ts,
+    max(ts) FILTER (WHERE NOT off) AS last_match_ts,
+    max(ts) AS last_line_ts
+FROM (
+    SELECT store_id, sku, ts, qty, unit_price, p['price'] AS list_price,
+        p['valid_from'] AS price_valid_from, p['source'] AS price_source,
+        abs(unit_price - p['price']) > ${price_tolerance} AS off
+    FROM (SELECT store_id, sku, ts, qty, unit_price,
+              price_in_force(sku, store_id, ts) AS p
+          FROM sales WHERE qty > 0)
+    WHERE p IS NOT NULL
+)
+GROUP BY store_id, sku, price_valid_from, price_source, list_price;
 
 -- One row: the instant deliveries are checked at (`checked_at`): the
 -- chain's clock, but no further than the stock movements (where receipts
@@ -678,3 +713,28 @@ SELECT sku, from_store, to_store, qty, city, need_qty, suggested_order_qty,
     from_hours_of_cover, from_reorder_point
 FROM pairs
 WHERE choice = 1 AND qty > 0;
+
+-- Price periods in which a store charged another price than the list
+-- price in force (price_checks), with the revenue lost (charged below the
+-- list price) and the excess (above). still_mismatched: the period's latest
+-- checked line was off; current: the period of the store and SKU's latest
+-- checked line (the price in force now, unless it changed since).
+CREATE VIEW price_deviations AS
+WITH c AS (
+    SELECT c.*, max(c.last_line_ts) OVER (PARTITION BY c.store_id, c.sku) AS pair_last_line_ts
+    FROM price_checks c
+)
+SELECT c.store_id, s.city, s.format, c.sku, c.list_price, c.price_valid_from, c.price_source,
+    c.lines, c.mismatched_lines,
+    CAST(c.mismatched_lines AS DOUBLE) / c.lines AS mismatch_share,
+    c.mismatched_qty, c.min_charged_price, c.max_charged_price,
+    coalesce(c.lost_revenue, 0) AS lost_revenue,
+    coalesce(c.excess_revenue, 0) AS excess_revenue,
+    c.first_mismatch_ts, c.last_mismatch_ts, c.first_match_ts, c.last_match_ts,
+    c.last_match_ts IS NULL OR c.last_mismatch_ts > c.last_match_ts AS still_mismatched,
+    c.last_line_ts = c.pair_last_line_ts AS current,
+    k.as_of
+FROM c
+CROSS JOIN engine_clock k
+LEFT JOIN stores s ON s.store_id = c.store_id
+WHERE c.mismatched_lines > 0;

@@ -27,6 +27,9 @@ path = "{d}/products.csv"
 [[dimensions]]
 name = "replenishment_policy"
 path = "{d}/replenishment_policy.csv"
+[[dimensions]]
+name = "prices"
+path = "{d}/prices.csv"
 [[sources]]
 type = "dataset"
 dir = "{d}"

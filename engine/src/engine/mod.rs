@@ -124,6 +124,7 @@ pub struct Engine {
     positions: Arc<AppliedPositions>,
     floor: FloorCell,
     dimensions: HashMap<String, DimensionData>,
+    prices: crate::prices::PriceBook,
     last_evaluation: Vec<(String, f64)>,
     alerts: Vec<AlertDefinition>,
     pub(crate) refreshed: Vec<Arc<RefreshedView>>,
@@ -241,6 +242,15 @@ impl Engine {
         serving.register_table("engine_clock", Arc::new(ClockTable { cell: cell.clone() }))?;
         let floor = FloorCell::default();
         planning.register_udf(floor.udf());
+        // `price_in_force` reads whichever `prices` and `stores` tables are
+        // registered (re-pointed by `register_dimension`).
+        let empty = |k: DimensionKind| DimensionData::new(k.schema(), Vec::new());
+        let prices = crate::prices::PriceBook::new(
+            empty(DimensionKind::Prices),
+            empty(DimensionKind::Stores),
+        );
+        planning.register_udf(prices.udf());
+        serving.register_udf(prices.udf());
         let late = LateEvents::new(cfg.late_events_capacity, cfg.data_dir.as_deref())?;
         let mut engine = Self {
             cfg,
@@ -258,6 +268,7 @@ impl Engine {
             positions: Arc::default(),
             floor,
             dimensions: HashMap::new(),
+            prices,
             last_evaluation: Vec::new(),
             alerts: Vec::new(),
             refreshed: Vec::new(),
@@ -304,6 +315,7 @@ impl Engine {
         self.serving.deregister_table(name)?;
         self.planning.register_table(name, planning)?;
         self.serving.register_table(name, serving)?;
+        self.prices.set_table(name, &data);
         self.dimensions.insert(name.to_string(), data.clone());
         Ok(data)
     }

@@ -18,6 +18,7 @@ pub(crate) async fn dimensions(chain: &ChainConfig) -> Vec<Dimension> {
         ("stores", c.stores_csv()),
         ("products", c.products_csv()),
         ("replenishment_policy", c.policy_csv()),
+        ("prices", c.prices_csv(chain.start_ms + 30 * 86_400_000)),
     ] {
         let path = dir.path().join(format!("{name}.csv"));
         std::fs::write(&path, text).unwrap();

@@ -28,7 +28,8 @@ impl DatasetSummary {
 }
 
 /// Simulates `days` of the chain and writes `<stream>.jsonl` for every stream
-/// plus `stores.csv`, `products.csv` and `replenishment_policy.csv` into
+/// plus `stores.csv`, `products.csv`, `replenishment_policy.csv` and
+/// `prices.csv` (with head office's changes over the `days`) into
 /// `out`. `progress(done, total)` is called with simulated milliseconds.
 pub fn write_dataset(
     cfg: ChainConfig,
@@ -49,6 +50,10 @@ pub fn write_dataset(
         ("stores.csv", chain.stores_csv()),
         ("products.csv", chain.products_csv()),
         ("replenishment_policy.csv", chain.policy_csv()),
+        (
+            "prices.csv",
+            chain.prices_csv(cfg.start_ms + days as i64 * 86_400_000),
+        ),
     ] {
         let p = out.join(name);
         std::fs::write(&p, text).map_err(io(&p))?;
@@ -128,6 +133,7 @@ mod tests {
             "stores.csv",
             "products.csv",
             "replenishment_policy.csv",
+            "prices.csv",
         ] {
             let x = std::fs::read(a.path().join(name)).unwrap();
             let y = std::fs::read(b.path().join(name)).unwrap();

@@ -46,6 +46,10 @@ pub struct ChainConfig {
     /// Send stock counts (the opening stock-take and the counts after).
     /// Off: a chain whose stock is known only from its movements.
     pub stock_counts: bool,
+    /// Share of SKUs whose chain price head office changes on a given day
+    /// (at 06:00 UTC, by up to ±15 %); about one store in ten keeps
+    /// charging the old price for 6 to 72 hours after a change.
+    pub price_changes_per_sku_day: f64,
 }
 
 impl ChainConfig {
@@ -179,6 +183,7 @@ impl Default for ChainConfig {
             restock_to_policy: false,
             profile: Profile::Default,
             stock_counts: true,
+            price_changes_per_sku_day: 0.003,
         }
     }
 }
@@ -494,6 +499,82 @@ impl Chain {
         out
     }
 
+    /// The new chain price of product `p` (now `cents`) if head office
+    /// changes it on day `day` (days since the epoch), at 06:00 UTC.
+    fn price_change(&self, day: i64, p: usize, cents: i64) -> Option<i64> {
+        let h = mix(self.cfg.seed ^ mix(day as u64 ^ mix(p as u64 ^ 0x9f1c_e5d0)));
+        if unit(h) >= self.cfg.price_changes_per_sku_day {
+            return None;
+        }
+        let factor = 0.85 + 0.30 * unit(mix(h));
+        let new = ((cents as f64 * factor / 10.0).round() as i64 * 10 - 1).max(9);
+        (new != cents).then_some(new)
+    }
+
+    /// Hours store `s` keeps charging the old price after the change of
+    /// product `p` on `day` (0 for most stores).
+    fn price_lag_ms(&self, day: i64, p: usize, s: usize) -> i64 {
+        let h = mix(self.cfg.seed ^ mix(day as u64 ^ mix((p as u64) << 20 ^ s as u64 ^ 0x1a6)));
+        if unit(h) < 0.1 {
+            (6 + (mix(h) % 67) as i64) * HOUR_MS
+        } else {
+            0
+        }
+    }
+
+    /// Whether store `s` sells product `p` at its city's price (every
+    /// 40th SKU in the chain's first city: 5 % above the chain's base).
+    fn city_priced(&self, s: usize, p: usize) -> bool {
+        p % CITY_PRICED_EVERY == 7 && self.stores[s].city == CITIES[0]
+    }
+
+    fn city_price(&self, p: usize) -> i64 {
+        (self.products[p].price_cents * 21 + 10) / 20
+    }
+
+    /// `prices.csv`: `sku,store_id,city,format,price,valid_from`: every
+    /// SKU's chain price from 30 days before the start, the city prices,
+    /// and head office's changes up to `until_ms`.
+    pub fn prices_csv(&self, until_ms: i64) -> String {
+        let mut out = String::from("sku,store_id,city,format,price,valid_from\n");
+        let since = ts_text(self.cfg.start_ms - 30 * DAY_MS);
+        let mut cents: Vec<i64> = self.products.iter().map(|p| p.price_cents).collect();
+        for (i, p) in self.products.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{},,,,{},{since}",
+                p.sku,
+                unit_price_text(cents[i], p.weighed)
+            );
+            if i % CITY_PRICED_EVERY == 7 && self.stores.iter().any(|s| s.city == CITIES[0]) {
+                let _ = writeln!(
+                    out,
+                    "{},,{},,{},{since}",
+                    p.sku,
+                    CITIES[0],
+                    unit_price_text(self.city_price(i), p.weighed)
+                );
+            }
+        }
+        // The first change comes at the first 06:00 after the start (as in
+        // the simulator).
+        let mut day = self.cfg.start_ms.div_euclid(DAY_MS);
+        if day * DAY_MS + PRICE_CHANGE_AT_MS <= self.cfg.start_ms {
+            day += 1;
+        }
+        while day * DAY_MS + PRICE_CHANGE_AT_MS < until_ms {
+            let at = ts_text(day * DAY_MS + PRICE_CHANGE_AT_MS);
+            for (i, p) in self.products.iter().enumerate() {
+                if let Some(new) = self.price_change(day, i, cents[i]) {
+                    cents[i] = new;
+                    let _ = writeln!(out, "{},,,,{},{at}", p.sku, unit_price_text(new, p.weighed));
+                }
+            }
+            day += 1;
+        }
+        out
+    }
+
     /// `replenishment_policy.csv`: thresholds per store format and category.
     pub fn policy_csv(&self) -> String {
         let mut out =
@@ -538,6 +619,43 @@ fn money(cents: i64) -> String {
     format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100)
 }
 
+/// A unit price as the till prints it: per piece in cents, or (weighed
+/// goods, `cents` per kilogram) per gram with six decimals.
+fn unit_price_text(cents: i64, weighed: bool) -> String {
+    if weighed {
+        let micros = cents * 10;
+        format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+    } else {
+        money(cents)
+    }
+}
+
+/// SplitMix64: a well-mixed hash of one word (price changes are a pure
+/// function of seed, day and SKU, so `prices.csv` and the simulator agree
+/// without sharing state).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in [0, 1) from a hash.
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// An instant as RFC 3339 text (UTC, seconds).
+fn ts_text(ms: i64) -> String {
+    let dt = chrono::DateTime::from_timestamp_millis(ms).expect("valid ts");
+    dt.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Head-office price changes take effect at this time of day (UTC).
+const PRICE_CHANGE_AT_MS: i64 = 6 * HOUR_MS;
+/// Every this many SKUs one is priced per city in the chain's first city.
+const CITY_PRICED_EVERY: usize = 40;
+
 /// One generated event: its stream, event time and JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenEvent {
@@ -576,6 +694,18 @@ pub struct Simulator {
     step: Vec<GenEvent>,
     /// Part of every event id: the start in base-36 seconds.
     run_tag: String,
+    /// Per product: chain price now and before its last change, and the
+    /// day (since the epoch) of that change.
+    prices: Vec<PriceNow>,
+}
+
+/// A product's chain price in the simulation.
+#[derive(Debug, Clone, Copy)]
+struct PriceNow {
+    cents: i64,
+    before: i64,
+    /// Day of the last change (`i64::MIN`: none yet).
+    day: i64,
 }
 
 /// `n` in base 36 (lower case).
@@ -623,9 +753,19 @@ impl Simulator {
                 ..Default::default()
             })
             .collect();
+        let prices = chain
+            .products
+            .iter()
+            .map(|p| PriceNow {
+                cents: p.price_cents,
+                before: p.price_cents,
+                day: i64::MIN,
+            })
+            .collect();
         Self {
             now_ms: chain.cfg.start_ms,
             run_tag: base36(chain.cfg.start_ms.max(0) as u64 / 1000),
+            prices,
             chain,
             rng,
             stores,
@@ -702,6 +842,19 @@ impl Simulator {
         if from == self.chain.cfg.start_ms {
             for s in 0..self.chain.stores.len() {
                 self.opening_stocktake(s, from);
+            }
+        }
+        // Head office's price changes (steps start at every minute).
+        if from > self.chain.cfg.start_ms && from.rem_euclid(DAY_MS) == PRICE_CHANGE_AT_MS {
+            let day = from.div_euclid(DAY_MS);
+            for (p, now) in self.prices.iter_mut().enumerate() {
+                if let Some(new) = self.chain.price_change(day, p, now.cents) {
+                    *now = PriceNow {
+                        cents: new,
+                        before: now.cents,
+                        day,
+                    };
+                }
             }
         }
         for s in 0..self.chain.stores.len() {
@@ -964,6 +1117,7 @@ impl Simulator {
                 rt.sold_mark[a] = true;
                 rt.sold.push(a as u32);
             }
+            let cents = self.charged_cents(s, p, ts);
             let prod = &self.chain.products[p];
             if written > 0 {
                 lines.push(',');
@@ -971,14 +1125,12 @@ impl Simulator {
             if prod.weighed {
                 // Per gram, six decimals; the till prints the line rounded
                 // to the cent (half to even).
-                let micros = prod.price_cents * 10;
-                let amount = round_half_even(qty * prod.price_cents, 1000);
+                let amount = round_half_even(qty * cents, 1000);
                 let _ = write!(
                     lines,
-                    r#"{{"sku":"{}","qty":{qty},"unit_price":{}.{:06},"amount":{}}}"#,
+                    r#"{{"sku":"{}","qty":{qty},"unit_price":{},"amount":{}}}"#,
                     prod.sku,
-                    micros / 1_000_000,
-                    micros % 1_000_000,
+                    unit_price_text(cents, true),
                     money(amount)
                 );
                 written += 1;
@@ -988,14 +1140,10 @@ impl Simulator {
                 lines,
                 r#"{{"sku":"{}","qty":{qty},"unit_price":{}"#,
                 prod.sku,
-                money(prod.price_cents)
+                money(cents)
             );
             if qty > 0 && self.rng.random_bool(0.08) {
-                let _ = write!(
-                    lines,
-                    r#","discount":{}"#,
-                    money(prod.price_cents * qty / 10)
-                );
+                let _ = write!(lines, r#","discount":{}"#, money(cents * qty / 10));
             }
             lines.push('}');
             written += 1;
@@ -1106,6 +1254,25 @@ impl Simulator {
     }
 
     /// `{"event_id":..,"ts":..,"store_id":..` (object left open).
+    /// The price store `s`'s till charges for product `p` at `ts`: its
+    /// city's price, or the chain's, or (a store lagging behind the last
+    /// change) the chain's price before it.
+    fn charged_cents(&self, s: usize, p: usize, ts: i64) -> i64 {
+        if self.chain.city_priced(s, p) {
+            return self.chain.city_price(p);
+        }
+        let now = self.prices[p];
+        if now.day == i64::MIN {
+            return now.cents;
+        }
+        let changed = now.day * DAY_MS + PRICE_CHANGE_AT_MS;
+        if ts < changed + self.chain.price_lag_ms(now.day, p, s) {
+            now.before
+        } else {
+            now.cents
+        }
+    }
+
     fn head(&self, id: &str, ts: i64, s: usize) -> String {
         let store = &self.chain.stores[s];
         let mut j = String::with_capacity(256);
@@ -1170,6 +1337,89 @@ mod tests {
         assert_eq!(a, b);
         let c = run(ChainConfig { seed: 8, ..cfg }, 30);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn tills_charge_the_prices_file_and_a_few_stores_lag_behind_a_change() {
+        let cfg = ChainConfig {
+            stores: 30,
+            skus: 40,
+            members: 100,
+            price_changes_per_sku_day: 0.5,
+            ..Default::default()
+        };
+        let chain = Chain::new(cfg.clone());
+        let city: std::collections::HashMap<String, String> = chain
+            .stores_csv()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].to_string(), f[2].to_string())
+            })
+            .collect();
+        let ms = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .timestamp_millis()
+        };
+        // (sku, city or "") → [(valid_from, price)], oldest first.
+        let mut rows: std::collections::HashMap<(String, String), Vec<(i64, String)>> =
+            Default::default();
+        for l in chain
+            .prices_csv(cfg.start_ms + 28 * HOUR_MS)
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = l.split(',').collect();
+            assert!(f[1].is_empty() && f[3].is_empty(), "{l}");
+            rows.entry((f[0].into(), f[2].into()))
+                .or_default()
+                .push((ms(f[5]), f[4].into()));
+        }
+        let change = cfg.start_ms + PRICE_CHANGE_AT_MS;
+        let changed = rows.values().filter(|r| r.len() == 2).count();
+        assert!(changed >= 10, "{changed} of 40 SKUs changed");
+        assert!(rows.values().all(|r| r.len() == 1 || r[1].0 == change));
+        let (mut new, mut old, mut city_lines) = (0, 0, 0);
+        for e in run(cfg, 28) {
+            if e.stream != StreamKind::Sales {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+            let store = v["store_id"].as_str().unwrap();
+            for line in v["lines"].as_array().unwrap() {
+                let sku = line["sku"].as_str().unwrap().to_string();
+                let price = line["unit_price"].to_string();
+                if let Some(r) = rows.get(&(sku.clone(), city[store].clone())) {
+                    assert_eq!(price, r[0].1, "{store} {sku}: the city's price");
+                    city_lines += 1;
+                    continue;
+                }
+                let r = &rows[&(sku.clone(), String::new())];
+                if r.len() == 1 || e.ts_ms < change {
+                    assert_eq!(price, r[0].1, "{store} {sku} at {}", e.ts_ms);
+                } else if price == r[1].1 {
+                    new += 1;
+                } else {
+                    assert_eq!(price, r[0].1, "{store} {sku}: the new or the old price");
+                    assert!(
+                        e.ts_ms < change + 72 * HOUR_MS,
+                        "lagging for more than 72 h"
+                    );
+                    old += 1;
+                }
+            }
+        }
+        assert!(
+            new > 0 && old > 0,
+            "new price {new} lines, old price after the change {old}"
+        );
+        assert!(
+            old * 3 < new,
+            "most stores follow the change: {old} old vs {new} new"
+        );
+        assert!(city_lines > 0, "no line in the city with its own prices");
     }
 
     #[test]

@@ -185,6 +185,16 @@ async function refreshTransfers() {
   fillTable("transfer-table", rows, r => [[r.sku], [r.from_store], [r.to_store], [fmt(r.qty), "num"]]);
 }
 
+async function refreshPrices() {
+  const rows = await sql(`
+    SELECT store_id, sku, CAST(list_price AS DOUBLE) AS list_price,
+      CAST(max_charged_price AS DOUBLE) AS charged, mismatched_lines,
+      CAST(lost_revenue AS DOUBLE) AS lost
+    FROM price_deviations p WHERE ${filter("p")} AND current AND still_mismatched
+    ORDER BY lost_revenue DESC, mismatched_lines DESC, store_id, sku LIMIT 10`);
+  fillTable("price-table", rows, r => [[r.store_id], [r.sku], [fmt(r.list_price, r.list_price < 0.1 ? 6 : 2), "num"], [fmt(r.charged, r.charged < 0.1 ? 6 : 2), "num"], [fmt(r.mismatched_lines), "num"], [fmt(r.lost, 2), "num"]]);
+}
+
 async function refreshSync() {
   const rows = await sql(`
     SELECT store_id, min(minutes_behind) AS minutes_behind, sum(late_events) AS late_events
@@ -228,7 +238,7 @@ let refreshing = false;
 async function refresh() {
   if (refreshing) return;
   refreshing = true;
-  const results = await Promise.allSettled([refreshHealth(), refreshSales(), refreshRisk(), refreshTransfers(), refreshSync(), refreshAlerts(), refreshTurnover(), refreshRfm()]);
+  const results = await Promise.allSettled([refreshHealth(), refreshSales(), refreshRisk(), refreshTransfers(), refreshPrices(), refreshSync(), refreshAlerts(), refreshTurnover(), refreshRfm()]);
   refreshing = false;
   const failed = results.filter(r => r.status === "rejected").map(r => r.reason);
   if (failed.some(e => e instanceof AuthError)) {
