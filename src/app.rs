@@ -189,6 +189,17 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 async fn build_engine(cfg: &Config) -> anyhow::Result<(Engine, Vec<WatchedDimension>)> {
     let mut engine_cfg: EngineConfig = cfg.engine.clone();
     engine_cfg.data_dir = Some(cfg.data_dir.clone());
+    if cfg.sql.builtin {
+        // A lot leaves `stock_lots` 90 days after its last movement unless
+        // the operator sets its retention (every delivery of a perishable
+        // is a new lot: the view would otherwise grow for ever).
+        engine_cfg
+            .state_ttl
+            .entry("stock_lots".to_string())
+            .or_insert(humantime_serde::Serde::from(Duration::from_secs(
+                90 * 86_400,
+            )));
+    }
     engine_cfg.query_memory_limit = cfg.serving.memory_limit_bytes();
     let mut engine = Engine::new(engine_cfg)?;
     let watched = pipeline::load_dimensions(&mut engine, &cfg.dimensions).await?;

@@ -385,3 +385,58 @@ async fn price_mismatch_fires_on_a_store_still_charging_the_old_price() {
     .await;
     assert!(rows(&h, "price_mismatch").await.is_empty());
 }
+
+#[tokio::test]
+async fn near_expiry_fires_for_a_lot_on_the_shelf_a_day_before_its_date() {
+    let h = engine().await;
+    let mv = |id: &str, t: i64, qty: i64, lot: &str, expires: i64| {
+        format!(
+            r#"{{"event_id":"{id}","ts":{t},"store_id":"S1","sku":"M","kind":"receipt","qty":{qty},"lot":"{lot}","expires_at":{expires}}}"#
+        )
+    };
+    let day = 24 * 60 * MIN;
+    apply(
+        &h,
+        StreamKind::StockCounts,
+        &[
+            r#"{"event_id":"c0","ts":1767600000000,"store_id":"S1","sku":"M","on_hand":0}"#
+                .to_string(),
+        ],
+    )
+    .await;
+    // L1 (10, expires in 30 h) then L2 (6, in 20 h); 10 sold: the 6 left
+    // are the newest units, L2's (first in, first out), due within the
+    // 24 h of near_expiry_within. L1 is sold out.
+    apply(
+        &h,
+        StreamKind::StockMovements,
+        &[
+            mv("m1", T0 + MIN, 10, "L1", T0 + 30 * 60 * MIN),
+            mv("m2", T0 + 2 * MIN, 6, "L2", T0 + 20 * 60 * MIN),
+        ],
+    )
+    .await;
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[format!(
+            r#"{{"event_id":"r1","ts":{},"store_id":"S1","receipt_id":"r1","lines":[{{"sku":"M","qty":10,"unit_price":1.00}}]}}"#,
+            T0 + 3 * MIN
+        )],
+    )
+    .await;
+    let got = rows(&h, "near_expiry").await;
+    assert_eq!(texts(&got, "lot"), vec!["L2"], "{got:?}");
+    assert_eq!(got[0]["on_hand_est"], 6);
+    assert_eq!(got[0]["reason"], "near_expiry");
+    // A day later L2 has expired on the shelf.
+    apply(
+        &h,
+        StreamKind::StockMovements,
+        &[mv("m3", T0 + day, 1, "L3", T0 + 10 * day)],
+    )
+    .await;
+    let got = rows(&h, "near_expiry").await;
+    assert_eq!(texts(&got, "lot"), vec!["L2"], "{got:?}");
+    assert_eq!(got[0]["reason"], "expired");
+}

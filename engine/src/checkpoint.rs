@@ -168,6 +168,10 @@ pub struct StreamMeta {
     pub duplicate_events: u64,
     /// Late events.
     pub late_events: u64,
+    /// Duplicates per store: `(store_id, count, latest event time)`
+    /// (absent in checkpoints written before it was kept).
+    #[serde(default)]
+    pub duplicates_by_store: Vec<(String, u64, i64)>,
 }
 
 impl StreamMeta {

@@ -7,10 +7,10 @@
 //! `line_no > 0` follows the decision taken for its receipt's first line.
 //! Finally the partition watermark advances to the batch's largest `ts`.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use datafusion::arrow::{
-    array::{AsArray, BooleanArray, RecordBatch},
+    array::{Array, AsArray, BooleanArray, RecordBatch},
     compute::filter_record_batch,
     datatypes::{Int32Type, TimestampMillisecondType},
 };
@@ -37,6 +37,9 @@ pub struct StreamGate {
     pub duplicate_events: u64,
     /// Late events routed to `late_events` so far.
     pub late_events: u64,
+    /// Duplicates per store: how many, and the event time of the latest
+    /// (a store re-uploading what it already sent; `store_duplicates`).
+    pub duplicates_by_store: BTreeMap<String, (u64, i64)>,
 }
 
 /// The outcome of gating one batch.
@@ -65,6 +68,7 @@ impl StreamGate {
             accepted_events: 0,
             duplicate_events: 0,
             late_events: 0,
+            duplicates_by_store: BTreeMap::new(),
         }
     }
 
@@ -104,6 +108,9 @@ impl StreamGate {
             Watermark::None => i64::MIN,
         };
         let ids = batch.column(0).as_string::<i32>();
+        let stores = batch
+            .column_by_name("store_id")
+            .and_then(|c| c.as_string_opt::<i32>());
         let ts = batch.column(1).as_primitive::<TimestampMillisecondType>();
         let line_no = (self.stream == StreamKind::Sales).then(|| {
             batch
@@ -125,6 +132,17 @@ impl StreamGate {
             if first_line {
                 decision = if !self.dedup.first_time(ids.value(i), t) {
                     n_dup += 1;
+                    if let Some(s) = stores.filter(|s| !s.is_null(i)) {
+                        let e = match self.duplicates_by_store.get_mut(s.value(i)) {
+                            Some(e) => e,
+                            None => self
+                                .duplicates_by_store
+                                .entry(s.value(i).to_string())
+                                .or_insert((0, t)),
+                        };
+                        e.0 += 1;
+                        e.1 = e.1.max(t);
+                    }
                     (false, false)
                 } else if t < threshold {
                     n_late += 1;

@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub views: HashMap<String, Arc<Vec<RecordBatch>>>,
     /// Rows of `late_events`.
     pub late_events: Arc<Vec<RecordBatch>>,
+    /// Rows of `store_duplicates`.
+    pub duplicates: Arc<Vec<RecordBatch>>,
     /// The event time the views are "as of" (`engine_clock.as_of`).
     pub as_of: Option<i64>,
 }
@@ -136,6 +138,71 @@ impl TableProvider for ViewStateTable {
             projection,
             state.config().target_partitions(),
         )
+    }
+}
+
+/// The `store_duplicates` table: per store and stream, the duplicate
+/// events dropped (a re-upload of what was already received) and the event
+/// time of the latest.
+#[derive(Debug)]
+pub struct DuplicatesTable {
+    /// Latest snapshot, used when the query did not pin one.
+    pub cell: SnapshotCell,
+}
+
+impl DuplicatesTable {
+    /// The table's schema.
+    pub fn table_schema() -> SchemaRef {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        Arc::new(Schema::new(vec![
+            Field::new("store_id", DataType::Utf8, false),
+            Field::new("stream", DataType::Utf8, false),
+            Field::new("duplicates", DataType::Int64, false),
+            Field::new(
+                "last_duplicate_ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+        ]))
+    }
+
+    /// The rows of `(stream, store, count, latest event time)`.
+    pub fn batch(rows: &[(&str, &str, u64, i64)]) -> Result<RecordBatch> {
+        use datafusion::arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+        Ok(RecordBatch::try_new(
+            Self::table_schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.2 as i64),
+                )),
+                Arc::new(
+                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.3))
+                        .with_timezone("UTC"),
+                ),
+            ],
+        )?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for DuplicatesTable {
+    fn schema(&self) -> SchemaRef {
+        Self::table_schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snap = pinned_or_latest(state, &self.cell);
+        memory_exec(&snap.duplicates, self.schema(), projection, 1)
     }
 }
 

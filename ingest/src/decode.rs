@@ -373,9 +373,19 @@ impl EventDecoder {
                     .column_by_name("kind")
                     .expect("schema has kind")
                     .as_string::<i32>();
+                let expires = batch
+                    .column_by_name("expires_at")
+                    .expect("schema has expires_at")
+                    .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
                 for (row, k) in kinds.iter().enumerate() {
                     let k = k.unwrap_or_default();
-                    if !MOVEMENT_KINDS.contains(&k) {
+                    if let Some(why) = expires
+                        .is_valid(row)
+                        .then(|| time_out_of_range("expires_at", expires.value(row)))
+                        .flatten()
+                    {
+                        bad.push((row, why));
+                    } else if !MOVEMENT_KINDS.contains(&k) {
                         bad.push((
                             row,
                             format!(

@@ -198,6 +198,10 @@ fn build_flat_schema(kind: StreamKind) -> SchemaRef {
             f.push(utf8("order_id", true));
             f.push(utf8("transfer_id", true));
             f.push(utf8("peer_store_id", true));
+            // Optional lot of a receipt (or transfer in, or waste) and the
+            // date its units expire (`expiring_stock`).
+            f.push(utf8("lot", true));
+            f.push(Field::new("expires_at", ts_type(), true));
         }
         StreamKind::StockCounts => {
             f.push(utf8("sku", false));

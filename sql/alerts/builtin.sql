@@ -60,19 +60,30 @@ WITH (key = 'transfer_id, sku', every = '1m', keep_firing_for = '10m', renotify 
       severity = 'warning');
 
 -- A store charging another price than the list price in force
--- (price_deviations): the latest checked line of the SKU's current price
--- period was off, after at least price_mismatch_min_lines such lines, and
--- within price_mismatch_within of the chain clock (a backfill does not
--- page about last year). A line at the list price resolves it.
+-- (price_deviations): its latest sale of the SKU was off the list price,
+-- after at least price_mismatch_min_lines such lines in that price period,
+-- and within price_mismatch_within of the chain clock (a backfill does not
+-- page about last year). A sale at the list price resolves it.
 CREATE ALERT price_mismatch AS
 SELECT store_id, sku, city, list_price, min_charged_price, max_charged_price,
-    price_valid_from, price_source, mismatched_lines, lines, lost_revenue, excess_revenue,
+    price_valid_from, price_source, mismatched_lines, lost_revenue, excess_revenue,
     first_mismatch_ts, last_mismatch_ts, as_of
 FROM price_deviations
-WHERE current AND still_mismatched AND mismatched_lines >= ${price_mismatch_min_lines}
+WHERE still_mismatched AND mismatched_lines >= ${price_mismatch_min_lines}
   AND extract(epoch FROM as_of) - extract(epoch FROM last_mismatch_ts)
       <= ${price_mismatch_within_secs}
 WITH (key = 'store_id, sku', every = '1m', keep_firing_for = '30m', renotify = '24h',
+      severity = 'warning');
+
+-- Perishable stock about to expire (or expired) on the shelf
+-- (expiring_stock: first in, first out): mark it down, move it, or write it
+-- off before it is sold past its date.
+CREATE ALERT near_expiry AS
+SELECT store_id, sku, lot, on_hand_est, received_qty, expires_at, hours_to_expiry,
+    CASE WHEN expired THEN 'expired' ELSE 'near_expiry' END AS reason, as_of
+FROM expiring_stock
+WHERE hours_to_expiry <= ${near_expiry_hours}
+WITH (key = 'store_id, sku, lot', every = '15m', keep_firing_for = '1h', renotify = '24h',
       severity = 'warning');
 
 -- Fridge readings per device: the last reading, the last one at or below

@@ -84,7 +84,11 @@ pub struct RetailParams {
     /// shipped this long ago and not (fully) received.
     #[serde(with = "humantime_serde")]
     pub transfer_overdue_after: Duration,
-    /// `price_checks`: a line is off when its `unit_price` differs from the
+    /// Alert `near_expiry`: a lot with units on the shelf this close to its
+    /// `expires_at` (or past it).
+    #[serde(with = "humantime_serde")]
+    pub near_expiry_within: Duration,
+    /// `price_mismatches`: a line is off when its `unit_price` differs from the
     /// list price in force by more than this (money, up to six decimals).
     pub price_tolerance: f64,
     /// Alert `price_mismatch`: off-price lines needed in the current price
@@ -128,6 +132,7 @@ impl Default for RetailParams {
             loss_rate_target: 0.03,
             order_overdue_after: Duration::from_secs(2 * 3600),
             transfer_overdue_after: Duration::from_secs(48 * 3600),
+            near_expiry_within: Duration::from_secs(24 * 3600),
             price_tolerance: 0.005,
             price_mismatch_min_lines: 2,
             price_mismatch_within: Duration::from_secs(24 * 3600),
@@ -189,6 +194,7 @@ impl RetailParams {
             return Err("retail.price_mismatch_min_lines must be at least 1".into());
         }
         positive(self.price_mismatch_within, "price_mismatch_within")?;
+        positive(self.near_expiry_within, "near_expiry_within")?;
         if !(self.sales_stall_min_units_per_hour > 0.0 && self.sales_stall_factor > 0.0) {
             return Err(
                 "retail.sales_stall_min_units_per_hour and sales_stall_factor must be > 0".into(),
@@ -273,6 +279,7 @@ impl RetailParams {
                 "churn_min_purchase_days",
                 self.churn_min_purchase_days.to_string(),
             ),
+            ("near_expiry_hours", hours(self.near_expiry_within)),
             (
                 "price_tolerance",
                 format!("CAST('{:.6}' AS DECIMAL(18, 6))", self.price_tolerance),

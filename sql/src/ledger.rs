@@ -59,6 +59,7 @@ const COMPACT: u8 = 0x80;
 const STARTED: u8 = 1;
 const HAS_COUNT: u8 = 2;
 const DAYS: u8 = 4;
+const VARIANCE: u8 = 8;
 
 /// Output struct of `stock_ledger`.
 pub fn ledger_fields() -> Fields {
@@ -67,6 +68,9 @@ pub fn ledger_fields() -> Fields {
         Field::new("last_count_ts", ts_type(), true),
         Field::new("last_count", DataType::Int64, true),
         Field::new("last_ts", ts_type(), true),
+        Field::new("counts_checked", DataType::Int64, true),
+        Field::new("last_count_variance", DataType::Int64, true),
+        Field::new("shrinkage_units", DataType::Int64, true),
     ])
 }
 
@@ -230,8 +234,23 @@ struct Cursor {
     count: i64,
     /// `Some` when the kernel keeps days.
     days: Option<Box<Days>>,
+    /// `stock_ledger` only, once a count followed another: the counts
+    /// checked against the level before them (boxed: most pairs have none).
+    variance: Option<Box<Variance>>,
     started: bool,
     has_count: bool,
+}
+
+/// Counts checked against the level the ledger had derived before them (a
+/// count after an earlier count: the level before it is known).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Variance {
+    /// Counts checked.
+    counts: i64,
+    /// Counted − derived at the latest of them.
+    last: i64,
+    /// Σ (derived − counted) over them: units lost (negative: found).
+    shrinkage: i64,
 }
 
 impl Cursor {
@@ -296,6 +315,12 @@ impl Cursor {
             days.cur.received += e.received;
         }
         if e.is_count {
+            if self.has_count && keep == 0 {
+                let v = self.variance.get_or_insert_with(Box::default);
+                v.counts += 1;
+                v.last = e.value - self.level;
+                v.shrinkage += self.level - e.value;
+            }
             self.level = e.value;
             self.count_ts = e.ts;
             self.count = e.value;
@@ -306,7 +331,7 @@ impl Cursor {
     }
 }
 
-/// Per-group ledger state: a folded prefix and the rows after it (80
+/// Per-group ledger state: a folded prefix and the rows after it (88
 /// bytes a pair and the rows of the lateness window; `stock_days` adds its
 /// window's days with rows).
 #[derive(Debug, Clone)]
@@ -485,6 +510,9 @@ impl Kernel for LedgerKernel {
         if c.days.is_some() {
             flags |= DAYS;
         }
+        if c.variance.is_some() {
+            flags |= VARIANCE;
+        }
         out.push(flags);
         put_var(out, c.t);
         put_var(out, c.level);
@@ -493,6 +521,11 @@ impl Kernel for LedgerKernel {
             put_var(out, c.count);
         }
         put_var(out, s.floor.wrapping_sub(c.t));
+        if let Some(v) = c.variance.as_deref() {
+            put_var(out, v.counts);
+            put_var(out, v.last);
+            put_var(out, v.shrinkage);
+        }
         let put_day = |out: &mut Vec<u8>, d: &Day| {
             for v in [d.begin, d.end, d.unit_ms, d.sold, d.received] {
                 put_var(out, v);
@@ -534,6 +567,9 @@ impl Kernel for LedgerKernel {
         let mut count_ts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
         let mut count = Int64Builder::with_capacity(n);
         let mut last_ts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut checked = Int64Builder::with_capacity(n);
+        let mut last_var = Int64Builder::with_capacity(n);
+        let mut shrink = Int64Builder::with_capacity(n);
         for s in &states {
             let c = s.replay(0);
             if !c.started {
@@ -553,6 +589,10 @@ impl Kernel for LedgerKernel {
                     count.append_null();
                 }
             }
+            let v = c.variance.as_deref().copied().unwrap_or_default();
+            checked.append_value(v.counts);
+            last_var.append_option((v.counts > 0).then_some(v.last));
+            shrink.append_value(v.shrinkage);
         }
         Ok(Arc::new(StructArray::try_new(
             ledger_fields(),
@@ -561,6 +601,9 @@ impl Kernel for LedgerKernel {
                 Arc::new(count_ts.finish()),
                 Arc::new(count.finish()),
                 Arc::new(last_ts.finish()),
+                Arc::new(checked.finish()),
+                Arc::new(last_var.finish()),
+                Arc::new(shrink.finish()),
             ],
             None,
         )?))
@@ -568,6 +611,10 @@ impl Kernel for LedgerKernel {
 
     fn heap_size(&self, s: &Ledger) -> usize {
         s.events.capacity() * std::mem::size_of::<Ev>()
+            + s.base
+                .variance
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<Variance>())
             + s.base.days.as_ref().map_or(0, |d| {
                 std::mem::size_of::<Days>() + d.closed.capacity() * std::mem::size_of::<Day>()
             })
@@ -588,6 +635,15 @@ impl LedgerKernel {
             (0, 0)
         };
         let floor = t.wrapping_add(r.var()?);
+        let variance = if flags & VARIANCE != 0 {
+            Some(Box::new(Variance {
+                counts: r.var()?,
+                last: r.var()?,
+                shrinkage: r.var()?,
+            }))
+        } else {
+            None
+        };
         let day = |r: &mut codec::Reader<'_>, day: i64| -> Result<Day> {
             Ok(Day {
                 day,
@@ -635,6 +691,7 @@ impl LedgerKernel {
                 count_ts,
                 count,
                 days,
+                variance,
                 started,
                 has_count,
             },
@@ -704,6 +761,7 @@ impl LedgerKernel {
                 count_ts,
                 count,
                 days,
+                variance: None,
                 started,
                 has_count,
             },
@@ -979,8 +1037,9 @@ mod tests {
 
     #[test]
     fn the_ledger_is_compact() {
-        // 80 bytes a pair inline (it was 176): the per-day fields live
-        // behind a pointer that `stock_ledger` leaves empty.
-        assert_eq!(std::mem::size_of::<Ledger>(), 80);
+        // 88 bytes a pair inline (it was 176): the per-day fields live
+        // behind a pointer that `stock_ledger` leaves empty, the count
+        // variance behind one that only pairs counted twice fill.
+        assert_eq!(std::mem::size_of::<Ledger>(), 88);
     }
 }

@@ -10,7 +10,8 @@
 --   store_category_losses (store, category, month): waste and sales at cost
 --   order_lines      (store, order, SKU): ordered, cancelled, received
 --   transfers        (transfer, SKU): shipped and received between stores
---   price_checks     (store, SKU, price period): lines at and off the list price
+--   price_mismatches (store, SKU, price period): lines off the list price
+--   stock_lots       (store, SKU, lot): units received, wasted, expiry
 -- Everything else is a query-time view over them, the dimension tables
 -- (stores, products, replenishment_policy, prices) and engine_clock (as_of).
 
@@ -125,6 +126,27 @@ FROM (
 LEFT JOIN products p ON p.sku = x.sku
 GROUP BY x.store_id, coalesce(p.category, 'unknown'), date_trunc('month', x.ts);
 
+-- Stock counts checked against the level derived before them (the
+-- previous count plus the movements and sales after it), per store and SKU:
+-- the latest count's variance and the shrinkage summed over every count
+-- after the first, in units and at the product's current unit_cost.
+CREATE VIEW count_variance AS
+SELECT a.store_id, a.sku, p.category,
+    a.ledger['last_count_ts'] AS last_count_ts,
+    a.ledger['last_count'] AS last_count,
+    a.ledger['last_count'] - a.ledger['last_count_variance'] AS derived_before_count,
+    a.ledger['last_count_variance'] AS last_count_variance,
+    CAST(a.ledger['last_count_variance'] AS DOUBLE) * coalesce(p.unit_cost, 0.0)
+        AS last_count_variance_cost,
+    a.ledger['counts_checked'] AS counts_checked,
+    a.ledger['shrinkage_units'] AS shrinkage_units,
+    CAST(a.ledger['shrinkage_units'] AS DOUBLE) * coalesce(p.unit_cost, 0.0) AS shrinkage_cost,
+    c.as_of
+FROM sku_activity a
+CROSS JOIN engine_clock c
+LEFT JOIN products p ON p.sku = a.sku
+WHERE a.ledger['counts_checked'] > 0;
+
 -- Loss rate per store, category and month, against the operators' target.
 CREATE VIEW loss_rate AS
 SELECT store_id, category, month, waste_units, waste_cost, sold_units, cogs,
@@ -135,7 +157,9 @@ SELECT store_id, category, month, waste_units, waste_cost, sold_units, cogs,
 FROM store_category_losses;
 
 -- Per store and stream: how far behind the chain's clock its last event
--- is, and its rows kept in late_events (later than allowed lateness).
+-- is, its rows kept in late_events (later than allowed lateness) and the
+-- duplicates dropped (store_duplicates: events it sent again, as an
+-- offline store's re-upload does).
 CREATE VIEW store_sync_status AS
 WITH l AS (
     SELECT store_id, stream, count(*) AS late_events, max(ts) AS last_late_ts
@@ -145,10 +169,13 @@ SELECT a.store_id, a.stream, a.first_event_ts, a.last_event_ts, a.events,
     (extract(epoch FROM c.as_of) - extract(epoch FROM a.last_event_ts)) / 60.0 AS minutes_behind,
     coalesce(l.late_events, 0) AS late_events,
     l.last_late_ts,
+    coalesce(d.duplicates, 0) AS duplicates,
+    d.last_duplicate_ts,
     c.as_of
 FROM store_stream_activity a
 CROSS JOIN engine_clock c
-LEFT JOIN l ON l.store_id = a.store_id AND l.stream = a.stream;
+LEFT JOIN l ON l.store_id = a.store_id AND l.stream = a.stream
+LEFT JOIN store_duplicates d ON d.store_id = a.store_id AND d.stream = a.stream;
 
 -- Purchase order lines and what arrived against them, per (store, order,
 -- SKU): the ordered quantity and expected arrival of the newest `placed` or
@@ -197,37 +224,45 @@ FROM stock_movements
 WHERE transfer_id IS NOT NULL AND kind IN ('transfer_out', 'transfer_in')
 GROUP BY transfer_id, sku;
 
--- Sale lines checked against the list price in force at their time and
--- place (price_in_force: the prices dimension, the most specific scope with
--- a row in force), per (store, SKU, price period), a period being the
--- prices row in force. A line is off when its unit_price differs from the
--- list price by more than price_tolerance. Refunds and lines of SKUs with
--- no price in force are not checked. The price is looked up when the line
--- is applied: a prices row added later does not re-check older lines.
-CREATE MATERIALIZED VIEW price_checks AS
+-- Lots of perishables per (store, SKU, lot): the units received (receipts
+-- and transfers in naming the lot), written off (waste naming it), when the
+-- lot arrived and when it expires. A lot stays `[engine] state_ttl` after
+-- its last movement (90 days unless set).
+CREATE MATERIALIZED VIEW stock_lots AS
+SELECT store_id, sku, lot,
+    sum(qty) FILTER (WHERE kind IN ('receipt', 'transfer_in')) AS received_qty,
+    -sum(qty) FILTER (WHERE kind = 'waste') AS wasted_qty,
+    min(ts) FILTER (WHERE kind IN ('receipt', 'transfer_in')) AS received_at,
+    min(expires_at) AS expires_at
+FROM stock_movements
+WHERE lot IS NOT NULL
+GROUP BY store_id, sku, lot;
+
+-- Sale lines charged off the list price in force at their time and place
+-- (price_in_force: the prices dimension, the most specific scope with a row
+-- in force), per (store, SKU, price period), a period being the prices row
+-- in force. A line is off when its unit_price differs from the list price
+-- by more than price_tolerance. Only lines off are kept (a few groups, not
+-- one per pair sold); refunds and SKUs with no price in force are not
+-- checked. The price is looked up when the line is applied: a prices row
+-- added later does not re-check older lines.
+CREATE MATERIALIZED VIEW price_mismatches AS
 SELECT store_id, sku, price_valid_from, price_source, list_price,
-    count(*) AS lines,
-    count(*) FILTER (WHERE off) AS mismatched_lines,
-    sum(qty) FILTER (WHERE off) AS mismatched_qty,
-    sum(qty * (list_price - unit_price)) FILTER (WHERE off AND unit_price < list_price)
-        AS lost_revenue,
-    sum(qty * (unit_price - list_price)) FILTER (WHERE off AND unit_price > list_price)
-        AS excess_revenue,
-    min(unit_price) FILTER (WHERE off) AS min_charged_price,
-    max(unit_price) FILTER (WHERE off) AS max_charged_price,
-    min(ts) FILTER (WHERE off) AS first_mismatch_ts,
-    max(ts) FILTER (WHERE off) AS last_mismatch_ts,
-    min(ts) FILTER (WHERE NOT off) AS first_match_ts,
-    max(ts) FILTER (WHERE NOT off) AS last_match_ts,
-    max(ts) AS last_line_ts
+    count(*) AS mismatched_lines,
+    sum(qty) AS mismatched_qty,
+    sum(qty * (list_price - unit_price)) FILTER (WHERE unit_price < list_price) AS lost_revenue,
+    sum(qty * (unit_price - list_price)) FILTER (WHERE unit_price > list_price) AS excess_revenue,
+    min(unit_price) AS min_charged_price,
+    max(unit_price) AS max_charged_price,
+    min(ts) AS first_mismatch_ts,
+    max(ts) AS last_mismatch_ts
 FROM (
     SELECT store_id, sku, ts, qty, unit_price, p['price'] AS list_price,
-        p['valid_from'] AS price_valid_from, p['source'] AS price_source,
-        abs(unit_price - p['price']) > ${price_tolerance} AS off
+        p['valid_from'] AS price_valid_from, p['source'] AS price_source
     FROM (SELECT store_id, sku, ts, qty, unit_price,
               price_in_force(sku, store_id, ts) AS p
           FROM sales WHERE qty > 0)
-    WHERE p IS NOT NULL
+    WHERE p IS NOT NULL AND abs(unit_price - p['price']) > ${price_tolerance}
 )
 GROUP BY store_id, sku, price_valid_from, price_source, list_price;
 
@@ -715,26 +750,44 @@ FROM pairs
 WHERE choice = 1 AND qty > 0;
 
 -- Price periods in which a store charged another price than the list
--- price in force (price_checks), with the revenue lost (charged below the
--- list price) and the excess (above). still_mismatched: the period's latest
--- checked line was off; current: the period of the store and SKU's latest
--- checked line (the price in force now, unless it changed since).
+-- price in force (price_mismatches), with the revenue lost (charged below
+-- the list price) and the excess (above). still_mismatched: the store's
+-- latest sale of the SKU (sku_activity.last_sale_ts) was one of these
+-- lines, so the till still charges the wrong price.
 CREATE VIEW price_deviations AS
-WITH c AS (
-    SELECT c.*, max(c.last_line_ts) OVER (PARTITION BY c.store_id, c.sku) AS pair_last_line_ts
-    FROM price_checks c
-)
-SELECT c.store_id, s.city, s.format, c.sku, c.list_price, c.price_valid_from, c.price_source,
-    c.lines, c.mismatched_lines,
-    CAST(c.mismatched_lines AS DOUBLE) / c.lines AS mismatch_share,
-    c.mismatched_qty, c.min_charged_price, c.max_charged_price,
-    coalesce(c.lost_revenue, 0) AS lost_revenue,
-    coalesce(c.excess_revenue, 0) AS excess_revenue,
-    c.first_mismatch_ts, c.last_mismatch_ts, c.first_match_ts, c.last_match_ts,
-    c.last_match_ts IS NULL OR c.last_mismatch_ts > c.last_match_ts AS still_mismatched,
-    c.last_line_ts = c.pair_last_line_ts AS current,
+SELECT m.store_id, s.city, s.format, m.sku, m.list_price, m.price_valid_from, m.price_source,
+    m.mismatched_lines, m.mismatched_qty, m.min_charged_price, m.max_charged_price,
+    coalesce(m.lost_revenue, 0) AS lost_revenue,
+    coalesce(m.excess_revenue, 0) AS excess_revenue,
+    m.first_mismatch_ts, m.last_mismatch_ts, a.last_sale_ts,
+    coalesce(m.last_mismatch_ts >= a.last_sale_ts, false) AS still_mismatched,
     k.as_of
-FROM c
-CROSS JOIN engine_clock k
-LEFT JOIN stores s ON s.store_id = c.store_id
-WHERE c.mismatched_lines > 0;
+FROM price_mismatches m
+LEFT JOIN sku_activity a ON a.store_id = m.store_id AND a.sku = m.sku
+LEFT JOIN stores s ON s.store_id = m.store_id
+CROSS JOIN engine_clock k;
+
+-- Lots still on the shelf and their expiry, first in, first out: the
+-- (store, SKU)'s on-hand is taken to be its newest units, so a lot holds
+-- what the on-hand leaves after the lots received after it (at most its
+-- units received less those written off).
+CREATE VIEW expiring_stock AS
+WITH l AS (
+    SELECT store_id, sku, lot, received_qty, coalesce(wasted_qty, 0) AS wasted_qty,
+        received_at, expires_at,
+        coalesce(sum(received_qty) OVER (
+            PARTITION BY store_id, sku ORDER BY received_at DESC, lot DESC
+            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS newer_qty
+    FROM stock_lots
+    WHERE received_qty > 0 AND expires_at IS NOT NULL
+)
+SELECT l.store_id, l.sku, l.lot, l.received_qty, l.wasted_qty, l.received_at, l.expires_at,
+    greatest(least(l.received_qty - l.wasted_qty, s.on_hand - l.newer_qty), 0) AS on_hand_est,
+    s.on_hand AS sku_on_hand,
+    (extract(epoch FROM l.expires_at) - extract(epoch FROM c.as_of)) / 3600.0 AS hours_to_expiry,
+    l.expires_at <= c.as_of AS expired,
+    c.as_of
+FROM l
+JOIN stock_on_hand s ON s.store_id = l.store_id AND s.sku = l.sku
+CROSS JOIN engine_clock c
+WHERE s.on_hand > l.newer_qty AND l.received_qty > l.wasted_qty;

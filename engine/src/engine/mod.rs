@@ -240,6 +240,10 @@ impl Engine {
             Arc::new(LateEventsTable { cell: cell.clone() }),
         )?;
         serving.register_table("engine_clock", Arc::new(ClockTable { cell: cell.clone() }))?;
+        serving.register_table(
+            "store_duplicates",
+            Arc::new(crate::snapshot::DuplicatesTable { cell: cell.clone() }),
+        )?;
         let floor = FloorCell::default();
         planning.register_udf(floor.udf());
         // `price_in_force` reads whichever `prices` and `stores` tables are

@@ -87,6 +87,11 @@ impl Engine {
                 accepted_events: g.accepted_events,
                 duplicate_events: g.duplicate_events,
                 late_events: g.late_events,
+                duplicates_by_store: g
+                    .duplicates_by_store
+                    .iter()
+                    .map(|(s, (n, t))| (s.clone(), *n, *t))
+                    .collect(),
             });
         }
         Ok(crate::checkpoint::EngineCheckpoint {
@@ -190,6 +195,11 @@ impl Engine {
             }
             gate.accepted_events = s.accepted_events;
             gate.duplicate_events = s.duplicate_events;
+            gate.duplicates_by_store = s
+                .duplicates_by_store
+                .iter()
+                .map(|(st, n, t)| (st.clone(), (*n, *t)))
+                .collect();
             gate.late_events = s.late_events;
         }
         self.late.import(cp.late, cp.meta.late_total);

@@ -31,6 +31,7 @@ impl Engine {
             epoch: self.epoch,
             views,
             late_events: Arc::new(self.late.batches()),
+            duplicates: self.duplicates_batches()?,
             as_of,
         });
         self.cell.store(snap.clone());
@@ -92,8 +93,25 @@ impl Engine {
             epoch: self.epoch,
             views,
             late_events: Arc::new(self.late.batches()),
+            duplicates: self.duplicates_batches()?,
             as_of,
         }))
+    }
+
+    /// The rows of `store_duplicates` (stores × streams with duplicates).
+    fn duplicates_batches(&self) -> Result<Arc<Vec<RecordBatch>>> {
+        let rows: Vec<(&str, &str, u64, i64)> = self
+            .gates
+            .iter()
+            .flat_map(|(k, g)| {
+                g.duplicates_by_store
+                    .iter()
+                    .map(move |(s, (n, t))| (k.name(), s.as_str(), *n, *t))
+            })
+            .collect();
+        Ok(Arc::new(vec![crate::snapshot::DuplicatesTable::batch(
+            &rows,
+        )?]))
     }
 }
 

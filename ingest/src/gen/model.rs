@@ -651,6 +651,26 @@ fn ts_text(ms: i64) -> String {
     dt.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// What a stock movement may name besides its SKU and quantity.
+#[derive(Debug, Default)]
+struct Links<'a> {
+    /// The purchase order a receipt fills.
+    order: Option<&'a str>,
+    /// The lot of a perishable delivery and when it expires.
+    lot: Option<(String, i64)>,
+}
+
+/// Days a delivery of a perishable category keeps (its lot's
+/// `expires_at`); `None`: not tracked by lot.
+fn shelf_life_days(category: &str) -> Option<i64> {
+    match category {
+        "dairy" => Some(10),
+        "produce" => Some(5),
+        "bakery" => Some(2),
+        _ => None,
+    }
+}
+
 /// Head-office price changes take effect at this time of day (UTC).
 const PRICE_CHANGE_AT_MS: i64 = 6 * HOUR_MS;
 /// Every this many SKUs one is priced per city in the chain's first city.
@@ -967,7 +987,19 @@ impl Simulator {
                         delivery + HOUR_MS
                     );
                     self.push(s, StreamKind::PurchaseOrders, delivery, j);
-                    self.movement(s, ts, &sku, "receipt", qty, Some(&order_id));
+                    // Perishables arrive as a lot with its expiry.
+                    let lot = shelf_life_days(self.chain.products[p].category).map(|days| {
+                        let day = chrono::DateTime::from_timestamp_millis(ts).expect("valid ts");
+                        (
+                            format!("{sku}-{}", day.format("%Y%m%d")),
+                            ts + days * DAY_MS,
+                        )
+                    });
+                    let links = Links {
+                        order: Some(&order_id),
+                        lot,
+                    };
+                    self.movement(s, ts, &sku, "receipt", qty, links);
                 }
             }
         }
@@ -989,7 +1021,7 @@ impl Simulator {
                     let waste = self.stores[s].on_hand[a];
                     self.stores[s].on_hand[a] = 0;
                     let ts = night + self.rng.random_range(0..20 * 60_000);
-                    self.movement(s, ts, &sku, "waste", -waste, None);
+                    self.movement(s, ts, &sku, "waste", -waste, Links::default());
                 } else if count {
                     // Shrinkage: the count is sometimes a unit or two below the book.
                     let shrink = if self.rng.random_bool(0.15) {
@@ -1204,20 +1236,15 @@ impl Simulator {
         }
     }
 
-    fn movement(
-        &mut self,
-        s: usize,
-        ts: i64,
-        sku: &str,
-        kind: &str,
-        qty: i64,
-        order: Option<&str>,
-    ) {
+    fn movement(&mut self, s: usize, ts: i64, sku: &str, kind: &str, qty: i64, links: Links<'_>) {
         let id = self.next_id(s, 'k');
         let mut j = self.head(&id, ts, s);
         let _ = write!(j, r#","sku":"{sku}","kind":"{kind}","qty":{qty}"#);
-        if let Some(order) = order {
+        if let Some(order) = links.order {
             let _ = write!(j, r#","order_id":"{order}""#);
+        }
+        if let Some((lot, expires)) = links.lot {
+            let _ = write!(j, r#","lot":"{lot}","expires_at":"{}""#, ts_text(expires));
         }
         j.push('}');
         self.push(s, StreamKind::StockMovements, ts, j);

@@ -190,7 +190,7 @@ async function refreshPrices() {
     SELECT store_id, sku, CAST(list_price AS DOUBLE) AS list_price,
       CAST(max_charged_price AS DOUBLE) AS charged, mismatched_lines,
       CAST(lost_revenue AS DOUBLE) AS lost
-    FROM price_deviations p WHERE ${filter("p")} AND current AND still_mismatched
+    FROM price_deviations p WHERE ${filter("p")} AND still_mismatched
     ORDER BY lost_revenue DESC, mismatched_lines DESC, store_id, sku LIMIT 10`);
   fillTable("price-table", rows, r => [[r.store_id], [r.sku], [fmt(r.list_price, r.list_price < 0.1 ? 6 : 2), "num"], [fmt(r.charged, r.charged < 0.1 ? 6 : 2), "num"], [fmt(r.mismatched_lines), "num"], [fmt(r.lost, 2), "num"]]);
 }
