@@ -439,4 +439,25 @@ async fn near_expiry_fires_for_a_lot_on_the_shelf_a_day_before_its_date() {
     let got = rows(&h, "near_expiry").await;
     assert_eq!(texts(&got, "lot"), vec!["L2"], "{got:?}");
     assert_eq!(got[0]["reason"], "expired");
+    // Expired for more than a day: no longer paged (still listed).
+    apply(
+        &h,
+        StreamKind::StockMovements,
+        &[mv("m4", T0 + 2 * day, 1, "L4", T0 + 10 * day)],
+    )
+    .await;
+    assert!(rows(&h, "near_expiry").await.is_empty());
+    let (out, _) = h
+        .query_at("SELECT count(*) AS n FROM expiring_stock WHERE lot = 'L2' AND expired")
+        .await
+        .unwrap();
+    assert_eq!(
+        out.batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0),
+        1
+    );
 }

@@ -75,14 +75,16 @@ WHERE still_mismatched AND mismatched_lines >= ${price_mismatch_min_lines}
 WITH (key = 'store_id, sku', every = '1m', keep_firing_for = '30m', renotify = '24h',
       severity = 'warning');
 
--- Perishable stock about to expire (or expired) on the shelf
+-- Perishable stock about to expire (or just expired) on the shelf
 -- (expiring_stock: first in, first out): mark it down, move it, or write it
--- off before it is sold past its date.
+-- off before it is sold past its date. A lot expired longer ago than
+-- near_expiry_within resolves (expiring_stock still lists it): a long-tail
+-- SKU's lot left unsold for months would otherwise renotify for ever.
 CREATE ALERT near_expiry AS
 SELECT store_id, sku, lot, on_hand_est, received_qty, expires_at, hours_to_expiry,
     CASE WHEN expired THEN 'expired' ELSE 'near_expiry' END AS reason, as_of
 FROM expiring_stock
-WHERE hours_to_expiry <= ${near_expiry_hours}
+WHERE hours_to_expiry <= ${near_expiry_hours} AND hours_to_expiry > -${near_expiry_hours}
 WITH (key = 'store_id, sku, lot', every = '15m', keep_firing_for = '1h', renotify = '24h',
       severity = 'warning');
 
