@@ -60,17 +60,23 @@ WITH (key = 'transfer_id, sku', every = '1m', keep_firing_for = '10m', renotify 
       severity = 'warning');
 
 -- A store charging another price than the list price in force
--- (price_deviations): its latest sale of the SKU was off the list price,
--- after at least price_mismatch_min_lines such lines in that price period,
--- and within price_mismatch_within of the chain clock (a backfill does not
--- page about last year). A sale at the list price resolves it.
+-- (price_mismatches): at least price_mismatch_min_lines lines of a price
+-- period off the list price, the latest within price_mismatch_within of the
+-- chain clock (a backfill does not page about last year). It resolves
+-- once no line has been off for price_mismatch_within. It reads only the
+-- lines off (a few groups), not price_deviations, whose still_mismatched
+-- needs every pair's latest sale (sku_activity, millions of pairs).
 CREATE ALERT price_mismatch AS
-SELECT store_id, sku, city, list_price, min_charged_price, max_charged_price,
-    price_valid_from, price_source, mismatched_lines, lost_revenue, excess_revenue,
-    first_mismatch_ts, last_mismatch_ts, as_of
-FROM price_deviations
-WHERE still_mismatched AND mismatched_lines >= ${price_mismatch_min_lines}
-  AND extract(epoch FROM as_of) - extract(epoch FROM last_mismatch_ts)
+SELECT m.store_id, m.sku, s.city, m.list_price, m.min_charged_price, m.max_charged_price,
+    m.price_valid_from, m.price_source, m.mismatched_lines,
+    coalesce(m.lost_revenue, 0) AS lost_revenue,
+    coalesce(m.excess_revenue, 0) AS excess_revenue,
+    m.first_mismatch_ts, m.last_mismatch_ts, k.as_of
+FROM price_mismatches m
+CROSS JOIN engine_clock k
+LEFT JOIN stores s ON s.store_id = m.store_id
+WHERE m.mismatched_lines >= ${price_mismatch_min_lines}
+  AND extract(epoch FROM k.as_of) - extract(epoch FROM m.last_mismatch_ts)
       <= ${price_mismatch_within_secs}
 WITH (key = 'store_id, sku', every = '1m', keep_firing_for = '30m', renotify = '24h',
       severity = 'warning');

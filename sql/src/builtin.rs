@@ -95,7 +95,8 @@ pub struct RetailParams {
     /// period before it fires.
     pub price_mismatch_min_lines: i64,
     /// Alert `price_mismatch`: only while the latest off-price line is at
-    /// most this old (at the chain clock).
+    /// most this old (at the chain clock): it resolves this long after the
+    /// last one.
     #[serde(with = "humantime_serde")]
     pub price_mismatch_within: Duration,
     /// Alert `cold_chain`: fridge limit (°C).
