@@ -28,7 +28,7 @@ use storepulse_ingest::{
     source::Position,
     EventDecoder, RawRecord, SourceBatch, SourceMessage, StreamKind,
 };
-use storepulse_sql::{parse_script, Statement};
+use storepulse_sql::Statement;
 use storepulse_testkit::normalize;
 
 /// The views under test: every built-in view plus a few shapes of our own.
@@ -48,20 +48,6 @@ HAVING count(*) > 0;
 ",
     );
     sql
-}
-
-/// `(name, select SQL)` of every materialized view in `sql`.
-fn materialized_views(sql: &str) -> Vec<(String, String)> {
-    parse_script(sql)
-        .unwrap()
-        .into_iter()
-        .filter_map(|s| match s {
-            Statement::CreateMaterializedView { name, query, .. } => {
-                Some((name, query.to_string()))
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 fn events(cfg: ChainConfig, hours: i64) -> Vec<GenEvent> {
@@ -321,11 +307,14 @@ async fn check(s: Scenario) {
     }
     // The price in force, found independently of the engine's index: an
     // as-of join with every matching scope, most specific then newest.
-    oracle.sql(PRICED_SALES_ORACLE).await.unwrap();
-    let mut cases = materialized_views(&sql);
+    oracle
+        .sql(storepulse_testkit::PRICED_SALES_ORACLE)
+        .await
+        .unwrap();
+    let mut cases = storepulse_testkit::materialized_views(&sql);
     cases.push(("member_sessions".into(), SESSION_ORACLE.into()));
     for (name, select) in cases {
-        let select = priced_by_oracle(&select);
+        let select = storepulse_testkit::priced_by_oracle(&select);
         let want = oracle.sql(&select).await.unwrap().collect().await.unwrap();
         let got = engine
             .execute_sql(&format!("SELECT * FROM {name}"))
@@ -455,7 +444,9 @@ async fn check(s: Scenario) {
             ),
         )
         .unwrap();
-    let batch_script = priced_by_oracle(&sql.replace("CREATE MATERIALIZED VIEW", "CREATE VIEW"));
+    let batch_script = storepulse_testkit::priced_by_oracle(
+        &sql.replace("CREATE MATERIALIZED VIEW", "CREATE VIEW"),
+    );
     for stmt in storepulse_sql::parse_script(&batch_script).unwrap() {
         let Statement::DataFusion { statement, .. } = stmt else {
             unreachable!("no materialized views left")
@@ -516,63 +507,6 @@ async fn check(s: Scenario) {
             );
         }
     }
-}
-
-/// The `sales` lines (qty > 0) with the price in force as `p`, for
-/// `price_mismatches`: every `prices` row of the line's SKU in force at its
-/// time whose scope matches the store (itself, its city, its format, or the
-/// chain), the most specific level first, then the newest `valid_from`.
-const PRICED_SALES_ORACLE: &str = "
-CREATE VIEW oracle_priced_sales AS
-WITH cand AS (
-    SELECT l.store_id, l.sku, l.ts, l.qty, l.unit_price, l.event_id, l.line_no,
-        p.price, p.valid_from,
-        CASE WHEN p.store_id IS NOT NULL THEN 0 WHEN p.city IS NOT NULL THEN 1
-             WHEN p.format IS NOT NULL THEN 2 ELSE 3 END AS level
-    FROM sales l
-    LEFT JOIN stores s ON s.store_id = l.store_id
-    JOIN prices p ON p.sku = l.sku AND p.valid_from <= l.ts
-        AND (p.valid_to IS NULL OR l.ts < p.valid_to)
-        AND (p.store_id = l.store_id
-             OR (p.store_id IS NULL AND p.city = s.city)
-             OR (p.store_id IS NULL AND p.city IS NULL AND p.format = s.format)
-             OR (p.store_id IS NULL AND p.city IS NULL AND p.format IS NULL))
-    WHERE l.qty > 0
-), best AS (
-    SELECT *, row_number() OVER (PARTITION BY store_id, event_id, line_no
-                                 ORDER BY level, valid_from DESC) AS rn
-    FROM cand
-)
-SELECT store_id, sku, ts, qty, unit_price,
-    named_struct('price', price, 'valid_from', valid_from,
-                 'source', CASE level WHEN 0 THEN 'store' WHEN 1 THEN 'city'
-                                      WHEN 2 THEN 'format' ELSE 'chain' END) AS p
-FROM best WHERE rn = 1";
-
-/// `sql` with `price_mismatches` reading [`PRICED_SALES_ORACLE`] instead of
-/// calling the engine's `price_in_force`.
-fn priced_by_oracle(sql: &str) -> String {
-    if !sql.contains("price_in_force(") {
-        return sql.to_string();
-    }
-    const CALL: &str = "price_in_force(sku, store_id, ts) AS p";
-    let mut out = String::new();
-    let mut rest = sql;
-    while let Some(i) = rest.find(CALL) {
-        let after = rest[i + CALL.len()..].trim_start();
-        let after = after
-            .strip_prefix("FROM sales")
-            .unwrap_or_else(|| panic!("price_in_force not over sales: {rest}"));
-        out.push_str(&rest[..i]);
-        out.push_str("p FROM oracle_priced_sales");
-        rest = after;
-    }
-    out.push_str(rest);
-    assert!(
-        !out.contains("price_in_force("),
-        "price_in_force left in {out}"
-    );
-    out
 }
 
 fn small_chain(seed: u64) -> ChainConfig {

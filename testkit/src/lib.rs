@@ -145,6 +145,63 @@ pub fn dataset_tables(
     out
 }
 
+/// The `sales` lines (qty > 0) with the price in force as `p`, for
+/// `price_mismatches`: every `prices` row of the line's SKU in force at its
+/// time whose scope matches the store (itself, its city, its format, or the
+/// chain), the most specific level first, then the newest `valid_from`.
+pub const PRICED_SALES_ORACLE: &str = "
+CREATE VIEW oracle_priced_sales AS
+WITH cand AS (
+    SELECT l.store_id, l.sku, l.ts, l.qty, l.unit_price, l.event_id, l.line_no,
+        p.price, p.valid_from,
+        CASE WHEN p.store_id IS NOT NULL THEN 0 WHEN p.city IS NOT NULL THEN 1
+             WHEN p.format IS NOT NULL THEN 2 ELSE 3 END AS level
+    FROM sales l
+    LEFT JOIN stores s ON s.store_id = l.store_id
+    JOIN prices p ON p.sku = l.sku AND p.valid_from <= l.ts
+        AND (p.valid_to IS NULL OR l.ts < p.valid_to)
+        AND (p.store_id = l.store_id
+             OR (p.store_id IS NULL AND p.city = s.city)
+             OR (p.store_id IS NULL AND p.city IS NULL AND p.format = s.format)
+             OR (p.store_id IS NULL AND p.city IS NULL AND p.format IS NULL))
+    WHERE l.qty > 0
+), best AS (
+    SELECT *, row_number() OVER (PARTITION BY store_id, event_id, line_no
+                                 ORDER BY level, valid_from DESC) AS rn
+    FROM cand
+)
+SELECT store_id, sku, ts, qty, unit_price,
+    named_struct('price', price, 'valid_from', valid_from,
+                 'source', CASE level WHEN 0 THEN 'store' WHEN 1 THEN 'city'
+                                      WHEN 2 THEN 'format' ELSE 'chain' END) AS p
+FROM best WHERE rn = 1";
+
+/// `sql` with `price_mismatches` reading [`PRICED_SALES_ORACLE`] instead of
+/// calling the engine's `price_in_force`.
+pub fn priced_by_oracle(sql: &str) -> String {
+    if !sql.contains("price_in_force(") {
+        return sql.to_string();
+    }
+    const CALL: &str = "price_in_force(sku, store_id, ts) AS p";
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(i) = rest.find(CALL) {
+        let after = rest[i + CALL.len()..].trim_start();
+        let after = after
+            .strip_prefix("FROM sales")
+            .unwrap_or_else(|| panic!("price_in_force not over sales: {rest}"));
+        out.push_str(&rest[..i]);
+        out.push_str("p FROM oracle_priced_sales");
+        rest = after;
+    }
+    out.push_str(rest);
+    assert!(
+        !out.contains("price_in_force("),
+        "price_in_force left in {out}"
+    );
+    out
+}
+
 /// The oracle's answer for every materialized view of `script` over the
 /// dataset in `dir`: name → normalized rows. `dimensions` are registered
 /// empty (name, schema: the engine's `DimensionKind::ALL`).
@@ -172,10 +229,13 @@ pub async fn oracle_views(
         ctx.register_table(*name, Arc::new(table))
             .expect("register");
     }
+    ctx.sql(PRICED_SALES_ORACLE)
+        .await
+        .expect("the priced sales view");
     let mut out = BTreeMap::new();
     for (name, select) in materialized_views(script) {
         let batches = ctx
-            .sql(&select)
+            .sql(&priced_by_oracle(&select))
             .await
             .unwrap_or_else(|e| panic!("oracle for {name}: {e}"))
             .collect()
