@@ -4,7 +4,7 @@
 //! and `late_events` at one engine epoch. A query pins one snapshot for its
 //! whole execution by putting it in the session config (see
 //! [`crate::EngineHandle::query`]); [`ViewStateTable`] and
-//! [`LateEventsTable`] read from the pinned snapshot, or from the latest
+//! [`SnapshotRowsTable`] read from the pinned snapshot, or from the latest
 //! published one when none is pinned.
 //!
 //! [`BatchSlot`] is the other direction: the engine places a micro-batch in
@@ -141,82 +141,81 @@ impl TableProvider for ViewStateTable {
     }
 }
 
-/// The `store_duplicates` table: per store and stream, the duplicate
+/// The schema of `store_duplicates`: per store and stream, the duplicate
 /// events dropped (a re-upload of what was already received) and the event
 /// time of the latest.
-#[derive(Debug)]
-pub struct DuplicatesTable {
-    /// Latest snapshot, used when the query did not pin one.
-    pub cell: SnapshotCell,
+pub fn duplicates_schema() -> SchemaRef {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    Arc::new(Schema::new(vec![
+        Field::new("store_id", DataType::Utf8, false),
+        Field::new("stream", DataType::Utf8, false),
+        Field::new("duplicates", DataType::Int64, false),
+        Field::new(
+            "last_duplicate_ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
 }
 
-impl DuplicatesTable {
-    /// The table's schema.
-    pub fn table_schema() -> SchemaRef {
-        use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-        Arc::new(Schema::new(vec![
-            Field::new("store_id", DataType::Utf8, false),
-            Field::new("stream", DataType::Utf8, false),
-            Field::new("duplicates", DataType::Int64, false),
-            Field::new(
-                "last_duplicate_ts",
-                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-                false,
+/// The rows of `store_duplicates` from `(stream, store, count, latest event
+/// time)`.
+pub fn duplicates_batch(rows: &[(&str, &str, u64, i64)]) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    Ok(RecordBatch::try_new(
+        duplicates_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.2 as i64),
+            )),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.3))
+                    .with_timezone("UTC"),
             ),
-        ]))
-    }
+        ],
+    )?)
+}
 
-    /// The rows of `(stream, store, count, latest event time)`.
-    pub fn batch(rows: &[(&str, &str, u64, i64)]) -> Result<RecordBatch> {
-        use datafusion::arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
-        Ok(RecordBatch::try_new(
-            Self::table_schema(),
-            vec![
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(Int64Array::from_iter_values(
-                    rows.iter().map(|r| r.2 as i64),
-                )),
-                Arc::new(
-                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.3))
-                        .with_timezone("UTC"),
-                ),
-            ],
-        )?)
+/// Which rows of the snapshot a [`SnapshotRowsTable`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotRows {
+    /// `late_events`: the rows later than the allowed lateness.
+    LateEvents,
+    /// `store_duplicates`: duplicates dropped per store and stream.
+    Duplicates,
+}
+
+impl SnapshotRows {
+    fn schema(self) -> SchemaRef {
+        match self {
+            Self::LateEvents => crate::late::late_events_schema(),
+            Self::Duplicates => duplicates_schema(),
+        }
+    }
+    fn of(self, s: &Snapshot) -> &Arc<Vec<RecordBatch>> {
+        match self {
+            Self::LateEvents => &s.late_events,
+            Self::Duplicates => &s.duplicates,
+        }
     }
 }
 
-#[async_trait]
-impl TableProvider for DuplicatesTable {
-    fn schema(&self) -> SchemaRef {
-        Self::table_schema()
-    }
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let snap = pinned_or_latest(state, &self.cell);
-        memory_exec(&snap.duplicates, self.schema(), projection, 1)
-    }
-}
-
-/// The `late_events` table.
+/// A system table whose rows the snapshot carries (`late_events`,
+/// `store_duplicates`), read from the query's pinned snapshot.
 #[derive(Debug)]
-pub struct LateEventsTable {
+pub struct SnapshotRowsTable {
     /// Latest snapshot, used when the query did not pin one.
     pub cell: SnapshotCell,
+    /// Which rows.
+    pub rows: SnapshotRows,
 }
 
 #[async_trait]
-impl TableProvider for LateEventsTable {
+impl TableProvider for SnapshotRowsTable {
     fn schema(&self) -> SchemaRef {
-        crate::late::late_events_schema()
+        self.rows.schema()
     }
     fn table_type(&self) -> TableType {
         TableType::Base
@@ -230,7 +229,7 @@ impl TableProvider for LateEventsTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let snap = pinned_or_latest(state, &self.cell);
         memory_exec(
-            &snap.late_events,
+            self.rows.of(&snap),
             self.schema(),
             projection,
             state.config().target_partitions(),

@@ -436,11 +436,8 @@ async fn check(s: Scenario) {
         .register_table(
             "store_duplicates",
             Arc::new(
-                MemTable::try_new(
-                    storepulse_engine::snapshot::DuplicatesTable::table_schema(),
-                    vec![dups],
-                )
-                .unwrap(),
+                MemTable::try_new(storepulse_engine::snapshot::duplicates_schema(), vec![dups])
+                    .unwrap(),
             ),
         )
         .unwrap();

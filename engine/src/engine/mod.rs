@@ -45,7 +45,10 @@ use crate::{
     gate::StreamGate,
     late::LateEvents,
     refresh::RefreshedView,
-    snapshot::{BatchSlot, ClockTable, LateEventsTable, SlotPartition, SnapshotCell, StreamStub},
+    snapshot::{
+        BatchSlot, ClockTable, SlotPartition, SnapshotCell, SnapshotRows, SnapshotRowsTable,
+        StreamStub,
+    },
     view::{plan_view, ContinuousView},
     watermark::Watermark,
 };
@@ -237,12 +240,18 @@ impl Engine {
         let cell = SnapshotCell::default();
         serving.register_table(
             "late_events",
-            Arc::new(LateEventsTable { cell: cell.clone() }),
+            Arc::new(SnapshotRowsTable {
+                cell: cell.clone(),
+                rows: SnapshotRows::LateEvents,
+            }),
         )?;
         serving.register_table("engine_clock", Arc::new(ClockTable { cell: cell.clone() }))?;
         serving.register_table(
             "store_duplicates",
-            Arc::new(crate::snapshot::DuplicatesTable { cell: cell.clone() }),
+            Arc::new(SnapshotRowsTable {
+                cell: cell.clone(),
+                rows: SnapshotRows::Duplicates,
+            }),
         )?;
         let floor = FloorCell::default();
         planning.register_udf(floor.udf());

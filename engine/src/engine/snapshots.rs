@@ -109,9 +109,7 @@ impl Engine {
                     .map(move |(s, (n, t))| (k.name(), s.as_str(), *n, *t))
             })
             .collect();
-        Ok(Arc::new(vec![crate::snapshot::DuplicatesTable::batch(
-            &rows,
-        )?]))
+        Ok(Arc::new(vec![crate::snapshot::duplicates_batch(&rows)?]))
     }
 }
 

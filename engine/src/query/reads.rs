@@ -12,7 +12,7 @@ use datafusion::{
 
 use crate::{
     refresh::RefreshedView,
-    snapshot::{ClockTable, LateEventsTable, ViewStateTable},
+    snapshot::{ClockTable, SnapshotRowsTable, ViewStateTable},
 };
 
 /// The engine state a plan reads.
@@ -47,7 +47,7 @@ impl Reads {
                         }
                     } else if let Some(t) = provider.downcast_ref::<ViewStateTable>() {
                         self.views.insert(t.view.clone());
-                    } else if provider.downcast_ref::<LateEventsTable>().is_some()
+                    } else if provider.downcast_ref::<SnapshotRowsTable>().is_some()
                         || provider.downcast_ref::<ClockTable>().is_some()
                     {
                         self.engine_state = true;
