@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use datafusion::{
     arrow::{
         array::{
-            new_null_array, Array, ArrayRef, AsArray, Decimal128Builder, Float64Builder,
-            Int64Builder, RecordBatch, StringArray,
+            new_null_array, Array, ArrayRef, AsArray, Float64Builder, Int64Builder, RecordBatch,
+            StringArray,
         },
         compute::cast,
         datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef, TimestampMillisecondType},
@@ -325,9 +325,6 @@ impl PolicyLevel {
     }
 }
 
-/// Money read at 18 decimals → six.
-const MONEY_RESCALE: i128 = 10i128.pow(12);
-
 /// Why row `r` of a validated `prices` batch (columns in
 /// [`DimensionKind::Prices`] order) is not a price, if it is not: it sets at
 /// most one scope column, and its validity ends after it starts.
@@ -591,11 +588,9 @@ impl DimensionSource {
                     let wide = cast(text, &storepulse_ingest::schema::JSON_MONEY)
                         .map_err(|e| self.invalid(1, format!("column '{name}': {e}")))?;
                     let wide = wide.as_primitive::<Decimal128Type>();
-                    let mut b = Decimal128Builder::with_capacity(text.len());
                     for r in 0..text.len() {
                         empty(r)?;
                         if text.is_null(r) {
-                            b.append_null();
                             continue;
                         }
                         let s = text.value(r);
@@ -614,9 +609,8 @@ impl DimensionSource {
                                 self.invalid(line(r), format!("column '{name}': {s} is negative"))
                             );
                         }
-                        b.append_value(v / MONEY_RESCALE);
                     }
-                    Arc::new(b.finish().with_data_type(storepulse_ingest::schema::MONEY))
+                    Arc::new(storepulse_ingest::decode::rescaled(wide))
                 }
                 Col::Time => {
                     let ts = cast(text, &col.data_type())
@@ -644,12 +638,10 @@ impl DimensionSource {
                 } => {
                     let mut b = Float64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
+                        empty(r)?;
                         if text.is_null(r) {
-                            if optional {
-                                b.append_null();
-                                continue;
-                            }
-                            return Err(self.invalid(line(r), format!("column '{name}' is empty")));
+                            b.append_null();
+                            continue;
                         }
                         let s = text.value(r);
                         let v: f64 = s.parse().map_err(|_| {
@@ -672,12 +664,10 @@ impl DimensionSource {
                 Col::Int { min } => {
                     let mut b = Int64Builder::with_capacity(text.len());
                     for r in 0..text.len() {
+                        empty(r)?;
                         if text.is_null(r) {
-                            if optional {
-                                b.append_null();
-                                continue;
-                            }
-                            return Err(self.invalid(line(r), format!("column '{name}' is empty")));
+                            b.append_null();
+                            continue;
                         }
                         let s = text.value(r);
                         let v: i64 = s.parse().map_err(|_| {

@@ -71,7 +71,7 @@ pub fn rescale_money(a: &Decimal128Array) -> std::result::Result<Decimal128Array
 
 /// A money column read at the JSON scale, at [`MONEY`] (its values were
 /// checked to be exact by [`money_problem`]).
-fn rescaled(a: &Decimal128Array) -> Decimal128Array {
+pub fn rescaled(a: &Decimal128Array) -> Decimal128Array {
     a.unary::<_, Decimal128Type>(|v| v / RESCALE)
         .with_data_type(MONEY)
 }
