@@ -94,6 +94,11 @@ enum Command {
         /// a number in [0, 1].
         #[arg(long, default_value_t = 0.003, value_parser = parse_share)]
         price_changes: f64,
+        /// The stores' IANA time zone (`stores.csv` `timezone`, e.g.
+        /// Asia/Shanghai): opening hours and the daily and weekly curves
+        /// run on its wall clock. Default: UTC.
+        #[arg(long, value_parser = parse_timezone)]
+        timezone: Option<chrono_tz::Tz>,
         /// Days of event time to simulate.
         #[arg(long, default_value_t = 3)]
         days: u32,
@@ -209,6 +214,7 @@ fn main() -> anyhow::Result<()> {
             intensity,
             no_stock_counts,
             price_changes,
+            timezone,
             days,
             seed,
             profile,
@@ -224,6 +230,7 @@ fn main() -> anyhow::Result<()> {
                     intensity,
                     stock_counts: !no_stock_counts,
                     price_changes_per_sku_day: price_changes,
+                    timezone,
                     ..base
                 },
                 days,
@@ -360,6 +367,11 @@ fn parse_share(s: &str) -> Result<f64, String> {
             "expected a share between 0 and 1 such as 0.003, got '{s}'"
         )),
     }
+}
+
+fn parse_timezone(s: &str) -> Result<chrono_tz::Tz, String> {
+    s.parse()
+        .map_err(|_| format!("unknown time zone '{s}' (IANA names, e.g. Asia/Shanghai, UTC)"))
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {

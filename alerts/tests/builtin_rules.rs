@@ -157,6 +157,65 @@ async fn sales_stall_flags_a_fast_seller_that_stopped_in_an_open_store() {
     assert_eq!(r["on_hand"], 760);
 }
 
+#[tokio::test]
+async fn sales_stall_counts_only_opening_time() {
+    // S1 opens 08:00–22:00 in Shanghai (T0 = 16:00 there); S2 has no hours.
+    // X sells one a minute in both until 21:59 local, then nothing; Y sells
+    // once the next morning, which moves the clock. At 08:10 local, S1's X
+    // has been silent 11 open minutes (no stall) and S2's for 10 hours (a
+    // stall); at 10:30 local both have.
+    let h = engine_with(&[(
+        "stores",
+        "store_id,name,city,format,timezone,opens,closes
+         S1,a,c,f,Asia/Shanghai,08:00,22:00
+         S2,b,c,f,,,
+",
+    )])
+    .await;
+    let sale = |store: &str, id: &str, t: i64, sku: &str| {
+        format!(
+            r#"{{"event_id":"{store}{id}","ts":{t},"store_id":"{store}","receipt_id":"{store}{id}","lines":[{{"sku":"{sku}","qty":1,"unit_price":2.0}}]}}"#
+        )
+    };
+    let mut counts = Vec::new();
+    let mut sales = Vec::new();
+    for store in ["S1", "S2"] {
+        counts.push(count(store, "X", T0 - MIN, 1000));
+        counts.push(count(store, "Y", T0 - MIN, 1000));
+        for m in 0..360 {
+            sales.push(sale(store, &format!("x{m}"), T0 + m * MIN, "X"));
+        }
+    }
+    apply(&h, StreamKind::StockCounts, &counts).await;
+    apply(&h, StreamKind::Sales, &sales).await;
+    let morning = T0 + (16 * 60 + 10) * MIN; // 08:10 local
+    let y = [
+        sale("S1", "y1", morning, "Y"),
+        sale("S2", "y1", morning, "Y"),
+    ];
+    apply(&h, StreamKind::Sales, &y).await;
+    let got = rows(&h, "sales_stall").await;
+    let stalled: Vec<(&str, &str)> = got
+        .iter()
+        .map(|r| (r["store_id"].as_str().unwrap(), r["sku"].as_str().unwrap()))
+        .collect();
+    assert_eq!(stalled, vec![("S2", "X")], "{got:?}");
+    let since = got[0]["hours_since_sale"].as_f64().unwrap();
+    assert!((since - (10.0 + 11.0 / 60.0)).abs() < 1e-6, "{got:?}");
+
+    let later = T0 + (18 * 60 + 30) * MIN; // 10:30 local
+    let y = [sale("S1", "y2", later, "Y"), sale("S2", "y2", later, "Y")];
+    apply(&h, StreamKind::Sales, &y).await;
+    let mut got = rows(&h, "sales_stall").await;
+    got.sort_by_key(|r| r["store_id"].as_str().unwrap().to_string());
+    assert_eq!(texts(&got, "store_id"), vec!["S1", "S2"], "{got:?}");
+    let since = got[0]["hours_since_sale"].as_f64().unwrap();
+    assert!(
+        (since - (2.5 + 1.0 / 60.0)).abs() < 1e-6,
+        "open hours only: {got:?}"
+    );
+}
+
 fn count(store: &str, sku: &str, t: i64, on_hand: i64) -> String {
     format!(
         r#"{{"event_id":"c-{store}-{sku}-{t}","ts":{t},"store_id":"{store}","sku":"{sku}","on_hand":{on_hand},"source":"stocktake"}}"#
@@ -260,6 +319,53 @@ async fn store_silent_needs_the_rest_of_the_chain_awake() {
     ];
     apply(&h, StreamKind::Sales, &night).await;
     assert!(rows(&h, "store_silent").await.is_empty());
+}
+
+#[tokio::test]
+async fn store_silent_counts_a_store_s_opening_time_only() {
+    // S1 is open 08:00–22:00 UTC; S2 to S4 have no hours. All last sent at
+    // 21:50 the day before, S5 sends through the morning (the clock). At
+    // 08:30 S1 has been silent 40 open minutes: not yet. At 09:30, 100: it
+    // fires although most of the chain is quiet (S2–S4 need the chain awake).
+    let h = engine_with(&[(
+        "stores",
+        "store_id,name,city,format,opens,closes
+         S1,a,c,f,08:00,22:00
+S2,b,c,f,,
+S3,b,c,f,,
+S4,b,c,f,,
+S5,b,c,f,,
+",
+    )])
+    .await;
+    let sale = |store: &str, t: i64| {
+        format!(
+            r#"{{"event_id":"{store}-{t}","ts":{t},"store_id":"{store}","receipt_id":"{store}-{t}","lines":[{{"sku":"A","qty":1,"unit_price":2.0}}]}}"#
+        )
+    };
+    let evening = T0 + (13 * 60 + 50) * MIN; // 21:50
+    let last: Vec<String> = ["S1", "S2", "S3", "S4"]
+        .iter()
+        .map(|s| sale(s, evening))
+        .collect();
+    apply(&h, StreamKind::Sales, &last).await;
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[sale("S5", T0 + 24 * 60 * MIN + 30 * MIN)],
+    )
+    .await;
+    assert!(rows(&h, "store_silent").await.is_empty());
+    apply(
+        &h,
+        StreamKind::Sales,
+        &[sale("S5", T0 + 24 * 60 * MIN + 90 * MIN)],
+    )
+    .await;
+    let got = rows(&h, "store_silent").await;
+    assert_eq!(texts(&got, "store_id"), vec!["S1"], "{got:?}");
+    assert_eq!(got[0]["minutes_silent"], 100.0);
+    assert_eq!(got[0]["has_hours"], true);
 }
 
 #[tokio::test]

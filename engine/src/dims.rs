@@ -77,7 +77,12 @@ pub enum DimensionError {
 /// The known dimension tables and their typed columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DimensionKind {
-    /// `stores(store_id, name, city, format, ...)`, key `store_id`.
+    /// `stores(store_id, name, city, format, timezone, opens, closes,
+    /// ...)`, key `store_id`. `timezone` (an IANA name; empty: UTC) and the
+    /// opening hours `opens`/`closes` (local `HH:MM`, both or neither; a
+    /// `closes` at or before `opens` is past midnight; neither: open all
+    /// day) are optional. Read by `local_time` and `store_open` (see
+    /// `crate::calendar`).
     Stores,
     /// `products(sku, name, category, unit_cost, case_pack, ...)`, key `sku`.
     Products,
@@ -101,6 +106,11 @@ pub enum DimensionKind {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Col {
     Text,
+    /// An IANA time zone name (`Europe/Berlin`), kept as text.
+    TimeZone,
+    /// A local time of day, `HH:MM` (`00:00` to `24:00`), kept as text
+    /// `HH:MM`.
+    LocalTime,
     /// Money, exact to six decimals (`Decimal(18, 6)`, as in the events).
     Money,
     /// A UTC timestamp (RFC 3339, or a date for its midnight UTC).
@@ -162,6 +172,9 @@ impl DimensionKind {
                 ("name", Col::Text),
                 ("city", Col::Text),
                 ("format", Col::Text),
+                ("timezone", Col::TimeZone),
+                ("opens", Col::LocalTime),
+                ("closes", Col::LocalTime),
             ],
             Self::Products => &[
                 ("sku", Col::Text),
@@ -225,6 +238,7 @@ impl DimensionKind {
         match self {
             Self::ReplenishmentPolicy => true,
             Self::Prices => matches!(name, "store_id" | "city" | "format" | "valid_to"),
+            Self::Stores => matches!(name, "timezone" | "opens" | "closes"),
             _ => false,
         }
     }
@@ -244,7 +258,7 @@ impl DimensionKind {
 impl Col {
     fn data_type(self) -> DataType {
         match self {
-            Col::Text => DataType::Utf8,
+            Col::Text | Col::TimeZone | Col::LocalTime => DataType::Utf8,
             Col::Money => storepulse_ingest::schema::MONEY,
             Col::Time => storepulse_ingest::schema::ts_type(),
             Col::Float { .. } => DataType::Float64,
@@ -582,6 +596,46 @@ impl DimensionSource {
             };
             let out: ArrayRef = match *col {
                 Col::Text => Arc::new(text.clone()),
+                Col::TimeZone => {
+                    for r in 0..text.len() {
+                        empty(r)?;
+                        if !text.is_null(r) {
+                            let s = text.value(r);
+                            s.parse::<chrono_tz::Tz>().map_err(|_| {
+                                self.invalid(
+                                    line(r),
+                                    format!(
+                                        "column '{name}': unknown time zone '{s}' (IANA names, \
+                                         e.g. Asia/Shanghai, Europe/Berlin, UTC)"
+                                    ),
+                                )
+                            })?;
+                        }
+                    }
+                    Arc::new(text.clone())
+                }
+                Col::LocalTime => {
+                    let mut b = datafusion::arrow::array::StringBuilder::new();
+                    for r in 0..text.len() {
+                        empty(r)?;
+                        if text.is_null(r) {
+                            b.append_null();
+                            continue;
+                        }
+                        let s = text.value(r);
+                        let m = crate::calendar::parse_local_time(s).ok_or_else(|| {
+                            self.invalid(
+                                line(r),
+                                format!(
+                                    "column '{name}': '{s}' is not a local time of day (HH:MM, \
+                                     00:00 to 24:00)"
+                                ),
+                            )
+                        })?;
+                        b.append_value(format!("{:02}:{:02}", m / 60, m % 60));
+                    }
+                    Arc::new(b.finish())
+                }
                 Col::Money => {
                     // Read at 18 decimals, then kept exactly or refused (as
                     // the events' money is).
@@ -717,6 +771,18 @@ impl DimensionSource {
                 }
                 DimensionKind::Prices => {
                     price_row_problem(&arrays, r).map_err(|m| self.invalid(line(r), m))?
+                }
+                DimensionKind::Stores => {
+                    // opens, closes: the last two typed columns.
+                    let (o, c) = (&arrays[5], &arrays[6]);
+                    if o.is_null(r) != c.is_null(r) {
+                        return Err(self.invalid(
+                            line(r),
+                            "columns 'opens' and 'closes' are set together (neither: open all \
+                             day)"
+                                .into(),
+                        ));
+                    }
                 }
                 _ => {}
             }
@@ -992,6 +1058,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stores.csv:2:"), "{e}");
+        // Time zones and opening hours.
+        let head = "store_id,name,city,format,timezone,opens,closes\n";
+        for (row, want) in [
+            (
+                "S1,a,c,f,Mars/Base,,",
+                "column 'timezone': unknown time zone 'Mars/Base'",
+            ),
+            ("S1,a,c,f,,08:00,", "'opens' and 'closes' are set together"),
+            (
+                "S1,a,c,f,,08:00,25:00",
+                "column 'closes': '25:00' is not a local time",
+            ),
+        ] {
+            let e = load("stores", &format!("{head}S0,a,c,f,UTC,,\n{row}\n"))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("stores.csv:3:") && e.contains(want), "{e}");
+        }
+        let (_, b) = load(
+            "stores",
+            &format!("{head}S1,a,c,f,Asia/Shanghai,7:30,22:00\n"),
+        )
+        .await
+        .unwrap();
+        let opens = b[0].column_by_name("opens").unwrap();
+        assert_eq!(opens.as_string::<i32>().value(0), "07:30");
         let e = DimensionSource {
             table: "stores".into(),
             location: "/nonexistent/stores.csv".into(),

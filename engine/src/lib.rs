@@ -17,6 +17,7 @@
 //!    (one engine epoch), through table providers in a DataFusion
 //!    `SessionContext` that also holds plain views and dimension tables.
 
+pub mod calendar;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;

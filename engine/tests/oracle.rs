@@ -305,6 +305,15 @@ async fn check(s: Scenario) {
                 .unwrap();
         }
     }
+    // Store-local time, found independently of the engine's calendar.
+    let stores: Vec<RecordBatch> = dims
+        .iter()
+        .filter(|(n, _, _)| n == "stores")
+        .flat_map(|(_, _, b)| b.clone())
+        .collect();
+    for f in storepulse_testkit::calendar::calendar_udfs(&stores) {
+        oracle.register_udf(f);
+    }
     // The price in force, found independently of the engine's index: an
     // as-of join with every matching scope, most specific then newest.
     oracle
@@ -516,7 +525,20 @@ fn small_chain(seed: u64) -> ChainConfig {
         // A change for about one SKU in three at 06:00 on the second day,
         // and some stores charging the old price after it.
         price_changes_per_sku_day: 0.3,
+        // Stores on Shanghai time (UTC+8): business days and months run
+        // from 16:00 UTC.
+        timezone: Some(chrono_tz::Asia::Shanghai),
         ..Default::default()
+    }
+}
+
+/// `small_chain` on New York time, starting 2026-03-07 12:00 UTC: the run
+/// crosses the switch to daylight-saving time (2026-03-08 07:00 UTC).
+fn new_york_chain(seed: u64) -> ChainConfig {
+    ChainConfig {
+        timezone: Some(chrono_tz::America::New_York),
+        start_ms: 1_772_884_800_000,
+        ..small_chain(seed)
     }
 }
 
@@ -562,9 +584,10 @@ async fn fully_shuffled_and_duplicated_input_matches_the_oracle() {
 #[tokio::test]
 async fn late_events_are_excluded_exactly_and_recorded() {
     // One hour of lateness: the offline uploads (2–6 h) are partly late.
-    let arrival = events(small_chain(3), 40);
+    // Across a daylight-saving switch in the stores' zone.
+    let arrival = events(new_york_chain(3), 40);
     check(Scenario {
-        chain: small_chain(3),
+        chain: new_york_chain(3),
         arrival,
         lateness: Duration::from_secs(3600),
         batch: (100, 300),

@@ -124,17 +124,20 @@ WITH (key = 'store_id, device_id', every = '10s', keep_firing_for = '10m',
       renotify = '1h', severity = 'critical');
 
 -- Sales stall: a SKU that normally sells, with stock on the shelf, in a
--- store that is selling other things, has not sold for far longer than its
--- velocity predicts (an empty shelf face, a wrong price, a broken scanner).
+-- store that is open and selling other things, has not sold for far longer
+-- than its velocity predicts (an empty shelf face, a wrong price, a broken
+-- scanner). Time counts only while the store is open (open_hours: its
+-- opening hours in stores; a store without them is always open), so a SKU
+-- last sold before closing does not stall overnight, and "selling other
+-- things" is a sale within the last 30 minutes of opening time.
 CREATE ALERT sales_stall AS
 WITH v AS (
     SELECT v.store_id, v.sku, v.units_per_hour, v.last_sale_ts, v.as_of,
-        (extract(epoch FROM v.as_of) - extract(epoch FROM v.last_sale_ts)) / 3600.0
-            AS hours_since_sale
+        open_hours(v.store_id, v.last_sale_ts, v.as_of) AS hours_since_sale
     FROM sales_velocity v
     WHERE v.units_per_hour >= ${sales_stall_min_units_per_hour}
 ), open_stores AS (
-    SELECT store_id, max(last_sale_ts) AS store_last_sale_ts
+    SELECT store_id, max(last_sale_ts) AS store_last_sale_ts, max(as_of) AS as_of
     FROM sales_velocity GROUP BY store_id
 )
 SELECT v.store_id, v.sku, v.units_per_hour, v.last_sale_ts, v.hours_since_sale,
@@ -145,7 +148,8 @@ JOIN stock_on_hand s ON s.store_id = v.store_id AND s.sku = v.sku
 JOIN open_stores o ON o.store_id = v.store_id
 WHERE s.on_hand > 0
   AND v.hours_since_sale > ${sales_stall_factor} / v.units_per_hour
-  AND extract(epoch FROM v.as_of) - extract(epoch FROM o.store_last_sale_ts) <= 1800
+  AND store_open(o.store_id, o.as_of)
+  AND open_hours(o.store_id, o.store_last_sale_ts, o.as_of) <= 0.5
 WITH (key = 'store_id, sku', every = '1m', for = '10m', keep_firing_for = '30m',
       renotify = '12h', severity = 'info');
 
@@ -159,23 +163,31 @@ WHERE lapsing
 WITH (key = 'member_id', every = '1h', keep_firing_for = '1d', renotify = '30d',
       severity = 'info');
 
--- A store fallen silent: no event on any stream for store_silent_after
--- while at least half of the chain's stores sent one in that time (so a
--- chain closed for the night does not fire; opening hours per store are
--- not modelled yet). A store back online resolves it.
+-- A store fallen silent: no event on any stream for store_silent_after of
+-- its opening time (open_hours: a store with opening hours in stores is
+-- silent only while open; the night does not count). A store without
+-- opening hours is silent after store_silent_after of wall-clock time, and
+-- only while at least half of the chain's stores sent an event in that
+-- time (so a chain closed for the night does not fire). A store back
+-- online resolves it.
 CREATE ALERT store_silent AS
 WITH s AS (
-    SELECT store_id, max(last_event_ts) AS last_event_ts,
-        min(minutes_behind) AS minutes_silent, max(as_of) AS as_of
+    SELECT store_id, max(last_event_ts) AS last_event_ts, max(as_of) AS as_of
     FROM store_sync_status GROUP BY store_id
+), t AS (
+    SELECT s.store_id, s.last_event_ts, s.as_of,
+        open_hours(s.store_id, s.last_event_ts, s.as_of) * 60.0 AS minutes_silent,
+        st.opens IS NOT NULL AS has_hours
+    FROM s LEFT JOIN stores st ON st.store_id = s.store_id
 ), chain AS (
     SELECT count(*) AS stores,
         count(*) FILTER (WHERE minutes_silent <= ${store_silent_minutes}) AS active_stores
-    FROM s
+    FROM t
 )
-SELECT s.store_id, s.last_event_ts, s.minutes_silent, chain.active_stores, chain.stores, s.as_of
-FROM s CROSS JOIN chain
-WHERE s.minutes_silent > ${store_silent_minutes}
-  AND chain.active_stores * 2 >= chain.stores
+SELECT t.store_id, t.last_event_ts, t.minutes_silent, t.has_hours, chain.active_stores,
+    chain.stores, t.as_of
+FROM t CROSS JOIN chain
+WHERE t.minutes_silent > ${store_silent_minutes}
+  AND (t.has_hours OR chain.active_stores * 2 >= chain.stores)
 WITH (key = 'store_id', every = '1m', for = '5m', keep_firing_for = '30m', renotify = '6h',
       severity = 'warning');

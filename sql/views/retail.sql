@@ -50,10 +50,13 @@ SELECT store_id, sku, ledger['last_count'] AS on_hand, ledger['last_count_ts'] A
 FROM sku_activity
 WHERE ledger['last_count_ts'] IS NOT NULL;
 
--- Per-day on-hand figures (begin, end, time integral, sold, received).
+-- Per-day on-hand figures (begin, end, time integral, sold, received) by
+-- the store's business day: the rows' times and the floor are on the
+-- store's wall clock (local_time), so a day runs from local midnight.
 CREATE MATERIALIZED VIEW sku_stock_days AS
 SELECT store_id, sku,
-    stock_days(ts, counted, delta, sold, received, floor, ${turnover_days}) AS days
+    stock_days(local_time(store_id, ts), counted, delta, sold, received,
+               local_time(store_id, floor), ${turnover_days}) AS days
 FROM (
     SELECT store_id, sku, ts, on_hand AS counted, CAST(NULL AS BIGINT) AS delta,
            CAST(NULL AS BIGINT) AS sold, CAST(0 AS BIGINT) AS received,
@@ -106,13 +109,14 @@ FROM (
 )
 GROUP BY store_id, stream;
 
--- Losses per store, product category and UTC month: waste (stock movements
--- of kind 'waste', recorded negative) against what sold, both valued at the
--- product's unit_cost when the event was applied (a later change of cost or
--- category does not rewrite past months). Stores x categories x months.
+-- Losses per store, product category and business month (the store's
+-- local calendar, local_time): waste (stock movements of kind 'waste',
+-- recorded negative) against what sold, both valued at the product's
+-- unit_cost when the event was applied (a later change of cost or category
+-- does not rewrite past months). Stores x categories x months.
 CREATE MATERIALIZED VIEW store_category_losses AS
 SELECT x.store_id, coalesce(p.category, 'unknown') AS category,
-    date_trunc('month', x.ts) AS month,
+    date_trunc('month', local_time(x.store_id, x.ts)) AS month,
     sum(x.waste_units) AS waste_units,
     sum(CAST(x.waste_units AS DOUBLE) * coalesce(p.unit_cost, 0.0)) AS waste_cost,
     sum(x.sold_units) AS sold_units,
@@ -124,7 +128,8 @@ FROM (
     SELECT store_id, sku, ts, CAST(0 AS BIGINT), qty FROM sales
 ) x
 LEFT JOIN products p ON p.sku = x.sku
-GROUP BY x.store_id, coalesce(p.category, 'unknown'), date_trunc('month', x.ts);
+GROUP BY x.store_id, coalesce(p.category, 'unknown'),
+    date_trunc('month', local_time(x.store_id, x.ts));
 
 -- Stock counts checked against the level derived before them (the
 -- previous count plus the movements and sales after it), per store and SKU:
@@ -147,14 +152,25 @@ CROSS JOIN engine_clock c
 LEFT JOIN products p ON p.sku = a.sku
 WHERE a.ledger['counts_checked'] > 0;
 
--- Loss rate per store, category and month, against the operators' target.
+-- Loss rate per store, category and business month and year (local
+-- calendar), against the operators' target.
 CREATE VIEW loss_rate AS
-SELECT store_id, category, month, waste_units, waste_cost, sold_units, cogs,
+WITH p AS (
+    SELECT store_id, category, 'month' AS period, month AS period_start,
+        waste_units, waste_cost, sold_units, cogs
+    FROM store_category_losses
+    UNION ALL
+    SELECT store_id, category, 'year', date_trunc('year', month),
+        sum(waste_units), sum(waste_cost), sum(sold_units), sum(cogs)
+    FROM store_category_losses
+    GROUP BY store_id, category, date_trunc('year', month)
+)
+SELECT store_id, category, period, period_start, waste_units, waste_cost, sold_units, cogs,
     CASE WHEN cogs + waste_cost > 0 THEN waste_cost / (cogs + waste_cost) END AS loss_rate,
     ${loss_rate_target} AS loss_rate_target,
     coalesce(cogs + waste_cost > 0 AND waste_cost / (cogs + waste_cost) > ${loss_rate_target}, false)
         AS above_target
-FROM store_category_losses;
+FROM p;
 
 -- Per store and stream: how far behind the chain's clock its last event
 -- is, its rows kept in late_events (later than allowed lateness) and the
@@ -176,6 +192,17 @@ FROM store_stream_activity a
 CROSS JOIN engine_clock c
 LEFT JOIN l ON l.store_id = a.store_id AND l.stream = a.stream
 LEFT JOIN store_duplicates d ON d.store_id = a.store_id AND d.stream = a.stream;
+
+-- Each store's clock: its time zone and opening hours (stores), its wall
+-- clock and business day at the chain clock, and whether it is open.
+CREATE VIEW store_clock AS
+SELECT s.store_id, s.city, s.format, coalesce(s.timezone, 'UTC') AS timezone,
+    s.opens, s.closes,
+    local_time(s.store_id, c.as_of) AS local_time,
+    date_trunc('day', local_time(s.store_id, c.as_of)) AS business_day,
+    store_open(s.store_id, c.as_of) AS open_now,
+    c.as_of
+FROM stores s CROSS JOIN engine_clock c;
 
 -- Purchase order lines and what arrived against them, per (store, order,
 -- SKU): the ordered quantity and expected arrival of the newest `placed` or
@@ -534,19 +561,26 @@ WHERE on_hand > 0 AND units_in_horizon <= ${slow_mover_max_units};
 -- one the level is unknown (see stock_on_hand).
 CREATE VIEW inventory_turnover AS
 WITH base AS (
+    -- Days are the store's business days: the figures, as_of and
+    -- first_seen on its wall clock.
     SELECT x.store_id, x.sku, coalesce(p.category, 'unknown') AS category,
-        coalesce(p.unit_cost, 0) AS unit_cost, c.as_of, a.first_seen,
-        stock_days_until(x.days, c.as_of, ${turnover_days}) AS days
+        coalesce(p.unit_cost, 0) AS unit_cost, c.as_of,
+        local_time(x.store_id, c.as_of) AS local_as_of,
+        local_time(x.store_id, a.first_seen) AS first_seen,
+        stock_days_until(x.days, local_time(x.store_id, c.as_of), ${turnover_days}) AS days
     FROM sku_stock_days x
     JOIN sku_activity a ON a.store_id = x.store_id AND a.sku = x.sku
     CROSS JOIN engine_clock c
     LEFT JOIN products p ON p.sku = x.sku
     WHERE a.ledger['last_count_ts'] IS NOT NULL
 ), d AS (
-    SELECT store_id, sku, category, unit_cost, as_of, first_seen, unnest(days) AS d FROM base
+    SELECT store_id, sku, category, unit_cost, as_of, local_as_of, first_seen,
+        unnest(days) AS d
+    FROM base
 ), f AS (
-    SELECT store_id, sku, category, unit_cost, as_of,
-        d['day'] AS day, d['begin_on_hand'] AS begin_on_hand,
+    SELECT store_id, sku, category, unit_cost, as_of, local_as_of,
+        arrow_cast(d['day'], 'Timestamp(Millisecond, None)') AS day,
+        d['begin_on_hand'] AS begin_on_hand,
         d['unit_hours'] AS unit_hours, d['units_sold'] AS units_sold,
         d['received'] AS received,
         greatest(d['hours'] - greatest(extract(epoch FROM first_seen) - extract(epoch FROM d['day']), 0)
@@ -554,20 +588,20 @@ WITH base AS (
     FROM d
 ), periods AS (
     SELECT store_id, sku, category, 'day' AS period, day AS period_start,
-        day + INTERVAL '1 day' AS period_end, day, unit_cost, as_of,
+        day + INTERVAL '1 day' AS period_end, day, unit_cost, as_of, local_as_of,
         begin_on_hand, unit_hours, units_sold, received, covered_hours
     FROM f
     UNION ALL
     SELECT store_id, sku, category, 'week',
-        date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z'),
-        date_bin(INTERVAL '7 days', day, TIMESTAMP '2000-01-03T00:00:00Z') + INTERVAL '7 days',
-        day, unit_cost, as_of, begin_on_hand, unit_hours, units_sold, received, covered_hours
+        date_trunc('week', day), date_trunc('week', day) + INTERVAL '7 days',
+        day, unit_cost, as_of, local_as_of, begin_on_hand, unit_hours, units_sold, received,
+        covered_hours
     FROM f
 ), s AS (
     -- Per SKU and period: its average inventory over the hours it has data.
     SELECT store_id, category, sku, period, period_start,
-        (extract(epoch FROM least(max(period_end), max(as_of))) - extract(epoch FROM period_start))
-            / 3600.0 AS hours,
+        (extract(epoch FROM least(max(period_end), max(local_as_of)))
+            - extract(epoch FROM period_start)) / 3600.0 AS hours,
         sum(covered_hours) AS covered_hours,
         sum(units_sold) AS units_sold,
         sum(units_sold * unit_cost) AS cogs,
@@ -575,7 +609,8 @@ WITH base AS (
         -- On hand when the period (or the SKU's data) began.
         first_value(begin_on_hand ORDER BY day) AS begin_on_hand,
         sum(received) AS received,
-        max(as_of) AS as_of
+        max(as_of) AS as_of,
+        max(local_as_of) AS local_as_of
     FROM periods
     GROUP BY store_id, category, sku, period, period_start
 ), g AS (
@@ -587,7 +622,8 @@ WITH base AS (
         sum(avg_inventory_cost) AS avg_inventory_cost,
         sum(begin_on_hand) AS begin_on_hand,
         sum(received) AS received,
-        max(as_of) AS as_of
+        max(as_of) AS as_of,
+        max(local_as_of) AS local_as_of
     FROM s
     GROUP BY store_id, category, period, period_start
 )
@@ -606,7 +642,7 @@ SELECT store_id, category, period, period_start,
 FROM g
 -- Only periods that start inside the kept days (a week that began before
 -- them would be partial).
-WHERE period_start >= date_trunc('day', as_of) + INTERVAL '1 day' - ${turnover_days};
+WHERE period_start >= date_trunc('day', local_as_of) + INTERVAL '1 day' - ${turnover_days};
 
 -- One row per chain-wide member: a sale's card mapped through
 -- member_identity (a card with no link is its own member), its cards'

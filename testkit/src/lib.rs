@@ -7,6 +7,7 @@
 //! engine recorded as late; [`normalize`] turns batches into sorted rows so
 //! two answers compare with `assert_eq!`.
 
+pub mod calendar;
 pub mod process;
 
 use std::{
@@ -228,6 +229,10 @@ pub async fn oracle_views(
         let table = MemTable::try_new(schema.clone(), vec![vec![]]).expect("mem table");
         ctx.register_table(*name, Arc::new(table))
             .expect("register");
+    }
+    // No stores rows: every store keeps UTC.
+    for f in calendar::calendar_udfs(&[]) {
+        ctx.register_udf(f);
     }
     ctx.sql(PRICED_SALES_ORACLE)
         .await

@@ -128,6 +128,8 @@ pub struct Engine {
     floor: FloorCell,
     dimensions: HashMap<String, DimensionData>,
     prices: crate::prices::PriceBook,
+    /// The `stores` table's zones and hours (`local_time`, `store_open`).
+    calendar: crate::calendar::StoreCalendar,
     last_evaluation: Vec<(String, f64)>,
     alerts: Vec<AlertDefinition>,
     pub(crate) refreshed: Vec<Arc<RefreshedView>>,
@@ -264,6 +266,12 @@ impl Engine {
         );
         planning.register_udf(prices.udf());
         serving.register_udf(prices.udf());
+        // `local_time` and `store_open` read the registered `stores`.
+        let calendar = crate::calendar::StoreCalendar::new(empty(DimensionKind::Stores));
+        for f in calendar.udfs() {
+            planning.register_udf(f.clone());
+            serving.register_udf(f);
+        }
         let late = LateEvents::new(cfg.late_events_capacity, cfg.data_dir.as_deref())?;
         let mut engine = Self {
             cfg,
@@ -282,6 +290,7 @@ impl Engine {
             floor,
             dimensions: HashMap::new(),
             prices,
+            calendar,
             last_evaluation: Vec::new(),
             alerts: Vec::new(),
             refreshed: Vec::new(),
@@ -329,6 +338,7 @@ impl Engine {
         self.planning.register_table(name, planning)?;
         self.serving.register_table(name, serving)?;
         self.prices.set_table(name, &data);
+        self.calendar.set_table(name, &data);
         self.dimensions.insert(name.to_string(), data.clone());
         Ok(data)
     }

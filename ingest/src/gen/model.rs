@@ -50,6 +50,10 @@ pub struct ChainConfig {
     /// (at 06:00 UTC, by up to ±15 %); about one store in ten keeps
     /// charging the old price for 6 to 72 hours after a change.
     pub price_changes_per_sku_day: f64,
+    /// The stores' time zone (`stores.csv` `timezone`): the hour-of-day
+    /// and day-of-week curves run on its wall clock. `None`: UTC, and the
+    /// column is left empty.
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 impl ChainConfig {
@@ -184,6 +188,7 @@ impl Default for ChainConfig {
             profile: Profile::Default,
             stock_counts: true,
             price_changes_per_sku_day: 0.003,
+            timezone: None,
         }
     }
 }
@@ -243,6 +248,15 @@ impl Format {
             Format::Convenience => 1.2,
             Format::Supermarket => 4.5,
             Format::Bakery => 1.0,
+        }
+    }
+    /// Opening hours (`stores.csv` `opens`, `closes`): the hours
+    /// [`Format::hour_curve`] treats as open; `None` around the clock.
+    fn hours(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Format::Convenience => None,
+            Format::Bakery => Some(("06:00", "20:00")),
+            _ => Some(("08:00", "22:00")),
         }
     }
     /// Share of the daily peak by hour of day (0..1).
@@ -453,8 +467,9 @@ impl Chain {
     /// Receipts per second the chain produces at event time `ts_ms` with
     /// intensity 1 (hour of day and day of week included).
     pub fn receipts_per_sec_at(&self, ts_ms: i64) -> f64 {
-        let hour = ts_ms.rem_euclid(DAY_MS) / HOUR_MS;
-        let day = ts_ms.div_euclid(DAY_MS) - 4;
+        let local = self.local_ms(ts_ms);
+        let hour = local.rem_euclid(DAY_MS) / HOUR_MS;
+        let day = local.div_euclid(DAY_MS) - 4;
         self.stores
             .iter()
             .map(|s| s.format.peak_receipts_per_hour() * s.format.hour_curve(hour) * s.size)
@@ -464,13 +479,16 @@ impl Chain {
             / 3600.0
     }
 
-    /// `stores.csv`: `store_id,name,city,format,fridges`.
+    /// `stores.csv`: `store_id,name,city,format,fridges,timezone,opens,
+    /// closes` (a convenience store has no hours: open around the clock).
     pub fn stores_csv(&self) -> String {
-        let mut out = String::from("store_id,name,city,format,fridges\n");
+        let mut out = String::from("store_id,name,city,format,fridges,timezone,opens,closes\n");
+        let tz = self.cfg.timezone.map(|z| z.name()).unwrap_or("");
         for s in &self.stores {
+            let (opens, closes) = s.format.hours().unwrap_or(("", ""));
             let _ = writeln!(
                 out,
-                "{},{},{},{},{}",
+                "{},{},{},{},{},{tz},{opens},{closes}",
                 s.id,
                 s.name,
                 s.city,
@@ -479,6 +497,21 @@ impl Chain {
             );
         }
         out
+    }
+
+    /// `ts_ms` on the stores' wall clock (`timezone`; UTC without one).
+    fn local_ms(&self, ts_ms: i64) -> i64 {
+        use chrono::{Offset, TimeZone};
+        match (
+            self.cfg.timezone,
+            chrono::DateTime::from_timestamp_millis(ts_ms),
+        ) {
+            (Some(tz), Some(at)) => {
+                let o = tz.offset_from_utc_datetime(&at.naive_utc());
+                ts_ms + i64::from(o.fix().local_minus_utc()) * 1000
+            }
+            _ => ts_ms,
+        }
     }
 
     /// `products.csv`: `sku,name,category,unit_cost,unit_price,case_pack`.
@@ -857,8 +890,9 @@ impl Simulator {
 
     fn simulate(&mut self, from: i64, to: i64) {
         let dt_hours = (to - from) as f64 / HOUR_MS as f64;
-        let hour = from.rem_euclid(DAY_MS) / HOUR_MS;
-        let day = (from.div_euclid(DAY_MS)) - 4; // 1970-01-01 was a Thursday
+        let local = self.chain.local_ms(from);
+        let hour = local.rem_euclid(DAY_MS) / HOUR_MS;
+        let day = (local.div_euclid(DAY_MS)) - 4; // 1970-01-01 was a Thursday
         if from == self.chain.cfg.start_ms {
             for s in 0..self.chain.stores.len() {
                 self.opening_stocktake(s, from);
